@@ -1,0 +1,272 @@
+"""The bundle: the contract between the desktop exporter and the on-device runtime.
+
+A bundle is a folder::
+
+    manifest.json          versioned description of everything below, with sha256 of each file
+    model.onnx (+ .data)   forward-only graph: batch inputs + one input per trainable tensor
+                           -> ``loss`` [batch] (per-example mean over valid tokens)
+    trainable.safetensors  initial values of the trainable tensors
+    tokenizer.json         Hugging Face ``tokenizers`` file (text tasks)
+
+The exporter writes it with :func:`write_manifest`; the runtime opens it with
+:func:`load_bundle`, which checks the format version and every file's hash and fails with a
+message naming the file and the fix. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError
+
+FORMAT = "edgezo-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+ROLES = ("lora_a", "lora_b", "norm", "bias", "dense", "embedding", "scale", "head")
+TASKS = ("causal_lm",)
+DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One trainable tensor: a graph input of the model and a slice of the flat master."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    role: str = "dense"
+    positive: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One batch input (``input_ids`` ...): symbolic dims are strings such as ``"batch"``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    file: str = "tokenizer.json"
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    add_bos: bool = False
+
+
+@dataclass
+class Manifest:
+    task: str
+    architecture: dict[str, Any]
+    trainable_mode: str
+    inputs: list[InputSpec]
+    trainable: list[TensorSpec]
+    outputs: list[InputSpec] = field(
+        default_factory=lambda: [InputSpec("loss", "float32", ("batch",))]
+    )
+    tokenizer: TokenizerSpec | None = None
+    lora: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    parity: dict[str, Any] = field(default_factory=dict)
+    exporter: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    # -- (de)serialisation -------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inputs"] = [_spec_dict(s) for s in self.inputs]
+        d["outputs"] = [_spec_dict(s) for s in self.outputs]
+        d["trainable"] = [_spec_dict(s) for s in self.trainable]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str = MANIFEST) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise BundleError(
+                f"{where} is not an edgezo bundle manifest (format={d.get('format')!r})",
+                "point --bundle at a folder written by `edgezo export`",
+            )
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{where} has bundle format version {version!r}; this edgezo reads version "
+                f"{FORMAT_VERSION}",
+                "re-export the model with the `edgezo export` of this edgezo version, or "
+                "install the edgezo version that wrote the bundle",
+            )
+        try:
+            tok = d.get("tokenizer")
+            return cls(
+                task=d["task"],
+                architecture=dict(d["architecture"]),
+                trainable_mode=d["trainable_mode"],
+                inputs=[InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in d["inputs"]],
+                outputs=[
+                    InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in d["outputs"]
+                ],
+                trainable=[
+                    TensorSpec(
+                        s["name"],
+                        tuple(int(x) for x in s["shape"]),
+                        s.get("dtype", "float32"),
+                        s.get("role", "dense"),
+                        bool(s.get("positive", False)),
+                    )
+                    for s in d["trainable"]
+                ],
+                tokenizer=TokenizerSpec(**tok) if tok else None,
+                lora=d.get("lora"),
+                quantization=d.get("quantization"),
+                parity=dict(d.get("parity") or {}),
+                exporter=dict(d.get("exporter") or {}),
+                files=dict(d.get("files") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(
+                f"{where} is malformed ({type(e).__name__}: {e})",
+                "re-export the bundle with `edgezo export`",
+            ) from None
+
+    @property
+    def trainable_size(self) -> int:
+        return sum(s.size for s in self.trainable)
+
+
+def _spec_dict(s: Any) -> dict[str, Any]:
+    d = asdict(s)
+    d["shape"] = list(d["shape"])
+    return d
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Manifest, files: list[str]) -> Path:
+    """Hash ``files`` (relative to ``folder``) into the manifest and write it atomically."""
+    folder = Path(folder)
+    manifest.files = {
+        name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+        for name in files
+    }
+    path = folder / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class Bundle:
+    """A verified bundle folder."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def fingerprint(self) -> str:
+        """A short identity of the bundle: the hash of its manifest's file hashes."""
+        h = hashlib.sha256()
+        for name in sorted(self.manifest.files):
+            h.update(f"{name}:{self.manifest.files[name]['sha256']}\n".encode())
+        return h.hexdigest()[:16]
+
+    def initial_trainable(self) -> dict[str, np.ndarray]:
+        """Initial trainable values from ``trainable.safetensors``, checked against the manifest."""
+        from safetensors.numpy import load_file
+
+        path = self.path / "trainable.safetensors"
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors raises several types on corrupt input
+            raise BundleError(
+                f"cannot read {path}: {e}", "re-export the bundle with `edgezo export`"
+            ) from None
+        for spec in self.manifest.trainable:
+            t = tensors.get(spec.name)
+            if t is None or tuple(t.shape) != spec.shape:
+                got = None if t is None else tuple(t.shape)
+                raise BundleError(
+                    f"{path} has {spec.name} with shape {got}, the manifest says {spec.shape}",
+                    "re-export the bundle with `edgezo export`",
+                )
+        return tensors
+
+    def tokenizer(self):
+        """The bundle's ``tokenizers.Tokenizer`` (text tasks)."""
+        from tokenizers import Tokenizer
+
+        spec = self.manifest.tokenizer
+        if spec is None:
+            raise BundleError(
+                f"bundle {self.path} has no tokenizer", "export it from a model with a tokenizer"
+            )
+        return Tokenizer.from_file(str(self.path / spec.file))
+
+
+def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Open a bundle folder; with ``verify`` check every file's size and sha256."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(
+            f"bundle folder {path} does not exist",
+            "export one with `edgezo export --model ... --out DIR`, or pass the right --bundle",
+        )
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(
+            f"{mpath} is missing: {path} is not a complete bundle",
+            "re-export it with `edgezo export` (an interrupted export leaves no manifest)",
+        )
+    try:
+        raw = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e})", "re-export the bundle") from None
+    manifest = Manifest.from_json(raw, where=str(mpath))
+    for required in ("model.onnx", "trainable.safetensors"):
+        if required not in manifest.files:
+            raise BundleError(f"{mpath} lists no {required}", "re-export the bundle")
+    for name, info in manifest.files.items():
+        f = path / name
+        if not f.is_file():
+            raise BundleError(
+                f"bundle file {f} is missing", "copy the whole bundle folder, or re-export it"
+            )
+        if f.stat().st_size != info.get("bytes"):
+            raise BundleError(
+                f"bundle file {f} has {f.stat().st_size} bytes, the manifest says "
+                f"{info.get('bytes')}: it is truncated or was changed",
+                "copy the bundle again or re-export it",
+            )
+        if verify and sha256_file(f) != info.get("sha256"):
+            raise BundleError(
+                f"bundle file {f} does not match its sha256 in the manifest: it is corrupted "
+                "or was changed",
+                "copy the bundle again or re-export it",
+            )
+    return Bundle(path=path, manifest=manifest)

@@ -1,0 +1,94 @@
+"""The ZO state of one run — θ, directions, estimator, optimiser — and its step.
+
+Both the trainer and replay drive θ through :meth:`ZOEngine.step`; replay only swaps the loss
+evaluations for the losses recorded in the ledger. The arithmetic is therefore the same code
+path, and a replayed θ equals the trained θ bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .bundle import Bundle
+from .directions import Directions
+from .errors import CheckpointError
+from .estimators import ESTIMATORS
+from .optim import ZOSGD
+from .params import FlatParams
+from .perturb import Perturber
+
+INPLACE_THRESHOLD_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything that determines θ's arithmetic; stored in the ledger header."""
+
+    seed: int
+    direction: str = "rademacher"
+    estimator: str = "central"
+    q: int = 1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    clip: float | None = None
+    inplace: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineSettings:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def choose_inplace(mode: str, trainable_bytes: int) -> bool:
+    """``perturbation`` auto|copy|inplace -> whether θ is perturbed in place."""
+    if mode == "auto":
+        return trainable_bytes > INPLACE_THRESHOLD_BYTES
+    return mode == "inplace"
+
+
+class ZOEngine:
+    def __init__(self, bundle: Bundle, settings: EngineSettings):
+        self.bundle = bundle
+        self.settings = settings
+        self.params = FlatParams(bundle.manifest.trainable, inplace=settings.inplace)
+        self.params.load(bundle.initial_trainable(), where=str(bundle.path))
+        self.dirs = Directions(settings.seed, self.params.dim, settings.direction)
+        self.perturber = Perturber(self.params, self.dirs)
+        self.estimator = ESTIMATORS[settings.estimator](q=settings.q)
+        self.optimizer = ZOSGD(self.params, self.dirs, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay, clip=settings.clip)
+
+    def step(self, step: int, lr: float, mu: float,
+             evaluate: Callable[[], float]) -> dict[str, Any]:
+        """One ZO step; returns the ledger record. A non-finite loss skips the update."""
+        est = self.estimator.estimate(step, mu, self.perturber, evaluate)
+        status = "ok" if est.finite else "skipped"
+        if status == "ok":
+            self.optimizer.update(step, est.g, lr)
+        return {"step": step, "lr": lr, "mu": mu, "losses": est.losses, "g": est.g,
+                "status": status}
+
+    def replay(self, record: dict[str, Any]) -> None:
+        """Redo a recorded step from its losses; the projected gradients must agree."""
+        losses = iter(record["losses"])
+
+        def recorded() -> float:
+            try:
+                return next(losses)
+            except StopIteration:
+                raise CheckpointError(
+                    f"ledger step {record['step']} holds too few losses for this estimator",
+                    "replay with the settings in the ledger header (was the file edited?)",
+                ) from None
+
+        redone = self.step(record["step"], record["lr"], record["mu"], recorded)
+        if redone["g"] != record["g"] and redone["status"] == "ok":
+            raise CheckpointError(
+                f"ledger step {record['step']}: recorded projected gradients {record['g']} "
+                f"differ from those recomputed from its losses {redone['g']}",
+                "the ledger was edited or written by an incompatible edgezo version",
+            )
