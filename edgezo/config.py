@@ -12,10 +12,11 @@ from .errors import ConfigError
 # Per trainable-mode defaults for the learning rate and the perturbation size μ.
 # LoRA and norms follow MeZO's reported ranges scaled for ZO-SGD with momentum on small
 # models; full-parameter values are MeZO's (papers.md §1).
+# Full parameters use plain ZO-SGD: a momentum buffer would double the memory of θ.
 MODE_DEFAULTS: dict[str, dict[str, float]] = {
-    "lora": {"lr": 1e-3, "mu": 1e-2},
-    "norms": {"lr": 1e-3, "mu": 1e-2},
-    "full": {"lr": 1e-6, "mu": 1e-3},
+    "lora": {"lr": 1e-3, "mu": 1e-2, "momentum": 0.9},
+    "norms": {"lr": 1e-3, "mu": 1e-2, "momentum": 0.9},
+    "full": {"lr": 1e-6, "mu": 1e-3, "momentum": 0.0},
 }
 
 
@@ -40,7 +41,8 @@ class FinetuneConfig:
     q: int = _f(1, "random directions per step")
     direction: Literal["rademacher", "gaussian"] = _f("rademacher", "direction distribution")
     estimator: Literal["central"] = _f("central", "gradient estimator")
-    momentum: float = _f(0.9, "momentum β of ZO-SGD (0: plain SGD, no extra buffer)")
+    momentum: float | None = _f(
+        None, "momentum β of ZO-SGD (0: plain SGD, no extra buffer); default per mode")
     weight_decay: float = _f(0.0, "decoupled weight decay λ")
     clip: float | None = _f(None, "clip each projected gradient to [-clip, clip]")
     schedule: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule")
@@ -70,7 +72,7 @@ class FinetuneConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.mu is not None and self.mu <= 0:
             problems.append(f"mu must be > 0, got {self.mu}")
-        if not 0.0 <= self.momentum < 1.0:
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             problems.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -91,15 +93,15 @@ class FinetuneConfig:
         return from_dict(cls, data, where=path or "finetune config")
 
     def resolved(self, mode: str) -> FinetuneConfig:
-        """A copy with lr and μ filled from the trainable mode's defaults."""
+        """A copy with lr, μ and momentum filled from the trainable mode's defaults."""
         defaults = MODE_DEFAULTS.get(mode)
-        if defaults is None and (self.lr is None or self.mu is None):
-            raise ConfigError(
-                f"no default lr/mu for trainable mode {mode!r}", "pass lr= and mu= explicitly"
-            )
         d = asdict(self)
-        d["lr"] = self.lr if self.lr is not None else defaults["lr"]
-        d["mu"] = self.mu if self.mu is not None else defaults["mu"]
+        for key in ("lr", "mu", "momentum"):
+            if d[key] is None:
+                if defaults is None:
+                    raise ConfigError(f"no default {key} for trainable mode {mode!r}",
+                                      f"pass {key}= explicitly")
+                d[key] = defaults[key]
         return FinetuneConfig(**d)
 
     def to_dict(self) -> dict[str, Any]:

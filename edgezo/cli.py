@@ -1,0 +1,182 @@
+"""The ``edgezo`` command line.
+
+Runtime commands (finetune, eval, replay, devices) never import torch; ``export`` imports the
+exporters (torch, transformers) only when it runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .cli_devices import devices
+from .errors import EdgezoError
+
+
+def friendly_errors(fn):
+    """Print an EdgezoError as a message and its fix, exit 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgezoError as e:
+            click.echo(f"error: {e.what}", err=True)
+            if e.fix:
+                click.echo(f"  fix: {e.fix}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgezo")
+def main() -> None:
+    """edgezo: private on-device fine-tuning with forward passes only (zeroth-order)."""
+
+
+# -- export (desktop) -------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--model", required=True, help="Hugging Face model folder, or a .gguf file")
+@click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder")
+@click.option("--out", required=True, type=click.Path(), help="bundle folder to write")
+@click.option("--mode", type=click.Choice(["lora", "norms", "full"]), default="lora",
+              show_default=True, help="which tensors become trainable graph inputs")
+@click.option("--lora-rank", default=8, show_default=True)
+@click.option("--lora-alpha", default=16.0, show_default=True)
+@click.option("--lora-targets", default=None, help="comma-separated module names (q_proj,v_proj)")
+@click.option("--seed", default=0, show_default=True, help="LoRA initialisation seed")
+@click.option("--overwrite", is_flag=True, help="replace an existing bundle folder")
+@friendly_errors
+def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, seed, overwrite):
+    """Export a causal LM into a bundle (needs the export extra: torch, transformers, onnx)."""
+    try:
+        from exporters import export_causal_lm
+    except ImportError as e:
+        raise EdgezoError(
+            f"the exporter cannot be imported ({e})",
+            "install the export side: pip install torch==2.13.0 -e '.[export]'",
+        ) from None
+    targets = [t.strip() for t in lora_targets.split(",")] if lora_targets else None
+    path = export_causal_lm(model, out, mode=mode, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                            lora_targets=targets, gguf_file=gguf_file, seed=seed,
+                            overwrite=overwrite, progress=click.echo)
+    click.echo(f"bundle written: {path}")
+
+
+# -- finetune ---------------------------------------------------------------------------------
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--config", "config_path", type=click.Path(), default=None,
+              help="YAML file with FinetuneConfig fields; flags and key=value override it")
+@click.option("--bundle", default=None, help="bundle folder (default: SmolLM2-135M LoRA)")
+@click.option("--data", default=None, help="JSONL training data (default: sample notes)")
+@click.option("--eval-data", default=None, help="JSONL held-out data")
+@click.option("--out", default=None, help="run folder (default: runs/finetune-<time>)")
+@click.option("--steps", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--max-length", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="default: per trainable mode")
+@click.option("--mu", type=float, default=None, help="default: per trainable mode")
+@click.option("--q", type=int, default=None, help="directions per step")
+@click.option("--seed", type=int, default=None)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--threads", type=int, default=None)
+@click.option("--resume", is_flag=True, help="continue the run in --out from its ledger")
+@click.option("--no-progress", is_flag=True, help="plain log lines instead of a progress bar")
+@click.argument("overrides", nargs=-1)
+@friendly_errors
+def finetune(config_path, resume, no_progress, overrides, **flags):
+    """Personalise a bundle on your data with zeroth-order steps (forward passes only).
+
+    With no arguments: SmolLM2-135M-Instruct (LoRA) on the embedded sample notes.
+    Extra KEY=VALUE arguments set any config field, e.g. `momentum=0 schedule=cosine`.
+    """
+    from .config import FinetuneConfig
+    from .configio import parse_overrides
+    from .train import finetune as run
+
+    values = {k: v for k, v in flags.items() if v is not None}
+    values.update(parse_overrides(overrides))
+    cfg = FinetuneConfig.load(config_path, values)
+    if resume and cfg.out is None:
+        raise EdgezoError("--resume needs --out: the folder of the run to continue",
+                          "e.g. edgezo finetune --resume --out runs/finetune-...")
+    run(cfg, resume=resume, log=click.echo, progress=False if no_progress else None)
+
+
+# -- eval -------------------------------------------------------------------------------------
+
+
+@main.command("eval")
+@click.option("--bundle", default=None, help="bundle folder (default: SmolLM2-135M LoRA)")
+@click.option("--data", required=True, help="JSONL data to score")
+@click.option("--tensors", default=None, type=click.Path(),
+              help="trained.safetensors of a run (default: the bundle's initial values)")
+@click.option("--run", "run_dir", default=None, type=click.Path(),
+              help="a run folder: its bundle and trained tensors")
+@click.option("--max-length", default=64, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@friendly_errors
+def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
+    """Mean per-example loss of a bundle (optionally with trained tensors) on a data file."""
+    from .evaluate import evaluate
+
+    result = evaluate(bundle=bundle, data=data, tensors=tensors, run_dir=run_dir,
+                      max_length=max_length, batch_size=batch_size, provider=provider)
+    click.echo(f"loss {result['loss']:.4f} on {result['examples']} examples "
+               f"(perplexity {result['perplexity']:.2f})")
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(),
+              help="run folder holding ledger.jsonl")
+@click.option("--bundle", default=None, help="bundle folder (default: the ledger header's)")
+@click.option("--out", required=True, type=click.Path(), help="safetensors file to write")
+@click.option("--upto", type=int, default=None, help="replay only the first N steps")
+@click.option("--check", is_flag=True, help="compare with the run's trained.safetensors")
+@friendly_errors
+def replay(run_dir, bundle, out, upto, check):
+    """Rebuild trained tensors from the bundle and a run's ledger, bit for bit, no forwards."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from .bundle import load_bundle
+    from .checkpoint import save_tensors_atomic
+    from .ledger import Ledger
+    from .replay import replay as do_replay
+
+    ledger_path = Path(run_dir) / "ledger.jsonl"
+    header = Ledger.read(ledger_path).header
+    b = load_bundle(bundle or header["bundle_path"])
+    engine = do_replay(b, ledger_path, upto=upto)
+    steps = len(Ledger.read(ledger_path).records) if upto is None else upto
+    save_tensors_atomic(out, engine.params.state_dict(),
+                        metadata={"bundle": b.fingerprint, "step": str(steps)})
+    click.echo(f"replayed {steps} steps -> {out}")
+    if check:
+        from safetensors.numpy import load_file
+
+        trained = load_file(str(Path(run_dir) / "trained.safetensors"))
+        mine = engine.params.state_dict()
+        same = all(np.array_equal(trained[k], mine[k]) for k in mine)
+        click.echo("bit-identical to the run's trained tensors" if same
+                   else "DIFFERS from the run's trained tensors")
+        if not same:
+            sys.exit(1)
+
+
+main.add_command(devices)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The fine-tuning loop, top to bottom.
+
+    bundle + data ──► held-out loss before
+        for each step t:
+            batch_t = data order (seed, t)             pure function: resumable
+            record  = engine.step(t, lr(t), μ, loss)   perturb → forwards → g → update θ
+            ledger.append(record)                      fsync'd: the run's ground truth
+            every N steps: atomic checkpoint, held-out loss, metrics line
+    ──► held-out loss after, trained.safetensors, summary.json
+
+A killed run is resumed from its last checkpoint plus the ledger records after it, which are
+replayed without forwards; the result is bit-identical to the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .bundle import Bundle, load_bundle
+from .checkpoint import load_checkpoint, save_tensors_atomic
+from .config import FinetuneConfig
+from .data import BatchStream, Example, eval_batches, read_jsonl, split_holdout, tokenize
+from .defaults import default_data, ensure_default_bundle
+from .engine import EngineSettings, ZOEngine, choose_inplace
+from .errors import CheckpointError, ConfigError
+from .ledger import Ledger
+from .optim import Schedule
+from .replay import check_ledger_bundle
+from .runner import LossRunner, RuntimeOptions
+
+BATCH_INPUTS = ["input_ids", "attention_mask", "labels"]
+
+
+@dataclass
+class RunSummary:
+    out: str
+    steps: int
+    stop_reason: str
+    heldout_before: float
+    heldout_after: float
+    train_evaluations: int
+    eval_evaluations: int
+    seconds: float
+    trainable_parameters: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def load_examples(cfg: FinetuneConfig, bundle: Bundle) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples, tokenised with the bundle's tokenizer."""
+    tok = bundle.tokenizer()
+    spec = bundle.manifest.tokenizer
+    data, eval_data = cfg.data, cfg.eval_data
+    if data is None:
+        sample, sample_eval = default_data()
+        data, eval_data = str(sample), eval_data or str(sample_eval)
+    train = tokenize(read_jsonl(data), tok, spec, cfg.max_length, where=data)
+    if eval_data is not None:
+        held = tokenize(read_jsonl(eval_data), tok, spec, cfg.max_length, where=eval_data)
+    else:
+        train, held = split_holdout(train, cfg.holdout_fraction, cfg.seed, where=data)
+    return train, held
+
+
+def heldout_loss(runner: LossRunner, examples: list[Example], batch_size: int,
+                 pad_id: int) -> float:
+    """Mean per-example loss over the held-out examples (float64)."""
+    total = 0.0
+    for batch in eval_batches(examples, batch_size, pad_id):
+        total += float(np.sum(runner.losses(batch, heldout=True), dtype=np.float64))
+    return total / len(examples)
+
+
+# -- the run folder ---------------------------------------------------------------------------
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = path
+        self.config = path / "config.yaml"
+        self.ledger = path / "ledger.jsonl"
+        self.checkpoint = path / "checkpoint.safetensors"
+        self.metrics = path / "metrics.jsonl"
+        self.trained = path / "trained.safetensors"
+        self.summary = path / "summary.json"
+
+    def metric(self, **row: Any) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def default_out() -> str:
+    return os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S"))
+
+
+def prepare(cfg: FinetuneConfig, resume: bool, log) -> tuple[FinetuneConfig, RunFolder]:
+    """Create or reopen the run folder; on resume the stored config wins (``steps`` may grow)."""
+    out = Path(cfg.out or default_out())
+    run = RunFolder(out)
+    if resume:
+        if not run.ledger.is_file():
+            raise CheckpointError(
+                f"--resume: {out} holds no run (no ledger.jsonl)",
+                "point --out at the folder of the run to resume, or drop --resume",
+            )
+        stored = FinetuneConfig.load(str(run.config))
+        if cfg.steps != stored.steps:
+            stored.steps = cfg.steps
+        return stored, run
+    if run.ledger.exists():
+        raise CheckpointError(
+            f"{out} already holds a run; nothing was overwritten",
+            f"continue it with --resume --out {out}, or choose another --out",
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = run.config.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, run.config)
+    return cfg, run
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
+             progress: bool | None = None) -> RunSummary:
+    t0 = time.perf_counter()
+    bundle = load_bundle(cfg.bundle or ensure_default_bundle(log))
+    cfg = cfg.resolved(bundle.manifest.trainable_mode)
+    if cfg.bundle is None:
+        cfg.bundle = str(bundle.path)
+    cfg, run = prepare(cfg, resume, log)
+    bundle = bundle if Path(cfg.bundle) == bundle.path else load_bundle(cfg.bundle)
+    if bundle.manifest.task != "causal_lm":
+        raise ConfigError(f"bundle task {bundle.manifest.task!r} is not supported by finetune",
+                          "export a causal_lm bundle")
+
+    train, held = load_examples(cfg, bundle)
+    pad_id = bundle.manifest.tokenizer.pad_token_id
+    stream = BatchStream(train, cfg.batch_size, cfg.seed, pad_id)
+    trainable_bytes = bundle.manifest.trainable_size * 4
+    settings = EngineSettings(
+        seed=cfg.seed, direction=cfg.direction, estimator=cfg.estimator, q=cfg.q,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip,
+        inplace=choose_inplace(cfg.perturbation, trainable_bytes),
+    )
+    engine = ZOEngine(bundle, settings)
+    runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS,
+                        RuntimeOptions(provider=cfg.provider, threads=cfg.threads))
+    schedule = Schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup_steps)
+
+    # ledger: new, or reopened and caught up (checkpoint + replay of the records after it)
+    if resume:
+        ledger = Ledger.read(run.ledger, repair=True)
+        check_ledger_bundle(ledger, bundle)
+        if EngineSettings.from_dict(ledger.header["engine"]) != settings:
+            raise CheckpointError(
+                f"{run.ledger} was written with other engine settings than {run.config}",
+                "do not edit a run's config.yaml; start a new run with another --out",
+            )
+        start = restore(engine, ledger, run, bundle, log)
+    else:
+        ledger = Ledger.create(run.ledger, {"bundle": bundle.fingerprint,
+                                            "bundle_path": str(bundle.path),
+                                            "engine": settings.to_dict()})
+        start = 0
+
+    log(f"edgezo: bundle {bundle.path} ({bundle.manifest.architecture.get('model_type')}, "
+        f"mode {bundle.manifest.trainable_mode}): {len(bundle.manifest.trainable)} trainable "
+        f"tensors, {engine.params.dim:,} values, {engine.params.nbytes / 2**20:.1f} MiB buffers"
+        f"{' (in place)' if settings.inplace else ''}")
+    log(f"edgezo: {len(train)} training / {len(held)} held-out examples; {cfg.steps} steps × "
+        f"{engine.estimator.evals_per_step} forward evaluations; lr {cfg.lr:g}, μ {cfg.mu:g}, "
+        f"q {cfg.q}, {cfg.direction}, momentum {cfg.momentum:g}; run folder {run.path}")
+
+    engine.perturber.at_theta()
+    before = heldout_loss(runner, held, cfg.eval_batch_size, pad_id)
+    if start == 0:
+        run.metric(kind="eval", step=0, heldout_loss=before)
+    log(f"edgezo: held-out loss at step {start}: {before:.4f}")
+
+    bar = _progress_bar(cfg.steps, start, progress)
+    train_evals = sum(len(r["losses"]) for r in ledger.records)  # over the whole run
+    stop_reason = "completed"
+    last = before
+    try:
+        for step in range(start, cfg.steps):
+            batch = stream.batch(step)
+            record = engine.step(step, schedule(step), cfg.mu, lambda b=batch: runner.mean_loss(b))
+            ledger.append(record)
+            train_evals += len(record["losses"])
+            run.metric(kind="step", step=step, loss=float(np.mean(record["losses"])),
+                       lr=record["lr"], g=record["g"], status=record["status"],
+                       train_evaluations=train_evals)
+            if record["status"] != "ok":
+                log(f"edgezo: step {step}: non-finite loss, update skipped")
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(engine, run, bundle, done)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                engine.perturber.at_theta()
+                last = heldout_loss(runner, held, cfg.eval_batch_size, pad_id)
+                run.metric(kind="eval", step=done, heldout_loss=last)
+                if bar is None:
+                    log(f"edgezo: step {done}/{cfg.steps} held-out loss {last:.4f}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(record['losses']):.3f}", heldout=f"{last:.3f}",
+                                evals=train_evals)
+            elif done % max(1, cfg.steps // 10) == 0:
+                log(f"edgezo: step {done}/{cfg.steps} train loss {np.mean(record['losses']):.4f}")
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+        save_checkpoint(engine, run, bundle, len(ledger.records))
+        log(f"edgezo: interrupted; checkpoint at step {len(ledger.records)} — "
+            f"continue with: edgezo finetune --resume --out {run.path}")
+    finally:
+        if bar is not None:
+            bar.close()
+        ledger.close()
+
+    engine.perturber.at_theta()
+    after = heldout_loss(runner, held, cfg.eval_batch_size, pad_id)
+    steps_done = len(ledger.records)
+    run.metric(kind="eval", step=steps_done, heldout_loss=after)
+    save_tensors_atomic(run.trained, engine.params.state_dict(),
+                        metadata={"bundle": bundle.fingerprint, "step": str(steps_done)})
+    summary = RunSummary(
+        out=str(run.path), steps=steps_done, stop_reason=stop_reason, heldout_before=before,
+        heldout_after=after, train_evaluations=train_evals,
+        eval_evaluations=runner.eval_evaluations,
+        seconds=time.perf_counter() - t0, trainable_parameters=engine.params.dim,
+    )
+    tmp = run.summary.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    os.replace(tmp, run.summary)
+    log(f"edgezo: held-out loss {before:.4f} -> {after:.4f} "
+        f"({'-' if after <= before else '+'}{abs(before - after) / before:.1%}) after "
+        f"{steps_done} steps, {train_evals} training forward evaluations, "
+        f"{summary.seconds:.0f} s; trained tensors: {run.trained}")
+    return summary
+
+
+def save_checkpoint(engine: ZOEngine, run: RunFolder, bundle: Bundle, step: int) -> None:
+    tensors = {"master": engine.params.master, **engine.optimizer.state()}
+    save_tensors_atomic(run.checkpoint, tensors,
+                        metadata={"bundle": bundle.fingerprint, "step": str(step)})
+
+
+def restore(engine: ZOEngine, ledger: Ledger, run: RunFolder, bundle: Bundle, log) -> int:
+    """Bring the engine to the ledger's last step: checkpoint, then replay what follows it."""
+    step = 0
+    if run.checkpoint.is_file():
+        tensors, step = load_checkpoint(run.checkpoint, bundle.fingerprint)
+        if step > len(ledger.records):
+            raise CheckpointError(
+                f"{run.checkpoint} is at step {step} but the ledger ends at "
+                f"{len(ledger.records)}", "delete the checkpoint; the ledger rebuilds the state",
+            )
+        engine.params.master[:] = tensors["master"]
+        engine.optimizer.load_state(tensors)
+    for rec in ledger.records[step:]:
+        engine.replay(rec)
+    log(f"edgezo: resumed at step {len(ledger.records)} (checkpoint {step}, "
+        f"{len(ledger.records) - step} steps replayed from the ledger)")
+    return len(ledger.records)
+
+
+def _progress_bar(total: int, start: int, enabled: bool | None):
+    if enabled is False:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+               disable=None if enabled is None else not enabled)
+    return None if bar.disable else bar
+

@@ -1,0 +1,132 @@
+"""End to end on a tiny exported Llama: fine-tune, determinism, replay, kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from edgezo.config import FinetuneConfig
+from edgezo.train import finetune
+
+MEMO = ["the cat sat on the mat.", "a dog ran in the park.", "we bake bread on sunday.",
+        "pepper likes long walks.", "the fjord is cold today.", "tea with honey at nine."]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    train = d / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMO * 4))
+    held = d / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMO))
+    return train, held
+
+
+def cfg(bundle, data, out, **kw):
+    base = dict(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]), out=str(out),
+                steps=40, batch_size=4, max_length=32, eval_every=0, checkpoint_every=10,
+                lr=3e-3, mu=1e-2, seed=0, threads=1)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def quiet(*a, **k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def lora_bundle(make_bundle):
+    return make_bundle("lora")
+
+
+def test_loss_goes_down_and_same_seed_same_bits(lora_bundle, data, tmp_path):
+    a = finetune(cfg(lora_bundle, data, tmp_path / "a"), log=quiet, progress=False)
+    assert a.heldout_after < a.heldout_before - 0.02, a
+    assert a.train_evaluations == 2 * 40
+    b = finetune(cfg(lora_bundle, data, tmp_path / "b"), log=quiet, progress=False)
+    ta, tb = load_file(str(tmp_path / "a/trained.safetensors")), load_file(
+        str(tmp_path / "b/trained.safetensors"))
+    assert all(np.array_equal(ta[k], tb[k]) for k in ta)
+    c = finetune(cfg(lora_bundle, data, tmp_path / "c", seed=1, steps=5), log=quiet,
+                 progress=False)
+    tc = load_file(str(Path(c.out) / "trained.safetensors"))
+    assert any(not np.array_equal(ta[k], tc[k]) for k in ta)
+
+
+@pytest.mark.parametrize("mode,extra", [("norms", {}), ("full", {"perturbation": "inplace"}),
+                                        ("lora", {"q": 2, "direction": "gaussian"})])
+def test_modes_learn_and_replay_bit_exactly(make_bundle, data, tmp_path, mode, extra):
+    bundle = make_bundle(mode)
+    lr = {"full": 1e-3, "norms": 3e-3, "lora": 3e-3}[mode]
+    s = finetune(cfg(bundle, data, tmp_path / "r", lr=lr, **extra), log=quiet, progress=False)
+    assert s.heldout_after < s.heldout_before
+    out = tmp_path / "replayed.safetensors"
+    r = run_cli("replay", "--run", str(tmp_path / "r"), "--out", str(out), "--check")
+    assert r.returncode == 0, r.stderr
+    assert "bit-identical" in r.stdout
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "edgezo.cli", *args], capture_output=True,
+                          text=True, **kw)
+
+
+def test_kill_and_resume_is_bit_identical(lora_bundle, data, tmp_path):
+    steps = 60
+    ref = finetune(cfg(lora_bundle, data, tmp_path / "ref", steps=steps, checkpoint_every=7),
+                   log=quiet, progress=False)
+    out = tmp_path / "killed"
+    args = ["finetune", "--bundle", str(lora_bundle), "--data", str(data[0]), "--eval-data",
+            str(data[1]), "--out", str(out), "--steps", str(steps), "--batch-size", "4",
+            "--max-length", "32", "--lr", "3e-3", "--mu", "1e-2", "--seed", "0", "--threads",
+            "1", "--no-progress", "eval_every=0", "checkpoint_every=7"]
+    proc = subprocess.Popen([sys.executable, "-m", "edgezo.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = out / "ledger.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill for real, mid-run, past a checkpoint
+        if ledger.exists() and ledger.read_text().count("\n") > 20:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = ledger.read_text().count("\n") - 1
+    assert 0 < done < steps, "the run finished before it could be killed"
+    r = run_cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed at step" in r.stdout
+    got = load_file(str(out / "trained.safetensors"))
+    want = load_file(str(Path(ref.out) / "trained.safetensors"))
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "summary.json").read_text())["steps"] == steps
+
+
+def test_runtime_never_imports_torch(lora_bundle, data, tmp_path):
+    code = (
+        "import sys, edgezo, edgezo.cli, edgezo.train, edgezo.evaluate, edgezo.replay\n"
+        "from edgezo.config import FinetuneConfig\n"
+        "from edgezo.train import finetune\n"
+        f"finetune(FinetuneConfig(bundle={str(lora_bundle)!r}, data={str(data[0])!r}, "
+        f"eval_data={str(data[1])!r}, out={str(tmp_path / 'x')!r}, steps=2), "
+        "log=lambda *a: None, progress=False)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'optimum')]\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_eval_command_scores_trained_tensors(lora_bundle, data, tmp_path):
+    s = finetune(cfg(lora_bundle, data, tmp_path / "e"), log=quiet, progress=False)
+    r = run_cli("eval", "--run", s.out, "--data", str(data[1]), "--max-length", "32")
+    assert r.returncode == 0, r.stderr
+    assert abs(float(r.stdout.split()[1]) - s.heldout_after) < 1e-4

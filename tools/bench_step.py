@@ -1,0 +1,141 @@
+"""Speed and memory of a ZO step against plain inference, measured side by side in one run.
+
+For one bundle and batch shape it prints:
+
+- forward time (median over runs) of the loss graph at θ;
+- ZO step time (median over steps): perturbation, 2q forwards, update;
+- step ratio = step ÷ (forward evaluations per step × forward time): the overhead of ZO
+  beyond its forward passes (1.00 = none);
+- peak RSS of a fine-tuning process vs an inference-only process on the same bundle and batch,
+  each measured in its own fresh child process (``ru_maxrss``), and their ratio.
+
+Usage::
+
+    python tools/bench_step.py --bundle BUNDLE [--batch 8 --seq 64 --threads 2 --steps 10]
+
+The children never import torch, like the runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+
+
+def _vocab(bundle) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(bundle.path / bundle.manifest.tokenizer.file)).get_vocab_size()
+
+
+def child(args: argparse.Namespace) -> dict:
+    """Runs in a fresh process: 'infer' (forwards only) or 'finetune' (ZO steps)."""
+    from edgezo.bundle import load_bundle
+    from edgezo.engine import EngineSettings, ZOEngine, choose_inplace
+    from edgezo.params import FlatParams
+    from edgezo.runner import LossRunner, RuntimeOptions
+    from edgezo.train import BATCH_INPUTS
+
+    bundle = load_bundle(args.bundle, verify=False)
+    batch = _batch(_vocab(bundle), args.batch, args.seq)
+    opts = RuntimeOptions(threads=args.threads)
+    out: dict = {"role": args.child}
+    if args.child == "infer":
+        params = FlatParams(bundle.manifest.trainable, inplace=True)  # one buffer: θ
+        params.load(bundle.initial_trainable())
+        runner = LossRunner(bundle.model_path, params, BATCH_INPUTS, opts)
+        runner.losses(batch)  # warm-up
+        times = []
+        for _ in range(args.forwards):
+            t = time.perf_counter()
+            runner.losses(batch)
+            times.append(time.perf_counter() - t)
+        out["forward_s"] = statistics.median(times)
+    else:
+        trainable_bytes = bundle.manifest.trainable_size * 4
+        settings = EngineSettings(seed=0, direction=args.direction, q=args.q,
+                                  momentum=args.momentum,
+                                  inplace=choose_inplace(args.perturbation, trainable_bytes))
+        engine = ZOEngine(bundle, settings)
+        runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, opts)
+        runner.losses(batch)  # warm-up
+        fwd = []
+        for _ in range(args.forwards):
+            t = time.perf_counter()
+            runner.losses(batch)
+            fwd.append(time.perf_counter() - t)
+        steps = []
+        for s in range(args.steps):
+            t = time.perf_counter()
+            engine.step(s, 1e-6, 1e-3, lambda: runner.mean_loss(batch))
+            steps.append(time.perf_counter() - t)
+        out.update(forward_s=statistics.median(fwd), step_s=statistics.median(steps),
+                   evals_per_step=engine.estimator.evals_per_step,
+                   inplace=settings.inplace, trainable=engine.params.dim)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_child(args: argparse.Namespace, role: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", role] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        if k != "child" and v is not None
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"child {role} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--forwards", type=int, default=10)
+    p.add_argument("--q", type=int, default=1)
+    p.add_argument("--direction", default="rademacher")
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--perturbation", default="auto")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    infer = run_child(args, "infer")
+    ft = run_child(args, "finetune")
+    ratio = ft["step_s"] / (ft["evals_per_step"] * ft["forward_s"])
+    rss_ratio = ft["peak_rss_mb"] / infer["peak_rss_mb"]
+    print(f"bundle {args.bundle}: batch {args.batch}x{args.seq}, {args.threads} threads, "
+          f"{ft['trainable']:,} trainable values, {args.direction}, q={args.q}, "
+          f"momentum={args.momentum}, perturbation {'in place' if ft['inplace'] else 'copy'}")
+    print(f"  forward (inference process)   {infer['forward_s']:.4f} s")
+    print(f"  forward (fine-tuning process) {ft['forward_s']:.4f} s")
+    print(f"  ZO step                       {ft['step_s']:.4f} s  "
+          f"({ft['evals_per_step']} forward evaluations)")
+    print(f"  step ratio step/(evals x fwd) {ratio:.3f}")
+    print(f"  peak RSS inference            {infer['peak_rss_mb']:.0f} MB")
+    print(f"  peak RSS fine-tuning          {ft['peak_rss_mb']:.0f} MB")
+    print(f"  RSS ratio fine-tune/inference {rss_ratio:.3f}")
+    print(json.dumps({"forward_s": ft["forward_s"], "step_s": ft["step_s"], "step_ratio": ratio,
+                      "rss_infer_mb": infer["peak_rss_mb"], "rss_finetune_mb": ft["peak_rss_mb"],
+                      "rss_ratio": rss_ratio}))
+
+
+if __name__ == "__main__":
+    main()
