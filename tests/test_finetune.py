@@ -51,8 +51,8 @@ def test_loss_goes_down_and_same_seed_same_bits(lora_bundle, data, tmp_path):
     assert a.heldout_after < a.heldout_before - 0.02, a
     assert a.train_evaluations == 2 * 40
     b = finetune(cfg(lora_bundle, data, tmp_path / "b"), log=quiet, progress=False)
-    ta, tb = load_file(str(tmp_path / "a/trained.safetensors")), load_file(
-        str(tmp_path / "b/trained.safetensors"))
+    ta = load_file(str(Path(a.out) / "trained.safetensors"))
+    tb = load_file(str(Path(b.out) / "trained.safetensors"))
     assert all(np.array_equal(ta[k], tb[k]) for k in ta)
     c = finetune(cfg(lora_bundle, data, tmp_path / "c", seed=1, steps=5), log=quiet,
                  progress=False)
