@@ -1,0 +1,65 @@
+"""The desktop side of edgezo: export a causal LM into a bundle the device runtime trains.
+
+    from exporters import export_causal_lm
+    export_causal_lm("path/to/hf-model", "bundles/my-lora", mode="lora")
+
+or ``python -m exporters --model PATH --out DIR`` (``python -m exporters.default --out DIR`` for
+SmolLM2-135M-Instruct with LoRA). Importing this package is cheap; torch and transformers are
+imported on first use, with an install hint when missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .architectures import Architecture, get_architecture, register, supported_model_types
+
+__all__ = [
+    "Architecture",
+    "export_causal_lm",
+    "get_architecture",
+    "register",
+    "supported_model_types",
+]
+
+
+def export_causal_lm(
+    model: str | Path,
+    out: str | Path,
+    mode: str = "lora",
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_targets: list[str] | tuple[str, ...] | None = None,
+    gguf_file: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    tolerance: float = 1e-3,
+    progress: Callable[[str], None] | None = print,
+    external_data: bool | None = None,
+) -> Path:
+    """Export a Hugging Face / GGUF causal LM into a validated bundle folder; returns ``out``.
+
+    See :func:`exporters.export.export_causal_lm` for the arguments. Raises
+    :class:`edgezo.errors.EdgezoError` (with the fix) when torch/transformers are missing, the
+    architecture is unsupported, or validation fails; no partial bundle is ever left behind.
+    """
+    from .deps import require_export_deps
+
+    require_export_deps()
+    from .export import export_causal_lm as _export
+
+    return _export(
+        model,
+        out,
+        mode=mode,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        gguf_file=gguf_file,
+        seed=seed,
+        overwrite=overwrite,
+        tolerance=tolerance,
+        progress=progress,
+        external_data=external_data,
+    )

@@ -1,0 +1,3 @@
+from exporters.cli import main
+
+main(prog_name="python -m exporters")

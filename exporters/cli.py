@@ -1,0 +1,105 @@
+"""``python -m exporters``: export a causal LM into an edgezo bundle."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from edgezo.errors import EdgezoError
+
+from .architectures import MODES
+
+
+def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", required=True, help="Hugging Face model folder, or a .gguf file.")
+@click.option("--gguf-file", default=None, help="GGUF file name inside the --model folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="lora",
+    show_default=True,
+    help="Which tensors are trainable.",
+)
+@click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
+@click.option(
+    "--lora-targets",
+    callback=_targets,
+    default=None,
+    help="Comma-separated linear layer names [default: the architecture's, "
+    "q_proj,v_proj for Llama].",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seeds LoRA A and the validation batches.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option(
+    "--tolerance",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="Largest accepted |ONNX - PyTorch| loss difference.",
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Weights in model.onnx.data [default: when above 256 MiB].",
+)
+def main(
+    model,
+    gguf_file,
+    out,
+    mode,
+    lora_rank,
+    lora_alpha,
+    lora_targets,
+    seed,
+    overwrite,
+    tolerance,
+    external_data,
+) -> None:
+    """Export a causal LM (Hugging Face folder or GGUF) into a validated edgezo bundle."""
+    from . import export_causal_lm
+
+    run(
+        lambda: export_causal_lm(
+            model,
+            out,
+            mode=mode,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            gguf_file=gguf_file,
+            seed=seed,
+            overwrite=overwrite,
+            tolerance=tolerance,
+            external_data=external_data,
+        )
+    )
+
+
+def run(fn) -> None:
+    """Run an export, printing an :class:`EdgezoError` without a traceback (exit status 2)."""
+    try:
+        fn()
+    except EdgezoError as e:
+        click.echo(f"error: {e.what}", err=True)
+        if e.fix:
+            click.echo(f"  fix: {e.fix}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; no bundle was written", err=True)
+        sys.exit(130)

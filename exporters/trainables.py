@@ -1,0 +1,100 @@
+"""Choose the trainable tensors of a model for one trainable mode.
+
+=======  =====================================================  ==============================
+mode     trainable tensors                                      roles
+=======  =====================================================  ==============================
+lora     ``lora_A``/``lora_B`` of the targeted linear layers     ``lora_a``, ``lora_b``
+norms    weights and biases of the normalisation modules        ``norm``, ``bias``
+full     every parameter once (a tied embedding/head is one)    ``embedding``, ``norm``,
+                                                                ``bias``, ``dense``
+=======  =====================================================  ==============================
+
+Everything else stays a frozen initializer in the ONNX graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgezo.bundle import TensorSpec
+from edgezo.errors import EdgezoError
+
+from .architectures import MODES, Architecture
+from .lora import apply_lora
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters as written into the manifest (``lora`` dict)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+
+def select_trainables(
+    model: nn.Module,
+    arch: Architecture,
+    mode: str,
+    lora: LoraSettings | None,
+    generator: torch.Generator,
+) -> list[TensorSpec]:
+    """Pick (and for ``lora`` first create) the trainable tensors, in module order.
+
+    Names are the parameters' state-dict keys; the order is the ONNX input order.
+    """
+    if mode == "lora":
+        if lora is None:
+            raise ValueError("mode 'lora' needs LoraSettings")
+        names = apply_lora(
+            model, lora.targets, lora.rank, lora.alpha, generator, excluded=arch.lora_excluded
+        )
+        params = dict(model.named_parameters())
+        return [TensorSpec(n, tuple(params[n].shape), "float32", _lora_role(n)) for n in names]
+    if mode == "norms":
+        specs = [
+            TensorSpec(name, tuple(p.shape), "float32", "bias" if leaf == "bias" else "norm")
+            for name, p, module_name, leaf in _named_params(model)
+            if arch.is_norm(module_name)
+        ]
+        if not specs:
+            raise EdgezoError(
+                f"the {arch.family} description matches no normalisation module in this model",
+                "check `norm_modules` in exporters/architectures.py, or use --mode lora",
+            )
+        return specs
+    if mode == "full":
+        return [
+            TensorSpec(name, tuple(p.shape), "float32", _full_role(arch, module_name, leaf))
+            for name, p, module_name, leaf in _named_params(model)
+        ]
+    raise EdgezoError(
+        f"unknown trainable mode {mode!r}", f"pass --mode as one of: {', '.join(MODES)}"
+    )
+
+
+def _lora_role(name: str) -> str:
+    return "lora_a" if ".lora_A." in name else "lora_b"
+
+
+def _full_role(arch: Architecture, module_name: str, leaf: str) -> str:
+    if leaf == "bias":
+        return "bias"
+    if arch.is_norm(module_name):
+        return "norm"
+    if arch.is_embedding(module_name):
+        return "embedding"
+    return "dense"
+
+
+def _named_params(model: nn.Module):
+    """(name, parameter, owning module name, attribute) once per distinct parameter."""
+    for name, p in model.named_parameters():  # de-duplicates tied parameters
+        module_name, _, leaf = name.rpartition(".")
+        yield name, p, module_name, leaf

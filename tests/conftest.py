@@ -1,0 +1,115 @@
+"""Shared fixtures: a tiny random Llama with a character tokenizer, and bundles exported from it.
+
+Both the exporter tests and the runtime tests use these. Nothing is downloaded. torch and
+transformers are imported inside the fixtures only, so a device-only environment (no torch) can
+still collect and run the runtime tests that do not need a bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: Characters of the tiny tokenizer (after lowercasing); ids follow the special tokens.
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,!?;:'\"-()\n"
+TINY_SPECIAL = ("<pad>", "<eos>", "<unk>")
+
+#: Tiny model configs per Hugging Face ``model_type``; every architecture registered in
+#: ``exporters.architectures`` must have one (checked by a test).
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+def build_tiny_tokenizer():
+    """A character-level ``tokenizers.Tokenizer``: ``<pad>``=0, ``<eos>``=1, ``<unk>``=2."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL)}
+    for ch in TINY_CHARS:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(TINY_SPECIAL))
+    return tok
+
+
+def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0):
+    """A tiny random causal LM of ``model_type`` initialised from an explicit generator."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        **TINY_CONFIGS[model_type],
+    )
+    with torch.random.fork_rng(devices=[]):  # from_config draws from the global generator
+        model = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norm weights (and biases): around their usual values
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+            else:
+                std = 0.5 if "embed" in name else 0.1
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random ``LlamaForCausalLM`` + character tokenizer saved with ``save_pretrained``.
+
+    hidden 32, 2 layers, 4 heads (2 KV heads), intermediate 64, tied embeddings; the vocabulary
+    (52 tokens) is lowercase letters, digits, space, punctuation, newline and
+    ``<pad>``/``<eos>``/``<unk>``.
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tiny_tokenizer()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    model = build_tiny_model("llama", vocab_size=tok.get_vocab_size())
+    model.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_bundle(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make_bundle(mode="lora", **kw) -> Path``: a bundle of the tiny model, exported once per
+    distinct ``(mode, kw)`` in the session (``kw`` as for ``exporters.export_causal_lm``)."""
+    pytest.importorskip("onnx")
+    from exporters import export_causal_lm
+
+    cache: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("bundles")
+
+    def make(mode: str = "lora", **kw: Any) -> Path:
+        key = repr((mode, sorted(kw.items())))
+        if key not in cache:
+            out = root / f"{mode}-{len(cache)}"
+            cache[key] = export_causal_lm(tiny_hf_dir, out, mode=mode, progress=None, **kw)
+        return cache[key]
+
+    return make
