@@ -1,6 +1,6 @@
 """The ``edgezo`` command line.
 
-Runtime commands (finetune, eval, replay, devices) never import torch; ``export`` imports the
+Runtime commands (finetune, eval, replay, plan, devices) never import torch; ``export`` imports the
 exporters (torch, transformers) only when it runs.
 """
 
@@ -87,6 +87,14 @@ def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, see
 @click.option("--seed", type=int, default=None)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--threads", type=int, default=None)
+@click.option("--device", default=None,
+              help="device profile (name, family or YAML path): caps, providers, budgets")
+@click.option("--micro-batch-size", type=int, default=None,
+              help="examples per forward call (default: the profile's max_batch_size)")
+@click.option("--eval-budget", type=int, default=None,
+              help="training forward evaluations this session (default: the profile's)")
+@click.option("--time-budget", "time_budget_s", type=float, default=None,
+              help="wall-clock seconds this session (default: the profile's)")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its ledger")
 @click.option("--no-progress", is_flag=True, help="plain log lines instead of a progress bar")
 @click.argument("overrides", nargs=-1)
@@ -96,6 +104,9 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
 
     With no arguments: SmolLM2-135M-Instruct (LoRA) on the embedded sample notes.
     Extra KEY=VALUE arguments set any config field, e.g. `momentum=0 schedule=cosine`.
+    With --device the profile sets providers, threads, memory, micro-batching and the
+    session budgets; a run that spends a budget stops with a checkpoint: continue it with
+    --resume --out DIR in the next session.
     """
     from .config import FinetuneConfig
     from .configio import parse_overrides
@@ -108,6 +119,46 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
         raise EdgezoError("--resume needs --out: the folder of the run to continue",
                           "e.g. edgezo finetune --resume --out runs/finetune-...")
     run(cfg, resume=resume, log=click.echo, progress=False if no_progress else None)
+
+
+# -- plan -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--bundle", default=None, help="bundle folder (default: SmolLM2-135M LoRA)")
+@click.option("--device", required=True, help="device profile: name, family or YAML path")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-length", type=int, default=64, show_default=True)
+@click.option("--micro-batch-size", type=int, default=None,
+              help="default: the profile's max_batch_size")
+@click.option("--momentum", type=float, default=None, help="default: per trainable mode")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "sign"]), default="sgd",
+              show_default=True, help="adam keeps two θ-sized buffers")
+@click.option("--perturbation", type=click.Choice(["auto", "copy", "inplace"]), default="auto")
+@click.option("--no-dry-run", is_flag=True,
+              help="analytic estimate only (no child process loading the model)")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+@friendly_errors
+def plan(bundle, device, batch_size, max_length, micro_batch_size, momentum, optimizer,
+         perturbation, no_dry_run, as_json):
+    """Estimate fine-tuning's peak memory on a device profile; say what to change if it does
+    not fit. Exit status 1 when it does not fit."""
+    import json
+
+    from .bundle import load_bundle
+    from .defaults import ensure_default_bundle
+    from .plan import make_plan, run_settings
+    from .profiles import load_profile
+
+    profile = load_profile(device)
+    b = load_bundle(bundle or ensure_default_bundle(click.echo))
+    buffers, inplace = run_settings(b, momentum, perturbation, optimizer)
+    result = make_plan(b, profile, batch_size=batch_size, max_length=max_length,
+                       micro_batch=micro_batch_size, optim_buffers=buffers, inplace=inplace,
+                       dry_run=not no_dry_run)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
+    if not result.fits or max_length > profile.max_seq_len:
+        sys.exit(1)
 
 
 # -- eval -------------------------------------------------------------------------------------

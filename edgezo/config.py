@@ -39,8 +39,23 @@ class FinetuneConfig:
     lr: float | None = _f(None, "learning rate; default per trainable mode (MODE_DEFAULTS)")
     mu: float | None = _f(None, "perturbation size μ; default per trainable mode")
     q: int = _f(1, "random directions per step")
-    direction: Literal["rademacher", "gaussian"] = _f("rademacher", "direction distribution")
-    estimator: Literal["central"] = _f("central", "gradient estimator")
+    direction: Literal["rademacher", "gaussian", "sphere"] = _f(
+        "rademacher", "direction distribution (sphere: uniform on the radius-√d sphere)")
+    estimator: Literal["central", "onesided", "dap", "p3", "p4"] = _f(
+        "central", "gradient estimator: central two-point (2q forwards), onesided (q+1), "
+        "dap: directionally aligned (2q+1), p3/p4: unbiased multi-level (papers.md §3)")
+    optimizer: Literal["sgd", "adam", "sign"] = _f(
+        "sgd", "update rule: sgd (with momentum), adam (two flat buffers of θ's size), sign")
+    adam_beta1: float = _f(0.9, "Adam's first-moment decay β₁")
+    adam_beta2: float = _f(0.999, "Adam's second-moment decay β₂")
+    adam_eps: float = _f(1e-8, "Adam's ε")
+    level_schedule: Literal["geometric", "zipf"] = _f(
+        "geometric", "p3/p4 level distribution: geometric (μ_n = μ·c^(n-1)) or zipf")
+    level_ratio: float = _f(0.5, "p3/p4 geometric ratio c in (0, 1)")
+    zipf_s: float = _f(2.0, "p3/p4 Zipf exponent s > 1")
+    mu_floor: float = _f(
+        1e-5, "p3/p4 clamp μ_n at this floor (counted as mu_floor_hits); fp32 forwards make "
+        "smaller μ_n noise, not signal")
     momentum: float | None = _f(
         None, "momentum β of ZO-SGD (0: plain SGD, no extra buffer); default per mode")
     weight_decay: float = _f(0.0, "decoupled weight decay λ")
@@ -50,21 +65,35 @@ class FinetuneConfig:
     seed: int = _f(0, "run seed: directions and data order")
     eval_every: int = _f(50, "held-out evaluation every N steps (0: only before and after)")
     eval_batch_size: int = _f(16, "examples per held-out evaluation batch")
-    checkpoint_every: int = _f(25, "atomic checkpoint every N steps")
-    provider: Literal["cpu", "cuda"] = _f("cpu", "ONNX Runtime execution provider")
-    threads: int = _f(0, "intra-op threads (0: all cores)")
+    checkpoint_every: int | None = _f(
+        None, "atomic checkpoint every N steps; default: the device profile's, else 25")
+    provider: Literal["cpu", "cuda"] | None = _f(
+        None, "ONNX Runtime execution provider; default: the device profile's order, else cpu")
+    threads: int | None = _f(
+        None, "intra-op threads (0: all cores); default: the device profile's, else 0")
+    device: str | None = _f(
+        None, "device profile (name, family or YAML path): caps, providers and budgets")
+    micro_batch_size: int | None = _f(
+        None, "examples per forward call (exact for ZO); default: the profile's max_batch_size")
+    eval_budget: int | None = _f(
+        None, "training forward evaluations per session; default: the device profile's")
+    time_budget_s: float | None = _f(
+        None, "wall-clock seconds per session; default: the device profile's")
     perturbation: Literal["auto", "copy", "inplace"] = _f(
         "auto", "copy: separate feed buffer; inplace: perturb θ itself (no extra memory); "
         "auto: inplace when the trainable tensors exceed 64 MiB")
 
     def __post_init__(self) -> None:
         problems = []
-        positive_ints = ("steps", "batch_size", "q", "eval_batch_size", "checkpoint_every")
+        positive_ints = ("steps", "batch_size", "q", "eval_batch_size", "checkpoint_every",
+                         "micro_batch_size", "eval_budget")
         for name in positive_ints:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            problems.append(f"time_budget_s must be > 0 (or null), got {self.time_budget_s}")
         for name in ("eval_every", "warmup_steps", "seed", "threads"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_length < 2:
             problems.append(f"max_length must be >= 2, got {self.max_length}")
@@ -82,6 +111,24 @@ class FinetuneConfig:
             problems.append(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.direction not in KINDS:
             problems.append(f"direction must be one of {KINDS}")
+        if self.optimizer == "adam" and self.momentum:
+            problems.append(f"momentum ({self.momentum}) is for optimizer sgd or sign; adam "
+                            "uses adam_beta1 — drop momentum or set it to 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            problems.append(f"adam_eps must be > 0, got {self.adam_eps}")
+        if not 0.0 < self.level_ratio < 1.0:
+            problems.append(f"level_ratio must be in (0, 1) so that μ_n = μ·c^(n-1) decreases "
+                            f"to 0 and stays positive, got {self.level_ratio}")
+        if not self.zipf_s > 1.0:
+            problems.append(f"zipf_s must be > 1 (ζ(s) diverges otherwise), got {self.zipf_s}")
+        if self.mu_floor <= 0:
+            problems.append(f"mu_floor must be > 0, got {self.mu_floor}")
+        elif (self.estimator in ("p3", "p4") and self.mu is not None and self.mu > 0
+              and self.mu_floor >= self.mu):
+            problems.append(f"mu_floor ({self.mu_floor}) must be below mu ({self.mu})")
         if problems:
             raise ConfigError("; ".join(problems), "fix the fields named above")
 
@@ -96,6 +143,8 @@ class FinetuneConfig:
         """A copy with lr, μ and momentum filled from the trainable mode's defaults."""
         defaults = MODE_DEFAULTS.get(mode)
         d = asdict(self)
+        if self.optimizer == "adam" and d["momentum"] is None:
+            d["momentum"] = 0.0  # Adam's own first moment (adam_beta1) replaces it
         for key in ("lr", "mu", "momentum"):
             if d[key] is None:
                 if defaults is None:

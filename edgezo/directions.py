@@ -11,20 +11,39 @@ Kinds (all with E[z zᵀ] = I):
 
 - ``rademacher``: ±1 entries from single random bits (constant magnitude, minimum variance).
 - ``gaussian``: N(0, 1) by a 16-bit inverse-CDF table: each value is the midpoint quantile of
-  one of 65,536 equiprobable bins, the table rescaled to unit variance exactly. About 3× faster
+  one of 65,536 equiprobable bins, the table rescaled to unit variance exactly. About 4× faster
   than numpy's ziggurat, stable across numpy versions, tails truncated at ±4.4σ.
+- ``sphere``: uniform on the sphere of radius √d (constant magnitude, the minimum-variance
+  family): the ``gaussian`` direction of the same key times √d/‖g‖. Two chunked passes: the
+  first counts how often each of the 65,536 table entries occurs (exact integers), from which
+  ‖g‖² is summed with ``math.fsum`` (correctly rounded, so the scale is the same on every
+  machine); the second looks the values up in the table scaled once by that float32 factor.
+  The scale of the last few keys is cached, so perturbing and updating along the same
+  direction pays the first pass once. E[zzᵀ] = I exactly: the entries are exchangeable and
+  sign-symmetric with Σz² = d.
+
+Speed (2 shared EPYC cores, 134.5M values, ``tools/bench_directions.py``): Rademacher ≈ 0.07 s,
+Gaussian ≈ 0.25–0.33 s (Philox bits ≈ 0.13 s + table gather; the gather works on L2-sized
+sub-blocks and uses ``mode="clip"``, which skips numpy's per-index bounds check and gives the
+same values because a uint16 index is always inside the 65,536-entry table), sphere about the
+same per pass plus a one-off norm pass per key.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
+from collections import OrderedDict
 from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
 
 CHUNK = 1 << 20  # values per chunk; part of the direction's definition — never change it
-KINDS = ("rademacher", "gaussian")
+KINDS = ("rademacher", "gaussian", "sphere")
+_SCALE_CACHE = 64  # sphere scales kept per Directions object (≥ the q of a step, ×2)
+_SMALL = 1 << 14  # directions up to this size skip the 65,536-entry histogram and table
+_SUB = 1 << 16  # values per table-lookup sub-block (a multiple of 4: whole 64-bit words)
 _MASK64 = (1 << 64) - 1
 
 
@@ -36,10 +55,19 @@ def _gaussian_table() -> np.ndarray:
     return t.astype(np.float32)
 
 
-def _raw_bits(seed: int, step: int, index: int, chunk: int, words: int) -> np.ndarray:
+def _philox(seed: int, step: int, index: int, chunk: int) -> np.random.Philox:
     key = np.array([seed & _MASK64, step & _MASK64], dtype=np.uint64)
     counter = np.array([0, 0, chunk, index], dtype=np.uint64)
-    return np.random.Philox(key=key, counter=counter).random_raw(words)
+    return np.random.Philox(key=key, counter=counter)
+
+
+@lru_cache(maxsize=1)
+def _table_squares() -> np.ndarray:
+    return _gaussian_table().astype(np.float64) ** 2  # exact: a float32 squared fits
+
+
+def _raw_bits(seed: int, step: int, index: int, chunk: int, words: int) -> np.ndarray:
+    return _philox(seed, step, index, chunk).random_raw(words)
 
 
 class Directions:
@@ -58,6 +86,39 @@ class Directions:
         self.dim = int(dim)
         self.kind = kind
         self._scratch = np.empty(min(CHUNK, max(dim, 1)), dtype=np.float32)
+        self._scales: OrderedDict[tuple[int, int], np.float32] = OrderedDict()
+        self._scaled_table: tuple[tuple[int, int], np.ndarray] | None = None
+
+    @property
+    def nchunks(self) -> int:
+        return (self.dim + CHUNK - 1) // CHUNK
+
+    def _table_bits(self, step: int, index: int, c: int, n: int) -> np.ndarray:
+        return _raw_bits(self.seed, step, index, c, (n + 3) // 4).view(np.uint16)[:n]
+
+    def sphere_scale(self, step: int, index: int) -> np.float32:
+        """√d/‖g‖ for the Gaussian direction g of this key (first pass of ``sphere``)."""
+        key = (step, index)
+        if key in self._scales:
+            self._scales.move_to_end(key)
+            return self._scales[key]
+        if self.dim <= _SMALL:  # the same counts, without a 65,536-bin histogram
+            nz, cnt = np.unique(self._table_bits(step, index, 0, self.dim), return_counts=True)
+        else:
+            counts = np.zeros(65536, dtype=np.int64)
+            for c in range(self.nchunks):
+                n = min(self.dim, (c + 1) * CHUNK) - c * CHUNK
+                counts += np.bincount(self._table_bits(step, index, c, n), minlength=65536)
+            nz = np.flatnonzero(counts)
+            cnt = counts[nz]
+        # Σ count_k · t_k² with each product rounded once and the sum correctly rounded: a
+        # value independent of summation order, hence of the machine and of the chunking
+        sq = math.fsum((cnt.astype(np.float64) * _table_squares()[nz]).tolist())
+        scale = np.float32(math.sqrt(self.dim / sq)) if sq > 0 else np.float32(1.0)
+        self._scales[key] = scale
+        if len(self._scales) > _SCALE_CACHE:
+            self._scales.popitem(last=False)
+        return scale
 
     def chunk(self, step: int, index: int, c: int, out: np.ndarray | None = None) -> np.ndarray:
         """Values [c*CHUNK, min(dim, (c+1)*CHUNK)) of direction (step, index)."""
@@ -71,14 +132,29 @@ class Directions:
             b = np.unpackbits(bits.view(np.uint8), bitorder="little", count=n)
             np.multiply(b, 2, out=out, dtype=np.float32)
             out -= 1.0
+        elif self.kind == "sphere" and n <= _SMALL:  # small: scale the values, not the table
+            np.take(_gaussian_table(), self._table_bits(step, index, c, n), out=out, mode="clip")
+            out *= self.sphere_scale(step, index)  # the same float32 products as via the table
         else:
-            bits = _raw_bits(self.seed, step, index, c, (n + 3) // 4)
-            np.take(_gaussian_table(), bits.view(np.uint16)[:n], out=out)
+            if self.kind == "gaussian":
+                table = _gaussian_table()
+            else:  # sphere: the Gaussian values times a per-key float32 scale (scaled table)
+                key = (step, index)
+                if self._scaled_table is None or self._scaled_table[0] != key:
+                    self._scaled_table = (key, _gaussian_table() * self.sphere_scale(step, index))
+                table = self._scaled_table[1]
+            # Sub-blocks keep the bits, the index copy and the table in L2 (≈30% faster); one
+            # Philox stream read in order gives the same bits as one call for the whole chunk.
+            bg = _philox(self.seed, step, index, c)
+            for s in range(0, n, _SUB):
+                m = min(_SUB, n - s)
+                bits = bg.random_raw((m + 3) // 4).view(np.uint16)[:m]
+                np.take(table, bits, out=out[s : s + m], mode="clip")
         return out
 
     def chunks(self, step: int, index: int) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield (start, end, values) over the direction; ``values`` is a reused buffer."""
-        for c in range((self.dim + CHUNK - 1) // CHUNK):
+        for c in range(self.nchunks):
             s = c * CHUNK
             e = min(self.dim, s + CHUNK)
             yield s, e, self.chunk(step, index, c, out=self._scratch[: e - s])
@@ -96,3 +172,16 @@ class Directions:
         for s, e, v in self.chunks(step, index):
             v *= c
             np.add(x[s:e], v, out=out[s:e])
+
+
+def uniform(seed: int, step: int, stream: int, index: int) -> float:
+    """A uniform float in [0, 1) keyed by (seed, step, stream, index), never global state.
+
+    Philox with key (seed, step) and counter (1, stream, 0, index): word 0 = 1 keeps these
+    draws apart from every direction's bits (word 0 = 0). Estimators use it for their discrete
+    choices (P3/P4's level and coin, DAP's sign), so training and replay draw the same values.
+    """
+    key = np.array([seed & _MASK64, step & _MASK64], dtype=np.uint64)
+    counter = np.array([1, stream & _MASK64, 0, index & _MASK64], dtype=np.uint64)
+    raw = int(np.random.Philox(key=key, counter=counter).random_raw(1)[0])
+    return (raw >> 11) * (1.0 / (1 << 53))

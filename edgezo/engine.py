@@ -14,8 +14,8 @@ from typing import Any
 from .bundle import Bundle
 from .directions import Directions
 from .errors import CheckpointError
-from .estimators import ESTIMATORS
-from .optim import ZOSGD
+from .estimators import ESTIMATORS, LevelSchedule
+from .optim import OPTIMIZERS
 from .params import FlatParams
 from .perturb import Perturber
 
@@ -34,13 +34,29 @@ class EngineSettings:
     weight_decay: float = 0.0
     clip: float | None = None
     inplace: bool = False
+    # fields added after the first release: defaults keep older ledger headers readable
+    optimizer: str = "sgd"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    level_schedule: str = "geometric"
+    level_ratio: float = 0.5
+    zipf_s: float = 2.0
+    mu_floor: float = 1e-5
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineSettings:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        """From a ledger header; fields it lacks (older edgezo) take their defaults."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise CheckpointError(
+                f"the ledger's engine settings hold fields this edgezo does not know: {unknown}",
+                "replay it with the (newer) edgezo version that wrote it",
+            )
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def choose_inplace(mode: str, trainable_bytes: int) -> bool:
@@ -58,19 +74,28 @@ class ZOEngine:
         self.params.load(bundle.initial_trainable(), where=str(bundle.path))
         self.dirs = Directions(settings.seed, self.params.dim, settings.direction)
         self.perturber = Perturber(self.params, self.dirs)
-        self.estimator = ESTIMATORS[settings.estimator](q=settings.q)
-        self.optimizer = ZOSGD(self.params, self.dirs, momentum=settings.momentum,
-                               weight_decay=settings.weight_decay, clip=settings.clip)
+        schedule = LevelSchedule(settings.level_schedule, settings.level_ratio, settings.zipf_s)
+        self.estimator = ESTIMATORS[settings.estimator](
+            q=settings.q, schedule=schedule, mu_floor=settings.mu_floor)
+        self.optimizer = OPTIMIZERS[settings.optimizer](
+            self.params, self.perturber.vectors, momentum=settings.momentum,
+            betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_eps,
+            weight_decay=settings.weight_decay, clip=settings.clip)
 
     def step(self, step: int, lr: float, mu: float,
              evaluate: Callable[[], float]) -> dict[str, Any]:
-        """One ZO step; returns the ledger record. A non-finite loss skips the update."""
+        """One ZO step; returns the ledger record. A non-finite loss skips the update.
+
+        The record holds every evaluation's loss (their count is the step's actual forward
+        cost), the projected gradients, and the estimator's extra fields (P3/P4's levels and
+        ``mu_floor_hits``, DAP's signs).
+        """
         est = self.estimator.estimate(step, mu, self.perturber, evaluate)
         status = "ok" if est.finite else "skipped"
         if status == "ok":
-            self.optimizer.update(step, est.g, lr)
+            self.optimizer.update(est.vectors, est.g, lr)
         return {"step": step, "lr": lr, "mu": mu, "losses": est.losses, "g": est.g,
-                "status": status}
+                "status": status, **est.info}
 
     def replay(self, record: dict[str, Any]) -> None:
         """Redo a recorded step from its losses; the projected gradients must agree."""

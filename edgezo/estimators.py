@@ -1,30 +1,62 @@
 """Zeroth-order gradient estimators: losses at perturbed points -> projected gradients.
 
 An estimator evaluates the loss at a few perturbed points (through a :class:`Perturber` and an
-``evaluate()`` callable) and returns, per direction index i, the scalar g_i such that the
-gradient estimate is ĝ = (1/q) Σ_i g_i z_i. It never touches θ: the optimiser does.
+``evaluate()`` callable) and returns, per direction i, a scalar g_i and the vector u_i it
+belongs to, such that the gradient estimate is ĝ = (1/q) Σ_i g_i u_i. For most estimators
+u_i = z(step, i); DAP's is its aligned direction. It never touches θ: the optimiser does.
 
-During replay ``evaluate`` returns the losses recorded in the ledger, so the estimator's
-arithmetic (and, in place, the perturbation sequence) is exactly that of the original run.
+Every random choice (P3/P4's level and coin, DAP's sign) comes from
+:func:`edgezo.directions.uniform`, keyed by (seed, step, stream, i). During replay ``evaluate``
+returns the losses recorded in the ledger, so the estimator's arithmetic (and, in place, the
+perturbation sequence) is exactly that of the original run.
+
+=========  ===================================================  =====================
+name       projected gradient per direction                     forwards per step
+=========  ===================================================  =====================
+central    (f(θ+μz) − f(θ−μz)) / 2μ                             2q
+onesided   (f(θ+μz) − f(θ)) / μ, one shared f(θ)                q + 1
+dap        one-sided along z′ aligned with a sphere pilot       2q + 1
+p4         D(μ₁) + (D(μ_{n+1}) − D(μ_n)) / p_n, n ~ schedule    ≈ 1 + q(3 − p₁)
+p3         coin: 2·D(μ₁) or 2·(D(μ_{n+1}) − D(μ_n)) / p_n       ≈ 1 + 1.5q
+=========  ===================================================  =====================
+
+``evals_per_step`` is the expected count (exact except for P3/P4), ``max_evals_per_step`` the
+most a step can cost (for hard budgets); the ledger records every evaluation's loss, so the
+actual count of each step is ``len(record["losses"])``.
+
+D(μ) = (f(θ + μz) − f(θ)) / μ. P3 and P4 (papers.md §3) are unbiased for the directional
+derivative; their μ_n are clamped at ``mu_floor`` and each clamp is counted in the record.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
-from .perturb import Perturber
+from .directions import uniform
+from .perturb import Perturber, Vector, plain
+
+# streams of edgezo.directions.uniform (part of the run's definition — never change them)
+STREAM_LEVEL, STREAM_COIN, STREAM_SIGN = 1, 2, 3
+MAX_LEVEL = 100_000
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
 class Estimate:
     g: list[float]  # projected gradient per direction index 0..q-1
     losses: list[float]  # every evaluation's mean loss, in evaluation order
+    vectors: list[Vector] = field(default_factory=list)  # u_i the update moves along
+    info: dict[str, Any] = field(default_factory=dict)  # extra ledger fields (JSON values)
 
     @property
     def finite(self) -> bool:
-        return all(math.isfinite(x) for x in self.losses + self.g)
+        """All losses finite and every g_i representable in the float32 update arithmetic."""
+        return (all(math.isfinite(x) for x in self.losses)
+                and all(math.isfinite(x) and abs(x) < FLOAT32_MAX for x in self.g))
 
     @property
     def loss(self) -> float:
@@ -37,25 +69,288 @@ class CentralTwoPoint:
 
     name = "central"
 
-    def __init__(self, q: int = 1):
+    def __init__(self, q: int = 1, **_: Any):
         self.q = q
 
     @property
-    def evals_per_step(self) -> int:
+    def evals_per_step(self) -> float:
         return 2 * self.q
+
+    max_evals_per_step = evals_per_step
 
     def estimate(self, step: int, mu: float, perturber: Perturber,
                  evaluate: Callable[[], float]) -> Estimate:
-        g, losses = [], []
+        g, losses, us = [], [], []
         for i in range(self.q):
-            perturber.to(step, i, mu)
+            u = plain(step, i)
+            perturber.to(u, mu)
             plus = evaluate()
-            perturber.to(step, i, -mu)
+            perturber.to(u, -mu)
             minus = evaluate()
             losses += [plus, minus]
             g.append((plus - minus) / (2.0 * mu))
+            us.append(u)
         perturber.reset()
-        return Estimate(g, losses)
+        return Estimate(g, losses, us)
 
 
-ESTIMATORS = {"central": CentralTwoPoint}
+class OneSided:
+    """g_i = (f(θ + μz_i) − f(θ)) / μ with one shared base evaluation; q + 1 forwards."""
+
+    name = "onesided"
+
+    def __init__(self, q: int = 1, **_: Any):
+        self.q = q
+
+    @property
+    def evals_per_step(self) -> float:
+        return self.q + 1
+
+    max_evals_per_step = evals_per_step
+
+    def estimate(self, step: int, mu: float, perturber: Perturber,
+                 evaluate: Callable[[], float]) -> Estimate:
+        perturber.at_theta()
+        base = evaluate()
+        g, losses, us = [], [base], []
+        for i in range(self.q):
+            u = plain(step, i)
+            perturber.to(u, mu)
+            f = evaluate()
+            losses.append(f)
+            g.append((f - base) / mu)
+            us.append(u)
+        perturber.reset()
+        return Estimate(g, losses, us)
+
+
+class DAP:
+    """Directionally aligned perturbations (Ma & Huang, ICLR 2025; papers.md §2).
+
+    Per direction i: a pilot one-sided estimate g̃ = D_v(μ)·v from a sphere direction v (index
+    q + i); then, on every tensor T whose pilot is non-negligible, the aligned direction
+    z′_T = z_T − (g̃_Tᵀz_T / ‖g̃_T‖²) g̃_T + ξ g̃_T / ‖g̃_T‖ (ξ = ±1 seeded), which equals
+    z_T + a_T v_T; and g_i = (f(θ + μz′) − f(θ)) / μ, the update moving along z′.
+    One shared base, 2q + 1 forwards. Positive tensors are handled in log-space like every
+    other move, so DAP works with them too.
+    """
+
+    name = "dap"
+    TOL = 1e-12  # a tensor's pilot ‖g̃_T‖ at or below this is negligible: z′_T = z_T
+
+    def __init__(self, q: int = 1, **_: Any):
+        self.q = q
+
+    @property
+    def evals_per_step(self) -> float:
+        return 2 * self.q + 1
+
+    max_evals_per_step = evals_per_step
+
+    def estimate(self, step: int, mu: float, perturber: Perturber,
+                 evaluate: Callable[[], float]) -> Estimate:
+        seed = perturber.dirs.seed
+        perturber.at_theta()
+        base = evaluate()
+        g, losses, us, xis, aligned = [], [base], [], [], []
+        for i in range(self.q):
+            v = Vector(step, self.q + i, kind="sphere")
+            perturber.to(v, mu)
+            fp = evaluate()
+            losses.append(fp)
+            gp = (fp - base) / mu
+            xi = 1.0 if uniform(seed, step, STREAM_SIGN, i) < 0.5 else -1.0
+            u = self.aligned(perturber, plain(step, i), v, gp, xi)
+            perturber.to(u, mu)
+            f = evaluate()
+            losses.append(f)
+            g.append((f - base) / mu)
+            us.append(u)
+            xis.append(xi)
+            aligned.append(sum(1 for k in u.extra[0][2] if k != 0.0) if u.extra else 0)
+        perturber.reset()
+        return Estimate(g, losses, us, {"xi": xis, "aligned_tensors": aligned})
+
+    @classmethod
+    def aligned(cls, perturber: Perturber, z: Vector, v: Vector, gp: float, xi: float) -> Vector:
+        """z′ = z + a_T·v per tensor for the pilot g̃ = gp·v (z itself if gp is not finite)."""
+        if not math.isfinite(gp) or gp == 0.0:
+            return z
+        zv, vv = perturber.vectors.dots(z, v)
+        sg = 1.0 if gp > 0 else -1.0
+        coefs = []
+        for dot, nn in zip(zv, vv, strict=True):
+            norm = math.sqrt(nn)
+            if abs(gp) * norm <= cls.TOL:
+                coefs.append(0.0)
+            else:  # g̃_T = gp·v_T: −(g̃ᵀz/‖g̃‖²)g̃ = −(vᵀz/‖v‖²)v;  ξ g̃/‖g̃‖ = ξ·sign(gp)·v/‖v‖
+                coefs.append(-dot / nn + xi * sg / norm)
+        return Vector(z.step, z.index, z.kind, ((v.kind or "", v.index, tuple(coefs)),))
+
+
+# -- the unbiased multi-level estimators ------------------------------------------------------
+
+
+def _hurwitz_tail(s: float, n: int, k: int = 12) -> float:
+    """Σ_{j≥n} j^−s by Euler–Maclaurin after k explicit terms (relative error ≈ 1e-12)."""
+    head = math.fsum(float(j) ** -s for j in range(n, n + k))
+    m = float(n + k)
+    tail = (m ** (1 - s) / (s - 1) + 0.5 * m ** -s + s * m ** (-s - 1) / 12
+            - s * (s + 1) * (s + 2) * m ** (-s - 3) / 720
+            + s * (s + 1) * (s + 2) * (s + 3) * (s + 4) * m ** (-s - 5) / 30240)
+    return head + tail
+
+
+@dataclass(frozen=True)
+class LevelSchedule:
+    """μ_n = μ₁·P(N ≥ n) and p_n = P(N = n), the variance-optimal pairing (papers.md §3).
+
+    geometric: P(N = n) = (1 − c) c^{n−1}, μ_n = μ₁ c^{n−1};
+    zipf:      P(N = n) = n^{−s} / ζ(s),    μ_n = μ₁ Σ_{j≥n} j^{−s} / ζ(s).
+    """
+
+    kind: str = "geometric"  # geometric | zipf
+    ratio: float = 0.5  # geometric c in (0, 1)
+    zipf_s: float = 2.0  # zipf exponent s > 1
+
+    def __post_init__(self) -> None:
+        if self.kind == "geometric" and not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"level_ratio must be in (0, 1), got {self.ratio}")
+        if self.kind == "zipf" and not self.zipf_s > 1.0:
+            raise ValueError(f"zipf_s must be > 1, got {self.zipf_s}")
+        if self.kind not in ("geometric", "zipf"):
+            raise ValueError(f"level_schedule must be geometric or zipf, got {self.kind!r}")
+
+    def tail(self, n: int) -> float:
+        """P(N ≥ n)."""
+        if self.kind == "geometric":
+            t = 1.0
+            for _ in range(n - 1):  # repeated IEEE products: the same on every machine
+                t *= self.ratio
+            return t
+        return _hurwitz_tail(self.zipf_s, n) / self._zeta
+
+    @cached_property
+    def _zeta(self) -> float:
+        return _hurwitz_tail(self.zipf_s, 1)
+
+    def p(self, n: int) -> float:
+        if self.kind == "geometric":
+            return (1.0 - self.ratio) * self.tail(n)
+        return float(n) ** -self.zipf_s / self._zeta
+
+    def sample(self, u: float) -> int:
+        """The level n for a uniform u in [0, 1): inverse CDF, capped at ``MAX_LEVEL``."""
+        n, cdf = 1, self.p(1)
+        while u >= cdf and n < MAX_LEVEL:
+            n += 1
+            cdf += self.p(n)
+        return n
+
+    @property
+    def p1(self) -> float:
+        return self.p(1)
+
+
+class _MultiLevel:
+    """Shared machinery of P3/P4: one base f(θ), then per direction the D(μ) needed."""
+
+    name = ""
+
+    def __init__(self, q: int = 1, schedule: LevelSchedule | None = None,
+                 mu_floor: float = 1e-5, **_: Any):
+        self.q = q
+        self.schedule = schedule or LevelSchedule()
+        self.mu_floor = mu_floor
+
+    def _mus(self, mu: float, n: int) -> tuple[float, float, int]:
+        """(μ_n, μ_{n+1}) clamped at the floor, and how many were clamped."""
+        a, b = mu * self.schedule.tail(n), mu * self.schedule.tail(n + 1)
+        hits = (a < self.mu_floor) + (b < self.mu_floor)
+        return max(a, self.mu_floor), max(b, self.mu_floor), hits
+
+    def estimate(self, step: int, mu: float, perturber: Perturber,
+                 evaluate: Callable[[], float]) -> Estimate:
+        seed = perturber.dirs.seed
+        perturber.at_theta()
+        base = evaluate()
+        losses = [base]
+        cache: dict[float, float] = {}
+
+        def D(u: Vector, m: float) -> float:  # noqa: N802 — the paper's name
+            if m not in cache:
+                perturber.to(u, m)
+                f = evaluate()
+                losses.append(f)
+                cache[m] = (f - base) / m
+            return cache[m]
+
+        g, us, levels, hits_total, branches = [], [], [], 0, []
+        for i in range(self.q):
+            u = plain(step, i)
+            cache.clear()
+            n = self.schedule.sample(uniform(seed, step, STREAM_LEVEL, i))
+            mn, mn1, hits = self._mus(mu, n)
+            hits_total += hits
+            branch = self._branch(seed, step, i)
+
+            def far(u: Vector = u, mn: float = mn, mn1: float = mn1, n: int = n) -> float:
+                # (D(μ_{n+1}) − D(μ_n)) / p_n; both clamped to the floor: no signal left, 0
+                return 0.0 if mn == mn1 else (D(u, mn1) - D(u, mn)) / self.schedule.p(n)
+
+            g.append(self._combine(branch, lambda u=u: D(u, mu), far))
+            us.append(u)
+            levels.append(n)
+            branches.append(branch)
+        perturber.reset()
+        info: dict[str, Any] = {"levels": levels, "mu_floor_hits": hits_total}
+        if self.name == "p3":
+            info["branches"] = branches
+        return Estimate(g, losses, us, info)
+
+
+class P4(_MultiLevel):
+    """P4(n, z) = D(μ₁) + (D(μ_{n+1}) − D(μ_n)) / p_n: unbiased for ∇fᵀz."""
+
+    name = "p4"
+
+    def _branch(self, seed: int, step: int, i: int) -> str:
+        return "both"
+
+    def _combine(self, branch: str, near: Callable[[], float], far: Callable[[], float]
+                 ) -> float:
+        return near() + far()
+
+    @property
+    def evals_per_step(self) -> float:
+        p1 = self.schedule.p1
+        return 1 + self.q * (2 * p1 + 3 * (1 - p1))  # n = 1 reuses D(μ₁) (expected value)
+
+    @property
+    def max_evals_per_step(self) -> int:
+        return 1 + 3 * self.q
+
+
+class P3(_MultiLevel):
+    """Fair coin: 2·D(μ₁), or 2·(D(μ_{n+1}) − D(μ_n)) / p_n — each branch taken with
+    probability ½ is weighted by 2, so E = D(μ₁) + (D(0) − D(μ₁)) = ∇fᵀz."""
+
+    name = "p3"
+
+    def _branch(self, seed: int, step: int, i: int) -> str:
+        return "near" if uniform(seed, step, STREAM_COIN, i) < 0.5 else "far"
+
+    def _combine(self, branch: str, near: Callable[[], float], far: Callable[[], float]
+                 ) -> float:
+        return 2.0 * (near() if branch == "near" else far())  # each branch has probability ½
+
+    @property
+    def evals_per_step(self) -> float:
+        return 1 + 1.5 * self.q  # expected value; the ledger records the actual count
+
+    @property
+    def max_evals_per_step(self) -> int:
+        return 1 + 2 * self.q
+
+
+ESTIMATORS = {"central": CentralTwoPoint, "onesided": OneSided, "dap": DAP, "p3": P3, "p4": P4}

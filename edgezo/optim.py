@@ -1,9 +1,18 @@
 """Update rules applied to the flat master from projected gradients, and learning-rate schedules.
 
-The update regenerates each direction chunk by chunk (never stored), so plain ZO-SGD needs no
-memory beyond θ; momentum keeps one flat buffer of θ's size. All arithmetic is float32
-elementwise with float32-cast coefficients, in a fixed order: identical on every machine, and
-identical when :mod:`edgezo.replay` redoes it.
+The estimate is ĝ = (1/q) Σ_i g_i u_i, with g_i the (optionally clipped) projected gradients
+and u_i the vectors the estimator names (:class:`edgezo.perturb.Vector`, regenerated chunk by
+chunk, never stored). Each rule then moves θ ← θ ⊕ δ, where ⊕ is + on ordinary tensors and
+θ·exp(δ) on tensors marked positive (the multiplicative, log-space update of papers.md §4).
+
+- ``sgd``: δ = −η ĝ (no buffer); with momentum β, m = β m + ĝ and δ = −η m (one flat buffer).
+- ``adam``: m = β₁m + (1 − β₁)ĝ, v = β₂v + (1 − β₂)ĝ², δ = −η m̂ / (√v̂ + ε) with bias
+  correction by the number of updates applied (two flat buffers and a counter).
+- ``sign`` (ZO-signSGD): δ = −η sign(ĝ); with momentum, δ = −η sign(m) (Signum).
+
+Decoupled weight decay θ ← θ(1 − ηλ) touches ordinary tensors only (a scale has no natural
+zero to decay to). All arithmetic is float32 elementwise with float32-cast coefficients, in a
+fixed order: identical on every machine, and identical when :mod:`edgezo.replay` redoes it.
 """
 
 from __future__ import annotations
@@ -13,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .directions import CHUNK, Directions
+from .directions import CHUNK
 from .params import FlatParams
+from .perturb import Vector, VectorSource
 
 
 @dataclass(frozen=True)
@@ -39,44 +49,83 @@ class Schedule:
         return self.base * w * d
 
 
-class ZOSGD:
-    """θ ← θ(1 − ηλ) − η·m, m = β·m + (1/q)Σ g_i z_i (β = 0: plain ZO-SGD, no buffer).
-
-    ``clip`` bounds each projected gradient g_i to [−clip, clip] before use.
-    """
-
-    def __init__(self, params: FlatParams, directions: Directions, momentum: float = 0.0,
-                 weight_decay: float = 0.0, clip: float | None = None):
+class _Base:
+    def __init__(self, params: FlatParams, vectors: VectorSource, weight_decay: float = 0.0,
+                 clip: float | None = None):
         self.params = params
-        self.dirs = directions
-        self.momentum = momentum
+        self.vectors = vectors
         self.weight_decay = weight_decay
         self.clip = clip
-        self.buf = np.zeros(params.dim, dtype=np.float32) if momentum > 0 else None
 
     def clipped(self, g: list[float]) -> list[float]:
         if self.clip is None:
             return list(g)
         return [min(self.clip, max(-self.clip, x)) for x in g]
 
-    def update(self, step: int, g: list[float], lr: float) -> None:
+    def _decay(self, lr: float) -> None:
+        if self.weight_decay:
+            self.params.scale_additive(self.params.master, 1.0 - lr * self.weight_decay)
+
+    def _estimate_chunk(self, c: int, us: list[Vector], gs: list[float]) -> np.ndarray:
+        """ĝ on chunk c: Σ_i float32(g_i / q) · u_i, summed in index order (a new array)."""
+        q = len(gs)
+        acc = None
+        for u, gi in zip(us, gs, strict=True):
+            v = self.vectors.chunk(u, c)
+            v *= np.float32(gi / q)
+            acc = v.copy() if acc is None else np.add(acc, v, out=acc)
+        return acc
+
+    def _chunk_ranges(self):
+        for s in range(0, self.params.dim, CHUNK):
+            yield s // CHUNK, s, min(self.params.dim, s + CHUNK)
+
+    # -- state for checkpoints ---------------------------------------------------------------
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        pass
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.state().values())
+
+
+class ZOSGD(_Base):
+    """θ ← θ(1 − ηλ) ⊕ (−η·m), m = β·m + (1/q)Σ g_i u_i (β = 0: plain ZO-SGD, no buffer).
+
+    ``clip`` bounds each projected gradient g_i to [−clip, clip] before use.
+    """
+
+    name = "sgd"
+
+    def __init__(self, params: FlatParams, vectors: VectorSource, momentum: float = 0.0,
+                 weight_decay: float = 0.0, clip: float | None = None, **_: object):
+        super().__init__(params, vectors, weight_decay, clip)
+        self.momentum = momentum
+        self.buf = np.zeros(params.dim, dtype=np.float32) if momentum > 0 else None
+
+    def update(self, us: list[Vector], g: list[float], lr: float) -> None:
         theta = self.params.master
         gs = self.clipped(g)
         q = len(gs)
-        if self.weight_decay:
-            theta *= np.float32(1.0 - lr * self.weight_decay)
+        self._decay(lr)
         if self.buf is None:
-            for i, gi in enumerate(gs):
-                self.dirs.axpy(step, i, -lr * gi / q, theta, theta)
+            for u, gi in zip(us, gs, strict=True):
+                self.vectors.move(u, -lr * gi / q, theta, theta)
             return
         self.buf *= np.float32(self.momentum)
-        for i, gi in enumerate(gs):
-            self.dirs.axpy(step, i, gi / q, self.buf, self.buf)
+        for u, gi in zip(us, gs, strict=True):
+            for s, v in self.vectors.chunks(u):
+                v *= np.float32(gi / q)
+                np.add(self.buf[s : s + v.size], v, out=self.buf[s : s + v.size])
         lr32 = np.float32(lr)
-        for s in range(0, theta.size, CHUNK):  # chunked: no temporary of θ's size
-            theta[s : s + CHUNK] -= lr32 * self.buf[s : s + CHUNK]
-
-    # -- state for checkpoints ---------------------------------------------------------------
+        for _, s, e in self._chunk_ranges():  # chunked: no temporary of θ's size
+            step = lr32 * self.buf[s:e]
+            np.negative(step, out=step)
+            self.params.move(theta, theta, s, step)
 
     def state(self) -> dict[str, np.ndarray]:
         return {} if self.buf is None else {"optim.momentum": self.buf}
@@ -85,6 +134,78 @@ class ZOSGD:
         if self.buf is not None:
             self.buf[:] = state["optim.momentum"]
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.buf is None else self.buf.nbytes
+
+class ZOSign(ZOSGD):
+    """ZO-signSGD: θ ⊕ (−η·sign(ĝ)); with momentum β, −η·sign(m), m = β·m + ĝ (Signum)."""
+
+    name = "sign"
+
+    def update(self, us: list[Vector], g: list[float], lr: float) -> None:
+        theta = self.params.master
+        gs = self.clipped(g)
+        self._decay(lr)
+        lr32 = np.float32(lr)
+        for c, s, e in self._chunk_ranges():
+            gh = self._estimate_chunk(c, us, gs)
+            if self.buf is not None:
+                m = self.buf[s:e]
+                m *= np.float32(self.momentum)
+                m += gh
+                gh = m.copy()
+            step = np.sign(gh)
+            step *= -lr32
+            self.params.move(theta, theta, s, step)
+
+
+class ZOAdam(_Base):
+    """Adam on the ZO estimate: flat float32 m and v (2 × θ's bytes), bias-corrected."""
+
+    name = "adam"
+
+    def __init__(self, params: FlatParams, vectors: VectorSource, betas: tuple[float, float] =
+                 (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 clip: float | None = None, **_: object):
+        super().__init__(params, vectors, weight_decay, clip)
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.m = np.zeros(params.dim, dtype=np.float32)
+        self.v = np.zeros(params.dim, dtype=np.float32)
+        self.t = np.zeros(1, dtype=np.int64)  # updates applied (skipped steps do not count)
+
+    def update(self, us: list[Vector], g: list[float], lr: float) -> None:
+        theta = self.params.master
+        gs = self.clipped(g)
+        self._decay(lr)
+        self.t[0] += 1
+        t = int(self.t[0])
+        b1, b2 = np.float32(self.beta1), np.float32(self.beta2)
+        c1, c2 = np.float32(1.0 - self.beta1), np.float32(1.0 - self.beta2)
+        step_size = np.float32(lr / (1.0 - self.beta1 ** t))
+        inv_bc2 = np.float32(1.0 / (1.0 - self.beta2 ** t))
+        eps = np.float32(self.eps)
+        for c, s, e in self._chunk_ranges():
+            gh = self._estimate_chunk(c, us, gs)
+            m, v = self.m[s:e], self.v[s:e]
+            m *= b1
+            m += c1 * gh
+            v *= b2
+            np.multiply(gh, gh, out=gh)
+            v += c2 * gh
+            den = v * inv_bc2
+            np.sqrt(den, out=den)
+            den += eps
+            step = m * step_size
+            np.divide(step, den, out=step)
+            np.negative(step, out=step)
+            self.params.move(theta, theta, s, step)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"optim.adam_m": self.m, "optim.adam_v": self.v, "optim.adam_t": self.t}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.m[:] = state["optim.adam_m"]
+        self.v[:] = state["optim.adam_v"]
+        self.t[:] = state["optim.adam_t"]
+
+
+OPTIMIZERS = {"sgd": ZOSGD, "adam": ZOAdam, "sign": ZOSign}

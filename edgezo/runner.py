@@ -7,6 +7,11 @@ tensors).
 
 CUDA provider: every trainable input is a device buffer bound once; before each run the feed
 buffer is copied to the device (``update_inplace``), one host-to-device copy per tensor.
+
+Micro-batching (``RuntimeOptions.micro_batch``): a batch with more rows than that is run as
+consecutive slices of its rows, and the per-example losses are concatenated. The loss of a
+batch is the mean of its per-example losses, so a ZO step sees the same mean (ONNX Runtime may
+round the last bits of a row differently at another batch shape; see tests/test_limits.py).
 """
 
 from __future__ import annotations
@@ -25,11 +30,37 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    provider: str = "cpu"
+    provider: str | None = "cpu"  # cpu | cuda; None: the first available of ``providers``
     threads: int = 0  # 0: ONNX Runtime's default (all physical cores)
     cpu_arena: bool = True
     gpu_mem_limit_mb: int | None = None
     device_id: int = 0
+    #: a device profile's providers in order of preference; when set (and ``provider`` is
+    #: None) the first available one is used, falling back with a note
+    providers: tuple[str, ...] = ()
+    micro_batch: int | None = None  # most rows per forward call; None: the whole batch
+
+
+def choose_provider(preferred: tuple[str, ...] | list[str],
+                    available: list[str] | None = None) -> tuple[str, str | None]:
+    """The first of ``preferred`` this onnxruntime has, and a note when it is not the first."""
+    available = list(ort.get_available_providers() if available is None else available)
+    for p in preferred:
+        if p in available:
+            if p == preferred[0]:
+                return p, None
+            missing = [x for x in preferred[: list(preferred).index(p)]]
+            fix = ("install onnxruntime-gpu (pip install onnxruntime-gpu) to use the GPU"
+                   if "CUDAExecutionProvider" in missing
+                   else "install an onnxruntime build that has it")
+            return p, (f"{', '.join(missing)} is not available in this onnxruntime build "
+                       f"(available: {', '.join(available)}); falling back to {p}. To use "
+                       f"{missing[0]}: {fix}")
+    raise ConfigError(
+        f"none of the profile's providers {', '.join(preferred)} is available "
+        f"(this onnxruntime has: {', '.join(available)})",
+        "add CPUExecutionProvider to the profile's providers, or install onnxruntime",
+    )
 
 
 def resolve_provider(name: str) -> str:
@@ -55,7 +86,13 @@ class LossRunner:
                  options: RuntimeOptions = RuntimeOptions()):
         self.params = params
         self.options = options
-        self.provider = resolve_provider(options.provider)
+        self.notes: list[str] = []  # e.g. a provider fallback, for the caller to print
+        if options.provider is None and options.providers:
+            self.provider, note = choose_provider(options.providers)
+            if note:
+                self.notes.append(note)
+        else:
+            self.provider = resolve_provider(options.provider or "cpu")
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
@@ -68,6 +105,8 @@ class LossRunner:
             if options.gpu_mem_limit_mb:
                 cuda_opts["gpu_mem_limit"] = int(options.gpu_mem_limit_mb) << 20
             providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+        elif self.provider != "CPUExecutionProvider":  # another of a profile's providers
+            providers = [self.provider, "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(model_path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -84,8 +123,9 @@ class LossRunner:
                 "re-export the bundle; the manifest and the graph come from different exports",
             )
         self.batch_inputs = list(batch_inputs)
-        self.evaluations = 0  # forward calls for training steps
-        self.eval_evaluations = 0  # forward calls for held-out evaluation
+        self.evaluations = 0  # loss evaluations for training steps
+        self.eval_evaluations = 0  # loss evaluations for held-out evaluation
+        self.forward_calls = 0  # session runs (a micro-batched evaluation makes several)
         self.io = self.session.io_binding()
         self._device_values: list[tuple[ort.OrtValue, np.ndarray]] = []
         self._bound: list[ort.OrtValue] = []
@@ -102,19 +142,26 @@ class LossRunner:
     def losses(self, batch: dict[str, np.ndarray], heldout: bool = False) -> np.ndarray:
         """Per-example losses (float32 [batch]) at the current ``params.feed``.
 
-        ``heldout`` counts the call as evaluation rather than training work.
+        ``heldout`` counts the call as evaluation rather than training work. A batch of more
+        rows than ``options.micro_batch`` runs as several forward calls on slices of its rows.
         """
         for ov, view in self._device_values:
             ov.update_inplace(view)
-        for name in self.batch_inputs:
-            self.io.bind_cpu_input(name, batch[name])
-        self.io.bind_output("loss")
-        self.session.run_with_iobinding(self.io)
         if heldout:
             self.eval_evaluations += 1
         else:
             self.evaluations += 1
-        return self.io.copy_outputs_to_cpu()[0]
+        rows = len(batch[self.batch_inputs[0]])
+        micro = self.options.micro_batch or rows
+        parts = []
+        for a in range(0, rows, micro):
+            for name in self.batch_inputs:
+                self.io.bind_cpu_input(name, np.ascontiguousarray(batch[name][a : a + micro]))
+            self.io.bind_output("loss")
+            self.session.run_with_iobinding(self.io)
+            self.forward_calls += 1
+            parts.append(self.io.copy_outputs_to_cpu()[0])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def mean_loss(self, batch: dict[str, np.ndarray]) -> float:
         return float(np.mean(self.losses(batch), dtype=np.float64))

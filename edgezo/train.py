@@ -1,7 +1,8 @@
 """The fine-tuning loop, top to bottom.
 
-    bundle + data ──► held-out loss before
+    bundle + data + device profile ──► session limits, held-out loss before
         for each step t:
+            budget spent or stop asked?  → checkpoint, stop (resume next session)
             batch_t = data order (seed, t)             pure function: resumable
             record  = engine.step(t, lr(t), μ, loss)   perturb → forwards → g → update θ
             ledger.append(record)                      fsync'd: the run's ground truth
@@ -9,7 +10,9 @@
     ──► held-out loss after, trained.safetensors, summary.json
 
 A killed run is resumed from its last checkpoint plus the ledger records after it, which are
-replayed without forwards; the result is bit-identical to the uninterrupted run.
+replayed without forwards; the result is bit-identical to the uninterrupted run. A run that
+reaches its session budget (forward evaluations or seconds, from ``--device`` or the config)
+or whose ``should_stop()`` says so stops the same way, after the step under way.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +36,12 @@ from .defaults import default_data, ensure_default_bundle
 from .engine import EngineSettings, ZOEngine, choose_inplace
 from .errors import CheckpointError, ConfigError
 from .ledger import Ledger
+from .limits import session_limits
 from .optim import Schedule
+from .plan import optimizer_buffers
+from .profiles import load_profile
 from .replay import check_ledger_bundle
-from .runner import LossRunner, RuntimeOptions
+from .runner import LossRunner
 
 BATCH_INPUTS = ["input_ids", "attention_mask", "labels"]
 
@@ -105,8 +112,16 @@ def default_out() -> str:
     return os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S"))
 
 
+#: Config fields that shape a session, not θ's arithmetic: on resume the new value (if set) wins.
+SESSION_FIELDS = ("steps", "device", "micro_batch_size", "threads", "provider",
+                  "checkpoint_every", "data")
+#: Budgets are per session: on resume they are this session's (None: the device profile's).
+BUDGET_FIELDS = ("eval_budget", "time_budget_s")
+
+
 def prepare(cfg: FinetuneConfig, resume: bool, log) -> tuple[FinetuneConfig, RunFolder]:
-    """Create or reopen the run folder; on resume the stored config wins (``steps`` may grow)."""
+    """Create or reopen the run folder; on resume the stored config wins except for the
+    session fields given again (``steps`` may grow, budgets and device may change)."""
     out = Path(cfg.out or default_out())
     run = RunFolder(out)
     if resume:
@@ -116,8 +131,11 @@ def prepare(cfg: FinetuneConfig, resume: bool, log) -> tuple[FinetuneConfig, Run
                 "point --out at the folder of the run to resume, or drop --resume",
             )
         stored = FinetuneConfig.load(str(run.config))
-        if cfg.steps != stored.steps:
-            stored.steps = cfg.steps
+        for key in SESSION_FIELDS:
+            if getattr(cfg, key) is not None:
+                setattr(stored, key, getattr(cfg, key))
+        for key in BUDGET_FIELDS:
+            setattr(stored, key, getattr(cfg, key))
         return stored, run
     if run.ledger.exists():
         raise CheckpointError(
@@ -135,12 +153,22 @@ def prepare(cfg: FinetuneConfig, resume: bool, log) -> tuple[FinetuneConfig, Run
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
-             progress: bool | None = None) -> RunSummary:
+             progress: bool | None = None, *, should_stop: Callable[[], bool] | None = None,
+             on_step: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+    """Fine-tune ``cfg.bundle`` on ``cfg.data``; ``resume`` continues the run in ``cfg.out``.
+
+    ``should_stop()`` is asked before every step (it may block, e.g. while an app pauses the
+    run); a true answer stops the run like a budget does. ``on_step(info)`` is called after
+    every step with ``step``, ``steps``, ``loss``, ``evaluations`` (this session),
+    ``total_evaluations`` and what is left of the budgets.
+    """
     t0 = time.perf_counter()
     bundle = load_bundle(cfg.bundle or ensure_default_bundle(log))
     cfg = cfg.resolved(bundle.manifest.trainable_mode)
     if cfg.bundle is None:
         cfg.bundle = str(bundle.path)
+    if cfg.device:
+        load_profile(cfg.device)  # a bad --device fails before the run folder is made
     cfg, run = prepare(cfg, resume, log)
     bundle = bundle if Path(cfg.bundle) == bundle.path else load_bundle(cfg.bundle)
     if bundle.manifest.task != "causal_lm":
@@ -155,10 +183,16 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         seed=cfg.seed, direction=cfg.direction, estimator=cfg.estimator, q=cfg.q,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip,
         inplace=choose_inplace(cfg.perturbation, trainable_bytes),
+        optimizer=cfg.optimizer, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps, level_schedule=cfg.level_schedule, level_ratio=cfg.level_ratio,
+        zipf_s=cfg.zipf_s, mu_floor=cfg.mu_floor,
     )
     engine = ZOEngine(bundle, settings)
-    runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS,
-                        RuntimeOptions(provider=cfg.provider, threads=cfg.threads))
+    per_step = engine.estimator.evals_per_step
+    limits = session_limits(cfg, bundle, optimizer_buffers(cfg.optimizer, cfg.momentum),
+                            settings.inplace, per_step)
+    runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, limits.runtime)
+    budget = limits.budget
     schedule = Schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup_steps)
 
     # ledger: new, or reopened and caught up (checkpoint + replay of the records after it)
@@ -180,10 +214,19 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     log(f"edgezo: bundle {bundle.path} ({bundle.manifest.architecture.get('model_type')}, "
         f"mode {bundle.manifest.trainable_mode}): {len(bundle.manifest.trainable)} trainable "
         f"tensors, {engine.params.dim:,} values, {engine.params.nbytes / 2**20:.1f} MiB buffers"
-        f"{' (in place)' if settings.inplace else ''}")
+        f"{' (in place)' if settings.inplace else ''} + "
+        f"{engine.optimizer.nbytes / 2**20:.1f} MiB {cfg.optimizer} state")
     log(f"edgezo: {len(train)} training / {len(held)} held-out examples; {cfg.steps} steps × "
-        f"{engine.estimator.evals_per_step} forward evaluations; lr {cfg.lr:g}, μ {cfg.mu:g}, "
-        f"q {cfg.q}, {cfg.direction}, momentum {cfg.momentum:g}; run folder {run.path}")
+        f"{per_step} forward evaluations; lr {cfg.lr:g}, μ {cfg.mu:g}, "
+        f"q {cfg.q}, {cfg.direction}, {cfg.estimator}, {cfg.optimizer}, momentum "
+        f"{cfg.momentum:g}; run folder {run.path}")
+    opts = limits.runtime
+    log(f"edgezo: {'device ' + limits.profile.name if limits.profile else 'no device profile'}"
+        f": {runner.provider}, {opts.threads or 'all'} threads, CPU arena "
+        f"{'on' if opts.cpu_arena else 'off'}, micro-batch {opts.micro_batch or 'off'}; "
+        f"{budget.describe()}; checkpoint every {limits.checkpoint_every} steps")
+    for note in limits.notes + runner.notes:
+        log(f"edgezo: note: {note}")
 
     engine.perturber.at_theta()
     before = heldout_loss(runner, held, cfg.eval_batch_size, pad_id)
@@ -197,17 +240,30 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     last = before
     try:
         for step in range(start, cfg.steps):
+            # a step boundary: the ledger and θ agree; stop here if the session must end
+            reason = budget.exhausted(per_step) or (
+                "cancelled" if should_stop is not None and should_stop() else None)
+            if reason is not None:
+                stop_reason = reason
+                break
             batch = stream.batch(step)
             record = engine.step(step, schedule(step), cfg.mu, lambda b=batch: runner.mean_loss(b))
             ledger.append(record)
             train_evals += len(record["losses"])
+            budget.used += len(record["losses"])
             run.metric(kind="step", step=step, loss=float(np.mean(record["losses"])),
                        lr=record["lr"], g=record["g"], status=record["status"],
-                       train_evaluations=train_evals)
+                       train_evaluations=train_evals,
+                       **{k: record[k] for k in ("mu_floor_hits", "levels") if k in record})
             if record["status"] != "ok":
                 log(f"edgezo: step {step}: non-finite loss, update skipped")
             done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if on_step is not None:
+                on_step({"step": done, "steps": cfg.steps,
+                         "loss": float(np.mean(record["losses"])),
+                         "evaluations": budget.used, "total_evaluations": train_evals,
+                         **budget.left()})
+            if done % limits.checkpoint_every == 0 or done == cfg.steps:
                 save_checkpoint(engine, run, bundle, done)
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 engine.perturber.at_theta()
@@ -221,6 +277,11 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                                 evals=train_evals)
             elif done % max(1, cfg.steps // 10) == 0:
                 log(f"edgezo: step {done}/{cfg.steps} train loss {np.mean(record['losses']):.4f}")
+        if stop_reason != "completed":
+            save_checkpoint(engine, run, bundle, len(ledger.records))
+            log(f"edgezo: {budget.why(stop_reason)}; stopped with a checkpoint at step "
+                f"{len(ledger.records)} of {cfg.steps} — continue next session with: "
+                f"edgezo finetune --resume --out {run.path}")
     except KeyboardInterrupt:
         stop_reason = "interrupted"
         save_checkpoint(engine, run, bundle, len(ledger.records))

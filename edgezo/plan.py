@@ -1,0 +1,341 @@
+"""``edgezo plan``: will fine-tuning this bundle fit this device profile, and if not, what fits?
+
+Peak memory of a ZO run is that of inference plus a few flat buffers::
+
+    peak = max(load peak,  runtime + session + trainable buffers + optimiser state
+                           + activations(micro-batch × sequence length))
+
+- runtime: Python, numpy, ONNX Runtime, tokenizers (measured, or ``RUNTIME_MB``);
+- session: the graph's initializers (the frozen weights) as ONNX Runtime holds them, measured
+  by a dry run or taken as the size of ``model.onnx`` + its external data;
+- trainable buffers: the float32 master θ and the feed buffer ONNX Runtime reads (one buffer
+  when perturbed in place), plus direction scratch;
+- optimiser state: θ-sized float32 buffers: one for momentum > 0, two for Adam's moments;
+- activations: what forwards allocate, dominated for a causal LM by the logits
+  (batch × sequence × vocabulary floats); an analytic model of the shapes, scaled by measured
+  forwards when a dry run is possible. With the CPU arena on, a shape's *second* forward
+  allocates ONNX Runtime's memory-pattern block while the arena still holds the first
+  forward's buffers: steady state is about twice one forward's activations (measured:
+  SmolLM2-135M 16×64, +500 MiB after the first forward, +920 MiB from the second on).
+
+The dry run (``calibrate``) runs in a child process: it loads the session exactly as a run
+would, reads the resident memory after loading, then resets the kernel's high-water mark
+(``/proc/self/clear_refs``) and runs two forwards at the run's micro-batch shape (shrunk to at
+most ``CALIBRATION_TOKENS`` tokens, then scaled). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .bundle import Bundle
+
+MIB = 2**20
+#: Resident memory of a run's process before any model is loaded (Python, numpy, onnxruntime,
+#: tokenizers, edgezo), used when no dry run is made.
+RUNTIME_MB = 100
+#: Floats of the logits path per (token × vocabulary entry): logits and the exp of logsumexp.
+LOGIT_COPIES = 2.0
+#: Steady-state activations over one forward's with the CPU arena (memory pattern on top).
+ARENA_PATTERN_FACTOR = 2.0
+#: Transient memory while ONNX Runtime builds a session, as a share of the weights' bytes.
+LOAD_TRANSIENT = 0.3
+#: Direction scratch (one chunk of values, bits and a float copy).
+SCRATCH_BYTES = 3 * 4 * (1 << 20)
+#: Most tokens (batch × sequence) of the calibrating forward; larger shapes are scaled from it.
+CALIBRATION_TOKENS = 1024
+
+
+@dataclass
+class MemoryPlan:
+    """A peak-memory estimate for one (bundle, profile, batch, sequence length)."""
+
+    bundle: str
+    device: str
+    mode: str
+    precision: str
+    batch_size: int
+    micro_batch: int
+    max_length: int
+    budget_mb: int
+    parts_mb: dict[str, float]
+    peak_mb: float
+    calibrated: bool
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_mb <= self.budget_mb
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fits": self.fits}
+
+    def report(self) -> str:
+        lines = [
+            f"bundle {self.bundle} ({self.mode}, {self.precision}) on {self.device}: "
+            f"batch {self.batch_size} (micro-batch {self.micro_batch}) × {self.max_length} "
+            f"tokens",
+        ]
+        width = max(len(k) for k in self.parts_mb)
+        for k, v in self.parts_mb.items():
+            lines.append(f"  {k.ljust(width)}  {v:8,.0f} MiB")
+        how = "calibrated by a dry run" if self.calibrated else "analytic, no dry run"
+        lines.append(f"  {'peak'.ljust(width)}  {self.peak_mb:8,.0f} MiB  ({how})")
+        lines.append(f"  {'budget'.ljust(width)}  {self.budget_mb:8,} MiB")
+        if self.fits:
+            lines.append(f"fits: {self.peak_mb / self.budget_mb:.0%} of the memory budget")
+        else:
+            lines.append(f"does NOT fit: {self.peak_mb:,.0f} MiB > {self.budget_mb:,} MiB")
+        for s in self.suggestions:
+            lines.append(f"  fix: {s}")
+        return "\n".join(lines)
+
+
+# -- the parts --------------------------------------------------------------------------------
+
+
+def weight_bytes(bundle: Bundle) -> int:
+    """Bytes of the graph and its external data (the frozen weights)."""
+    return sum(p.stat().st_size for p in bundle.path.glob("model.onnx*") if p.is_file())
+
+
+def precision_of(bundle: Bundle) -> str:
+    q = bundle.manifest.quantization or {}
+    bits = q.get("bits") or q.get("weight_bits")
+    return f"int{bits}" if bits else ("fp32" if not q else str(q.get("kind", "quantised")))
+
+
+def activation_bytes(arch: dict[str, Any], batch: int, seq: int) -> float:
+    """Analytic bytes one forward allocates at (batch, seq): logits path, one layer's MLP and
+    attention, residual stream. Unknown sizes are guessed from the hidden size."""
+    hidden = int(arch.get("hidden_size", 512))
+    vocab = int(arch.get("vocab_size", 32000))
+    inter = int(arch.get("intermediate_size") or 4 * hidden)
+    heads = int(arch.get("num_attention_heads") or max(1, hidden // 64))
+    tokens = batch * seq
+    logits = LOGIT_COPIES * tokens * vocab
+    layer = tokens * (6 * hidden + 3 * inter) + 2 * batch * heads * seq * seq
+    return 4.0 * (logits + layer)
+
+
+def optimizer_buffers(optimizer: str, momentum: float) -> int:
+    """θ-sized float32 buffers the update rule keeps (edgezo.optim)."""
+    return 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
+
+
+def default_micro_batch(batch_size: int, max_batch: int) -> int:
+    return max(1, min(batch_size, max_batch))
+
+
+# -- the dry run ------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> tuple[int, int]:
+    """(current RSS, high-water mark) of this process in bytes (Linux /proc, else rusage)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        vals = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in status.splitlines()
+                if ln.startswith(("VmRSS", "VmHWM"))}
+        return vals["VmRSS"], vals["VmHWM"]
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak, peak
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _probe(bundle_path: str, cpu_arena: bool, threads: int, shapes: list[list[int]],
+           inplace: bool) -> dict[str, Any]:
+    """Runs in the child: load as a run does, then a forward at each (batch, seq) of
+    ``shapes`` (increasing), recording the high-water mark of each."""
+    import numpy as np
+
+    from .bundle import load_bundle
+    from .params import FlatParams
+    from .runner import LossRunner, RuntimeOptions
+
+    base, _ = _rss_bytes()
+    bundle = load_bundle(bundle_path)
+    params = FlatParams(bundle.manifest.trainable, inplace=inplace)
+    params.load(bundle.initial_trainable())
+    bundle.tokenizer()
+    runner = LossRunner(bundle.model_path, params, ["input_ids", "attention_mask", "labels"],
+                        RuntimeOptions(threads=threads, cpu_arena=cpu_arena))
+    loaded, load_peak = _rss_bytes()
+    vocab = int(bundle.manifest.architecture.get("vocab_size", 2))
+    rng = np.random.default_rng(0)
+    reset, peaks = True, []
+    for batch, seq in shapes:
+        reset = _reset_peak() and reset
+        ids = rng.integers(3, max(4, vocab), size=(batch, seq), dtype=np.int64)
+        b = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+        runner.losses(b)
+        peaks.append(_rss_bytes()[1])
+    return {"base": base, "loaded": loaded, "load_peak": load_peak, "forward_peaks": peaks,
+            "shapes": shapes, "peak_reset": reset, "params_bytes": params.nbytes}
+
+
+def calibration_shape(micro_batch: int, seq: int) -> tuple[int, int]:
+    """The run's micro-batch shape, shrunk to at most ``CALIBRATION_TOKENS`` tokens."""
+    seq = min(seq, CALIBRATION_TOKENS)
+    return max(1, min(micro_batch, CALIBRATION_TOKENS // seq)), seq
+
+
+def calibrate(bundle: Bundle, shape: tuple[int, int], cpu_arena: bool = True, threads: int = 0,
+              inplace: bool = False, timeout: float = 300) -> dict[str, Any] | None:
+    """Measure the load and one forward at ``shape`` (batch, seq) in a child process.
+
+    None where that is not possible (no /proc high-water-mark reset, the child failed)."""
+    code = ("import json, sys; from edgezo.plan import _probe; "
+            "print(json.dumps(_probe(*json.loads(sys.argv[1]))))")
+    args = json.dumps([str(bundle.path), cpu_arena, threads, [list(shape)] * 2, inplace])
+    try:
+        r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True,
+                           timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0 or not r.stdout.strip():
+        return None
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return out if out.get("peak_reset") else None
+
+
+# -- the estimate -----------------------------------------------------------------------------
+
+
+def estimate(bundle: Bundle, *, device: str, budget_mb: int, batch_size: int, max_length: int,
+             micro_batch: int, optim_buffers: int, inplace: bool, cpu_arena: bool = True,
+             calibration: dict[str, Any] | None = None) -> MemoryPlan:
+    """Peak resident memory of fine-tuning ``bundle`` at micro-batch × max_length, in MiB."""
+    arch = bundle.manifest.architecture
+    dim = bundle.manifest.trainable_size
+    buffers = 4 * dim * (1 if inplace else 2) + SCRATCH_BYTES * min(1.0, dim / (1 << 20))
+    optim = 4 * dim * optim_buffers
+    act = activation_bytes(arch, micro_batch, max_length) * (
+        ARENA_PATTERN_FACTOR if cpu_arena else 1.0)
+    weights = weight_bytes(bundle)
+    if calibration is not None:
+        c = calibration
+        runtime_session = c["loaded"] - c["params_bytes"]
+        measured_act = max(0, max(c["forward_peaks"]) - c["loaded"])
+        small = activation_bytes(arch, *c["shapes"][-1])
+        act = measured_act * activation_bytes(arch, micro_batch, max_length) / small
+        load_peak = c["load_peak"] - c["params_bytes"] + buffers
+        parts = {"runtime + session (measured)": runtime_session}
+    else:
+        runtime_session = RUNTIME_MB * MIB + weights
+        load_peak = RUNTIME_MB * MIB + weights * (1 + LOAD_TRANSIENT) + buffers
+        parts = {"runtime": RUNTIME_MB * MIB, "session (weights)": weights}
+    parts["trainable buffers"] = buffers
+    parts["optimiser state"] = optim
+    parts[f"activations {micro_batch}x{max_length}"] = act
+    steady = runtime_session + buffers + optim + act
+    peak = max(steady, load_peak)
+    if load_peak > steady:
+        parts["(load peak)"] = load_peak
+    return MemoryPlan(
+        bundle=str(bundle.path), device=device, mode=bundle.manifest.trainable_mode,
+        precision=precision_of(bundle), batch_size=batch_size, micro_batch=micro_batch,
+        max_length=max_length, budget_mb=budget_mb,
+        parts_mb={k: v / MIB for k, v in parts.items()}, peak_mb=peak / MIB,
+        calibrated=calibration is not None,
+    )
+
+
+def largest_fitting_micro_batch(plan_at, max_batch: int) -> int | None:
+    """The largest micro-batch in 1..max_batch whose plan fits (``plan_at(mb) -> MemoryPlan``)."""
+    for mb in range(max_batch, 0, -1):
+        if plan_at(mb).fits:
+            return mb
+    return None
+
+
+def suggest(bundle: Bundle, plan_at, plan: MemoryPlan, max_batch: int) -> list[str]:
+    """Concrete changes that make a plan fit, most direct first."""
+    out: list[str] = []
+    if plan.fits:
+        return out
+    mb = largest_fitting_micro_batch(plan_at, min(plan.micro_batch, max_batch))
+    if mb is not None:
+        out.append(f"micro-batch {mb}: micro_batch_size={mb} (the effective batch stays "
+                   f"{plan.batch_size}; ZO micro-batching is exact)")
+        return out
+    one = plan_at(1, plan.max_length)
+    for seq in (1024, 512, 256, 128, 64, 32):
+        if seq < plan.max_length and plan_at(1, seq).fits:
+            out.append(f"shorter sequences: --max-length {seq} (with micro_batch_size=1)")
+            break
+    weights_mb = weight_bytes(bundle) / MIB
+    if plan.mode == "full":
+        out.append("LoRA instead of full: export with --mode lora; the trainable buffers "
+                   f"({plan.parts_mb['trainable buffers']:,.0f} MiB) shrink to a few MiB")
+    if plan.precision == "fp32":
+        out.append(f"an int4 bundle: weights ~{weights_mb * 0.39:,.0f} MiB instead of "
+                   f"{weights_mb:,.0f} MiB (export it with --quantize int4; SmolLM2-135M: "
+                   "201 vs 515 MiB)")
+    if not out or one.peak_mb > plan.budget_mb:
+        out.append(f"a device with more memory: at batch 1 this needs ~{one.peak_mb:,.0f} MiB; "
+                   "raise memory_budget_mb in a copy of the profile if the device has it")
+    return out
+
+
+def make_plan(bundle: Bundle, profile, *, batch_size: int, max_length: int,
+              micro_batch: int | None = None, optim_buffers: int = 0, inplace: bool = False,
+              dry_run: bool = True) -> MemoryPlan:
+    """The plan for ``bundle`` on ``profile`` (a :class:`edgezo.profiles.DeviceProfile`)."""
+    mb = micro_batch or default_micro_batch(batch_size, profile.max_batch_size)
+    cal = None
+    if dry_run:
+        cal = calibrate(bundle, calibration_shape(mb, max_length), cpu_arena=profile.cpu_arena,
+                        threads=profile.threads, inplace=inplace)
+
+    def plan_at(mb: int, seq: int = max_length) -> MemoryPlan:
+        return estimate(bundle, device=profile.name, budget_mb=profile.memory_budget_mb,
+                        batch_size=batch_size, max_length=seq, micro_batch=mb,
+                        optim_buffers=optim_buffers, inplace=inplace,
+                        cpu_arena=profile.cpu_arena, calibration=cal)
+
+    plan = plan_at(mb)
+    plan.suggestions = suggest(bundle, plan_at, plan, profile.max_batch_size)
+    if max_length > profile.max_seq_len:
+        plan.suggestions.insert(0, f"--max-length {profile.max_seq_len}: the profile caps "
+                                   f"sequences at {profile.max_seq_len} tokens")
+    return plan
+
+
+def run_settings(bundle: Bundle, momentum: float | None, perturbation: str = "auto",
+                 optimizer: str = "sgd") -> tuple[int, bool]:
+    """(optimiser buffers, inplace) a run with these config values would use."""
+    from .config import MODE_DEFAULTS
+    from .engine import choose_inplace
+
+    mode = bundle.manifest.trainable_mode
+    if momentum is None:
+        momentum = MODE_DEFAULTS.get(mode, {}).get("momentum", 0.0)
+    return (optimizer_buffers(optimizer, momentum),
+            choose_inplace(perturbation, bundle.manifest.trainable_size * 4))
+
+
+def fmt_mb(x: float) -> str:
+    return f"{x:,.0f} MiB" if math.isfinite(x) else "?"
+
+
+if __name__ == "__main__":  # pragma: no cover - used by calibrate() through -c
+    print(json.dumps(_probe(*json.loads(sys.argv[1]))))
+    os._exit(0)
