@@ -37,12 +37,18 @@ def export_causal_lm(
     tolerance: float = 1e-3,
     progress: Callable[[str], None] | None = print,
     external_data: bool | None = None,
+    quantize: str | None = None,
+    block_size: int = 32,
+    accuracy_level: int = 0,
+    quant_rtol: float = 0.1,
 ) -> Path:
     """Export a Hugging Face / GGUF causal LM into a validated bundle folder; returns ``out``.
 
     See :func:`exporters.export.export_causal_lm` for the arguments. Raises
     :class:`edgezo.errors.EdgezoError` (with the fix) when torch/transformers are missing, the
     architecture is unsupported, or validation fails; no partial bundle is ever left behind.
+    ``quantize="int8"|"int4"`` writes a quantised bundle (``mode="scales"`` trains the int4
+    scales), see :mod:`exporters.quantize`.
     """
     from .deps import require_export_deps
 
@@ -62,4 +68,8 @@ def export_causal_lm(
         tolerance=tolerance,
         progress=progress,
         external_data=external_data,
+        quantize=quantize,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        quant_rtol=quant_rtol,
     )

@@ -2,8 +2,9 @@
 
 One small :class:`Architecture` per family, registered with :func:`register`. The export code
 never branches on model names: everything family-specific it needs is a field here. Adding a
-family (qwen2, gpt2, opt, bert ...) means adding one description below plus a tiny test model in
-``tests/conftest.py`` (a test fails if a registered family has none).
+family means adding one description below plus a tiny test model (``TINY_CONFIGS`` in
+``tests/conftest.py`` or ``ARCH_CONFIGS`` in ``tests/test_architectures.py``; a test fails if a
+registered family has none).
 
 Patterns are :mod:`fnmatch` globs over module names as they appear in the Hugging Face model's
 ``named_modules()`` (``model.layers.0.input_layernorm``).
@@ -40,6 +41,13 @@ class Architecture:
     so left and right padding both give padding-invariant losses)."""
     attn_implementation: str = "sdpa"
     """Attention kernel used while tracing; ``sdpa`` and ``eager`` both export."""
+    no_effect_params: tuple[str, ...] = ()
+    """Globs of parameters the loss provably does not depend on (a key-projection bias shifts
+    every attention score of a query equally, which softmax cancels); ``--mode full`` leaves
+    them frozen instead of failing the sensitivity check."""
+    lora_fan_in_fan_out: bool = False
+    """The LoRA targets store their weight as ``[in, out]`` (GPT-2's ``Conv1D``); written into
+    a PEFT adapter config as ``fan_in_fan_out``."""
 
     def is_norm(self, module_name: str) -> bool:
         return _matches(module_name, self.norm_modules)
@@ -47,13 +55,17 @@ class Architecture:
     def is_embedding(self, module_name: str) -> bool:
         return _matches(module_name, self.embedding_modules)
 
+    def has_no_effect(self, param_name: str) -> bool:
+        return _matches(param_name, self.no_effect_params)
+
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-#: Trainable modes every architecture supports (see ``exporters/trainables.py``).
-MODES = ("lora", "norms", "full")
+#: Trainable modes every architecture supports (see ``exporters/trainables.py``); ``scales``
+#: (the int4 quantisation scales) needs ``quantize="int4"`` (see ``exporters/quantize.py``).
+MODES = ("lora", "norms", "full", "scales")
 
 _REGISTRY: dict[str, Architecture] = {}
 
@@ -106,5 +118,46 @@ LLAMA = register(
             "model.norm",
         ),
         embedding_modules=("model.embed_tokens",),
+    )
+)
+
+
+QWEN2 = register(
+    Architecture(
+        family="qwen2",
+        model_types=("qwen2",),
+        lora_targets=("q_proj", "v_proj"),
+        norm_modules=(
+            "model.layers.*.input_layernorm",
+            "model.layers.*.post_attention_layernorm",
+            "model.norm",
+        ),
+        embedding_modules=("model.embed_tokens",),
+    )
+)
+
+GPT2 = register(
+    Architecture(
+        family="gpt2",
+        model_types=("gpt2",),
+        lora_targets=("c_attn",),  # fused q/k/v Conv1D, PEFT's default for GPT-2
+        norm_modules=("transformer.h.*.ln_1", "transformer.h.*.ln_2", "transformer.ln_f"),
+        embedding_modules=("transformer.wte", "transformer.wpe"),
+        lora_fan_in_fan_out=True,
+    )
+)
+
+OPT = register(
+    Architecture(
+        family="opt",
+        model_types=("opt",),
+        lora_targets=("q_proj", "v_proj"),
+        norm_modules=(
+            "model.decoder.layers.*.self_attn_layer_norm",
+            "model.decoder.layers.*.final_layer_norm",
+            "model.decoder.final_layer_norm",
+        ),
+        embedding_modules=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+        no_effect_params=("model.decoder.layers.*.self_attn.k_proj.bias",),
     )
 )

@@ -1,4 +1,4 @@
-"""``python -m exporters``: export a causal LM into an edgezo bundle."""
+"""``python -m exporters``: export a causal LM into an edgezo bundle (fp32, int8 or int4)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,34 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None):
     default=None,
     help="Weights in model.onnx.data [default: when above 256 MiB].",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4"]),
+    default=None,
+    help="Quantise the frozen MatMul weights: int8 (dynamic) or int4 (MatMulNBits) "
+    "[default: fp32]. --mode scales trains the int4 scales.",
+)
+@click.option(
+    "--block-size",
+    type=click.Choice(["32", "64", "128"]),
+    default="32",
+    show_default=True,
+    help="int4 block size.",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=0,
+    show_default=True,
+    help="int4 MatMulNBits accuracy level (--mode scales needs 0).",
+)
+@click.option(
+    "--quant-rtol",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Largest accepted relative |quantised - fp32| ONNX loss difference.",
+)
 def main(
     model,
     gguf_file,
@@ -70,6 +98,10 @@ def main(
     overwrite,
     tolerance,
     external_data,
+    quantize,
+    block_size,
+    accuracy_level,
+    quant_rtol,
 ) -> None:
     """Export a causal LM (Hugging Face folder or GGUF) into a validated edgezo bundle."""
     from . import export_causal_lm
@@ -87,6 +119,10 @@ def main(
             overwrite=overwrite,
             tolerance=tolerance,
             external_data=external_data,
+            quantize=quantize,
+            block_size=int(block_size),
+            accuracy_level=accuracy_level,
+            quant_rtol=quant_rtol,
         )
     )
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import torch
 from safetensors.torch import save_file
 
@@ -17,10 +19,13 @@ from .bundle_writer import check_destination, staged_bundle
 from .deps import versions
 from .load import LoadedModel, load_causal_lm
 from .loss import CausalLMLossGraph
-from .onnx_export import OPSET, batch_input_specs, export_loss_graph
+from .onnx_export import OPSET, batch_input_specs, export_loss_graph, save_model
+from .quantize import QUANT_RTOL, check_quant_args, quantize_model, scales_to_inputs
 from .trainables import LoraSettings, select_trainables
 from .validate import (
+    check_fed_scales,
     check_parity,
+    check_quantized,
     check_reference,
     check_sensitivity,
     ort_session,
@@ -42,6 +47,10 @@ def export_causal_lm(
     tolerance: float = 1e-3,
     progress: Callable[[str], None] | None = print,
     external_data: bool | None = None,
+    quantize: str | None = None,
+    block_size: int = 32,
+    accuracy_level: int = 0,
+    quant_rtol: float = QUANT_RTOL,
 ) -> Path:
     """Export a causal LM into a validated bundle folder ``out``; returns ``out``.
 
@@ -49,7 +58,8 @@ def export_causal_lm(
         model: a Hugging Face model folder, a folder holding ``gguf_file``, or a ``.gguf`` file.
         out: bundle folder to create (must be absent or empty unless ``overwrite``).
         mode: ``lora`` (LoRA A/B on ``lora_targets``), ``norms`` (normalisation weights and
-            biases) or ``full`` (every parameter once).
+            biases), ``full`` (every parameter once) or ``scales`` (the int4 quantisation
+            scales, with ``quantize="int4"``).
         lora_rank, lora_alpha, lora_targets: LoRA settings (targets default to the
             architecture's, ``q_proj``/``v_proj`` for Llama).
         gguf_file: name of a GGUF file inside the ``model`` folder.
@@ -59,6 +69,13 @@ def export_causal_lm(
         tolerance: largest accepted |ONNX − PyTorch| loss difference.
         progress: called with one line per step (``None`` for silence).
         external_data: store weights in ``model.onnx.data`` (``None``: when above 256 MiB).
+        quantize: ``None`` (fp32), ``"int8"`` (dynamic int8 ``MatMulInteger``) or ``"int4"``
+            (``MatMulNBits``); the frozen ``MatMul`` weights are quantised, trainable tensors
+            stay fp32 graph inputs. The fp32 graph is validated against PyTorch first, then
+            the quantised graph against the fp32 graph with ``quant_rtol``.
+        block_size: int4 block size (32, 64 or 128).
+        accuracy_level: ``MatMulNBits`` accuracy level (0 default; ``scales`` needs 0).
+        quant_rtol: largest accepted relative |quantised − fp32| ONNX loss difference.
 
     Raises:
         EdgezoError: bad arguments, unsupported architecture, or a failed validation; no
@@ -72,6 +89,9 @@ def export_causal_lm(
         )
     if not tolerance >= 0:
         raise EdgezoError(f"tolerance must be >= 0, got {tolerance!r}", "pass --tolerance 1e-3")
+    check_quant_args(quantize, mode, block_size, accuracy_level)
+    if not quant_rtol >= 0:
+        raise EdgezoError(f"quant_rtol must be >= 0, got {quant_rtol!r}", "pass 0.1")
     check_destination(out, overwrite)  # fail before the slow load
 
     t0 = time.perf_counter()
@@ -93,7 +113,9 @@ def export_causal_lm(
     values = [params[s.name].detach().clone().contiguous() for s in specs]
     n_train = sum(s.size for s in specs)
     say(
-        f"trainable ({mode}): {len(specs)} tensors, {n_train:,} values "
+        "trainable (scales): the int4 scales, added after quantisation"
+        if mode == "scales"
+        else f"trainable ({mode}): {len(specs)} tensors, {n_train:,} values "
         f"({4 * n_train / 2**20:.1f} MiB fp32); frozen: "
         f"{num_parameters - (n_train if mode != 'lora' else 0):,} values"
     )
@@ -105,19 +127,24 @@ def export_causal_lm(
     with staged_bundle(out, overwrite) as stage:
         t = time.perf_counter()
         say("exporting the loss graph to ONNX ...")
+        fp32_dir = stage / "_fp32" if quantize else stage
+        fp32_dir.mkdir(exist_ok=True)
         model_files = export_loss_graph(
             graph,
             values,
             specs,
-            stage / "model.onnx",
+            fp32_dir / "model.onnx",
             loaded.vocab_size,
             pad,
             generator,
-            tied_embedding=_frozen_tied_embedding(loaded, {s.name for s in specs}),
+            # a quantised export keeps the head as its own initializer, so it is quantised too
+            tied_embedding=None
+            if quantize
+            else _frozen_tied_embedding(loaded, {s.name for s in specs}),
             external_data=external_data,
             progress=say,
         )
-        size = sum((stage / f).stat().st_size for f in model_files)
+        size = sum((fp32_dir / f).stat().st_size for f in model_files)
         say(
             f"exported {' + '.join(model_files)} ({size / 2**20:.1f} MiB) in "
             f"{time.perf_counter() - t:.1f} s"
@@ -128,31 +155,69 @@ def export_causal_lm(
             "validating (ONNX Runtime vs PyTorch parity, loss vs the model's own loss, "
             "sensitivity of each trainable) ..."
         )
-        session = ort_session(stage / "model.onnx")
+        session = ort_session(fp32_dir / "model.onnx")
         point = validation_point(specs, values, generator)
-        parity = check_parity(
-            session,
-            graph,
-            specs,
-            point,
-            parity_batch(loaded.vocab_size, pad, generator),
-            tolerance,
-        )
+        batch = parity_batch(loaded.vocab_size, pad, generator)
+        parity = check_parity(session, graph, specs, point, batch, tolerance)
+        if quantize:  # the PyTorch parity is that of the fp32 graph the quantiser starts from
+            parity["graph"] = "fp32 ONNX before quantisation (see quantization.parity_vs_fp32)"
         parity["hf_reference_diff"] = check_reference(
             graph, values, loaded.vocab_size, generator, tolerance
         )
-        parity["sensitivity_min_change"] = check_sensitivity(
-            session, specs, point, loaded.vocab_size, generator
-        )
-        del session
+        if specs:
+            parity["sensitivity_min_change"] = check_sensitivity(
+                session, specs, point, loaded.vocab_size, generator
+            )
         say(
             f"validated in {time.perf_counter() - t:.1f} s: max |ONNX - PyTorch| = "
-            f"{parity['max_abs_diff']:.2e} (tolerance {tolerance:g}), all {len(specs)} "
-            "trainable tensors move the loss"
+            f"{parity['max_abs_diff']:.2e} (tolerance {tolerance:g})"
+            + (f", all {len(specs)} trainable tensors move the loss" if specs else "")
         )
 
+        quant_info = None
+        trainable_values = {s.name: v for s, v in zip(specs, values, strict=True)}
+        if quantize:
+            t = time.perf_counter()
+            say(f"quantising the frozen MatMul weights ({quantize}) ...")
+            qmodel, quant_info = quantize_model(
+                onnx.load(str(fp32_dir / "model.onnx")), quantize, block_size, accuracy_level
+            )
+            baked_dir = None
+            if mode == "scales":
+                baked_dir = stage / "_baked"
+                baked_dir.mkdir()
+                save_model(qmodel, baked_dir / "model.onnx", external_data)
+                scale_specs, scale_values = scales_to_inputs(qmodel)
+                specs = [*specs, *scale_specs]
+                point = [*point, *(torch.from_numpy(v) for v in scale_values.values())]
+                trainable_values.update({k: torch.from_numpy(v) for k, v in scale_values.items()})
+            model_files = save_model(qmodel, stage / "model.onnx", external_data)
+            del qmodel
+            qsession = ort_session(stage / "model.onnx")
+            quant_info["parity_vs_fp32"] = check_quantized(
+                qsession, session, specs, point, batch, quant_rtol
+            )
+            if baked_dir is not None:
+                quant_info["fed_scales_exact"] = check_fed_scales(
+                    qsession, ort_session(baked_dir / "model.onnx"), specs, point, batch
+                )
+                shutil.rmtree(baked_dir)
+            parity["sensitivity_min_change"] = check_sensitivity(
+                qsession, specs, point, loaded.vocab_size, generator
+            )
+            del qsession
+            shutil.rmtree(fp32_dir)
+            q = quant_info["parity_vs_fp32"]
+            say(
+                f"quantised {quant_info['quantized_matmuls']} MatMuls in "
+                f"{time.perf_counter() - t:.1f} s: loss vs fp32 ONNX max abs "
+                f"{q['max_abs_diff']:.3g}, max rel {q['max_rel_diff']:.3g} (rtol {quant_rtol:g})"
+                + (", fed scales = baked scales exactly" if mode == "scales" else "")
+            )
+        del session
+
         save_file(
-            {s.name: v for s, v in zip(specs, values, strict=True)},
+            {s.name: trainable_values[s.name].contiguous() for s in specs},
             str(stage / "trainable.safetensors"),
             metadata={"format": "pt"},
         )
@@ -165,6 +230,7 @@ def export_causal_lm(
             trainable=specs,
             tokenizer=tok_spec,
             lora=lora.to_json() if lora else None,
+            quantization=quant_info,
             parity=parity,
             exporter={
                 "name": "edgezo.exporters",

@@ -22,13 +22,28 @@ from torch.nn import functional as F
 from edgezo.errors import EdgezoError
 
 
-class LoraLinear(nn.Module):
-    """``nn.Linear`` plus a rank-``r`` update; shares the base layer's parameters."""
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D``: a linear layer storing ``W`` as
+    ``[in, out]`` (PEFT's ``fan_in_fan_out``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+class LoraLinear(nn.Module):
+    """``nn.Linear`` (or GPT-2's ``Conv1D``) plus a rank-``r`` update; shares the base layer's
+    parameters."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self.fan_in_fan_out = _is_conv1d(base)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features = base.in_features
+            self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.rank = rank
@@ -44,7 +59,8 @@ class LoraLinear(nn.Module):
         self.lora_B.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scaling
+        weight = self.weight.t() if self.fan_in_fan_out else self.weight
+        return F.linear(x, weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scaling
 
     def extra_repr(self) -> str:
         return (
@@ -60,7 +76,8 @@ def apply_lora(
     generator: torch.Generator,
     excluded: tuple[str, ...] = ("lm_head",),
 ) -> list[str]:
-    """Wrap every ``nn.Linear`` whose last name component is in ``targets``, in module order.
+    """Wrap every ``nn.Linear`` (or ``Conv1D``) whose last name component is in ``targets``,
+    in module order.
 
     Returns the trainable parameter names, ``lora_A`` before ``lora_B`` for each module.
     Raises :class:`EdgezoError` for a bad rank/alpha or a target that matches no linear layer.
@@ -75,10 +92,10 @@ def apply_lora(
         raise EdgezoError("no LoRA targets given", "pass --lora-targets q_proj,v_proj")
 
     linear_leaves: set[str] = set()
-    chosen: list[tuple[str, nn.Linear]] = []
+    chosen: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
-        if isinstance(module, nn.Linear) and leaf not in excluded:
+        if _is_linear(module) and leaf not in excluded:
             linear_leaves.add(leaf)
             if leaf in targets:
                 chosen.append((name, module))

@@ -95,6 +95,12 @@ def export_loss_graph(
         saved = dedupe_tied_head(model, tied_embedding)
         if saved:
             progress(f"tied LM head stored once ({saved / 2**20:.1f} MiB not duplicated)")
+    return save_model(model, path, external_data)
+
+
+def save_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> list[str]:
+    """Save ``model`` to ``path`` (weights in ``model.onnx.data`` when ``external_data``, or,
+    with ``None``, when above 256 MiB); returns the file names written."""
     nbytes = sum(_init_nbytes(t) for t in model.graph.initializer)
     if external_data is None:
         external_data = nbytes > EXTERNAL_DATA_THRESHOLD

@@ -5,8 +5,10 @@ mode     trainable tensors                                      roles
 =======  =====================================================  ==============================
 lora     ``lora_A``/``lora_B`` of the targeted linear layers     ``lora_a``, ``lora_b``
 norms    weights and biases of the normalisation modules        ``norm``, ``bias``
-full     every parameter once (a tied embedding/head is one)    ``embedding``, ``norm``,
-                                                                ``bias``, ``dense``
+full     every parameter once (a tied embedding/head is one;    ``embedding``, ``norm``,
+         not the architecture's ``no_effect_params``)           ``bias``, ``dense``
+scales   none on the PyTorch side: the int4 ``MatMulNBits``     ``scale`` (positive)
+         scales become graph inputs after quantisation
 =======  =====================================================  ==============================
 
 Everything else stays a frozen initializer in the ONNX graph.
@@ -69,10 +71,13 @@ def select_trainables(
                 "check `norm_modules` in exporters/architectures.py, or use --mode lora",
             )
         return specs
+    if mode == "scales":
+        return []  # added after quantisation (exporters/quantize.py)
     if mode == "full":
         return [
             TensorSpec(name, tuple(p.shape), "float32", _full_role(arch, module_name, leaf))
             for name, p, module_name, leaf in _named_params(model)
+            if not arch.has_no_effect(name)
         ]
     raise EdgezoError(
         f"unknown trainable mode {mode!r}", f"pass --mode as one of: {', '.join(MODES)}"

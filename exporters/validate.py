@@ -193,3 +193,72 @@ def check_sensitivity(
             "matter",
         )
     return smallest
+
+
+def check_quantized(
+    qsession: Any,
+    fp32_session: Any,
+    specs: Sequence[TensorSpec],
+    point: Sequence[torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    rtol: float,
+) -> dict[str, Any]:
+    """Quantised vs fp32 ONNX loss on the parity batch (a quantisation error, not an export
+    bug: checked against the relative tolerance ``rtol``); returns the figures for the manifest.
+
+    ``specs``/``point`` are those of the quantised graph; the fp32 graph is fed the subset it
+    has (``scales`` exist only in the quantised graph, at their quantiser values).
+    """
+    (q,) = qsession.run(["loss"], make_feeds(batch, specs, point))
+    names = {i.name for i in fp32_session.get_inputs()}
+    kept = [(s, v) for s, v in zip(specs, point, strict=True) if s.name in names]
+    (f,) = fp32_session.run(["loss"], make_feeds(batch, [s for s, _ in kept], [v for _, v in kept]))
+    if q.shape != f.shape or not np.all(np.isfinite(q)):
+        raise EdgezoError(
+            f"the quantised graph's loss is {q!r}, the fp32 graph gives {f!r}",
+            "this is an exporter bug; report it with the model you exported",
+        )
+    q64, f64 = q.astype(np.float64), f.astype(np.float64)
+    abs_diff = float(np.max(np.abs(q64 - f64)))
+    rel_diff = float(np.max(np.abs(q64 - f64) / np.maximum(np.abs(f64), 1e-6)))
+    figures = {
+        "max_abs_diff": abs_diff,
+        "max_rel_diff": rel_diff,
+        "rtol": rtol,
+        "fp32_loss": [round(float(x), 6) for x in f],
+        "quantized_loss": [round(float(x), 6) for x in q],
+    }
+    if not rel_diff <= rtol:
+        raise EdgezoError(
+            f"quantisation changes the loss too much: relative difference {rel_diff:.3g} "
+            f"(tolerance {rtol:g}) between the quantised and the fp32 ONNX graph; fp32 "
+            f"{figures['fp32_loss']}, quantised {figures['quantized_loss']}",
+            "use a smaller --block-size (32), --quantize int8 instead of int4, or a larger "
+            "--quant-rtol if the loss of this model is known to tolerate it",
+        )
+    return figures
+
+
+def check_fed_scales(
+    qsession: Any,
+    baked_session: Any,
+    specs: Sequence[TensorSpec],
+    point: Sequence[torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> bool:
+    """The graph with the int4 scales fed as inputs must give exactly the loss of the same
+    graph with the scales baked in (ONNX Runtime, accuracy level 0); True or an error."""
+    (fed,) = qsession.run(["loss"], make_feeds(batch, specs, point))
+    names = {i.name for i in baked_session.get_inputs()}
+    kept = [(s, v) for s, v in zip(specs, point, strict=True) if s.name in names]
+    (baked,) = baked_session.run(
+        ["loss"], make_feeds(batch, [s for s, _ in kept], [v for _, v in kept])
+    )
+    if not np.array_equal(fed, baked):
+        raise EdgezoError(
+            f"with the int4 scales fed as graph inputs the loss is {fed.tolist()}, with the same "
+            f"scales baked in {baked.tolist()}: this ONNX Runtime does not read fed MatMulNBits "
+            "scales faithfully; no bundle was written",
+            "use --accuracy-level 0, or train LoRA over the int4 base (--mode lora)",
+        )
+    return True

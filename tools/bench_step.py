@@ -7,7 +7,7 @@ For one bundle and batch shape it prints:
 - step ratio = step ÷ (forward evaluations per step × forward time): the overhead of ZO
   beyond its forward passes (1.00 = none);
 - peak RSS of a fine-tuning process vs an inference-only process on the same bundle and batch,
-  each measured in its own fresh child process (``ru_maxrss``), and their ratio.
+  each measured in its own fresh child process (``VmHWM``), and their ratio.
 
 Usage::
 
@@ -85,8 +85,20 @@ def child(args: argparse.Namespace) -> dict:
         out.update(forward_s=statistics.median(fwd), step_s=statistics.median(steps),
                    evals_per_step=engine.estimator.evals_per_step,
                    inplace=settings.inplace, trainable=engine.params.dim)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_child(args: argparse.Namespace, role: str) -> dict:

@@ -1,0 +1,263 @@
+"""Quantised bundles: int8 (dynamic) and int4 (``MatMulNBits``) frozen weights, trainable scales.
+
+=======  =========================================================================================
+scheme   what happens to the fp32 loss graph
+=======  =========================================================================================
+int8     ``onnxruntime.quantization.quantize_dynamic`` on ``MatMul`` only, int8 weights
+         (``MatMulInteger`` + ``DynamicQuantizeLinear`` on the activations; per-tensor scales).
+int4     ``MatMulNBitsQuantizer`` (ONNX Runtime's weight-only 4-bit ``MatMulNBits``, blocks of
+         32/64/128 along the input dimension, asymmetric, accuracy level 0 by default).
+=======  =========================================================================================
+
+Only ``MatMul`` nodes whose weight is a constant initializer are quantised: a LoRA ``MatMul``
+reads ``Transpose(graph input)`` and is left in fp32 by both quantisers, so LoRA over a
+quantised frozen base keeps fp32 trainable tensors (checked after quantisation).
+
+Before quantising, each weight initializer of a ``MatMul`` gets the name of the parameter it
+came from (the legacy exporter names constant-folded, transposed weights ``onnx::MatMul_NNN``;
+the node name ``/model/model/layers.0/self_attn/q_proj/MatMul`` gives
+``model.layers.0.self_attn.q_proj.weight``), so scale inputs are named after their weight.
+
+Trainable mode ``scales`` (int4 only): each ``MatMulNBits`` node's ``scales`` initializer
+becomes a float32 graph input ``<weight>.scales`` (role ``scale``, ``positive``); the packed
+4-bit weights and zero points stay frozen initializers. ONNX Runtime reads fed scales exactly
+like baked ones at accuracy level 0; at accuracy level 4 it prepacks the scales at session
+start and, with the scales fed at run time, silently returns zeros (FACTS.md) — refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgezo.bundle import TensorSpec
+from edgezo.errors import EdgezoError
+
+SCHEMES = ("int8", "int4")
+BLOCK_SIZES = (32, 64, 128)
+#: Accuracy levels of ``MatMulNBits`` (0: unset/fp32 compute ... 4: int8 compute).
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+#: Default tolerance on |quantised − fp32| / |fp32| of the ONNX loss: a quantisation error,
+#: not an export bug, so it is much looser than the fp32 parity tolerance.
+QUANT_RTOL = 0.10
+SCALES_SUFFIX = ".scales"
+
+
+def check_quant_args(quantize: str | None, mode: str, block_size: int, accuracy_level: int) -> None:
+    """Refuse bad combinations before anything slow happens."""
+    if quantize is not None and quantize not in SCHEMES:
+        raise EdgezoError(
+            f"unknown quantisation {quantize!r}", f"pass --quantize as one of: {', '.join(SCHEMES)}"
+        )
+    if block_size not in BLOCK_SIZES:
+        raise EdgezoError(
+            f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}",
+            "pass --block-size 32, 64 or 128",
+        )
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise EdgezoError(
+            f"accuracy level must be 0..4, got {accuracy_level!r}", "pass --accuracy-level 0"
+        )
+    if mode == "scales":
+        if quantize != "int4":
+            raise EdgezoError(
+                "trainable mode 'scales' trains the int4 quantisation scales, so it needs "
+                f"--quantize int4 (got {quantize or 'no quantisation'})",
+                "pass --quantize int4 with --mode scales, or choose --mode lora/norms/full",
+            )
+        if accuracy_level != 0:
+            raise EdgezoError(
+                f"trainable scales need MatMulNBits accuracy level 0, got {accuracy_level}: at "
+                "accuracy level 4 ONNX Runtime prepacks the scales and, with scales fed as graph "
+                "inputs, silently returns zeros (other levels are not verified)",
+                "pass --accuracy-level 0 with --mode scales (or train LoRA over the level-4 base)",
+            )
+
+
+@contextmanager
+def quiet_quantizer():
+    """The quantisers log one INFO/WARNING line per node on the root logger; silence them."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    loggers += [
+        logging.getLogger(n)
+        for n in list(logging.root.manager.loggerDict)
+        if n.startswith("onnxruntime.quantization")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+_NODE = re.compile(r"^/model/(?P<path>.+)/MatMul$")
+
+
+def name_matmul_weights(model: onnx.ModelProto) -> dict[str, str]:
+    """Rename ``MatMul`` weight initializers after their parameter; returns {old: new}.
+
+    Only an initializer read by exactly one node, whose node name has the legacy exporter's
+    ``/model/<module path>/MatMul`` form, is renamed (others keep their name).
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    taken = set(inits) | {i.name for i in model.graph.input}
+    uses = Counter(name for node in model.graph.node for name in node.input)
+    renamed: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        old = node.input[1]
+        m = _NODE.match(node.name)
+        if old not in inits or uses[old] != 1 or m is None:
+            continue
+        new = m["path"].replace("/", ".") + ".weight"
+        if new in taken:
+            continue
+        inits[old].name = new
+        node.input[1] = new
+        taken.add(new)
+        renamed[old] = new
+    return renamed
+
+
+def quantizable_matmuls(model: onnx.ModelProto) -> int:
+    """``MatMul`` nodes with a 2-D float initializer as weight (what both quantisers take)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return sum(
+        1
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and n.input[1] in inits
+        and len(inits[n.input[1]].dims) == 2
+        and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
+    )
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    scheme: str,
+    block_size: int = 32,
+    accuracy_level: int = 0,
+) -> tuple[onnx.ModelProto, dict]:
+    """Quantise the frozen ``MatMul`` weights of ``model``; returns (model, manifest dict).
+
+    Raises :class:`EdgezoError` when no ``MatMul`` has a frozen weight (e.g. ``--mode full``,
+    where every weight is a graph input) or when a graph input was lost.
+    """
+    inputs = [i.name for i in model.graph.input]
+    name_matmul_weights(model)
+    candidates = quantizable_matmuls(model)
+    if candidates == 0:
+        raise EdgezoError(
+            "nothing to quantise: no MatMul of this graph has a frozen weight (with --mode full "
+            "every weight is a trainable graph input)",
+            "use --mode lora, norms or scales with --quantize, or export without --quantize",
+        )
+    with quiet_quantizer():
+        if scheme == "int4":
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            q = MatMulNBitsQuantizer(
+                model,
+                bits=4,
+                block_size=block_size,
+                is_symmetric=False,
+                accuracy_level=accuracy_level,
+                op_types_to_quantize=("MatMul",),
+            )
+            q.process()
+            out = q.model.model
+            op = "MatMulNBits"
+            info = {
+                "scheme": "int4",
+                "method": "onnxruntime MatMulNBitsQuantizer (weight-only, asymmetric)",
+                "bits": 4,
+                "block_size": block_size,
+                "accuracy_level": accuracy_level,
+                "symmetric": False,
+            }
+        elif scheme == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "q.onnx"
+                quantize_dynamic(
+                    model,
+                    path,
+                    op_types_to_quantize=["MatMul"],
+                    weight_type=QuantType.QInt8,
+                    per_channel=False,
+                    use_external_data_format=model.ByteSize() > 1_500_000_000,
+                )
+                out = onnx.load(str(path))
+            op = "MatMulInteger"
+            info = {
+                "scheme": "int8",
+                "method": "onnxruntime quantize_dynamic (weights int8 per tensor, activations "
+                "quantised at run time)",
+                "bits": 8,
+                "block_size": None,
+                "accuracy_level": None,
+                "symmetric": True,
+            }
+        else:  # pragma: no cover - check_quant_args refuses it first
+            raise ValueError(scheme)
+    count = sum(1 for n in out.graph.node if n.op_type == op)
+    lost = [n for n in inputs if n not in {i.name for i in out.graph.input}]
+    if lost or count == 0:
+        raise EdgezoError(
+            f"quantisation ({scheme}) produced {count} {op} nodes and lost graph inputs {lost}",
+            "this is an exporter bug; report it with the model you exported",
+        )
+    info["quantized_matmuls"] = count
+    info["op"] = op
+    return out, info
+
+
+def scales_to_inputs(model: onnx.ModelProto) -> tuple[list[TensorSpec], dict[str, np.ndarray]]:
+    """Turn every ``MatMulNBits`` ``scales`` initializer into a float32 graph input.
+
+    The input is named ``<weight>.scales`` after the node's packed weight
+    (``model.layers.0.self_attn.q_proj.weight_Q4`` → ``model.layers.0.self_attn.q_proj.weight
+    .scales``). Returns the trainable specs (role ``scale``, positive) and initial values.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    specs: list[TensorSpec] = []
+    values: dict[str, np.ndarray] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        old = node.input[2]
+        weight = re.sub(r"_Q\d+$", "", node.input[1])
+        new = weight + SCALES_SUFFIX
+        tensor = inits.pop(old)
+        value = numpy_helper.to_array(tensor).astype(np.float32)
+        if not np.all(value > 0) or not np.all(np.isfinite(value)):
+            raise EdgezoError(
+                f"quantisation scales of {weight} are not all positive and finite "
+                f"(min {float(value.min()):.3g}), so they cannot be trained in log-space",
+                "train LoRA over the int4 base (--mode lora --quantize int4) instead",
+            )
+        model.graph.initializer.remove(tensor)
+        node.input[2] = new
+        model.graph.input.append(
+            helper.make_tensor_value_info(new, onnx.TensorProto.FLOAT, list(value.shape))
+        )
+        specs.append(TensorSpec(new, tuple(int(d) for d in value.shape), "float32", "scale", True))
+        values[new] = np.ascontiguousarray(value)
+    if not specs:
+        raise EdgezoError(
+            "no MatMulNBits node to train the scales of", "export with --quantize int4"
+        )
+    return specs, values

@@ -1,0 +1,118 @@
+"""Hand-off: trained LoRA tensors → a PEFT adapter that ``peft`` loads with the same loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from edgezo.bundle import load_bundle  # noqa: E402
+from edgezo.errors import EdgezoError  # noqa: E402
+from exporters.handoff import handoff  # noqa: E402
+
+
+def trained(bundle: Path, tmp_path: Path, metadata: dict | None = None) -> tuple[Path, dict]:
+    """'Trained' tensors: the initial ones with every tensor moved (B no longer zero)."""
+    b = load_bundle(bundle)
+    rng = np.random.default_rng(0)
+    values = {
+        k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32)
+        for k, v in b.initial_trainable().items()
+    }
+    path = tmp_path / "trained.safetensors"
+    save_file(values, str(path), metadata=metadata or {"bundle": b.fingerprint})
+    return path, values
+
+
+def batch():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 52, size=(3, 10))
+    mask = np.ones_like(ids)
+    mask[2, 6:] = 0
+    return ids, mask, np.where(mask == 1, ids, -100)
+
+
+def onnx_loss(bundle: Path, values: dict) -> np.ndarray:
+    ids, mask, labels = batch()
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    return sess.run(
+        ["loss"], {"input_ids": ids, "attention_mask": mask, "labels": labels, **values}
+    )[0]
+
+
+def test_peft_adapter_matches_bundle_loss(make_bundle, tiny_hf_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    bundle = make_bundle("lora")
+    tensors, values = trained(bundle, tmp_path)
+    out = handoff(bundle, tmp_path / "adapter", tensors)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    keys = set(load_file(str(out / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert len(keys) == len(values)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        for row in range(len(ids)):
+            n = int(mask[row].sum())
+            x = torch.tensor(ids[row : row + 1, :n])
+            ref = model(input_ids=x, labels=x).loss.item()
+            got = float(onnx_loss(bundle, values)[row])
+            assert abs(got - ref) < 1e-4, (row, got, ref)
+    # the adapter really is in use: the base model alone gives another loss
+    with torch.no_grad(), model.disable_adapter():
+        x = torch.tensor(ids[:1])
+        assert (
+            abs(model(input_ids=x, labels=x).loss.item() - float(onnx_loss(bundle, values)[0]))
+            > 1e-3
+        )
+
+
+def test_safetensors_format_for_norms(make_bundle, tmp_path):
+    bundle = make_bundle("norms")
+    tensors, values = trained(bundle, tmp_path)
+    out = handoff(bundle, tmp_path / "plain", tensors, fmt="safetensors")
+    got = load_file(str(out / "tensors.safetensors"))
+    assert set(got) == set(values)
+    assert all(np.array_equal(got[k], values[k]) for k in values)
+    info = json.loads((out / "handoff.json").read_text())
+    assert info["trainable_mode"] == "norms" and info["bundle"] == load_bundle(bundle).fingerprint
+
+
+def test_handoff_refusals(make_bundle, tmp_path):
+    lora, norms = make_bundle("lora"), make_bundle("norms")
+    with pytest.raises(EdgezoError, match="PEFT adapter holds LoRA"):
+        handoff(norms, tmp_path / "a", None, fmt="peft")
+    wrong, _ = trained(norms, tmp_path)
+    with pytest.raises(EdgezoError, match="trained on bundle"):
+        handoff(lora, tmp_path / "b", wrong)
+    with pytest.raises(EdgezoError, match="does not exist"):
+        handoff(lora, tmp_path / "c", tmp_path / "nope.safetensors")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_handoff_cli(make_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from exporters.handoff import main
+
+    bundle = make_bundle("lora")
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(main, ["--bundle", str(bundle), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "adapter_config.json").is_file()
+    again = CliRunner().invoke(main, ["--bundle", str(bundle), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
