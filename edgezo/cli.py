@@ -68,6 +68,25 @@ def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, see
     click.echo(f"bundle written: {path}")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                               "help_option_names": []})
+@click.pass_context
+def compare(ctx):
+    """Desktop: parity and forward timings of a bundle on every provider and on PyTorch.
+
+    Options: --bundle B [--model SRC --tensors T --batch 8 --seq 64 --threads 2 --no-torch];
+    `edgezo compare --help` lists them.
+    """
+    try:
+        from exporters.compare import main as compare_main
+    except ImportError as e:
+        raise EdgezoError(
+            f"the exporter side cannot be imported ({e})",
+            "install it: pip install torch==2.13.0 -e '.[export]'",
+        ) from None
+    compare_main.main(args=list(ctx.args), prog_name="edgezo compare")
+
+
 # -- finetune ---------------------------------------------------------------------------------
 
 

@@ -67,3 +67,14 @@ def test_compare_cli(make_bundle):
     assert "CPUExecutionProvider" in res.output and "parity" in res.output
     bad = CliRunner().invoke(main, ["--bundle", "/nonexistent/bundle"])
     assert bad.exit_code == 2 and "fix:" in bad.output
+
+
+def test_edgezo_compare_command(make_bundle):
+    from click.testing import CliRunner
+
+    from edgezo.cli import main as edgezo_main
+
+    r = CliRunner().invoke(edgezo_main, ["compare", "--bundle", str(make_bundle("lora")),
+                                         "--batch", "2", "--seq", "8", "--repeats", "1"])
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime CPUExecutionProvider" in r.output and "parity" in r.output
