@@ -90,9 +90,21 @@ class ZOEngine:
         cost), the projected gradients, and the estimator's extra fields (P3/P4's levels and
         ``mu_floor_hits``, DAP's signs).
         """
-        est = self.estimator.estimate(step, mu, self.perturber, evaluate)
+        fuse = self.params.inplace and getattr(self.optimizer, "fuses_restore", False)
+        self.perturber.defer_reset = fuse
+        try:
+            est = self.estimator.estimate(step, mu, self.perturber, evaluate)
+        finally:
+            self.perturber.defer_reset = False
         status = "ok" if est.finite else "skipped"
-        if status == "ok":
+        if fuse:
+            pending = self.perturber.take_pending()
+            if status == "ok":
+                self.optimizer.update(est.vectors, est.g, lr, pending=pending)
+            elif pending is not None:
+                self.perturber.vectors.move(pending[0], -pending[1], self.params.master,
+                                            self.params.master)
+        elif status == "ok":
             self.optimizer.update(est.vectors, est.g, lr)
         return {"step": step, "lr": lr, "mu": mu, "losses": est.losses, "g": est.g,
                 "status": status, **est.info}

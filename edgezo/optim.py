@@ -107,14 +107,33 @@ class ZOSGD(_Base):
         self.momentum = momentum
         self.buf = np.zeros(params.dim, dtype=np.float32) if momentum > 0 else None
 
-    def update(self, us: list[Vector], g: list[float], lr: float) -> None:
+    @property
+    def fuses_restore(self) -> bool:
+        """Plain ZO-SGD can fold an in-place restore into its update pass."""
+        return self.buf is None and not self.weight_decay
+
+    def update(self, us: list[Vector], g: list[float], lr: float,
+               pending: tuple[Vector, float] | None = None) -> None:
+        """θ ← θ − η·(1/q)Σ g_i u_i; ``pending`` = (u, c): θ is displaced by c·u, undo it too.
+
+        The pending restore is folded into the move along the same u (one pass instead of
+        two); training and replay both take this path, so replay stays bit-exact.
+        """
         theta = self.params.master
         gs = self.clipped(g)
         q = len(gs)
+        if pending is not None and not self.fuses_restore:
+            raise ValueError("only plain ZO-SGD takes a pending restore")
         self._decay(lr)
         if self.buf is None:
             for u, gi in zip(us, gs, strict=True):
-                self.vectors.move(u, -lr * gi / q, theta, theta)
+                coef = -lr * gi / q
+                if pending is not None and pending[0] == u:
+                    coef -= pending[1]
+                    pending = None
+                self.vectors.move(u, coef, theta, theta)
+            if pending is not None:
+                self.vectors.move(pending[0], -pending[1], theta, theta)
             return
         self.buf *= np.float32(self.momentum)
         for u, gi in zip(us, gs, strict=True):
@@ -139,6 +158,10 @@ class ZOSign(ZOSGD):
     """ZO-signSGD: θ ⊕ (−η·sign(ĝ)); with momentum β, −η·sign(m), m = β·m + ĝ (Signum)."""
 
     name = "sign"
+
+    @property
+    def fuses_restore(self) -> bool:
+        return False
 
     def update(self, us: list[Vector], g: list[float], lr: float) -> None:
         theta = self.params.master

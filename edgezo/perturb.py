@@ -116,6 +116,9 @@ class Perturber:
         self.vectors = VectorSource(params, directions)
         self._at: tuple[Vector, float] | None = None  # (u, c) currently applied
         self._feed_stale = False
+        # In place, the engine may defer the estimator's final reset() and fold the restore
+        # into the update's pass over the same direction (one pass over θ fewer per step).
+        self.defer_reset = False
 
     def to(self, u: Vector, c: float) -> None:
         """Make the next run evaluate θ ⊕ c·u."""
@@ -126,13 +129,27 @@ class Perturber:
             self._feed_stale = True
             return
         if self._at is not None and self._at[0] != u:
-            self.reset()
+            self._restore()
         cur = self._at[1] if self._at is not None else 0.0
         self.vectors.move(u, c - cur, p.master, p.master)
         self._at = (u, c)
 
     def reset(self) -> None:
-        """Leave the perturbed point: θ is restored (in place); the feed is refreshed lazily."""
+        """Leave the perturbed point: θ is restored (in place); the feed is refreshed lazily.
+
+        With ``defer_reset`` (in place only) θ stays displaced; :meth:`take_pending` hands the
+        displacement to the optimiser, which must undo it.
+        """
+        if self.defer_reset and self.params.inplace:
+            return
+        self._restore()
+
+    def take_pending(self) -> tuple[Vector, float] | None:
+        """The (u, c) θ is displaced by, now owned by the caller (deferred reset)."""
+        pending, self._at = self._at, None
+        return pending
+
+    def _restore(self) -> None:
         p = self.params
         if p.inplace and self._at is not None:
             u, c = self._at
@@ -143,7 +160,7 @@ class Perturber:
 
     def at_theta(self) -> None:
         """Make the next run evaluate θ itself (held-out evaluation, a shared base point)."""
-        self.reset()
+        self._restore()
         if self._feed_stale:
             self.params.sync_feed()
             self._feed_stale = False

@@ -84,3 +84,16 @@ def test_tampered_record_is_detected(bundle):
     rep.replay(records[0])
     with pytest.raises(CheckpointError, match="differ from those recomputed"):
         rep.replay(bad)
+
+
+def test_fused_inplace_update_matches_copy_mode(bundle):
+    # in place, plain SGD folds the restore into the update pass; the result must agree with
+    # the separate-buffer arithmetic up to float32 rounding (amplified a little over 20
+    # steps through the losses), and a skipped step must restore θ
+    copy, _, _ = run(bundle, EngineSettings(seed=4, inplace=False), steps=20)
+    fused, _, _ = run(bundle, EngineSettings(seed=4, inplace=True), steps=20)
+    np.testing.assert_allclose(fused.params.master, copy.params.master, atol=5e-4)
+    eng = ZOEngine(bundle, EngineSettings(seed=4, inplace=True))
+    before = eng.params.master.copy()
+    assert eng.step(0, 0.1, 1e-2, lambda: float("inf"))["status"] == "skipped"
+    np.testing.assert_allclose(eng.params.master, before, atol=1e-6)
