@@ -9,13 +9,15 @@ from .configio import from_dict, load_yaml
 from .directions import KINDS
 from .errors import ConfigError
 
-# Per trainable-mode defaults for the learning rate and the perturbation size μ.
-# LoRA and norms follow MeZO's reported ranges scaled for ZO-SGD with momentum on small
-# models; full-parameter values are MeZO's (papers.md §1).
-# Full parameters use plain ZO-SGD: a momentum buffer would double the memory of θ.
+# Per trainable-mode defaults for the learning rate, the perturbation size μ and momentum.
+# LoRA (r=8 on q/v of SmolLM2-135M, 460,800 values), measured on the sample notes, batch 8:
+# lr 1e-3 with momentum 0.9 diverges after ~50 steps (held-out 5.43 -> 16.5 at step 100),
+# 3e-4 lowers the held-out loss steadily (5.43 -> 5.35 at step 150), 1e-4 barely moves it.
+# Norms reuse LoRA's values (not yet tuned). Full parameters use MeZO's values (papers.md §1)
+# and plain ZO-SGD: a momentum buffer would double the memory of θ.
 MODE_DEFAULTS: dict[str, dict[str, float]] = {
-    "lora": {"lr": 1e-3, "mu": 1e-2, "momentum": 0.9},
-    "norms": {"lr": 1e-3, "mu": 1e-2, "momentum": 0.9},
+    "lora": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},
+    "norms": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},
     "full": {"lr": 1e-6, "mu": 1e-3, "momentum": 0.0},
 }
 
@@ -64,6 +66,9 @@ class FinetuneConfig:
     warmup_steps: int = _f(0, "linear warm-up steps")
     seed: int = _f(0, "run seed: directions and data order")
     eval_every: int = _f(50, "held-out evaluation every N steps (0: only before and after)")
+    divergence_tolerance: float = _f(
+        0.1, "roll back when the held-out loss rises this fraction above its best (0: never)")
+    max_rollbacks: int = _f(3, "rollbacks (each halves the learning rate) before giving up")
     eval_batch_size: int = _f(16, "examples per held-out evaluation batch")
     checkpoint_every: int | None = _f(
         None, "atomic checkpoint every N steps; default: the device profile's, else 25")
@@ -92,6 +97,10 @@ class FinetuneConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             problems.append(f"time_budget_s must be > 0 (or null), got {self.time_budget_s}")
+        if self.divergence_tolerance < 0:
+            problems.append(f"divergence_tolerance must be >= 0, got {self.divergence_tolerance}")
+        if self.max_rollbacks < 0:
+            problems.append(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
         for name in ("eval_every", "warmup_steps", "seed", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")

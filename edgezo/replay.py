@@ -19,6 +19,42 @@ def check_ledger_bundle(ledger: Ledger, bundle: Bundle) -> None:
         )
 
 
+def is_rollback(record: dict) -> bool:
+    return record.get("status") == "rollback"
+
+
+def rollback_record(step: int, to: int, lr_scale: float, reason: str) -> dict:
+    """A ledger record that returns θ (and optimiser state) to where they were after the
+    first ``to`` records; later steps use learning rates scaled by ``lr_scale``."""
+    return {"step": step, "lr": 0.0, "mu": 0.0, "losses": [], "g": [], "status": "rollback",
+            "to": to, "lr_scale": lr_scale, "reason": reason}
+
+
+def copy_state(src: ZOEngine, dst: ZOEngine) -> None:
+    dst.perturber.at_theta()
+    dst.params.master[:] = src.params.master
+    dst.optimizer.load_state(src.optimizer.state())
+
+
+def apply(engine: ZOEngine, records: list[dict], history: list[dict], progress=None) -> None:
+    """Replay ``records`` on ``engine``; ``history`` is the whole ledger up to and including
+    them, which a rollback record needs to rebuild the state it returns to."""
+    for rec in records:
+        if is_rollback(rec):
+            if not 0 <= rec["to"] < rec["step"]:
+                raise CheckpointError(
+                    f"ledger step {rec['step']}: rollback to {rec['to']} is out of range",
+                    "the ledger was edited; restore the run folder from a backup",
+                )
+            target = ZOEngine(engine.bundle, engine.settings)
+            apply(target, history[: rec["to"]], history)
+            copy_state(target, engine)
+        else:
+            engine.replay(rec)
+        if progress is not None:
+            progress(rec["step"])
+
+
 def replay(bundle: Bundle, ledger_path: str | Path, upto: int | None = None,
            progress=None) -> ZOEngine:
     """The engine after replaying ``upto`` steps (all by default) of the ledger."""
@@ -26,8 +62,5 @@ def replay(bundle: Bundle, ledger_path: str | Path, upto: int | None = None,
     check_ledger_bundle(ledger, bundle)
     engine = ZOEngine(bundle, EngineSettings.from_dict(ledger.header["engine"]))
     records = ledger.records if upto is None else ledger.records[:upto]
-    for rec in records:
-        engine.replay(rec)
-        if progress is not None:
-            progress(rec["step"])
+    apply(engine, records, ledger.records, progress)
     return engine

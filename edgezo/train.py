@@ -40,7 +40,7 @@ from .limits import session_limits
 from .optim import Schedule
 from .plan import optimizer_buffers
 from .profiles import load_profile
-from .replay import check_ledger_bundle
+from .replay import apply, check_ledger_bundle, is_rollback, rollback_record
 from .runner import LossRunner
 
 BATCH_INPUTS = ["input_ids", "attention_mask", "labels"]
@@ -204,12 +204,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                 f"{run.ledger} was written with other engine settings than {run.config}",
                 "do not edit a run's config.yaml; start a new run with another --out",
             )
-        start = restore(engine, ledger, run, bundle, log)
+        start, guard = restore(engine, ledger, run, bundle, log)
     else:
         ledger = Ledger.create(run.ledger, {"bundle": bundle.fingerprint,
                                             "bundle_path": str(bundle.path),
                                             "engine": settings.to_dict()})
-        start = 0
+        start, guard = 0, None
 
     log(f"edgezo: bundle {bundle.path} ({bundle.manifest.architecture.get('model_type')}, "
         f"mode {bundle.manifest.trainable_mode}): {len(bundle.manifest.trainable)} trainable "
@@ -238,8 +238,13 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     train_evals = sum(len(r["losses"]) for r in ledger.records)  # over the whole run
     stop_reason = "completed"
     last = before
+    # the divergence guard's reference point: from the checkpoint when resuming
+    best, best_step = guard if guard is not None else (before, start)
+    rollbacks = [r for r in ledger.records if is_rollback(r)]
+    lr_scale = float(np.prod([r["lr_scale"] for r in rollbacks])) if rollbacks else 1.0
     try:
-        for step in range(start, cfg.steps):
+        while len(ledger.records) < cfg.steps:
+            step = len(ledger.records)
             # a step boundary: the ledger and θ agree; stop here if the session must end
             reason = budget.exhausted(per_step) or (
                 "cancelled" if should_stop is not None and should_stop() else None)
@@ -247,7 +252,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                 stop_reason = reason
                 break
             batch = stream.batch(step)
-            record = engine.step(step, schedule(step), cfg.mu, lambda b=batch: runner.mean_loss(b))
+            record = engine.step(step, schedule(step) * lr_scale, cfg.mu,
+                                 lambda b=batch: runner.mean_loss(b))
             ledger.append(record)
             train_evals += len(record["losses"])
             budget.used += len(record["losses"])
@@ -263,28 +269,53 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                          "loss": float(np.mean(record["losses"])),
                          "evaluations": budget.used, "total_evaluations": train_evals,
                          **budget.left()})
-            if done % limits.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(engine, run, bundle, done)
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 engine.perturber.at_theta()
                 last = heldout_loss(runner, held, cfg.eval_batch_size, pad_id)
                 run.metric(kind="eval", step=done, heldout_loss=last)
                 if bar is None:
                     log(f"edgezo: step {done}/{cfg.steps} held-out loss {last:.4f}")
+                if diverged(last, best, cfg.divergence_tolerance):
+                    # roll θ back to the best held-out point, through the ledger, and halve lr
+                    why = (f"held-out loss {last:.4f} is above {1 + cfg.divergence_tolerance:g}"
+                           f" x its best {best:.4f} (step {best_step})")
+                    rec = rollback_record(len(ledger.records), best_step, 0.5, why)
+                    apply(engine, [rec], ledger.records + [rec])
+                    ledger.append(rec)
+                    rollbacks.append(rec)
+                    lr_scale *= 0.5
+                    last = best
+                    run.metric(kind="rollback", step=rec["step"], to=best_step,
+                               lr_scale=lr_scale, reason=why)
+                    save_checkpoint(engine, run, bundle, len(ledger.records), (best, best_step))
+                    log(f"edgezo: {why}: rolled back to step {best_step}, learning rate now "
+                        f"x{lr_scale:g}")
+                    if len(rollbacks) > cfg.max_rollbacks:
+                        stop_reason = "diverged"
+                        break
+                elif last < best:
+                    best, best_step = last, done
+            if done % limits.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(engine, run, bundle, len(ledger.records), (best, best_step))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(record['losses']):.3f}", heldout=f"{last:.3f}",
                                 evals=train_evals)
             elif done % max(1, cfg.steps // 10) == 0:
                 log(f"edgezo: step {done}/{cfg.steps} train loss {np.mean(record['losses']):.4f}")
-        if stop_reason != "completed":
-            save_checkpoint(engine, run, bundle, len(ledger.records))
+        if stop_reason == "diverged":
+            log(f"edgezo: stopped: the held-out loss diverged {len(rollbacks)} times although "
+                f"each rollback halved the learning rate (now x{lr_scale:g}); θ is at its best "
+                f"point (step {best_step}). Try a smaller lr or mu, more directions (q), or "
+                f"optimizer=adam; the ledger keeps every step")
+        elif stop_reason != "completed":
+            save_checkpoint(engine, run, bundle, len(ledger.records), (best, best_step))
             log(f"edgezo: {budget.why(stop_reason)}; stopped with a checkpoint at step "
                 f"{len(ledger.records)} of {cfg.steps} — continue next session with: "
                 f"edgezo finetune --resume --out {run.path}")
     except KeyboardInterrupt:
         stop_reason = "interrupted"
-        save_checkpoint(engine, run, bundle, len(ledger.records))
+        save_checkpoint(engine, run, bundle, len(ledger.records), (best, best_step))
         log(f"edgezo: interrupted; checkpoint at step {len(ledger.records)} — "
             f"continue with: edgezo finetune --resume --out {run.path}")
     finally:
@@ -314,17 +345,32 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     return summary
 
 
-def save_checkpoint(engine: ZOEngine, run: RunFolder, bundle: Bundle, step: int) -> None:
+def diverged(loss: float, best: float, tolerance: float) -> bool:
+    """Held-out loss non-finite, or above (1 + tolerance) x the best so far (0: guard off)."""
+    if tolerance <= 0:
+        return False
+    return not np.isfinite(loss) or loss > best * (1.0 + tolerance)
+
+
+def save_checkpoint(engine: ZOEngine, run: RunFolder, bundle: Bundle, step: int,
+                    guard: tuple[float, int]) -> None:
+    """θ, optimiser state, and the divergence guard's reference (best held-out loss, step)."""
     tensors = {"master": engine.params.master, **engine.optimizer.state()}
     save_tensors_atomic(run.checkpoint, tensors,
-                        metadata={"bundle": bundle.fingerprint, "step": str(step)})
+                        metadata={"bundle": bundle.fingerprint, "step": str(step),
+                                  "guard_best": repr(guard[0]), "guard_step": str(guard[1])})
 
 
-def restore(engine: ZOEngine, ledger: Ledger, run: RunFolder, bundle: Bundle, log) -> int:
-    """Bring the engine to the ledger's last step: checkpoint, then replay what follows it."""
-    step = 0
+def restore(engine: ZOEngine, ledger: Ledger, run: RunFolder, bundle: Bundle, log
+            ) -> tuple[int, tuple[float, int] | None]:
+    """Bring the engine to the ledger's last step: checkpoint, then replay what follows it.
+
+    Returns the step and the divergence guard's reference stored with the checkpoint.
+    """
+    step, guard = 0, None
     if run.checkpoint.is_file():
         tensors, step = load_checkpoint(run.checkpoint, bundle.fingerprint)
+        guard = checkpoint_guard(run.checkpoint)
         if step > len(ledger.records):
             raise CheckpointError(
                 f"{run.checkpoint} is at step {step} but the ledger ends at "
@@ -332,11 +378,20 @@ def restore(engine: ZOEngine, ledger: Ledger, run: RunFolder, bundle: Bundle, lo
             )
         engine.params.master[:] = tensors["master"]
         engine.optimizer.load_state(tensors)
-    for rec in ledger.records[step:]:
-        engine.replay(rec)
+    apply(engine, ledger.records[step:], ledger.records)
     log(f"edgezo: resumed at step {len(ledger.records)} (checkpoint {step}, "
         f"{len(ledger.records) - step} steps replayed from the ledger)")
-    return len(ledger.records)
+    return len(ledger.records), guard
+
+
+def checkpoint_guard(path: Path) -> tuple[float, int] | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    if "guard_best" not in meta:
+        return None
+    return float(meta["guard_best"]), int(meta["guard_step"])
 
 
 def _progress_bar(total: int, start: int, enabled: bool | None):
