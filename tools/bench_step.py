@@ -3,7 +3,8 @@
 For one bundle and batch shape it prints:
 
 - forward time (median over runs) of the loss graph at θ;
-- ZO step time (median over steps): perturbation, 2q forwards, update;
+- ZO step time (median over steps): perturbation, 2q forwards, update — forwards and steps
+  are timed interleaved in one process, so the shared machine's noise falls on both alike;
 - step ratio = step ÷ (forward evaluations per step × forward time): the overhead of ZO
   beyond its forward passes (1.00 = none);
 - peak RSS of a fine-tuning process vs an inference-only process on the same bundle and batch,
@@ -72,16 +73,18 @@ def child(args: argparse.Namespace) -> dict:
         engine = ZOEngine(bundle, settings)
         runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, opts)
         runner.losses(batch)  # warm-up
-        fwd = []
-        for _ in range(args.forwards):
-            t = time.perf_counter()
-            runner.losses(batch)
-            fwd.append(time.perf_counter() - t)
-        steps = []
-        for s in range(args.steps):
-            t = time.perf_counter()
-            engine.step(s, 1e-6, 1e-3, lambda: runner.mean_loss(batch))
-            steps.append(time.perf_counter() - t)
+        engine.step(0, 1e-6, 1e-3, lambda: runner.mean_loss(batch))
+        # forwards and steps interleaved, so the machine's noise falls on both alike
+        fwd, steps = [], []
+        for s in range(1, max(args.steps, args.forwards) + 1):
+            if s <= args.forwards:
+                t = time.perf_counter()
+                runner.losses(batch)
+                fwd.append(time.perf_counter() - t)
+            if s <= args.steps:
+                t = time.perf_counter()
+                engine.step(s, 1e-6, 1e-3, lambda: runner.mean_loss(batch))
+                steps.append(time.perf_counter() - t)
         out.update(forward_s=statistics.median(fwd), step_s=statistics.median(steps),
                    evals_per_step=engine.estimator.evals_per_step,
                    inplace=settings.inplace, trainable=engine.params.dim)
