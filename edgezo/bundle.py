@@ -217,6 +217,40 @@ class Bundle:
                 )
         return tensors
 
+    def trainable_values(self, path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+        """Trained tensors from a safetensors file (a run's ``trained.safetensors``), checked
+        to belong to this bundle and to match its shapes; ``None``: the initial values."""
+        if path is None:
+            return self.initial_trainable()
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"{path} does not exist", "pass a run's trained.safetensors")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                owner = (f.metadata() or {}).get("bundle")
+            values = load_file(str(path))
+        except Exception as e:  # safetensors raises several types on bad files
+            raise BundleError(f"cannot read {path}: {e}", "pass a .safetensors file") from None
+        if owner is not None and owner != self.fingerprint:
+            raise BundleError(
+                f"{path} was trained on bundle {owner}, not on {self.path} ({self.fingerprint})",
+                "pass the bundle the run used (see the run's ledger header)",
+            )
+        out: dict[str, np.ndarray] = {}
+        for spec in self.manifest.trainable:
+            v = values.get(spec.name)
+            if v is None or tuple(v.shape) != spec.shape:
+                got = None if v is None else tuple(v.shape)
+                raise BundleError(
+                    f"{path} has {spec.name} with shape {got}; the bundle needs {spec.shape}",
+                    "pass the tensors trained on this bundle",
+                )
+            out[spec.name] = np.ascontiguousarray(v, dtype=np.float32)
+        return out
+
     def tokenizer(self):
         """The bundle's ``tokenizers.Tokenizer`` (text tasks)."""
         from tokenizers import Tokenizer

@@ -37,36 +37,7 @@ PEFT_PREFIX = "base_model.model."
 
 def load_tensors(bundle, tensors: str | Path | None) -> dict[str, np.ndarray]:
     """The bundle's trainable tensors from ``tensors`` (or its initial values), checked."""
-    if tensors is None:
-        return bundle.initial_trainable()
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    path = Path(tensors)
-    if not path.is_file():
-        raise EdgezoError(f"{path} does not exist", "pass --tensors a run's trained.safetensors")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            owner = (f.metadata() or {}).get("bundle")
-        values = load_file(str(path))
-    except Exception as e:  # safetensors raises several types on bad files
-        raise EdgezoError(f"cannot read {path}: {e}", "pass a .safetensors file") from None
-    if owner is not None and owner != bundle.fingerprint:
-        raise EdgezoError(
-            f"{path} was trained on bundle {owner}, not on {bundle.path} ({bundle.fingerprint})",
-            "pass the bundle the run used (see the run's ledger header)",
-        )
-    out: dict[str, np.ndarray] = {}
-    for spec in bundle.manifest.trainable:
-        v = values.get(spec.name)
-        if v is None or tuple(v.shape) != spec.shape:
-            got = None if v is None else tuple(v.shape)
-            raise EdgezoError(
-                f"{path} has {spec.name} with shape {got}; the bundle needs {spec.shape}",
-                "pass the tensors trained on this bundle",
-            )
-        out[spec.name] = np.ascontiguousarray(v, dtype=np.float32)
-    return out
+    return bundle.trainable_values(tensors)
 
 
 def peft_config(manifest) -> dict:
