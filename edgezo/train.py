@@ -44,6 +44,7 @@ from .replay import apply, check_ledger_bundle, is_rollback, rollback_record
 from .runner import LossRunner
 
 BATCH_INPUTS = ["input_ids", "attention_mask", "labels"]
+MIN_PROGRESS = 1e-3  # a held-out loss counts as progress when 0.1% below the best so far
 
 
 @dataclass
@@ -240,6 +241,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     last = before
     # the divergence guard's reference point: from the checkpoint when resuming
     best, best_step = guard if guard is not None else (before, start)
+    warned_at = -1  # the best step a "no progress" warning was last given for
     rollbacks = [r for r in ledger.records if is_rollback(r)]
     lr_scale = float(np.prod([r["lr_scale"] for r in rollbacks])) if rollbacks else 1.0
     try:
@@ -293,8 +295,19 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                     if len(rollbacks) > cfg.max_rollbacks:
                         stop_reason = "diverged"
                         break
-                elif last < best:
+                elif last < best * (1.0 - MIN_PROGRESS):
                     best, best_step = last, done
+                elif done - best_step >= 2 * cfg.eval_every and not warned_at == best_step:
+                    warned_at = best_step  # once per stall
+                    note = (f"edgezo: no held-out progress in {done - best_step} steps "
+                            f"({(done - best_step) * per_step:g} forward evaluations; best "
+                            f"{best:.4f} at step {best_step}): try a larger lr (now "
+                            f"{schedule(step) * lr_scale:g}), more directions (q={cfg.q}), or "
+                            f"optimizer=adam")
+                    if bar is not None:
+                        bar.write(note)
+                    else:
+                        log(note)
             if done % limits.checkpoint_every == 0 or done == cfg.steps:
                 save_checkpoint(engine, run, bundle, len(ledger.records), (best, best_step))
             if bar is not None:

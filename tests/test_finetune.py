@@ -177,3 +177,12 @@ def test_rollbacks_survive_a_budget_stop_and_resume(lora_bundle, data, tmp_path)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     led = (tmp_path / "ref/ledger.jsonl").read_text()
     assert '"status": "rollback"' in led  # the comparison covered rollbacks
+
+
+def test_no_progress_warning(lora_bundle, data, tmp_path):
+    lines = []
+    # a learning rate too small to move the held-out loss: the run says so, once per stall
+    finetune(cfg(lora_bundle, data, tmp_path / "s", lr=1e-9, steps=30, eval_every=5),
+             log=lines.append, progress=False)
+    warnings = [x for x in lines if "no held-out progress" in x]
+    assert len(warnings) == 1 and "try a larger lr" in warnings[0]
