@@ -207,15 +207,21 @@ class Bundle:
             raise BundleError(
                 f"cannot read {path}: {e}", "re-export the bundle with `edgezo export`"
             ) from None
+        return self._checked(tensors, path, "re-export the bundle with `edgezo export`")
+
+    def _checked(self, values: dict[str, np.ndarray], path: Path, fix: str
+                 ) -> dict[str, np.ndarray]:
+        """``values`` as contiguous float32 arrays, one per trainable tensor of the manifest."""
+        out: dict[str, np.ndarray] = {}
         for spec in self.manifest.trainable:
-            t = tensors.get(spec.name)
-            if t is None or tuple(t.shape) != spec.shape:
-                got = None if t is None else tuple(t.shape)
+            v = values.get(spec.name)
+            if v is None or tuple(v.shape) != spec.shape:
+                got = None if v is None else tuple(v.shape)
                 raise BundleError(
-                    f"{path} has {spec.name} with shape {got}, the manifest says {spec.shape}",
-                    "re-export the bundle with `edgezo export`",
+                    f"{path} has {spec.name} with shape {got}; the bundle needs {spec.shape}", fix
                 )
-        return tensors
+            out[spec.name] = np.ascontiguousarray(v, dtype=np.float32)
+        return out
 
     def trainable_values(self, path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
         """Trained tensors from a safetensors file (a run's ``trained.safetensors``), checked
@@ -239,17 +245,7 @@ class Bundle:
                 f"{path} was trained on bundle {owner}, not on {self.path} ({self.fingerprint})",
                 "pass the bundle the run used (see the run's ledger header)",
             )
-        out: dict[str, np.ndarray] = {}
-        for spec in self.manifest.trainable:
-            v = values.get(spec.name)
-            if v is None or tuple(v.shape) != spec.shape:
-                got = None if v is None else tuple(v.shape)
-                raise BundleError(
-                    f"{path} has {spec.name} with shape {got}; the bundle needs {spec.shape}",
-                    "pass the tensors trained on this bundle",
-                )
-            out[spec.name] = np.ascontiguousarray(v, dtype=np.float32)
-        return out
+        return self._checked(values, path, "pass the tensors trained on this bundle")
 
     def tokenizer(self):
         """The bundle's ``tokenizers.Tokenizer`` (text tasks)."""
