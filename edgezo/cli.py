@@ -1,7 +1,7 @@
 """The ``edgezo`` command line.
 
-Runtime commands (finetune, eval, replay, plan, devices) never import torch; ``export`` imports the
-exporters (torch, transformers) only when it runs.
+Runtime commands (finetune, eval, generate, replay, plan, devices) never import torch; ``export``
+imports the exporters (torch, transformers) only when it runs.
 """
 
 from __future__ import annotations
@@ -202,6 +202,52 @@ def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
                       max_length=max_length, batch_size=batch_size, provider=provider)
     click.echo(f"loss {result['loss']:.4f} on {result['examples']} examples "
                f"(perplexity {result['perplexity']:.2f})")
+
+
+# -- generate ---------------------------------------------------------------------------------
+
+
+@main.command("generate")
+@click.option("--bundle", default=None, help="bundle folder (default: the run's, or SmolLM2-135M)")
+@click.option("--run", "run_dir", default=None, type=click.Path(),
+              help="a run folder: its bundle and trained tensors")
+@click.option("--tensors", default=None, type=click.Path(),
+              help="trained.safetensors (default: the run's, else the bundle's initial values)")
+@click.option("--prompt", required=True, help="text to continue")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy")
+@click.option("--top-k", default=None, type=int, help="sample among the k most likely tokens")
+@click.option("--top-p", default=None, type=float, help="nucleus sampling threshold")
+@click.option("--seed", default=0, show_default=True, help="sampling seed")
+@click.option("--max-length", default=256, show_default=True,
+              help="longest prefix fed to the model (older tokens are dropped)")
+@click.option("--compare", is_flag=True,
+              help="also print the continuation with the bundle's initial tensors")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@friendly_errors
+def generate_cmd(bundle, run_dir, tensors, prompt, max_new_tokens, temperature, top_k, top_p,
+                 seed, max_length, compare, provider):
+    """Continue --prompt with the personalised tensors (no KV cache: for short continuations)."""
+    import numpy as np
+
+    from .generate import TextGenerator, resolve
+    from .runner import RuntimeOptions
+
+    b, tensors = resolve(bundle, tensors, run_dir)
+    gen = TextGenerator(b, RuntimeOptions(provider=provider))
+
+    def run(t):
+        gen.load(t)
+        return gen.generate(prompt, max_new_tokens, temperature, top_k, top_p,
+                            np.random.default_rng(seed), max_length=max_length)
+
+    out = run(tensors)
+    if not compare:
+        click.echo(out.text)
+        return
+    base = run(None)
+    click.echo(f"trained ({tensors or 'initial tensors'}):\n{out.text}")
+    click.echo(f"initial (bundle {b.path}):\n{base.text}")
 
 
 # -- replay -----------------------------------------------------------------------------------

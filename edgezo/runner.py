@@ -163,5 +163,30 @@ class LossRunner:
             parts.append(self.io.copy_outputs_to_cpu()[0])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def next_logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Next-token logits (float32 [batch, vocab]) at each row's last attended position,
+        at the current ``params.feed``: the graph's ``next_logits`` output (``edgezo generate``).
+
+        Uses its own binding, so the training path keeps binding ``loss`` alone; not counted as
+        a training evaluation.
+        """
+        if "next_logits" not in {o.name for o in self.session.get_outputs()}:
+            raise BundleError(
+                "this bundle's graph has no `next_logits` output (it was exported by an older "
+                "edgezo), so it cannot generate text",
+                "re-export the bundle with `edgezo export` of this edgezo version",
+            )
+        for ov, view in self._device_values:
+            ov.update_inplace(view)
+        io = self.session.io_binding()
+        for name, ov in zip(self.params.feed_views(), self._bound, strict=True):
+            io.bind_ortvalue_input(name, ov)
+        for name in self.batch_inputs:
+            io.bind_cpu_input(name, np.ascontiguousarray(batch[name]))
+        io.bind_output("next_logits")
+        self.session.run_with_iobinding(io)
+        self.forward_calls += 1
+        return io.copy_outputs_to_cpu()[0]
+
     def mean_loss(self, batch: dict[str, np.ndarray]) -> float:
         return float(np.mean(self.losses(batch), dtype=np.float64))

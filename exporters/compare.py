@@ -97,7 +97,7 @@ def torch_row(
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            loss, median = _time(lambda: graph(*batch, values).numpy(), repeats)
+            loss, median = _time(lambda: graph(*batch, values)[0].numpy(), repeats)
     finally:
         torch.set_num_threads(before)
     label = "pytorch (fp32 reference)" if m.quantization else "pytorch"

@@ -19,7 +19,7 @@ from .bundle_writer import check_destination, staged_bundle
 from .deps import versions
 from .load import LoadedModel, load_causal_lm
 from .loss import CausalLMLossGraph
-from .onnx_export import OPSET, batch_input_specs, export_loss_graph, save_model
+from .onnx_export import OPSET, batch_input_specs, export_loss_graph, output_specs, save_model
 from .quantize import QUANT_RTOL, check_quant_args, quantize_model, scales_to_inputs
 from .trainables import LoraSettings, select_trainables
 from .validate import (
@@ -227,6 +227,7 @@ def export_causal_lm(
             architecture=_architecture_dict(loaded, num_parameters),
             trainable_mode=mode,
             inputs=batch_input_specs(),
+            outputs=output_specs(),
             trainable=specs,
             tokenizer=tok_spec,
             lora=lora.to_json() if lora else None,

@@ -58,8 +58,20 @@ def causal_lm_loss(
     return nll.sum(dim=-1) / count
 
 
+def last_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The logits at each example's last attended position, float32 ``[batch, vocab]``.
+
+    The position is ``attention_mask.sum(1) - 1`` (right padding); these are the next-token
+    logits that ``edgezo generate`` samples from.
+    """
+    last = (attention_mask.sum(dim=-1) - 1).clamp(min=0)
+    index = last.view(-1, 1, 1).expand(-1, 1, logits.size(-1))
+    return logits.float().gather(1, index).squeeze(1)
+
+
 class CausalLMLossGraph(nn.Module):
-    """``forward(input_ids, attention_mask, labels, trainables) -> loss [batch]``.
+    """``forward(input_ids, attention_mask, labels, trainables) -> (loss [batch],
+    next_logits [batch, vocab])``.
 
     ``trainables`` is a list of tensors in the order of ``names`` (state-dict keys of
     ``model``); they replace the model's parameters for the call.
@@ -101,10 +113,10 @@ class CausalLMLossGraph(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         trainables: list[torch.Tensor],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         kw = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self.pass_position_ids:
             kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with self._substituted(trainables):
             logits = self.model(**kw).logits
-        return causal_lm_loss(logits, labels, attention_mask)
+        return causal_lm_loss(logits, labels, attention_mask), last_logits(logits, attention_mask)

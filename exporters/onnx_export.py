@@ -31,6 +31,9 @@ from .loss import CausalLMLossGraph
 
 OPSET = 21
 BATCH_INPUTS = ("input_ids", "attention_mask", "labels")
+#: graph outputs: ``loss`` for training, ``next_logits`` (logits at each example's last attended
+#: position) for ``edgezo generate``
+OUTPUTS = (("loss", ("batch",)), ("next_logits", ("batch", "vocab")))
 EXTERNAL_DATA = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of initializers above which weights go external
 
@@ -38,6 +41,11 @@ EXTERNAL_DATA_THRESHOLD = 256 * 2**20  # bytes of initializers above which weigh
 def batch_input_specs() -> list[InputSpec]:
     """The manifest's ``inputs``: three int64 ``[batch, sequence]`` tensors."""
     return [InputSpec(n, "int64", ("batch", "sequence")) for n in BATCH_INPUTS]
+
+
+def output_specs() -> list[InputSpec]:
+    """The manifest's ``outputs``: the per-example loss and the next-token logits."""
+    return [InputSpec(n, "float32", shape) for n, shape in OUTPUTS]
 
 
 def dummy_batch(vocab_size: int, pad_token_id: int, generator: torch.Generator):
@@ -71,6 +79,7 @@ def export_loss_graph(
     input_names = [*BATCH_INPUTS, *(s.name for s in trainables)]
     dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in BATCH_INPUTS}
     dynamic_axes["loss"] = {0: "batch"}
+    dynamic_axes["next_logits"] = {0: "batch"}
     args = (*dummy_batch(vocab_size, pad_token_id, generator), list(values))
     raw_dir = path.parent / "_raw"  # a >2 GB graph comes out with scattered external files
     raw_dir.mkdir()
@@ -83,7 +92,7 @@ def export_loss_graph(
             str(raw),
             dynamo=False,
             input_names=input_names,
-            output_names=["loss"],
+            output_names=[n for n, _ in OUTPUTS],
             dynamic_axes=dynamic_axes,
             opset_version=OPSET,
             do_constant_folding=True,
@@ -143,9 +152,13 @@ def check_signature(model: onnx.ModelProto, trainables: list[TensorSpec]) -> Non
             "this is an exporter bug; report it with the model you exported",
         )
     outs = [(o.name, o.type.tensor_type.elem_type, _dims(o)) for o in model.graph.output]
-    if outs != [("loss", onnx.TensorProto.FLOAT, ("batch",))]:
+    if [(n, t, d[:1]) for n, t, d in outs] != [
+        ("loss", onnx.TensorProto.FLOAT, ("batch",)),
+        ("next_logits", onnx.TensorProto.FLOAT, ("batch",)),
+    ] or len(outs[1][2]) != 2:
         raise EdgezoError(
-            f"the exported graph's outputs are {outs}, expected one float `loss` [batch]",
+            f"the exported graph's outputs are {outs}, expected float `loss` [batch] and "
+            "float `next_logits` [batch, vocab]",
             "this is an exporter bug; report it with the model you exported",
         )
 

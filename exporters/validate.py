@@ -91,9 +91,9 @@ def check_parity(
     tolerance: float,
 ) -> dict[str, Any]:
     """ORT vs PyTorch loss; the manifest's ``parity`` dict, or an :class:`EdgezoError`."""
-    (onnx_loss,) = session.run(["loss"], make_feeds(batch, specs, point))
+    onnx_loss, onnx_logits = session.run(["loss", "next_logits"], make_feeds(batch, specs, point))
     with torch.no_grad():
-        torch_loss = graph(*batch, list(point)).numpy()
+        torch_loss, torch_logits = (t.numpy() for t in graph(*batch, list(point)))
     if onnx_loss.shape != torch_loss.shape or not np.all(np.isfinite(onnx_loss)):
         raise EdgezoError(
             f"the ONNX loss is {onnx_loss!r} (shape {onnx_loss.shape}), PyTorch gives "
@@ -101,8 +101,16 @@ def check_parity(
             "this is an exporter bug; report it with the model you exported",
         )
     diff = float(np.max(np.abs(onnx_loss.astype(np.float64) - torch_loss)))
+    if onnx_logits.shape != torch_logits.shape or not np.all(np.isfinite(onnx_logits)):
+        raise EdgezoError(
+            f"the ONNX next_logits have shape {onnx_logits.shape} (finite: "
+            f"{bool(np.all(np.isfinite(onnx_logits)))}), PyTorch's {torch_logits.shape}",
+            "this is an exporter bug; report it with the model you exported",
+        )
+    logits_diff = float(np.max(np.abs(onnx_logits.astype(np.float64) - torch_logits)))
     parity = {
         "max_abs_diff": diff,
+        "next_logits_max_abs_diff": logits_diff,
         "tolerance": tolerance,
         "batch_shape": list(batch[0].shape),
         "torch_loss": [round(float(x), 6) for x in torch_loss],
@@ -113,6 +121,14 @@ def check_parity(
             f"parity check failed: ONNX Runtime and PyTorch losses differ by {diff:.3g} "
             f"(tolerance {tolerance:g}) on a batch of shape {list(batch[0].shape)}; "
             f"PyTorch {torch_loss.tolist()}, ONNX {onnx_loss.tolist()}",
+            "the exported graph is not faithful; no bundle was written. Report the model, or "
+            "pass a larger --tolerance only if you understand the difference",
+        )
+    if not logits_diff <= tolerance:
+        raise EdgezoError(
+            f"parity check failed: ONNX Runtime and PyTorch next-token logits differ by "
+            f"{logits_diff:.3g} (tolerance {tolerance:g}) on a batch of shape "
+            f"{list(batch[0].shape)}",
             "the exported graph is not faithful; no bundle was written. Report the model, or "
             "pass a larger --tolerance only if you understand the difference",
         )

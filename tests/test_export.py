@@ -87,9 +87,11 @@ def test_bundle_loads_and_graph_matches_manifest(make_bundle, mode):
     assert got == expected
     assert [i.name for i in graph.input][:3] == ["input_ids", "attention_mask", "labels"]
     assert [(o.name, ONNX_DTYPES[o.type.tensor_type.elem_type]) for o in graph.output] == [
-        ("loss", "float32")
+        ("loss", "float32"),
+        ("next_logits", "float32"),
     ]
-    assert [s.name for s in m.outputs] == ["loss"]
+    assert [s.name for s in m.outputs] == ["loss", "next_logits"]
+    assert m.parity["next_logits_max_abs_diff"] <= m.parity["tolerance"]
     frozen = {t.name for t in graph.initializer}
     assert not frozen & {s.name for s in m.trainable}
 
@@ -301,8 +303,8 @@ def test_parity_failure_leaves_nothing(tiny_hf_dir, tmp_path, monkeypatch):
     forward = CausalLMLossGraph.forward
 
     def drifting(self, *args):
-        loss = forward(self, *args)
-        return loss if torch.jit.is_tracing() else loss + 0.01
+        loss, logits = forward(self, *args)
+        return (loss, logits) if torch.jit.is_tracing() else (loss + 0.01, logits)
 
     monkeypatch.setattr(CausalLMLossGraph, "forward", drifting)
     out = tmp_path / "bad"
