@@ -29,6 +29,34 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 256,
         "tie_word_embeddings": True,
     },
+    "qwen2": {
+        "bos_token_id": 1,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+    "gpt2": {
+        "bos_token_id": 1,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 256,
+        "tie_word_embeddings": True,
+    },
+    "opt": {
+        "bos_token_id": 1,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "ffn_dim": 64,
+        "word_embed_proj_dim": 32,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -56,8 +84,7 @@ def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0):
         vocab_size=vocab_size,
         pad_token_id=0,
         eos_token_id=1,
-        bos_token_id=None,
-        **TINY_CONFIGS[model_type],
+        **{"bos_token_id": None, **TINY_CONFIGS[model_type]},
     )
     with torch.random.fork_rng(devices=[]):  # from_config draws from the global generator
         model = AutoModelForCausalLM.from_config(config)

@@ -2,14 +2,13 @@
 exported in every trainable mode and must pass the exporter's own validation (ONNX vs PyTorch
 parity, the model's own Hugging Face loss, sensitivity), then match Hugging Face's loss here.
 
-A registered ``model_type`` without a tiny config (here or in ``conftest.TINY_CONFIGS``) fails
+A registered ``model_type`` without a tiny config in ``conftest.TINY_CONFIGS`` fails
 ``test_export.py::test_every_architecture_has_a_tiny_test_model``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,39 +18,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import build_tiny_tokenizer  # noqa: E402
+from conftest import TINY_CONFIGS, build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 from edgezo.bundle import load_bundle  # noqa: E402
 from exporters import export_causal_lm  # noqa: E402
-
-#: Tiny configs of the architectures the conftest does not build (Hugging Face field names).
-ARCH_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2": {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": True,
-    },
-    "gpt2": {
-        "n_embd": 32,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 256,
-        "tie_word_embeddings": True,
-    },
-    "opt": {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "ffn_dim": 64,
-        "word_embed_proj_dim": 32,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": True,
-    },
-}
 
 #: (model_type, mode) -> (trainable tensor count, a name that must be among them)
 EXPECTED = {
@@ -64,30 +34,7 @@ EXPECTED = {
 }
 
 
-def build_arch_model(model_type: str, vocab_size: int, seed: int = 0):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-        **ARCH_CONFIGS[model_type],
-    )
-    with torch.random.fork_rng(devices=[]):
-        model = AutoModelForCausalLM.from_config(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.1))
-    return model.eval()
-
-
-@pytest.fixture(scope="module", params=sorted(ARCH_CONFIGS))
+@pytest.fixture(scope="module", params=sorted(set(TINY_CONFIGS) - {"llama"}))
 def arch_dir(request, tmp_path_factory) -> tuple[str, Path]:
     from transformers import PreTrainedTokenizerFast
 
@@ -97,7 +44,7 @@ def arch_dir(request, tmp_path_factory) -> tuple[str, Path]:
     PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     ).save_pretrained(folder)
-    build_arch_model(model_type, tok.get_vocab_size()).save_pretrained(folder)
+    build_tiny_model(model_type, tok.get_vocab_size()).save_pretrained(folder)
     return model_type, folder
 
 
