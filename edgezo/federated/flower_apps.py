@@ -1,0 +1,258 @@
+"""Flower adapters: a ``ServerApp`` and a ``ClientApp`` (Message API) around the pure core.
+
+Each protocol message travels as one ``ConfigRecord`` named ``"edgezo"`` inside the message's
+``RecordDict``: ints, floats, strings and lists of them, no ``ArrayRecord`` — no tensor ever
+crosses the wire. The server samples ``fraction`` of the connected nodes (at least
+``min-clients``, waiting up to ``wait-s`` for them), gives each round ``round-timeout-s``
+and goes on with the replies it has: a node that drops out, errs or times out simply
+contributes nothing, and a bad reply is rejected by :class:`FederationServer` with a reason.
+
+Configuration (``[tool.flwr.app.config]`` of a Flower app, ``--run-config``, or the dict given to
+:func:`make_server_app` / :func:`make_client_app`); a node's ``--node-config`` overrides
+``bundle``/``data`` and names its ``partition-id`` / ``num-partitions``:
+
+    bundle, data, eval-data, out, client-state, rounds, local-steps, lr, mu, batch-size,
+    pool-size, fraction, min-clients, seed, max-length, round-timeout-s, wait-s, threads,
+    drop ("PID@ROUND,..." makes partition PID fail in ROUND: a simulated dropout)
+
+``flwr`` is imported here only; ``pip install 'edgezo[federated]'`` provides it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..bundle import load_bundle
+from ..errors import ConfigError
+from .client import FederationClient, split_examples
+from .protocol import FedSettings
+from .server import FederationServer
+
+DEFAULTS: dict[str, Any] = {
+    "bundle": "", "data": "", "eval-data": "", "out": "runs/federate", "client-state": "",
+    "rounds": 5, "local-steps": 4, "lr": 1e-3, "mu": 1e-3, "batch-size": 4, "pool-size": 64,
+    "fraction": 1.0, "min-clients": 1, "seed": 0, "max-length": 64, "round-timeout-s": 600.0,
+    "wait-s": 60.0, "threads": 1, "drop": "",
+}
+RECORD = "edgezo"
+
+
+def require_flwr():
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise ConfigError("Flower (flwr) is not installed, so the federation cannot run",
+                          "pip install 'edgezo[federated]'") from None
+
+
+def fed_settings(cfg: dict[str, Any]) -> FedSettings:
+    return FedSettings(seed=int(cfg["seed"]), rounds=int(cfg["rounds"]),
+                       local_steps=int(cfg["local-steps"]), lr=float(cfg["lr"]),
+                       mu=float(cfg["mu"]), batch_size=int(cfg["batch-size"]),
+                       pool_size=int(cfg["pool-size"]), fraction=float(cfg["fraction"]),
+                       min_clients=int(cfg["min-clients"]))
+
+
+def _merged(base: dict[str, Any], *more: Any) -> dict[str, Any]:
+    cfg = dict(DEFAULTS)
+    cfg.update(base)
+    for m in more:
+        cfg.update({k: v for k, v in dict(m or {}).items()})
+    unknown = sorted(set(cfg) - set(DEFAULTS) - {"partition-id", "num-partitions"})
+    if unknown:
+        raise ConfigError(f"unknown federation config keys: {unknown}",
+                          f"use only: {', '.join(sorted(DEFAULTS))}")
+    return cfg
+
+
+def _drops(spec: str) -> set[tuple[int, int]]:
+    out = set()
+    for part in filter(None, (p.strip() for p in str(spec).split(","))):
+        pid, _, rnd = part.partition("@")
+        out.add((int(pid), int(rnd)))
+    return out
+
+
+def _short(reason: str) -> str:
+    """The last line of a remote traceback (the exception and its message)."""
+    lines = [x.strip() for x in str(reason).splitlines() if x.strip()]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
+def record_bytes(content) -> int:
+    """Serialized size of a message's RecordDict (Flower's protobuf), as sent on the wire."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).ByteSize()
+
+
+# -- server -----------------------------------------------------------------------------------
+
+
+def make_server_app(config: dict[str, Any] | None = None):
+    """A ``ServerApp`` running the seed federation (``config`` under the run config)."""
+    require_flwr()
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        cfg = _merged(config or {}, context.run_config)
+        run_server(grid, cfg, ConfigRecord, Message, RecordDict)
+
+    return app
+
+
+def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> dict:  # noqa: N803
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    bundle = load_bundle(cfg["bundle"])
+    fed = fed_settings(cfg)
+    server = FederationServer(bundle, fed, out / "ledger.jsonl", log=log)
+    evaluate = None
+    if cfg["eval-data"]:
+        from .loop import HeldoutEval, load_examples
+
+        evaluate = HeldoutEval(server.model, load_examples(bundle, cfg["eval-data"],
+                                                           int(cfg["max-length"])),
+                               threads=int(cfg["threads"]))
+    deadline = time.monotonic() + float(cfg["wait-s"])
+    while len(list(grid.get_node_ids())) < fed.min_clients and time.monotonic() < deadline:
+        time.sleep(0.5)
+    before = evaluate() if evaluate else None
+    if before is not None:
+        log(f"edgezo federate: held-out loss before: {before:.4f}")
+    history = []
+
+    def exchange(train: bool) -> list[tuple[str, dict | None, str | None, int, int]]:
+        nodes = [str(n) for n in grid.get_node_ids()]
+        chosen = server.sample(nodes) if train else sorted(nodes)
+        msgs, down = [], {}
+        for cid in chosen:
+            content = RecordDict({RECORD: ConfigRecord(server.instructions(cid, train))})
+            down[cid] = record_bytes(content)
+            msgs.append(Message(content, dst_node_id=int(cid), message_type="train",
+                                group_id=str(server.round)))
+        got = []
+        for rep in grid.send_and_receive(msgs, timeout=float(cfg["round-timeout-s"])):
+            sender = str(rep.metadata.src_node_id)
+            if rep.has_error():
+                got.append((sender, None, f"client error: {_short(rep.error.reason)}", 0,
+                            down[sender]))
+            elif RECORD not in rep.content.config_records:
+                got.append((sender, None, f"malformed: no {RECORD!r} record", 0, down[sender]))
+            else:
+                reply = {k: (list(v) if isinstance(v, list) else v)
+                         for k, v in rep.content.config_records[RECORD].items()}
+                got.append((sender, reply, None, record_bytes(rep.content), down[sender]))
+        for cid in set(chosen) - {g[0] for g in got}:
+            got.append((cid, None, "no reply before the round timeout (dropped)", 0, down[cid]))
+        return got
+
+    for _ in range(fed.rounds):
+        r = server.begin_round()
+        up, down = {}, {}
+        for sender, reply, error, nup, ndown in exchange(train=True):
+            down[sender] = ndown
+            if error is not None:
+                server.reject(sender, error)
+                continue
+            up[sender] = nup
+            server.submit(reply, sender=sender)
+        rec = server.finish_round()
+        held = evaluate() if evaluate else None
+        row = {"round": r, "status": rec["status"], "accepted": rec["clients"],
+               "rejected": [list(x) for x in server.rejections], "up_bytes": up,
+               "down_bytes": down, "heldout": held}
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        history.append(row)
+        log(f"edgezo federate: round {r}: "
+            + (f"held-out loss {held:.4f}, " if held is not None else "")
+            + f"{rec['clients']} accepted, {len(server.rejections)} rejected; upload "
+            f"{max(up.values(), default=0)} B/client, download {max(down.values(), default=0)}"
+            " B/client")
+
+    server.begin_round()  # no training: every client catches up to the final θ
+    synced = {}
+    for sender, reply, error, _, _ in exchange(train=False):
+        synced[sender] = error if error is not None else server.confirm(reply, sender)
+    same = sum(v is None for v in synced.values())
+    log(f"edgezo federate: {same}/{len(synced)} clients hold the server's final tensors bit "
+        "for bit" + "".join(f"; {c}: {why}" for c, why in synced.items() if why))
+    from ..checkpoint import save_tensors_atomic
+
+    save_tensors_atomic(out / "trained.safetensors", server.model.engine.params.state_dict(),
+                        metadata={"bundle": bundle.fingerprint,
+                                  "step": str(server.ledger_rounds)})
+    summary = {"rounds": server.ledger_rounds, "heldout_before": before,
+               "heldout": [h["heldout"] for h in history], "history": history,
+               "synced": synced, "digest": server.model.digest()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    metrics.close()
+    server.close()
+    return summary
+
+
+# -- client -----------------------------------------------------------------------------------
+
+_CLIENTS: dict[tuple, FederationClient] = {}  # per process (a Ray actor or a SuperNode)
+
+
+def make_client_app(config: dict[str, Any] | None = None):
+    """A ``ClientApp`` that answers the seed federation's instructions."""
+    require_flwr()
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        cfg = _merged(config or {}, context.run_config, context.node_config)
+        pid = int(cfg.get("partition-id", 0))
+        count = int(cfg.get("num-partitions", 1))
+        ins = msg.content.config_records.get(RECORD)
+        rnd = ins.get("round", -1) if ins is not None else -1
+        if (pid, rnd) in _drops(cfg["drop"]) and ins.get("local_steps", 0):
+            raise RuntimeError(f"simulated dropout of partition {pid} in round {rnd}")
+        client = _client(cfg, str(context.node_id), pid, count)
+        reply = client.handle({k: (list(v) if isinstance(v, list) else v)
+                               for k, v in (ins or {}).items()})
+        return Message(RecordDict({RECORD: ConfigRecord(reply)}), reply_to=msg)
+
+    return app
+
+
+def _client(cfg: dict[str, Any], node: str, pid: int, count: int) -> FederationClient:
+    key = (node, cfg["bundle"], cfg["data"], pid, count, cfg["client-state"])
+    if key in _CLIENTS and _CLIENTS[key].stale():
+        _CLIENTS.pop(key).close()  # another worker process moved this node's state on
+    if key not in _CLIENTS:
+        from .loop import load_examples
+
+        bundle = load_bundle(cfg["bundle"])
+        examples = load_examples(bundle, cfg["data"], int(cfg["max-length"]))
+        state = Path(cfg["client-state"]) / f"node-{node}" if cfg["client-state"] else None
+        _CLIENTS[key] = FederationClient(bundle, node, split_examples(examples, pid, count),
+                                         state_dir=state, threads=int(cfg["threads"]))
+    return _CLIENTS[key]
+
+
+def __getattr__(name: str):
+    """``server_app`` / ``client_app`` for ``flwr run`` (config from the run config)."""
+    if name == "server_app":
+        return make_server_app()
+    if name == "client_app":
+        return make_client_app()
+    raise AttributeError(name)
