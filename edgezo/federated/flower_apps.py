@@ -20,7 +20,6 @@ Configuration (``[tool.flwr.app.config]`` of a Flower app, ``--run-config``, or 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from typing import Any
 from ..bundle import load_bundle
 from ..errors import ConfigError
 from .client import FederationClient, split_examples
-from .protocol import FedSettings
+from .loop import HeldoutEval, RoundReport, load_examples, write_summary
+from .protocol import FedSettings, parse_drops
 from .server import FederationServer
 
 DEFAULTS: dict[str, Any] = {
@@ -68,14 +68,6 @@ def _merged(base: dict[str, Any], *more: Any) -> dict[str, Any]:
     return cfg
 
 
-def _drops(spec: str) -> set[tuple[int, int]]:
-    out = set()
-    for part in filter(None, (p.strip() for p in str(spec).split(","))):
-        pid, _, rnd = part.partition("@")
-        out.add((int(pid), int(rnd)))
-    return out
-
-
 def _short(reason: str) -> str:
     """The last line of a remote traceback (the exception and its message)."""
     lines = [x.strip() for x in str(reason).splitlines() if x.strip()]
@@ -111,7 +103,6 @@ def make_server_app(config: dict[str, Any] | None = None):
 def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> dict:  # noqa: N803
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -121,8 +112,6 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
     server = FederationServer(bundle, fed, out / "ledger.jsonl", log=log)
     evaluate = None
     if cfg["eval-data"]:
-        from .loop import HeldoutEval, load_examples
-
         evaluate = HeldoutEval(server.model, load_examples(bundle, cfg["eval-data"],
                                                            int(cfg["max-length"])),
                                threads=int(cfg["threads"]))
@@ -132,7 +121,6 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
     before = evaluate() if evaluate else None
     if before is not None:
         log(f"edgezo federate: held-out loss before: {before:.4f}")
-    history = []
 
     def exchange(train: bool) -> list[tuple[str, dict | None, str | None, int, int]]:
         nodes = [str(n) for n in grid.get_node_ids()]
@@ -159,6 +147,7 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
             got.append((cid, None, "no reply before the round timeout (dropped)", 0, down[cid]))
         return got
 
+    reports = []
     for _ in range(fed.rounds):
         r = server.begin_round()
         up, down = {}, {}
@@ -170,18 +159,10 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
             up[sender] = nup
             server.submit(reply, sender=sender)
         rec = server.finish_round()
-        held = evaluate() if evaluate else None
-        row = {"round": r, "status": rec["status"], "accepted": rec["clients"],
-               "rejected": [list(x) for x in server.rejections], "up_bytes": up,
-               "down_bytes": down, "heldout": held}
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        history.append(row)
-        log(f"edgezo federate: round {r}: "
-            + (f"held-out loss {held:.4f}, " if held is not None else "")
-            + f"{rec['clients']} accepted, {len(server.rejections)} rejected; upload "
-            f"{max(up.values(), default=0)} B/client, download {max(down.values(), default=0)}"
-            " B/client")
+        rep = RoundReport(r, rec["status"], rec["clients"], list(server.rejections), up, down,
+                          evaluate() if evaluate else None)
+        reports.append(rep)
+        log(f"edgezo federate: {rep.line()}")
 
     server.begin_round()  # no training: every client catches up to the final θ
     synced = {}
@@ -190,16 +171,7 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
     same = sum(v is None for v in synced.values())
     log(f"edgezo federate: {same}/{len(synced)} clients hold the server's final tensors bit "
         "for bit" + "".join(f"; {c}: {why}" for c, why in synced.items() if why))
-    from ..checkpoint import save_tensors_atomic
-
-    save_tensors_atomic(out / "trained.safetensors", server.model.engine.params.state_dict(),
-                        metadata={"bundle": bundle.fingerprint,
-                                  "step": str(server.ledger_rounds)})
-    summary = {"rounds": server.ledger_rounds, "heldout_before": before,
-               "heldout": [h["heldout"] for h in history], "history": history,
-               "synced": synced, "digest": server.model.digest()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    metrics.close()
+    summary = write_summary(out, server, before, reports, synced)
     server.close()
     return summary
 
@@ -224,7 +196,7 @@ def make_client_app(config: dict[str, Any] | None = None):
         count = int(cfg.get("num-partitions", 1))
         ins = msg.content.config_records.get(RECORD)
         rnd = ins.get("round", -1) if ins is not None else -1
-        if (pid, rnd) in _drops(cfg["drop"]) and ins.get("local_steps", 0):
+        if (pid, rnd) in parse_drops(cfg["drop"]) and ins.get("local_steps", 0):
             raise RuntimeError(f"simulated dropout of partition {pid} in round {rnd}")
         client = _client(cfg, str(context.node_id), pid, count)
         reply = client.handle({k: (list(v) if isinstance(v, list) else v)
@@ -239,8 +211,6 @@ def _client(cfg: dict[str, Any], node: str, pid: int, count: int) -> FederationC
     if key in _CLIENTS and _CLIENTS[key].stale():
         _CLIENTS.pop(key).close()  # another worker process moved this node's state on
     if key not in _CLIENTS:
-        from .loop import load_examples
-
         bundle = load_bundle(cfg["bundle"])
         examples = load_examples(bundle, cfg["data"], int(cfg["max-length"]))
         state = Path(cfg["client-state"]) / f"node-{node}" if cfg["client-state"] else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,11 @@ class RoundReport:
     heldout: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def row(self) -> dict[str, Any]:
+        return {"round": self.round, "status": self.status, "accepted": self.accepted,
+                "rejected": [list(x) for x in self.rejected], "up_bytes": self.up_bytes,
+                "down_bytes": self.down_bytes, "heldout": self.heldout}
+
     def line(self) -> str:
         up = max(self.up_bytes.values()) if self.up_bytes else 0
         down = max(self.down_bytes.values()) if self.down_bytes else 0
@@ -84,6 +90,7 @@ def run_rounds(server: FederationServer, clients: dict[str, FederationClient], r
             ins = server.instructions(cid)
             down[cid] = payload_bytes(ins)
             if drop is not None and drop(r, cid):
+                server.reject(cid, "no reply (dropped out)")
                 continue
             reply = clients[cid].handle(json.loads(json.dumps(ins)))
             wire = json.loads(json.dumps(reply))
@@ -109,6 +116,24 @@ def sync_all(server: FederationServer, clients: dict[str, FederationClient]
         ins = json.loads(json.dumps(server.instructions(cid, train=False)))
         out[cid] = server.confirm(json.loads(json.dumps(client.handle(ins))), sender=cid)
     return out
+
+
+def write_summary(out: Path, server: FederationServer, before: float | None,
+                  reports: list[RoundReport], synced: dict[str, str | None]) -> dict[str, Any]:
+    """``summary.json``, ``metrics.jsonl`` and the final ``trained.safetensors`` in ``out``."""
+    from ..checkpoint import save_tensors_atomic
+
+    save_tensors_atomic(out / "trained.safetensors", server.model.engine.params.state_dict(),
+                        metadata={"bundle": server.bundle.fingerprint,
+                                  "step": str(server.ledger_rounds)})
+    rows = [r.row() for r in reports]
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    summary = {"rounds": server.ledger_rounds, "heldout_before": before,
+               "heldout": [r["heldout"] for r in rows], "history": rows, "synced": synced,
+               "digest": server.model.digest(), "settings": server.fed.to_dict()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def fedavg_bytes(bundle: Bundle) -> int:

@@ -122,6 +122,19 @@ def payload_bytes(msg: dict[str, Any]) -> int:
     return len(json.dumps(msg, separators=(",", ":")).encode())
 
 
+def parse_drops(spec: str) -> set[tuple[int, int]]:
+    """``"2@1,0@3"`` -> {(2, 1), (0, 3)}: partition 2 drops out in round 1, ... (simulations)."""
+    out = set()
+    for part in filter(None, (p.strip() for p in str(spec).split(","))):
+        pid, sep, rnd = part.partition("@")
+        try:
+            out.add((int(pid), int(rnd)))
+        except ValueError:
+            raise ConfigError(f"drop spec {part!r} is not PARTITION@ROUND",
+                              "write e.g. --drop 2@1,0@3") from None
+    return out
+
+
 def encode_entry(record: dict[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":"))
 

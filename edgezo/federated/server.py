@@ -58,6 +58,7 @@ class FederationServer:
             for rec in self.ledger.records:
                 self.model.apply(rec)
         else:
+            path.parent.mkdir(parents=True, exist_ok=True)
             self.ledger = Ledger.create(path, header)
         self.have: dict[str, int] = {}  # last ledger length each client reported
         self.round = self.ledger_rounds
