@@ -17,9 +17,13 @@ from .errors import ConfigError
 
 FLWR_APP = """\
 # A Flower app that runs edgezo's seed federation (written by `edgezo federate --write-flwr-app`).
-# Simulation:  flwr run {dir} local-sim
-# Deployment:  flower-superlink --insecure ; one flower-supernode per device (see README), then
-#              flwr run {dir} local-deployment --stream
+# Simulation:  flwr run {dir} local --stream     ("local": Flower's built-in simulation
+#              connection; edgezo federate --engine flower does the same without flwr run)
+# Deployment:  flower-superlink --insecure; per device: flower-supernode --insecure
+#              --superlink 127.0.0.1:8000 --port 909N --node-config "partition-id=N
+#              num-partitions={clients}"; a [superlink.NAME] connection with
+#              address = "127.0.0.1:8000" and insecure = true in $FLWR_HOME/config.toml;
+#              then flwr run {dir} NAME --stream (README: "Federated personalisation")
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -36,21 +40,11 @@ packages = ["."]
 publisher = "edgezo"
 
 [tool.flwr.app.components]
-serverapp = "edgezo.federated.flower_apps:server_app"
-clientapp = "edgezo.federated.flower_apps:client_app"
+serverapp = "edgezo.federated.flwr_app:server_app"
+clientapp = "edgezo.federated.flwr_app:client_app"
 
 [tool.flwr.app.config]
 {config}
-
-[tool.flwr.federations]
-default = "local-sim"
-
-[tool.flwr.federations.local-sim]
-options.num-supernodes = {clients}
-
-[tool.flwr.federations.local-deployment]
-address = "127.0.0.1:9093"
-insecure = true
 """
 
 
@@ -80,12 +74,14 @@ def _toml_value(v) -> str:
 @click.option("--out", default="runs/federate", type=click.Path(),
               help="server folder: ledger.jsonl, metrics.jsonl, summary.json")
 @click.option("--engine", type=click.Choice(["flower", "local"]), default="flower")
+@click.option("--round-timeout", default=600.0, help="seconds a round waits for replies")
+@click.option("--wait", default=60.0, help="seconds to wait for --min-clients nodes")
 @click.option("--drop", default="", help="simulated dropouts: PARTITION@ROUND,...")
 @click.option("--write-flwr-app", "app_dir", default=None, type=click.Path(),
               help="write a Flower app folder with these settings for `flwr run`, and exit")
 def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, batch_size,
-             pool_size, fraction, min_clients, seed, max_length, threads, out, engine, drop,
-             app_dir):
+             pool_size, fraction, min_clients, seed, max_length, threads, out, engine,
+             round_timeout, wait, drop, app_dir):
     """Personalise a bundle with N clients that exchange only seeds and scalars (FedKSeed)."""
     from .bundle import load_bundle
     from .config import MODE_DEFAULTS
@@ -113,7 +109,8 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, batc
            "rounds": rounds, "local-steps": local_steps, "lr": lr, "mu": mu,
            "batch-size": batch_size, "pool-size": pool_size, "fraction": fraction,
            "min-clients": min_clients, "seed": seed, "max-length": max_length,
-           "threads": threads, "drop": drop}
+           "threads": threads, "drop": drop, "round-timeout-s": round_timeout,
+           "wait-s": wait}
     from .federated.flower_apps import fed_settings
 
     fed_settings({**cfg})  # every setting checked before anything starts

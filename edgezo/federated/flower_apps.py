@@ -68,6 +68,24 @@ def _merged(base: dict[str, Any], *more: Any) -> dict[str, Any]:
     return cfg
 
 
+def _send_and_receive(grid, chosen: list[str], msgs: list, timeout: float):
+    """(node, reply) for the replies that arrive within ``timeout``, each matched to the node
+    its instruction went to (an error reply the SuperLink writes for a vanished node names the
+    SuperLink as its source)."""
+    ids = list(grid.push_messages(msgs))
+    owner = dict(zip(ids, chosen, strict=True))
+    pending = set(ids)
+    end = time.monotonic() + timeout
+    while pending and time.monotonic() < end:
+        for rep in grid.pull_messages(list(pending)):
+            mid = rep.metadata.reply_to_message_id
+            if mid in pending:
+                pending.discard(mid)
+                yield owner[mid], rep
+        if pending:
+            time.sleep(0.5)
+
+
 def _short(reason: str) -> str:
     """The last line of a remote traceback (the exception and its message)."""
     lines = [x.strip() for x in str(reason).splitlines() if x.strip()]
@@ -132,17 +150,18 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
             msgs.append(Message(content, dst_node_id=int(cid), message_type="train",
                                 group_id=str(server.round)))
         got = []
-        for rep in grid.send_and_receive(msgs, timeout=float(cfg["round-timeout-s"])):
-            sender = str(rep.metadata.src_node_id)
+        for cid, rep in _send_and_receive(grid, chosen, msgs, float(cfg["round-timeout-s"])):
             if rep.has_error():
-                got.append((sender, None, f"client error: {_short(rep.error.reason)}", 0,
-                            down[sender]))
+                got.append((cid, None, f"client error: {_short(rep.error.reason)}", 0, down[cid]))
+            elif str(rep.metadata.src_node_id) != cid:
+                got.append((cid, None, f"reply came from node {rep.metadata.src_node_id}", 0,
+                            down[cid]))
             elif RECORD not in rep.content.config_records:
-                got.append((sender, None, f"malformed: no {RECORD!r} record", 0, down[sender]))
+                got.append((cid, None, f"malformed: no {RECORD!r} record", 0, down[cid]))
             else:
                 reply = {k: (list(v) if isinstance(v, list) else v)
                          for k, v in rep.content.config_records[RECORD].items()}
-                got.append((sender, reply, None, record_bytes(rep.content), down[sender]))
+                got.append((cid, reply, None, record_bytes(rep.content), down[cid]))
         for cid in set(chosen) - {g[0] for g in got}:
             got.append((cid, None, "no reply before the round timeout (dropped)", 0, down[cid]))
         return got
@@ -218,11 +237,3 @@ def _client(cfg: dict[str, Any], node: str, pid: int, count: int) -> FederationC
                                          state_dir=state, threads=int(cfg["threads"]))
     return _CLIENTS[key]
 
-
-def __getattr__(name: str):
-    """``server_app`` / ``client_app`` for ``flwr run`` (config from the run config)."""
-    if name == "server_app":
-        return make_server_app()
-    if name == "client_app":
-        return make_client_app()
-    raise AttributeError(name)

@@ -54,6 +54,9 @@ class FedSettings:
     fraction: float = 1.0  # share of the connected clients sampled each round
     min_clients: int = 1  # fewer accepted replies than this: the round changes nothing
     clip: float | None = None  # bound on each uploaded scalar |g| before aggregation
+    #: the global step is server_lr × the weighted mean of the clients' local steps; the mean
+    #: of C clients' independent estimates has ~1/C the variance, so a step up to ~C× holds
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str, fix: str) -> None:
@@ -67,7 +70,7 @@ class FedSettings:
             bad("seed", "must be an integer >= 0", "use e.g. seed=0")
         if self.direction not in ("rademacher", "gaussian", "sphere"):
             bad("direction", "is unknown", "use rademacher, gaussian or sphere")
-        for name in ("lr", "mu"):
+        for name in ("lr", "mu", "server_lr"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 bad(name, "must be a finite number > 0", f"set {name} to e.g. 1e-3")

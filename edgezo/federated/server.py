@@ -193,7 +193,8 @@ class FederationServer:
         else:
             self.log(f"edgezo federate: round {self.round}: {len(acc)} accepted replies, fewer "
                      f"than min_clients={self.fed.min_clients}: θ unchanged")
-        record = {"step": self.round, "round": self.round, "status": status, "lr": self.fed.lr,
+        record = {"step": self.round, "round": self.round, "status": status,
+                  "lr": self.fed.lr * self.fed.server_lr,
                   "seeds": seeds, "g": g, "clients": len(acc) if status == "ok" else 0,
                   "examples": examples if status == "ok" else 0,
                   "rejected": len(self.rejections)}
