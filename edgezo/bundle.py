@@ -31,7 +31,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 ROLES = ("lora_a", "lora_b", "norm", "bias", "dense", "embedding", "scale", "head")
-TASKS = ("causal_lm",)
+#: ``causal_lm``: per-example mean next-token loss; ``classification``: an encoder with a
+#: classification head (``labels`` [batch] -> ``loss`` [batch], ``logits`` [batch, n_labels]);
+#: ``prompt_classification``: a causal LM graph scored on one label word per class after a
+#: prompt template (the manifest's ``prompt``), MeZO-style.
+TASKS = ("causal_lm", "classification", "prompt_classification")
 DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
 
 
@@ -81,6 +85,11 @@ class Manifest:
     tokenizer: TokenizerSpec | None = None
     lora: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
+    labels: list[str] | None = None
+    """Classification tasks: the ordered class names (class id = position)."""
+    prompt: dict[str, Any] | None = None
+    """``prompt_classification``: ``template`` (with ``{text}``), ``label_words`` and their
+    first tokens ``label_token_ids``, one per entry of ``labels``."""
     parity: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -134,6 +143,8 @@ class Manifest:
                 tokenizer=TokenizerSpec(**tok) if tok else None,
                 lora=d.get("lora"),
                 quantization=d.get("quantization"),
+                labels=list(d["labels"]) if d.get("labels") is not None else None,
+                prompt=d.get("prompt"),
                 parity=dict(d.get("parity") or {}),
                 exporter=dict(d.get("exporter") or {}),
                 files=dict(d.get("files") or {}),
@@ -143,6 +154,23 @@ class Manifest:
                 f"{where} is malformed ({type(e).__name__}: {e})",
                 "re-export the bundle with `edgezo export`",
             ) from None
+
+    def check_task(self, where: str = MANIFEST) -> None:
+        """The task is known and carries what it needs (labels, prompt)."""
+        if self.task not in TASKS:
+            raise BundleError(
+                f"{where} has task {self.task!r}; this edgezo knows {', '.join(TASKS)}",
+                "re-export the bundle with `edgezo export`, or upgrade edgezo",
+            )
+        if self.task != "causal_lm" and not self.labels:
+            raise BundleError(f"{where}: a {self.task} bundle lists no labels",
+                              "re-export it with --labels")
+        if self.task == "prompt_classification":
+            ids = (self.prompt or {}).get("label_token_ids") or []
+            if "{text}" not in (self.prompt or {}).get("template", "") or len(ids) != len(
+                    self.labels or []):
+                raise BundleError(f"{where}: the prompt template or label words are missing",
+                                  "re-export it with --template and --label-words")
 
     @property
     def trainable_size(self) -> int:
@@ -278,6 +306,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath} is not valid JSON ({e})", "re-export the bundle") from None
     manifest = Manifest.from_json(raw, where=str(mpath))
+    manifest.check_task(str(mpath))
     for required in ("model.onnx", "trainable.safetensors"):
         if required not in manifest.files:
             raise BundleError(f"{mpath} lists no {required}", "re-export the bundle")

@@ -12,6 +12,7 @@ import sys
 import click
 
 from .cli_devices import devices
+from .cli_tasks import task_kwargs, task_options
 from .errors import EdgezoError
 
 
@@ -44,27 +45,35 @@ def main() -> None:
 @click.option("--model", required=True, help="Hugging Face model folder, or a .gguf file")
 @click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder")
 @click.option("--out", required=True, type=click.Path(), help="bundle folder to write")
-@click.option("--mode", type=click.Choice(["lora", "norms", "full"]), default="lora",
-              show_default=True, help="which tensors become trainable graph inputs")
+@click.option("--mode", type=click.Choice(["lora", "norms", "full", "head"]), default=None,
+              help="which tensors become trainable graph inputs [default: lora; head for "
+              "--task classification]")
 @click.option("--lora-rank", default=8, show_default=True)
 @click.option("--lora-alpha", default=16.0, show_default=True)
 @click.option("--lora-targets", default=None, help="comma-separated module names (q_proj,v_proj)")
 @click.option("--seed", default=0, show_default=True, help="LoRA initialisation seed")
 @click.option("--overwrite", is_flag=True, help="replace an existing bundle folder")
+@task_options
 @friendly_errors
-def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, seed, overwrite):
-    """Export a causal LM into a bundle (needs the export extra: torch, transformers, onnx)."""
+def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, seed, overwrite,
+           task, labels, labels_from, head_init, template, label_words):
+    """Export a model into a bundle (needs the export extra: torch, transformers, onnx):
+    a causal LM, an encoder classifier (--task classification --labels a,b) or a causal LM
+    scored on label words (--task prompt_classification)."""
     try:
-        from exporters import export_causal_lm
+        from exporters import export_bundle
     except ImportError as e:
         raise EdgezoError(
             f"the exporter cannot be imported ({e})",
             "install the export side: pip install torch==2.13.0 -e '.[export]'",
         ) from None
     targets = [t.strip() for t in lora_targets.split(",")] if lora_targets else None
-    path = export_causal_lm(model, out, mode=mode, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                            lora_targets=targets, gguf_file=gguf_file, seed=seed,
-                            overwrite=overwrite, progress=click.echo)
+    path = export_bundle(model, out, task=task, mode=mode, lora_rank=lora_rank,
+                         lora_alpha=lora_alpha, lora_targets=targets, seed=seed,
+                         overwrite=overwrite, progress=click.echo,
+                         **({"gguf_file": gguf_file} if gguf_file else {}),
+                         **task_kwargs(task, labels, labels_from, head_init, template,
+                                       label_words))
     click.echo(f"bundle written: {path}")
 
 
@@ -195,13 +204,18 @@ def plan(bundle, device, batch_size, max_length, micro_batch_size, momentum, opt
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @friendly_errors
 def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
-    """Mean per-example loss of a bundle (optionally with trained tensors) on a data file."""
+    """Mean per-example loss of a bundle (optionally with trained tensors) on a data file;
+    classification bundles also report accuracy."""
     from .evaluate import evaluate
 
     result = evaluate(bundle=bundle, data=data, tensors=tensors, run_dir=run_dir,
                       max_length=max_length, batch_size=batch_size, provider=provider)
-    click.echo(f"loss {result['loss']:.4f} on {result['examples']} examples "
-               f"(perplexity {result['perplexity']:.2f})")
+    if result["accuracy"] is None:
+        click.echo(f"loss {result['loss']:.4f} on {result['examples']} examples "
+                   f"(perplexity {result['perplexity']:.2f})")
+    else:
+        click.echo(f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.1%} on "
+                   f"{result['examples']} examples ({result['task']})")
 
 
 # -- generate ---------------------------------------------------------------------------------

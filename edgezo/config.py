@@ -19,6 +19,8 @@ MODE_DEFAULTS: dict[str, dict[str, float]] = {
     "lora": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},
     "norms": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},
     "full": {"lr": 1e-6, "mu": 1e-3, "momentum": 0.0},
+    # a classification head (all-MiniLM-L6-v2, 5 topics, zero-initialised): see the README
+    "head": {"lr": 1e-2, "mu": 1e-3, "momentum": 0.9},
 }
 
 

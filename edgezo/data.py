@@ -3,7 +3,12 @@
 Each line is a JSON object, one of:
 
 - ``{"text": ...}``: the loss is on every token;
-- ``{"prompt": ..., "completion": ...}``: the loss is on the completion only.
+- ``{"prompt": ..., "completion": ...}``: the loss is on the completion only;
+- ``{"text": ..., "label": ...}``: classification data (``label`` a class name of the bundle
+  or its integer id), for ``classification`` and ``prompt_classification`` bundles.
+
+:func:`tokenize_for` picks the right tokenisation for a bundle's task and refuses data of the
+other kind (label lines for a language-model bundle, label-less lines for a classifier).
 
 Examples are truncated to ``max_length`` tokens and padded (right) to the longest in their
 batch. The order of batches is a pure function of (seed, step), so a resumed run sees exactly
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import TokenizerSpec
+from .bundle import Manifest, TokenizerSpec
 from .errors import DataError
 
 IGNORE = -100
@@ -30,6 +35,7 @@ class Example:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     line: int  # 1-based line in its file, for messages
+    target: int | None = None  # class id (classification tasks)
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
@@ -106,7 +112,11 @@ def tokenize(records: Sequence[tuple[int, dict]], tokenizer, spec: TokenizerSpec
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded int64 arrays input_ids, attention_mask, labels."""
+    """Right-padded int64 arrays input_ids, attention_mask, labels.
+
+    ``labels`` is ``[batch, sequence]`` (token targets), or ``[batch]`` class ids for
+    encoder-classification examples (whose token ``labels`` are empty).
+    """
     width = max(len(e.input_ids) for e in examples)
     b = len(examples)
     input_ids = np.full((b, width), pad_id, dtype=np.int64)
@@ -115,9 +125,107 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[i, :n] = e.input_ids
-        labels[i, :n] = e.labels
+        labels[i, : len(e.labels)] = e.labels
         mask[i, :n] = 1
+    if not examples[0].labels:
+        labels = np.array([e.target for e in examples], dtype=np.int64)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# -- classification ---------------------------------------------------------------------------
+
+
+def tokenize_for(manifest: Manifest, records: Sequence[tuple[int, dict]], tokenizer,
+                 max_length: int, where: str = "data") -> list[Example]:
+    """Tokenise ``records`` for the bundle's task (see the module docstring)."""
+    if manifest.task == "causal_lm":
+        labelled = next((n for n, r in records if "label" in r), None)
+        if labelled is not None:
+            raise DataError(
+                f"{where}:{labelled} has a \"label\": that is classification data, but this "
+                "bundle is a causal language model (task causal_lm), trained on text alone",
+                "give it {\"text\": ...} or {\"prompt\": ..., \"completion\": ...} lines, or "
+                "export a classification bundle (edgezo export --task classification --labels "
+                "... or --task prompt_classification)",
+            )
+        return tokenize(records, tokenizer, manifest.tokenizer, max_length, where)
+    labels = list(manifest.labels or [])
+    targets = [(n, rec, class_id(rec, n, labels, manifest.task, where)) for n, rec in records]
+    if manifest.task == "classification":
+        return [_encoder_example(tokenizer, rec["text"], n, t, max_length, where)
+                for n, rec, t in targets]
+    return [_prompt_example(tokenizer, manifest, rec["text"], n, t, max_length)
+            for n, rec, t in targets]
+
+
+def label_names(path: str | Path) -> list[str]:
+    """The label names of a ``{"text", "label"}`` JSONL file, in order of first appearance
+    (for ``edgezo export --labels-from``; integer labels are refused: their names are unknown)."""
+    names: list[str] = []
+    for n, rec in read_jsonl(path):
+        label = rec.get("label")
+        if not isinstance(label, str):
+            raise DataError(f"{path}:{n} has label {label!r}: --labels-from needs label names",
+                            "give the names with --labels instead")
+        if label not in names:
+            names.append(label)
+    return names
+
+
+def class_id(rec: dict, n: int, labels: list[str], task: str, where: str) -> int:
+    """The class id of one record: its label by name or by integer id."""
+    if "label" not in rec or "text" not in rec:
+        raise DataError(
+            f"{where}:{n} has no \"label\" (keys: {', '.join(map(str, rec)) or 'none'}), but "
+            f"this bundle is a {task} bundle with labels {', '.join(labels)}",
+            'give it {"text": ..., "label": ...} lines, or train a causal_lm bundle on '
+            "plain text",
+        )
+    label = rec["label"]
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise DataError(f"{where}:{n}: \"label\" must be a class name or an integer id, got "
+                        f"{label!r}", f"use one of: {', '.join(labels)}")
+    if isinstance(label, int):
+        if 0 <= label < len(labels):
+            return label
+    elif label in labels:
+        return labels.index(label)
+    raise DataError(
+        f"{where}:{n}: label {label!r} is not one of the bundle's labels: "
+        f"{', '.join(f'{i}={name}' for i, name in enumerate(labels))}",
+        "fix that line, or export a bundle whose --labels include it",
+    )
+
+
+def _encoder_example(tokenizer, text: str, n: int, target: int, max_length: int,
+                     where: str) -> Example:
+    """``[CLS] text [SEP]`` (the tokenizer's own special tokens); a long text keeps its last
+    token (``[SEP]``) after truncation."""
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}:{n}: \"text\" is empty", "fix or drop that line")
+    ids = tokenizer.encode(text, add_special_tokens=True).ids
+    if len(ids) > max_length:
+        ids = ids[: max_length - 1] + ids[-1:]
+    return Example(tuple(ids), (), n, target)
+
+
+def _prompt_example(tokenizer, manifest: Manifest, text: str, n: int, target: int,
+                    max_length: int) -> Example:
+    """``[BOS] template(text) label_word₀``; the loss is on the label word's first token only.
+
+    A prompt too long keeps its end (where the template's cue is): the first tokens of the
+    text are dropped.
+    """
+    prompt = manifest.prompt or {}
+    spec = manifest.tokenizer
+    bos = [spec.bos_token_id] if spec.add_bos and spec.bos_token_id is not None else []
+    body = tokenizer.encode(prompt["template"].replace("{text}", text),
+                            add_special_tokens=False).ids
+    body = body[max(0, len(body) - (max_length - 1 - len(bos))):]
+    word = int(prompt["label_token_ids"][target])
+    ids = bos + body + [word]
+    labels = [IGNORE] * (len(ids) - 1) + [word]
+    return Example(tuple(ids), tuple(labels), n, target)
 
 
 def split_holdout(examples: list[Example], fraction: float, seed: int,

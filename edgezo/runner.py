@@ -166,9 +166,6 @@ class LossRunner:
     def next_logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Next-token logits (float32 [batch, vocab]) at each row's last attended position,
         at the current ``params.feed``: the graph's ``next_logits`` output (``edgezo generate``).
-
-        Uses its own binding, so the training path keeps binding ``loss`` alone; not counted as
-        a training evaluation.
         """
         if "next_logits" not in {o.name for o in self.session.get_outputs()}:
             raise BundleError(
@@ -176,17 +173,40 @@ class LossRunner:
                 "edgezo), so it cannot generate text",
                 "re-export the bundle with `edgezo export` of this edgezo version",
             )
+        return self.outputs(batch, ("next_logits",), heldout=False)[0]
+
+    def outputs(self, batch: dict[str, np.ndarray], names: tuple[str, ...],
+                heldout: bool = True) -> list[np.ndarray]:
+        """The graph outputs ``names`` at the current ``params.feed`` (evaluation: loss and
+        ``logits``/``next_logits``), micro-batched like :meth:`losses`.
+
+        Uses its own binding, so the training path keeps binding ``loss`` alone; never counted
+        as training work (``heldout``: counted as a held-out evaluation).
+        """
+        known = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise BundleError(f"this bundle's graph has no output {', '.join(missing)} "
+                              f"(outputs: {', '.join(sorted(known))})",
+                              "re-export the bundle with `edgezo export` of this edgezo version")
         for ov, view in self._device_values:
             ov.update_inplace(view)
+        self.eval_evaluations += int(heldout)
         io = self.session.io_binding()
         for name, ov in zip(self.params.feed_views(), self._bound, strict=True):
             io.bind_ortvalue_input(name, ov)
-        for name in self.batch_inputs:
-            io.bind_cpu_input(name, np.ascontiguousarray(batch[name]))
-        io.bind_output("next_logits")
-        self.session.run_with_iobinding(io)
-        self.forward_calls += 1
-        return io.copy_outputs_to_cpu()[0]
+        rows = len(batch[self.batch_inputs[0]])
+        micro = self.options.micro_batch or rows
+        parts: list[list[np.ndarray]] = []
+        for a in range(0, rows, micro):
+            for name in self.batch_inputs:
+                io.bind_cpu_input(name, np.ascontiguousarray(batch[name][a : a + micro]))
+            for name in names:
+                io.bind_output(name)
+            self.session.run_with_iobinding(io)
+            self.forward_calls += 1
+            parts.append(io.copy_outputs_to_cpu())
+        return [p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts, strict=True)]
 
     def mean_loss(self, batch: dict[str, np.ndarray]) -> float:
         return float(np.mean(self.losses(batch), dtype=np.float64))

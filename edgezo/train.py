@@ -31,10 +31,11 @@ import yaml
 from .bundle import Bundle, load_bundle
 from .checkpoint import load_checkpoint, save_tensors_atomic
 from .config import FinetuneConfig
-from .data import BatchStream, Example, eval_batches, read_jsonl, split_holdout, tokenize
+from .data import BatchStream, Example, read_jsonl, split_holdout, tokenize_for
 from .defaults import default_data, ensure_default_bundle
 from .engine import EngineSettings, ZOEngine, choose_inplace
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
+from .evaluate import score
 from .ledger import Ledger
 from .limits import session_limits
 from .optim import Schedule
@@ -58,6 +59,8 @@ class RunSummary:
     eval_evaluations: int
     seconds: float
     trainable_parameters: int
+    heldout_accuracy_before: float | None = None  # classification tasks
+    heldout_accuracy_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,26 +72,30 @@ class RunSummary:
 def load_examples(cfg: FinetuneConfig, bundle: Bundle) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples, tokenised with the bundle's tokenizer."""
     tok = bundle.tokenizer()
-    spec = bundle.manifest.tokenizer
+    m = bundle.manifest
     data, eval_data = cfg.data, cfg.eval_data
     if data is None:
         sample, sample_eval = default_data()
         data, eval_data = str(sample), eval_data or str(sample_eval)
-    train = tokenize(read_jsonl(data), tok, spec, cfg.max_length, where=data)
+    train = tokenize_for(m, read_jsonl(data), tok, cfg.max_length, where=data)
     if eval_data is not None:
-        held = tokenize(read_jsonl(eval_data), tok, spec, cfg.max_length, where=eval_data)
+        held = tokenize_for(m, read_jsonl(eval_data), tok, cfg.max_length, where=eval_data)
     else:
         train, held = split_holdout(train, cfg.holdout_fraction, cfg.seed, where=data)
     return train, held
 
 
-def heldout_loss(runner: LossRunner, examples: list[Example], batch_size: int,
-                 pad_id: int) -> float:
-    """Mean per-example loss over the held-out examples (float64)."""
-    total = 0.0
-    for batch in eval_batches(examples, batch_size, pad_id):
-        total += float(np.sum(runner.losses(batch, heldout=True), dtype=np.float64))
-    return total / len(examples)
+def heldout(runner: LossRunner, examples: list[Example], cfg: FinetuneConfig,
+            bundle: Bundle) -> tuple[float, dict[str, float]]:
+    """Mean per-example held-out loss (float64), and ``{"heldout_accuracy": ...}`` for
+    classification tasks (empty for a causal LM): extra fields of the metrics row."""
+    r = score(runner, examples, cfg.eval_batch_size, bundle.manifest.tokenizer.pad_token_id,
+              bundle.manifest)
+    return r["loss"], ({} if r["accuracy"] is None else {"heldout_accuracy": r["accuracy"]})
+
+
+def _acc(extra: dict[str, float]) -> str:
+    return f", accuracy {extra['heldout_accuracy']:.1%}" if extra else ""
 
 
 # -- the run folder ---------------------------------------------------------------------------
@@ -172,9 +179,6 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         load_profile(cfg.device)  # a bad --device fails before the run folder is made
     cfg, run = prepare(cfg, resume, log)
     bundle = bundle if Path(cfg.bundle) == bundle.path else load_bundle(cfg.bundle)
-    if bundle.manifest.task != "causal_lm":
-        raise ConfigError(f"bundle task {bundle.manifest.task!r} is not supported by finetune",
-                          "export a causal_lm bundle")
 
     train, held = load_examples(cfg, bundle)
     pad_id = bundle.manifest.tokenizer.pad_token_id
@@ -230,10 +234,11 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         log(f"edgezo: note: {note}")
 
     engine.perturber.at_theta()
-    before = heldout_loss(runner, held, cfg.eval_batch_size, pad_id)
+    before, extra = heldout(runner, held, cfg, bundle)
+    acc_before = extra.get("heldout_accuracy")
     if start == 0:
-        run.metric(kind="eval", step=0, heldout_loss=before)
-    log(f"edgezo: held-out loss at step {start}: {before:.4f}")
+        run.metric(kind="eval", step=0, heldout_loss=before, **extra)
+    log(f"edgezo: held-out loss at step {start}: {before:.4f}{_acc(extra)}")
 
     bar = _progress_bar(cfg.steps, start, progress)
     train_evals = sum(len(r["losses"]) for r in ledger.records)  # over the whole run
@@ -273,10 +278,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                          **budget.left()})
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 engine.perturber.at_theta()
-                last = heldout_loss(runner, held, cfg.eval_batch_size, pad_id)
-                run.metric(kind="eval", step=done, heldout_loss=last)
+                last, extra = heldout(runner, held, cfg, bundle)
+                run.metric(kind="eval", step=done, heldout_loss=last, **extra)
                 if bar is None:
-                    log(f"edgezo: step {done}/{cfg.steps} held-out loss {last:.4f}")
+                    log(f"edgezo: step {done}/{cfg.steps} held-out loss {last:.4f}{_acc(extra)}")
                 if diverged(last, best, cfg.divergence_tolerance):
                     # roll θ back to the best held-out point, through the ledger, and halve lr
                     why = (f"held-out loss {last:.4f} is above {1 + cfg.divergence_tolerance:g}"
@@ -337,9 +342,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         ledger.close()
 
     engine.perturber.at_theta()
-    after = heldout_loss(runner, held, cfg.eval_batch_size, pad_id)
+    after, extra = heldout(runner, held, cfg, bundle)
     steps_done = len(ledger.records)
-    run.metric(kind="eval", step=steps_done, heldout_loss=after)
+    run.metric(kind="eval", step=steps_done, heldout_loss=after, **extra)
     save_tensors_atomic(run.trained, engine.params.state_dict(),
                         metadata={"bundle": bundle.fingerprint, "step": str(steps_done)})
     summary = RunSummary(
@@ -347,12 +352,14 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         heldout_after=after, train_evaluations=train_evals,
         eval_evaluations=runner.eval_evaluations,
         seconds=time.perf_counter() - t0, trainable_parameters=engine.params.dim,
+        heldout_accuracy_before=acc_before, heldout_accuracy_after=extra.get("heldout_accuracy"),
     )
     tmp = run.summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     os.replace(tmp, run.summary)
     log(f"edgezo: held-out loss {before:.4f} -> {after:.4f} "
-        f"({'-' if after <= before else '+'}{abs(before - after) / before:.1%}) after "
+        f"({'-' if after <= before else '+'}{abs(before - after) / before:.1%}){_acc(extra)} "
+        f"after "
         f"{steps_done} steps, {train_evals} training forward evaluations, "
         f"{summary.seconds:.0f} s; trained tensors: {run.trained}")
     return summary

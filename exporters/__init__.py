@@ -3,6 +3,12 @@
     from exporters import export_causal_lm
     export_causal_lm("path/to/hf-model", "bundles/my-lora", mode="lora")
 
+or, for any task (``causal_lm``, ``classification``, ``prompt_classification``)::
+
+    from exporters import export_bundle
+    export_bundle(model="path/to/bert", out="bundles/topics", task="classification",
+                  labels=["cooking", "fitness"], mode="head", head_init="zero")
+
 or ``python -m exporters --model PATH --out DIR`` (``python -m exporters.default --out DIR`` for
 SmolLM2-135M-Instruct with LoRA). Importing this package is cheap; torch and transformers are
 imported on first use, with an install hint when missing.
@@ -17,6 +23,7 @@ from .architectures import Architecture, get_architecture, register, supported_m
 
 __all__ = [
     "Architecture",
+    "export_bundle",
     "export_causal_lm",
     "get_architecture",
     "register",
@@ -73,3 +80,20 @@ def export_causal_lm(
         accuracy_level=accuracy_level,
         quant_rtol=quant_rtol,
     )
+
+
+def export_bundle(model: str | Path, out: str | Path, task: str = "causal_lm", **kw) -> Path:
+    """Export ``model`` into a validated bundle for ``task``; returns ``out``.
+
+    ``task="classification"`` (an encoder, BERT family): ``labels=[...]``, ``mode`` one of
+    head/lora/norms/full (default head), ``head_init`` zero/random. ``task=
+    "prompt_classification"`` (a causal LM): ``labels``, ``template`` with ``{text}`` and one
+    of ``label_words`` per label. ``task="causal_lm"``: as :func:`export_causal_lm`. See
+    :func:`exporters.export.export_bundle`.
+    """
+    from .deps import require_export_deps
+
+    require_export_deps()
+    from .export import export_bundle as _export
+
+    return _export(model, out, task=task, **kw)

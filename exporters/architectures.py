@@ -36,6 +36,11 @@ class Architecture:
     lora_excluded: tuple[str, ...] = ("lm_head",)
     """Linear modules never wrapped with LoRA even when named as a target."""
     task: str = "causal_lm"
+    """``causal_lm`` (next-token loss; also ``prompt_classification``) or ``classification``
+    (an encoder + a classification head over the mean-pooled last hidden states)."""
+    head_modules: tuple[str, ...] = ()
+    """Globs of the classification head (role ``head``): what ``--mode head`` trains, and
+    trained along with ``lora``/``norms`` for a classification task."""
     pass_position_ids: bool = True
     """Whether the model's forward accepts ``position_ids`` (computed from the attention mask,
     so left and right padding both give padding-invariant losses)."""
@@ -55,6 +60,9 @@ class Architecture:
     def is_embedding(self, module_name: str) -> bool:
         return _matches(module_name, self.embedding_modules)
 
+    def is_head(self, module_name: str) -> bool:
+        return _matches(module_name, self.head_modules)
+
     def has_no_effect(self, param_name: str) -> bool:
         return _matches(param_name, self.no_effect_params)
 
@@ -63,9 +71,10 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-#: Trainable modes every architecture supports (see ``exporters/trainables.py``); ``scales``
-#: (the int4 quantisation scales) needs ``quantize="int4"`` (see ``exporters/quantize.py``).
-MODES = ("lora", "norms", "full", "scales")
+#: Trainable modes (see ``exporters/trainables.py``); ``scales`` (the int4 quantisation scales)
+#: needs ``quantize="int4"`` (see ``exporters/quantize.py``); ``head`` (the classifier alone) is
+#: for encoder classification.
+MODES = ("lora", "norms", "full", "scales", "head")
 
 _REGISTRY: dict[str, Architecture] = {}
 
@@ -159,5 +168,26 @@ OPT = register(
         ),
         embedding_modules=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
         no_effect_params=("model.decoder.layers.*.self_attn.k_proj.bias",),
+    )
+)
+
+BERT = register(
+    Architecture(
+        family="bert",
+        model_types=("bert",),
+        lora_targets=("query", "value"),
+        # "*" in front: the same globs fit a bare BertModel wrapped with a mean-pooling head
+        # (stored under "bert.") and a BertForSequenceClassification
+        norm_modules=("*embeddings.LayerNorm", "*encoder.layer.*.output.LayerNorm"),
+        embedding_modules=(
+            "*embeddings.word_embeddings",
+            "*embeddings.position_embeddings",
+            "*embeddings.token_type_embeddings",
+        ),
+        lora_excluded=("classifier",),
+        task="classification",
+        head_modules=("classifier",),
+        pass_position_ids=False,
+        no_effect_params=("*attention.self.key.bias",),
     )
 )

@@ -1,4 +1,6 @@
-"""``python -m exporters``: export a causal LM into an edgezo bundle (fp32, int8 or int4)."""
+"""``python -m exporters``: export a model into an edgezo bundle: a causal LM (fp32, int8 or
+int4), an encoder classifier (``--task classification``) or a causal LM scored on label words
+(``--task prompt_classification``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from edgezo.cli_tasks import task_kwargs, task_options
 from edgezo.errors import EdgezoError
 
 from .architectures import MODES
@@ -25,10 +28,10 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None):
 @click.option(
     "--mode",
     type=click.Choice(MODES),
-    default="lora",
-    show_default=True,
-    help="Which tensors are trainable.",
+    default=None,
+    help="Which tensors are trainable [default: lora; head for --task classification].",
 )
+@task_options
 @click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
 @click.option(
@@ -102,29 +105,42 @@ def main(
     block_size,
     accuracy_level,
     quant_rtol,
+    task,
+    labels,
+    labels_from,
+    head_init,
+    template,
+    label_words,
 ) -> None:
-    """Export a causal LM (Hugging Face folder or GGUF) into a validated edgezo bundle."""
-    from . import export_causal_lm
+    """Export a model (Hugging Face folder or GGUF) into a validated edgezo bundle."""
+    from . import export_bundle
 
-    run(
-        lambda: export_causal_lm(
+    def export():
+        quant = {}
+        if task != "classification":
+            quant = {"quantize": quantize, "block_size": int(block_size),
+                     "accuracy_level": accuracy_level, "quant_rtol": quant_rtol}
+        elif quantize:
+            raise EdgezoError("--quantize is not supported for --task classification yet",
+                              "export the classifier in fp32 (drop --quantize)")
+        return export_bundle(
             model,
             out,
+            task=task,
+            **task_kwargs(task, labels, labels_from, head_init, template, label_words),
             mode=mode,
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             lora_targets=lora_targets,
-            gguf_file=gguf_file,
+            **({"gguf_file": gguf_file} if gguf_file else {}),
             seed=seed,
             overwrite=overwrite,
             tolerance=tolerance,
             external_data=external_data,
-            quantize=quantize,
-            block_size=int(block_size),
-            accuracy_level=accuracy_level,
-            quant_rtol=quant_rtol,
+            **quant,
         )
-    )
+
+    run(export)
 
 
 def run(fn) -> None:

@@ -1,21 +1,34 @@
-"""``export_causal_lm``: a Hugging Face / GGUF causal LM → a validated edgezo bundle."""
+"""``export_bundle``: a model → a validated edgezo bundle, for one of the bundle tasks.
+
+=====================  ==================================================================
+task                   what is exported
+=====================  ==================================================================
+causal_lm              :func:`export_causal_lm`: next-token loss (HF folder or GGUF)
+prompt_classification  the same causal LM graph; the manifest adds a prompt template and
+                       one label word per class (MeZO-style: the loss is on the label
+                       word's first token; the runtime builds prompt + label word)
+classification         :func:`exporters.classification.export_classifier`: an encoder
+                       (BERT family) with a classification head
+=====================  ==================================================================
+"""
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx
 import torch
 from safetensors.torch import save_file
 
-from edgezo.bundle import Manifest, write_manifest
+from edgezo.bundle import TASKS, Manifest, write_manifest
 from edgezo.errors import EdgezoError
 
 from .architectures import MODES
 from .bundle_writer import check_destination, staged_bundle
+from .classification import check_labels
 from .deps import versions
 from .load import LoadedModel, load_causal_lm
 from .loss import CausalLMLossGraph
@@ -51,6 +64,10 @@ def export_causal_lm(
     block_size: int = 32,
     accuracy_level: int = 0,
     quant_rtol: float = QUANT_RTOL,
+    task: str = "causal_lm",
+    labels: Sequence[str] | None = None,
+    template: str | None = None,
+    label_words: Sequence[str] | None = None,
 ) -> Path:
     """Export a causal LM into a validated bundle folder ``out``; returns ``out``.
 
@@ -76,6 +93,9 @@ def export_causal_lm(
         block_size: int4 block size (32, 64 or 128).
         accuracy_level: ``MatMulNBits`` accuracy level (0 default; ``scales`` needs 0).
         quant_rtol: largest accepted relative |quantised − fp32| ONNX loss difference.
+        task: ``causal_lm`` or ``prompt_classification`` (then ``labels``, a ``template``
+            holding ``{text}``, e.g. ``"{text}\nTopic:"``, and one of ``label_words`` per
+            label, e.g. ``" cooking"``: their first tokens must differ).
 
     Raises:
         EdgezoError: bad arguments, unsupported architecture, or a failed validation; no
@@ -92,12 +112,26 @@ def export_causal_lm(
     check_quant_args(quantize, mode, block_size, accuracy_level)
     if not quant_rtol >= 0:
         raise EdgezoError(f"quant_rtol must be >= 0, got {quant_rtol!r}", "pass 0.1")
+    if task not in ("causal_lm", "prompt_classification"):
+        raise EdgezoError(f"export_causal_lm exports task causal_lm or prompt_classification, "
+                          f"not {task!r}", "use export_bundle(task=...) for classification")
+    if task == "prompt_classification":
+        labels = check_labels(labels)
+        if not template or "{text}" not in template:
+            raise EdgezoError(f"the prompt template {template!r} has no {{text}} placeholder",
+                              'pass --template "{text}\nTopic:" (any text around {text})')
+        if label_words is None or len(label_words) != len(labels):
+            raise EdgezoError(
+                f"{len(labels)} labels but {0 if label_words is None else len(label_words)} "
+                "label words", "pass one --label-words entry per label, in the same order")
     check_destination(out, overwrite)  # fail before the slow load
 
     t0 = time.perf_counter()
     say(f"loading {model}{f' ({gguf_file})' if gguf_file else ''} ...")
     loaded = load_causal_lm(model, gguf_file)
     num_parameters = loaded.num_parameters
+    prompt = (_prompt_info(loaded, template, list(label_words))
+              if task == "prompt_classification" else None)
     say(
         f"loaded {loaded.model_type} ({loaded.arch.family} family), {num_parameters:,} "
         f"parameters in {time.perf_counter() - t0:.1f} s"
@@ -223,7 +257,9 @@ def export_causal_lm(
         )
         tok_spec = loaded.save_tokenizer(stage / "tokenizer.json")
         manifest = Manifest(
-            task=loaded.arch.task,
+            task=task,
+            labels=list(labels) if prompt else None,
+            prompt=prompt,
             architecture=_architecture_dict(loaded, num_parameters),
             trainable_mode=mode,
             inputs=batch_input_specs(),
@@ -245,6 +281,64 @@ def export_causal_lm(
         write_manifest(stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file])
     say(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
     return out
+
+
+def export_bundle(
+    model: str | Path,
+    out: str | Path,
+    task: str = "causal_lm",
+    labels: Sequence[str] | None = None,
+    mode: str | None = None,
+    head_init: str = "zero",
+    template: str | None = None,
+    label_words: Sequence[str] | None = None,
+    **kw,
+) -> Path:
+    """Export ``model`` into a bundle for ``task``; returns ``out``.
+
+    ``export_bundle(model=..., out=..., task="classification", labels=[...], mode="head",
+    head_init="zero")`` for an encoder; ``task="prompt_classification"`` with ``labels``,
+    ``template`` and ``label_words`` for a causal LM; ``task="causal_lm"`` (default). ``mode``
+    defaults to ``head`` for classification and ``lora`` otherwise; ``kw`` as for
+    :func:`export_causal_lm` (quantisation: causal LM tasks only).
+    """
+    if task == "classification":
+        from .classification import export_classifier
+
+        bad = sorted(set(kw) - {"lora_rank", "lora_alpha", "lora_targets", "seed", "overwrite",
+                                "tolerance", "progress", "external_data"})
+        if bad:
+            raise EdgezoError(f"option(s) {', '.join(bad)} do not apply to task classification "
+                              "(quantised classification bundles are not supported yet)",
+                              "drop them, or export a causal LM task")
+        return export_classifier(model, out, labels or [], mode=mode or "head",
+                                 head_init=head_init, **kw)
+    if task not in TASKS:
+        raise EdgezoError(f"unknown task {task!r}", f"pass --task as one of: {', '.join(TASKS)}")
+    if labels is not None and task == "causal_lm":
+        raise EdgezoError("labels were given for a causal_lm bundle",
+                          "pass --task classification (encoder) or prompt_classification")
+    return export_causal_lm(model, out, mode=mode or "lora", task=task, labels=labels,
+                            template=template, label_words=label_words, **kw)
+
+
+def _prompt_info(loaded: LoadedModel, template: str, words: list[str]) -> dict:
+    """The manifest's ``prompt``: template, label words and their (distinct) first tokens."""
+    tok = loaded.tokenizer.backend_tokenizer
+    first = []
+    for word in words:
+        ids = tok.encode(word, add_special_tokens=False).ids
+        if not ids:
+            raise EdgezoError(f"label word {word!r} encodes to no token",
+                              "pass non-empty --label-words")
+        first.append(int(ids[0]))
+    if len(set(first)) != len(first):
+        clash = [(w, tok.id_to_token(t)) for w, t in zip(words, first, strict=True)]
+        raise EdgezoError(
+            f"the label words' first tokens are not distinct: {clash}; the classes could not "
+            "be told apart", "choose label words that start differently (e.g. with a leading "
+            "space: ' cooking')")
+    return {"template": template, "label_words": words, "label_token_ids": first}
 
 
 def _architecture_dict(loaded: LoadedModel, num_parameters: int) -> dict:

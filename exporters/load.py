@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer from a Hugging Face folder or a GGUF file, in fp32.
+"""Load a causal LM (Hugging Face folder or GGUF file) or an encoder classifier (Hugging Face
+folder) and its tokenizer, in fp32.
 
 GGUF weights are dequantised by transformers (needs ``accelerate``); the quantizer is detached
 afterwards so the model behaves like any fp32 model (``save_pretrained`` works again).
@@ -31,6 +32,7 @@ class LoadedModel:
     pad_token_id: int | None
     eos_token_id: int | None
     bos_token_id: int | None
+    head_init: str | None = None  # classification: "zero", "random" or "pretrained"
 
     @property
     def vocab_size(self) -> int:
@@ -118,29 +120,15 @@ def load_causal_lm(
     The architecture is checked from the config before any weights are read, so an unsupported
     model fails in a second.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder, gguf_file = resolve_source(model, gguf_file)
-    config = read_config(folder, gguf_file)
-    model_type = str(config.model_type)
-    arch = get_architecture(model_type)
+    config, model_type, arch = _config_for(folder, gguf_file, "causal_lm")
     kw: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kw["gguf_file"] = gguf_file
     source = str(folder / gguf_file) if gguf_file else str(folder)
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-    except Exception as e:
-        raise EdgezoError(
-            f"cannot load a tokenizer from {source} ({type(e).__name__}: {e})",
-            "the model folder needs a tokenizer (tokenizer.json or a GGUF with vocabulary)",
-        ) from None
-    if not hasattr(tokenizer, "backend_tokenizer"):
-        raise EdgezoError(
-            f"the tokenizer of {source} is a slow (Python) tokenizer",
-            "save the model with a fast tokenizer (tokenizer.json) and export again",
-        )
+    tokenizer = _fast_tokenizer(folder, source, kw)
 
     hf = AutoModelForCausalLM.from_pretrained(
         folder,
@@ -170,6 +158,105 @@ def load_causal_lm(
         eos_token_id=eos,
         bos_token_id=bos,
     )
+
+
+HEAD_INITS = ("zero", "random")
+
+
+def load_classifier(
+    model: str | Path, num_labels: int, head_init: str, generator: torch.Generator
+) -> LoadedModel:
+    """An encoder classifier: a ``...ForSequenceClassification`` model keeps its own (trained)
+    classifier, which must have ``num_labels`` outputs; a bare encoder (e.g. the
+    sentence-transformers all-MiniLM-L6-v2 ``BertModel``) gets a linear head over its
+    mean-pooled last hidden states (:class:`exporters.loss.MeanPoolClassifier`), initialised
+    to zero (``head_init="zero"``) or N(0, 0.02²) with a zero bias (``"random"``).
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from .loss import MeanPoolClassifier
+
+    if head_init not in HEAD_INITS:
+        raise EdgezoError(f"unknown head initialisation {head_init!r}",
+                          f"pass --head-init as one of: {', '.join(HEAD_INITS)}")
+    folder, _ = resolve_source(model, None)
+    config, model_type, arch = _config_for(folder, None, "classification")
+    tokenizer = _fast_tokenizer(folder, str(folder), {"local_files_only": True})
+    kw: dict[str, Any] = {"local_files_only": True, "dtype": torch.float32,
+                          "attn_implementation": arch.attn_implementation}
+    has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if has_head:
+        if int(config.num_labels) != num_labels:
+            raise EdgezoError(
+                f"{folder} has a trained classifier with {config.num_labels} outputs, but "
+                f"{num_labels} labels were given",
+                f"pass --labels with {config.num_labels} names (config.json id2label: "
+                f"{list(getattr(config, 'id2label', {}).values())})",
+            )
+        module = AutoModelForSequenceClassification.from_pretrained(folder, config=config, **kw)
+    else:
+        encoder = AutoModel.from_pretrained(folder, config=config, add_pooling_layer=False, **kw)
+        module = MeanPoolClassifier(encoder, num_labels)
+        with torch.no_grad():
+            w = module.classifier.weight
+            w.copy_(torch.zeros_like(w) if head_init == "zero"
+                    else torch.randn(w.shape, generator=generator) * 0.02)
+            module.classifier.bias.zero_()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    cls = _first_id(tokenizer.cls_token_id, tokenizer.bos_token_id)
+    return LoadedModel(
+        model=module,
+        arch=arch,
+        model_type=model_type,
+        source=str(folder),
+        tokenizer=tokenizer,
+        pad_token_id=_first_id(tokenizer.pad_token_id, 0),
+        eos_token_id=_first_id(tokenizer.sep_token_id, tokenizer.eos_token_id),
+        bos_token_id=cls,
+        head_init="pretrained" if has_head else head_init,
+    )
+
+
+_WRONG_TASK = {
+    "causal_lm": ("an encoder: it has no causal language-model loss",
+                  "export it with --task classification --labels a,b,... (or "
+                  "export_bundle(task='classification', labels=[...]))"),
+    "classification": ("a causal LM: it has no encoder classification export",
+                       "export it with --task causal_lm, or --task prompt_classification "
+                       "--template ... --label-words ... to classify with label words"),
+}
+
+
+def _config_for(folder: Path, gguf_file: str | None, task: str) -> tuple[Any, str, Architecture]:
+    """(config, model_type, description) of a model that must be of ``task``'s kind."""
+    config = read_config(folder, gguf_file)
+    model_type = str(config.model_type)
+    arch = get_architecture(model_type)
+    if arch.task != task:
+        what, fix = _WRONG_TASK[task]
+        raise EdgezoError(f"{folder} is a {model_type} model ({arch.family} family), {what}",
+                          fix)
+    return config, model_type, arch
+
+
+def _fast_tokenizer(folder: Path, source: str, kw: dict[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    except Exception as e:
+        raise EdgezoError(
+            f"cannot load a tokenizer from {source} ({type(e).__name__}: {e})",
+            "the model folder needs a tokenizer (tokenizer.json or a GGUF with vocabulary)",
+        ) from None
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise EdgezoError(
+            f"the tokenizer of {source} is a slow (Python) tokenizer",
+            "save the model with a fast tokenizer (tokenizer.json) and export again",
+        )
+    return tokenizer
 
 
 def _detach_quantizer(model: torch.nn.Module) -> None:

@@ -21,6 +21,13 @@ token is not "predicted" from a pad).
 exporter, so the substitution is done by hand: each trainable parameter is swapped for the
 argument tensor in its owning module(s) (every alias of a tied parameter) for the duration of
 the call.
+
+Encoder classification (:class:`ClassificationLossGraph`)::
+
+    input_ids, attention_mask ──► encoder ──► hidden [B, T, H] ──► masked mean ──► [B, H]
+                                   (a model with its own classifier: its logits)   │ classifier
+    labels [B] (class ids) ─────────────────────────────────────► logits [B, C] ◄──┘
+                       loss[b] = logsumexp(logits[b]) − logits[b, labels[b]]
 """
 
 from __future__ import annotations
@@ -69,19 +76,16 @@ def last_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return logits.float().gather(1, index).squeeze(1)
 
 
-class CausalLMLossGraph(nn.Module):
-    """``forward(input_ids, attention_mask, labels, trainables) -> (loss [batch],
-    next_logits [batch, vocab])``.
+class _SubstitutedGraph(nn.Module):
+    """A model whose parameters ``names`` are replaced by argument tensors during a call."""
 
-    ``trainables`` is a list of tensors in the order of ``names`` (state-dict keys of
-    ``model``); they replace the model's parameters for the call.
-    """
+    #: the graph's outputs after ``loss`` (ONNX output names)
+    extra_output = ""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], pass_position_ids: bool = True):
+    def __init__(self, model: nn.Module, names: Sequence[str]):
         super().__init__()
         self.model = model
         self.names = list(names)
-        self.pass_position_ids = pass_position_ids
         aliases: dict[int, list[tuple[nn.Module, str]]] = {}
         for full_name, p in model.named_parameters(remove_duplicate=False):
             module_name, _, leaf = full_name.rpartition(".")
@@ -107,6 +111,21 @@ class CausalLMLossGraph(nn.Module):
             for module, leaf, p in reversed(saved):
                 module._parameters[leaf] = p
 
+
+class CausalLMLossGraph(_SubstitutedGraph):
+    """``forward(input_ids, attention_mask, labels, trainables) -> (loss [batch],
+    next_logits [batch, vocab])``.
+
+    ``trainables`` is a list of tensors in the order of ``names`` (state-dict keys of
+    ``model``); they replace the model's parameters for the call.
+    """
+
+    extra_output = "next_logits"
+
+    def __init__(self, model: nn.Module, names: Sequence[str], pass_position_ids: bool = True):
+        super().__init__(model, names)
+        self.pass_position_ids = pass_position_ids
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -120,3 +139,55 @@ class CausalLMLossGraph(nn.Module):
         with self._substituted(trainables):
             logits = self.model(**kw).logits
         return causal_lm_loss(logits, labels, attention_mask), last_logits(logits, attention_mask)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy ``[batch]`` of ``logits [batch, classes]`` at class ids."""
+    logits = logits.float()
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    peak = logits.amax(dim=-1, keepdim=True).detach()
+    return (logits - peak).exp().sum(dim=-1).log() + peak.squeeze(-1) - picked
+
+
+class MeanPoolClassifier(nn.Module):
+    """A bare encoder (sentence-transformers style) + a linear head over the mean of its last
+    hidden states at attended positions: ``forward(input_ids, attention_mask) -> logits``.
+
+    The encoder is stored under its Hugging Face ``base_model_prefix`` (``bert``), so the
+    parameter names are those of the family's ``...ForSequenceClassification``
+    (``bert.encoder.layer.0...``, ``classifier.weight``).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int):
+        super().__init__()
+        self.prefix = encoder.base_model_prefix
+        setattr(self, self.prefix, encoder)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.config = encoder.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        encoder = getattr(self, self.prefix)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.classifier(pooled)
+
+
+class ClassificationLossGraph(_SubstitutedGraph):
+    """``forward(input_ids, attention_mask, labels [batch], trainables) -> (loss [batch],
+    logits [batch, classes])`` for a :class:`MeanPoolClassifier` or a Hugging Face
+    ``...ForSequenceClassification`` model (its ``.logits``)."""
+
+    extra_output = "logits"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        trainables: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._substituted(trainables):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = (out.logits if hasattr(out, "logits") else out).float()
+        return classification_loss(logits, labels), logits

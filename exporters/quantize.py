@@ -9,6 +9,11 @@ int4     ``MatMulNBitsQuantizer`` (ONNX Runtime's weight-only 4-bit ``MatMulNBit
          32/64/128 along the input dimension, asymmetric, accuracy level 0 by default).
 =======  =========================================================================================
 
+GPT-2's ``Conv1D`` layers export as ``Gemm`` (``addmm``), which ``MatMulNBitsQuantizer`` with
+``op_types_to_quantize=("MatMul",)`` skips; :func:`gemm_to_matmul` first rewrites every ``Gemm``
+with a constant weight into ``MatMul`` + ``Add`` (same arithmetic, measured identical loss), so
+both schemes quantise them.
+
 Only ``MatMul`` nodes whose weight is a constant initializer are quantised: a LoRA ``MatMul``
 reads ``Transpose(graph input)`` and is left in fp32 by both quantisers, so LoRA over a
 quantised frozen base keeps fp32 trainable tensors (checked after quantisation).
@@ -131,6 +136,49 @@ def name_matmul_weights(model: onnx.ModelProto) -> dict[str, str]:
     return renamed
 
 
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite ``Gemm(A, W, C)`` with a constant 2-D float ``W`` (alpha = beta = 1, no transA)
+    as ``MatMul(A, W) + C`` in place (``transB``: ``W`` is stored transposed); returns how many.
+
+    The ``MatMul`` node takes the ``Gemm``'s name with ``/Gemm`` → ``/MatMul``, so
+    :func:`name_matmul_weights` names its weight after the module.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    uses = Counter(name for node in model.graph.node for name in node.input)
+    count = 0
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w = inits.get(node.input[1]) if node.op_type == "Gemm" else None
+        if (
+            w is None
+            or len(w.dims) != 2
+            or w.data_type != onnx.TensorProto.FLOAT
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+            or (attrs.get("transB", 0) and uses[w.name] != 1)
+        ):
+            model.graph.node.append(node)
+            continue
+        if attrs.get("transB", 0):
+            w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).T.copy(), w.name))
+        name = re.sub(r"/Gemm(_\d+)?$", "/MatMul", node.name) if node.name else ""
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        model.graph.node.append(
+            helper.make_node("MatMul", [node.input[0], node.input[1]], [product], name=name)
+        )
+        if has_bias:
+            model.graph.node.append(
+                helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                 name=f"{name}_bias")
+            )
+        count += 1
+    return count
+
+
 def quantizable_matmuls(model: onnx.ModelProto) -> int:
     """``MatMul`` nodes with a 2-D float initializer as weight (what both quantisers take)."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -156,6 +204,7 @@ def quantize_model(
     where every weight is a graph input) or when a graph input was lost.
     """
     inputs = [i.name for i in model.graph.input]
+    gemms = gemm_to_matmul(model)
     name_matmul_weights(model)
     candidates = quantizable_matmuls(model)
     if candidates == 0:
@@ -221,6 +270,7 @@ def quantize_model(
             "this is an exporter bug; report it with the model you exported",
         )
     info["quantized_matmuls"] = count
+    info["gemm_rewritten"] = gemms
     info["op"] = op
     return out, info
 

@@ -9,7 +9,10 @@ full     every parameter once (a tied embedding/head is one;    ``embedding``, `
          not the architecture's ``no_effect_params``)           ``bias``, ``dense``
 scales   none on the PyTorch side: the int4 ``MatMulNBits``     ``scale`` (positive)
          scales become graph inputs after quantisation
+head     the classification head (weight and bias)              ``head``
 =======  =====================================================  ==============================
+
+For a classification task (``arch.head_modules``), ``lora`` and ``norms`` train the head too.
 
 Everything else stays a frozen initializer in the ONNX graph.
 """
@@ -51,6 +54,32 @@ def select_trainables(
 
     Names are the parameters' state-dict keys; the order is the ONNX input order.
     """
+    if mode == "head" or (arch.head_modules and mode in ("lora", "norms")):
+        head = [
+            TensorSpec(name, tuple(p.shape), "float32", "head")
+            for name, p, module_name, _leaf in _named_params(model)
+            if arch.is_head(module_name)
+        ]
+        if not head:
+            raise EdgezoError(
+                f"mode {mode!r} trains a classification head, and the {arch.family} "
+                "description names none (head_modules) in this model",
+                "--mode head is for classification bundles (--task classification); use "
+                "--mode lora/norms/full for a causal LM",
+            )
+        if mode == "head":
+            return head
+        return _without_head(_select(model, arch, mode, lora, generator), head) + head
+    return _select(model, arch, mode, lora, generator)
+
+
+def _select(
+    model: nn.Module,
+    arch: Architecture,
+    mode: str,
+    lora: LoraSettings | None,
+    generator: torch.Generator,
+) -> list[TensorSpec]:
     if mode == "lora":
         if lora is None:
             raise ValueError("mode 'lora' needs LoraSettings")
@@ -84,11 +113,18 @@ def select_trainables(
     )
 
 
+def _without_head(specs: list[TensorSpec], head: list[TensorSpec]) -> list[TensorSpec]:
+    names = {s.name for s in head}
+    return [s for s in specs if s.name not in names]
+
+
 def _lora_role(name: str) -> str:
     return "lora_a" if ".lora_A." in name else "lora_b"
 
 
 def _full_role(arch: Architecture, module_name: str, leaf: str) -> str:
+    if arch.is_head(module_name):
+        return "head"
     if leaf == "bias":
         return "bias"
     if arch.is_norm(module_name):

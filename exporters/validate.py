@@ -25,7 +25,7 @@ import torch
 from edgezo.bundle import TensorSpec
 from edgezo.errors import EdgezoError
 
-from .loss import CausalLMLossGraph
+from .loss import CausalLMLossGraph, ClassificationLossGraph
 
 LORA_B_STD = 0.02
 PARITY_LENGTHS = (13, 9, 5)
@@ -36,10 +36,11 @@ SENSITIVITY_ATTEMPTS = (1.0, 3.0, 10.0)  # perturbation std per try, relative to
 def validation_point(
     specs: Sequence[TensorSpec], values: Sequence[torch.Tensor], generator: torch.Generator
 ) -> list[torch.Tensor]:
-    """The trainable values validated: the initial ones, with LoRA ``B`` ~ N(0, 0.02²)."""
+    """The trainable values validated: the initial ones, with LoRA ``B`` ~ N(0, 0.02²) and an
+    all-zero classification head ~ N(0, 0.02²) (through a zero head nothing else would show)."""
     out = []
     for spec, v in zip(specs, values, strict=True):
-        if spec.role == "lora_b":
+        if spec.role == "lora_b" or (spec.role == "head" and not bool(v.any())):
             v = torch.randn(v.shape, generator=generator) * LORA_B_STD
         out.append(v.detach().clone().contiguous())
     return out
@@ -58,6 +59,14 @@ def parity_batch(
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, :4] = -100
     return ids, mask, labels
+
+
+def classification_batch(
+    vocab_size: int, pad_token_id: int, num_labels: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The :func:`parity_batch` rows with class ids ``[batch]`` as labels."""
+    ids, mask, _ = parity_batch(vocab_size, pad_token_id, generator)
+    return ids, mask, torch.randint(0, num_labels, (len(ids),), generator=generator)
 
 
 def ort_session(path: Path, threads: int | None = None) -> Any:
@@ -84,14 +93,16 @@ def make_feeds(
 
 def check_parity(
     session: Any,
-    graph: CausalLMLossGraph,
+    graph: CausalLMLossGraph | ClassificationLossGraph,
     specs: Sequence[TensorSpec],
     point: Sequence[torch.Tensor],
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     tolerance: float,
 ) -> dict[str, Any]:
-    """ORT vs PyTorch loss; the manifest's ``parity`` dict, or an :class:`EdgezoError`."""
-    onnx_loss, onnx_logits = session.run(["loss", "next_logits"], make_feeds(batch, specs, point))
+    """ORT vs PyTorch loss and second output (``next_logits`` or ``logits``); the manifest's
+    ``parity`` dict, or an :class:`EdgezoError`."""
+    second = graph.extra_output
+    onnx_loss, onnx_logits = session.run(["loss", second], make_feeds(batch, specs, point))
     with torch.no_grad():
         torch_loss, torch_logits = (t.numpy() for t in graph(*batch, list(point)))
     if onnx_loss.shape != torch_loss.shape or not np.all(np.isfinite(onnx_loss)):
@@ -103,14 +114,14 @@ def check_parity(
     diff = float(np.max(np.abs(onnx_loss.astype(np.float64) - torch_loss)))
     if onnx_logits.shape != torch_logits.shape or not np.all(np.isfinite(onnx_logits)):
         raise EdgezoError(
-            f"the ONNX next_logits have shape {onnx_logits.shape} (finite: "
+            f"the ONNX {second} have shape {onnx_logits.shape} (finite: "
             f"{bool(np.all(np.isfinite(onnx_logits)))}), PyTorch's {torch_logits.shape}",
             "this is an exporter bug; report it with the model you exported",
         )
     logits_diff = float(np.max(np.abs(onnx_logits.astype(np.float64) - torch_logits)))
     parity = {
         "max_abs_diff": diff,
-        "next_logits_max_abs_diff": logits_diff,
+        f"{second}_max_abs_diff": logits_diff,
         "tolerance": tolerance,
         "batch_shape": list(batch[0].shape),
         "torch_loss": [round(float(x), 6) for x in torch_loss],
@@ -126,7 +137,7 @@ def check_parity(
         )
     if not logits_diff <= tolerance:
         raise EdgezoError(
-            f"parity check failed: ONNX Runtime and PyTorch next-token logits differ by "
+            f"parity check failed: ONNX Runtime and PyTorch {second} differ by "
             f"{logits_diff:.3g} (tolerance {tolerance:g}) on a batch of shape "
             f"{list(batch[0].shape)}",
             "the exported graph is not faithful; no bundle was written. Report the model, or "
@@ -168,8 +179,11 @@ def check_sensitivity(
     point: Sequence[torch.Tensor],
     vocab_size: int,
     generator: torch.Generator,
+    labels: torch.Tensor | None = None,
 ) -> float:
     """Perturb each trainable input alone; every one must move the loss.
+
+    ``labels``: class ids ``[1]`` for a classification graph (default: the tokens, LM loss).
 
     Returns the smallest change that proved a tensor alive, relative to ``max(1, |loss|)``.
 
@@ -180,7 +194,7 @@ def check_sensitivity(
     (relative to the tensor's rms, at least 0.01) all leave the loss unchanged.
     """
     ids = torch.randint(0, vocab_size, SENSITIVITY_SHAPE, generator=generator)
-    batch = (ids, torch.ones_like(ids), ids.clone())
+    batch = (ids, torch.ones_like(ids), ids.clone() if labels is None else labels)
     feeds = make_feeds(batch, specs, point)
     (base,) = session.run(["loss"], feeds)
     scale = max(1.0, float(np.max(np.abs(base))))

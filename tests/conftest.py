@@ -57,7 +57,18 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 256,
         "tie_word_embeddings": True,
     },
+    # an encoder (task classification): built by build_tiny_encoder, without a classifier,
+    # like the sentence-transformers all-MiniLM-L6-v2
+    "bert": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+    },
 }
+#: TINY_CONFIGS entries that are encoders (build_tiny_encoder), not causal LMs
+TINY_ENCODERS = ("bert",)
 
 
 def build_tiny_tokenizer():
@@ -97,6 +108,50 @@ def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0):
                 std = 0.5 if "embed" in name else 0.1
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model.eval()
+
+
+def build_tiny_encoder(model_type: str, vocab_size: int, seed: int = 0):
+    """A tiny random encoder (``AutoModel``, e.g. ``BertModel``) from ``TINY_CONFIGS``."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, pad_token_id=0, **TINY_CONFIGS[model_type]
+    )
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModel.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random ``BertModel`` (no classifier) + the character tokenizer with
+    ``[CLS]``/``[SEP]``-style special tokens (``<cls>``/``<sep>``) added around each text."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens(["<cls>", "<sep>"])
+    cls, sep = tok.token_to_id("<cls>"), tok.token_to_id("<sep>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<cls> $A <sep>", special_tokens=[("<cls>", cls), ("<sep>", sep)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", cls_token="<cls>",
+        sep_token="<sep>",
+    ).save_pretrained(folder)
+    build_tiny_encoder("bert", tok.get_vocab_size()).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -140,3 +195,4 @@ def make_bundle(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         return cache[key]
 
     return make
+

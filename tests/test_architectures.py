@@ -18,7 +18,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import TINY_CONFIGS, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from conftest import (  # noqa: E402
+    TINY_CONFIGS,
+    TINY_ENCODERS,
+    build_tiny_model,
+    build_tiny_tokenizer,
+)
 
 from edgezo.bundle import load_bundle  # noqa: E402
 from exporters import export_causal_lm  # noqa: E402
@@ -34,7 +39,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(set(TINY_CONFIGS) - {"llama"}))
+@pytest.fixture(scope="module", params=sorted(set(TINY_CONFIGS) - {"llama", *TINY_ENCODERS}))
 def arch_dir(request, tmp_path_factory) -> tuple[str, Path]:
     from transformers import PreTrainedTokenizerFast
 
@@ -90,16 +95,14 @@ def test_tiny_architecture_exports_with_parity(arch_dir, tmp_path, mode):
 
 
 def test_unknown_architecture_lists_all_supported(tmp_path):
-    from transformers import BertConfig
+    from transformers import T5Config
 
     from edgezo.errors import EdgezoError
 
-    BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2).save_pretrained(
-        tmp_path / "bert"
-    )
-    with pytest.raises(EdgezoError, match="'bert' is not supported") as e:
-        export_causal_lm(tmp_path / "bert", tmp_path / "out", progress=None)
-    for model_type in ("llama", "qwen2", "gpt2", "opt"):
+    T5Config(num_layers=1, d_model=16, num_heads=2).save_pretrained(tmp_path / "t5")
+    with pytest.raises(EdgezoError, match="'t5' is not supported") as e:
+        export_causal_lm(tmp_path / "t5", tmp_path / "out", progress=None)
+    for model_type in ("llama", "qwen2", "gpt2", "opt", "bert"):
         assert model_type in str(e.value)
 
 
