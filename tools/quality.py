@@ -45,7 +45,9 @@ The fraction of backprop's held-out improvement a ZO run achieved is
 (L₀ − L(T)) / (L₀,bp − L_bp(T)) at the budget T (LM, loss) and
 (A(T) − A₀) / (A_bp(T) − A₀,bp) for the accuracy (classification). Peak RSS of each method is
 the process's ``VmHWM`` after resetting it (``/proc/self/clear_refs``) before the method; the
-ZO runs go first, before torch is imported.
+RSS at that reset is shown in brackets (what earlier work left resident). The ZO runs go first,
+so the first task's ZO figures are clean when its bundle is already exported (an export, or
+the LM task's PyTorch run before the classification task, leaves torch resident).
 
 Usage (the full measurement; prints this command line)::
 
@@ -123,7 +125,8 @@ class MethodResult:
     excluded_s: float = 0.0  # wall time of the method's run not on its clock
     steps: int = 0
     evaluations: int = 0
-    peak_rss_mb: float | None = None
+    peak_rss_mb: float | None = None  # VmHWM after a reset at the method's start
+    start_rss_mb: float | None = None  # RSS at that reset (what earlier work left resident)
     stop_reason: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -347,6 +350,7 @@ def run_zo(task: Task, method: str, overrides: dict[str, Any], budget_s: float,
     log = LogTimes(method, echo)
     gc.collect()
     rss_ok = reset_peak_rss()
+    start_rss = peak_rss_mb() if rss_ok else None
     wall0 = time.perf_counter()
     clock = ZOClock(budget_s, setup_exclusion=log.step0_eval_seconds)
     summary = finetune(cfg, log=log, progress=False, should_stop=clock.should_stop,
@@ -362,7 +366,8 @@ def run_zo(task: Task, method: str, overrides: dict[str, Any], budget_s: float,
                        train_s=clock.clock, setup_s=clock.setup_s or 0.0,
                        steps=len(clock.step_ends),
                        evaluations=clock.evaluations[-1] if clock.evaluations else 0,
-                       peak_rss_mb=peak, stop_reason=summary.stop_reason, notes=notes)
+                       peak_rss_mb=peak, start_rss_mb=start_rss,
+                       stop_reason=summary.stop_reason, notes=notes)
     res.excluded_s = wall - clock.clock
     # held-out points: replay the ledger to each scored state (bit-exact, no forwards)
     ledger = Ledger.read(run_dir / "ledger.jsonl")
@@ -481,6 +486,7 @@ def run_backprop(task: Task, budget_s: float, times: list[float], lr: float, see
     torch.set_num_threads(threads)
     gc.collect()
     rss_ok = reset_peak_rss()
+    start_rss = peak_rss_mb() if rss_ok else None
     wall0 = time.perf_counter()
     model = TorchBaseline(task.bundle, mode)
     load_s = time.perf_counter() - wall0
@@ -520,6 +526,7 @@ def run_backprop(task: Task, budget_s: float, times: list[float], lr: float, see
     res.train_s, res.steps, res.evaluations = clock, steps, steps
     res.stop_reason = "time_budget"
     res.peak_rss_mb = peak_rss_mb() if rss_ok else None
+    res.start_rss_mb = start_rss
     res.excluded_s = time.perf_counter() - wall0 - load_s - clock
     return res
 
@@ -592,7 +599,8 @@ def format_tables(report: dict[str, Any]) -> str:
     cls = any(p["accuracy"] is not None for m in methods.values() for p in m["points"])
     lines = [f"== {report['task']}: held-out {'loss / accuracy' if cls else 'loss'} vs "
              f"training seconds (budget {report['budget_s']:g} s); each cell: value "
-             f"(steps, forward evaluations)"]
+             f"(steps, training forward evaluations; backprop: one forward + backward a step; "
+             f"ZO: including the lr/μ selection's)"]
     head = f"{'T [s]':>7} | " + " | ".join(f"{n:>26}" for n in names)
     lines += [head, "-" * len(head)]
     for k in range(len(methods[names[0]]["points"])):
@@ -608,7 +616,7 @@ def format_tables(report: dict[str, Any]) -> str:
             "frac bp"]
     if cls:
         cols += ["acc 0 -> T", "frac bp acc"]
-    cols += ["peak RSS MB", "lr / μ used"]
+    cols += ["peak RSS MB (at start)", "lr / μ used"]
     lines.append(" | ".join(cols))
     for n in names:
         m, s = methods[n], report["summary"][n]
@@ -621,7 +629,7 @@ def format_tables(report: dict[str, Any]) -> str:
         if cls:
             cells += [f"{_fmt(s['accuracy_before'], '.1%')} -> {_fmt(s['accuracy_after'], '.1%')}",
                       _fmt(s.get("fraction_of_backprop_accuracy_gain"), ".1%")]
-        cells += [_fmt(m["peak_rss_mb"], ".0f"),
+        cells += [f"{_fmt(m['peak_rss_mb'], '.0f')} ({_fmt(m['start_rss_mb'], '.0f')})",
                   f"{_fmt(lr, '.3g')} / {_fmt(st.get('mu_used'), '.3g')}"]
         lines.append(" | ".join(cells))
     p = report["parity_step0"]
@@ -682,7 +690,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2,
                    help="threads of PyTorch and ONNX Runtime (default 2)")
     p.add_argument("--out", type=Path, default=ROOT / "tools" / "out" / "quality")
-    p.add_argument("--quick", action="store_true", help="a smoke test: 12 s budgets, 2 points")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: 12 s budgets, 2 points (the default run's lr/μ selection "
+                        "may then use the whole budget before its first step)")
     p.add_argument("--methods", default="mezo,default,backprop",
                    help="comma-separated subset of mezo,default,backprop")
     p.add_argument("--lm-bundle", default=None,
