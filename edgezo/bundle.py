@@ -90,6 +90,9 @@ class Manifest:
     prompt: dict[str, Any] | None = None
     """``prompt_classification``: ``template`` (with ``{text}``), ``label_words`` and their
     first tokens ``label_token_ids``, one per entry of ``labels``."""
+    stages: dict[str, Any] | None = None
+    """Optional frozen-prefix split (``exporters/stages.py``): ``prefix``/``suffix`` graph
+    files, the ``cached`` tensor names and the ``suffix_inputs`` read from the batch."""
     parity: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -145,6 +148,7 @@ class Manifest:
                 quantization=d.get("quantization"),
                 labels=list(d["labels"]) if d.get("labels") is not None else None,
                 prompt=d.get("prompt"),
+                stages=d.get("stages"),
                 parity=dict(d.get("parity") or {}),
                 exporter=dict(d.get("exporter") or {}),
                 files=dict(d.get("files") or {}),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,9 @@ class Example:
     labels: tuple[int, ...]
     line: int  # 1-based line in its file, for messages
     target: int | None = None  # class id (classification tasks)
+    # the example's rows of a bundle's cached frozen prefix (edgezo.stages); batches are then
+    # these rows + labels instead of tokens
+    features: dict[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
@@ -117,6 +120,10 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
     ``labels`` is ``[batch, sequence]`` (token targets), or ``[batch]`` class ids for
     encoder-classification examples (whose token ``labels`` are empty).
     """
+    if examples[0].features is not None:  # cached prefix rows (edgezo.stages)
+        out = {k: np.stack([e.features[k] for e in examples]) for k in examples[0].features}
+        out["labels"] = np.array([e.target for e in examples], dtype=np.int64)
+        return out
     width = max(len(e.input_ids) for e in examples)
     b = len(examples)
     input_ids = np.full((b, width), pad_id, dtype=np.int64)

@@ -37,6 +37,7 @@ from .deps import versions
 from .load import HEAD_INITS, LoadedModel, load_classifier
 from .loss import ClassificationLossGraph
 from .onnx_export import OPSET, save_model
+from .stages import add_stages
 from .trainables import LoraSettings, select_trainables
 from .validate import (
     check_parity,
@@ -162,6 +163,8 @@ def export_classifier(
                       "seconds": round(time.perf_counter() - t0, 2)},
         )
         write_manifest(stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file])
+        if mode == "head":  # all but the head is frozen: the runtime can cache it per example
+            add_stages(stage, log=say)
     say(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
     return out
 
