@@ -46,10 +46,13 @@ GRID = 3.0  # candidate lrs are default × GRID^j
 MAX_EXTEND = 2
 # The race's winner is the edge of what is stable for ``steps`` steps; ZO noise accumulates
 # over a run, so the run uses winner / BACKOFF (an LR range test's usual "a notch or two below
-# the steepest point"). Calibrated on SmolLM2-135M LoRA, sample notes, SGD momentum 0.9: the
-# race's winner 2.7e-3 diverged by step 30 (held-out 5.43 -> 23.9 at step 40), while 3e-4 (the
-# winner / 9) lowers the held-out loss steadily.
-BACKOFF = GRID**2
+# the steepest point"). Calibrated by optimiser:
+# - sgd (SmolLM2-135M LoRA, sample notes, momentum 0.9): the winner 2.7e-3 diverged by step 30
+#   (held-out 5.43 -> 23.9 at step 40) while 3e-4 (winner / 9) lowers the loss steadily;
+# - adam and sign move every coordinate by ~lr whatever the noise, so one notch is enough
+#   (all-MiniLM-L6-v2 zero head, topics, onesided q=8: winner 0.03; 1e-2 = winner / 3 reaches
+#   held-out loss 0.40 in 3000 steps, 3.3e-3 = winner / 9 only 0.64 in 2000).
+BACKOFF = {"sgd": GRID**2, "adam": GRID, "sign": GRID}
 PROBE_BATCHES = 2  # probe set: this many training batches the trials do not train on
 
 
@@ -179,7 +182,8 @@ def select_lr(engine: ZOEngine, default_lr: float, mu: float, steps: int,
         note = (f"no candidate lr lowered the probe loss ({before:.4f}) in {steps} steps; "
                 f"kept the default lr {default_lr:g}")
         return default_lr, before, trials, evals, note
-    return results[best]["lr"] / BACKOFF, before, trials, evals, ""
+    backoff = BACKOFF.get(engine.settings.optimizer, GRID**2)
+    return results[best]["lr"] / backoff, before, trials, evals, ""
 
 
 def autotune(engine: ZOEngine, *, lr: float | None, default_lr: float, mu: float,

@@ -12,6 +12,7 @@ import sys
 import click
 
 from .cli_devices import devices
+from .cli_federate import federate
 from .cli_tasks import task_kwargs, task_options
 from .errors import EdgezoError
 
@@ -109,8 +110,10 @@ def compare(ctx):
 @click.option("--steps", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--max-length", type=int, default=None)
-@click.option("--lr", type=float, default=None, help="default: per trainable mode")
-@click.option("--mu", type=float, default=None, help="default: per trainable mode")
+@click.option("--lr", type=float, default=None,
+              help="default: chosen by a short learning-rate race (autotune=false: per mode)")
+@click.option("--mu", type=float, default=None,
+              help="default: the mode's, checked against noise and curvature (autotune)")
 @click.option("--q", type=int, default=None, help="directions per step")
 @click.option("--seed", type=int, default=None)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
@@ -307,6 +310,8 @@ def replay(run_dir, bundle, out, upto, check):
 
 
 main.add_command(devices)
+federate.callback = friendly_errors(federate.callback)
+main.add_command(federate)
 
 if __name__ == "__main__":
     main()

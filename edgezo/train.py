@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from . import stages
+from .autotune import PROBE_BATCHES, autotune, worst_case_evaluations
 from .bundle import Bundle, load_bundle
 from .checkpoint import load_checkpoint, save_tensors_atomic
 from .config import FinetuneConfig
@@ -61,6 +63,10 @@ class RunSummary:
     trainable_parameters: int
     heldout_accuracy_before: float | None = None  # classification tasks
     heldout_accuracy_after: float | None = None
+    tune_evaluations: int = 0  # spent by the lr/μ auto-selection (edgezo.autotune)
+    prefix_forward_calls: int = 0  # the one pass over the data of a cached prefix
+    lr: float | None = None
+    mu: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,6 +178,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     """
     t0 = time.perf_counter()
     bundle = load_bundle(cfg.bundle or ensure_default_bundle(log))
+    auto_lr = cfg.autotune and cfg.lr is None and not resume
+    auto_mu = cfg.autotune and cfg.mu is None and not resume
     cfg = cfg.resolved(bundle.manifest.trainable_mode)
     if cfg.bundle is None:
         cfg.bundle = str(bundle.path)
@@ -196,9 +204,20 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     per_step = engine.estimator.evals_per_step
     limits = session_limits(cfg, bundle, optimizer_buffers(cfg.optimizer, cfg.momentum),
                             settings.inplace, per_step)
-    runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, limits.runtime)
     budget = limits.budget
-    schedule = Schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup_steps)
+    prefix_calls = 0
+    if cfg.cache_prefix and stages.available(bundle):
+        t_cache = time.perf_counter()
+        (train, held), prefix_calls = stages.cache_rows(
+            bundle, [train, held], cfg.eval_batch_size, pad_id, limits.runtime)
+        stream = BatchStream(train, cfg.batch_size, cfg.seed, pad_id)
+        runner = LossRunner(stages.suffix_path(bundle), engine.params,
+                            stages.suffix_inputs(bundle), limits.runtime)
+        log(f"edgezo: frozen prefix computed once for {len(train) + len(held)} examples "
+            f"({prefix_calls} forward calls, {time.perf_counter() - t_cache:.1f} s); every ZO "
+            f"evaluation runs {stages.suffix_path(bundle).name} only")
+    else:
+        runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, limits.runtime)
 
     # ledger: new, or reopened and caught up (checkpoint + replay of the records after it)
     if resume:
@@ -222,7 +241,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         f"{' (in place)' if settings.inplace else ''} + "
         f"{engine.optimizer.nbytes / 2**20:.1f} MiB {cfg.optimizer} state")
     log(f"edgezo: {len(train)} training / {len(held)} held-out examples; {cfg.steps} steps × "
-        f"{per_step} forward evaluations; lr {cfg.lr:g}, μ {cfg.mu:g}, "
+        f"{per_step} forward evaluations; lr {'auto' if auto_lr else f'{cfg.lr:g}'}, "
+        f"μ {'auto' if auto_mu else f'{cfg.mu:g}'}, "
         f"q {cfg.q}, {cfg.direction}, {cfg.estimator}, {cfg.optimizer}, momentum "
         f"{cfg.momentum:g}; run folder {run.path}")
     opts = limits.runtime
@@ -232,6 +252,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         f"{budget.describe()}; checkpoint every {limits.checkpoint_every} steps")
     for note in limits.notes + runner.notes:
         log(f"edgezo: note: {note}")
+
+    tune_evals = 0
+    if (auto_lr or auto_mu) and start == 0:
+        tune_evals = run_autotune(cfg, engine, runner, stream, run, auto_lr, auto_mu, log)
+        budget.used += tune_evals
+    schedule = Schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup_steps)
 
     engine.perturber.at_theta()
     before, extra = heldout(runner, held, cfg, bundle)
@@ -244,6 +270,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     train_evals = sum(len(r["losses"]) for r in ledger.records)  # over the whole run
     stop_reason = "completed"
     last = before
+    final_eval = None  # (ledger length, loss, extra) of the latest in-loop held-out evaluation
     # the divergence guard's reference point: from the checkpoint when resuming
     best, best_step = guard if guard is not None else (before, start)
     warned_at = -1  # the best step a "no progress" warning was last given for
@@ -276,9 +303,11 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                          "loss": float(np.mean(record["losses"])),
                          "evaluations": budget.used, "total_evaluations": train_evals,
                          **budget.left()})
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            # the last step is checked too: a run must not end on a diverged θ
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 engine.perturber.at_theta()
                 last, extra = heldout(runner, held, cfg, bundle)
+                final_eval = (len(ledger.records), last, extra)
                 run.metric(kind="eval", step=done, heldout_loss=last, **extra)
                 if bar is None:
                     log(f"edgezo: step {done}/{cfg.steps} held-out loss {last:.4f}{_acc(extra)}")
@@ -294,7 +323,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                     last = best
                     run.metric(kind="rollback", step=rec["step"], to=best_step,
                                lr_scale=lr_scale, reason=why)
-                    save_checkpoint(engine, run, bundle, len(ledger.records), (best, best_step))
+                    save_checkpoint(engine, run, bundle, ledger, (best, best_step))
                     log(f"edgezo: {why}: rolled back to step {best_step}, learning rate now "
                         f"x{lr_scale:g}")
                     if len(rollbacks) > cfg.max_rollbacks:
@@ -314,7 +343,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                     else:
                         log(note)
             if done % limits.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(engine, run, bundle, len(ledger.records), (best, best_step))
+                save_checkpoint(engine, run, bundle, ledger, (best, best_step))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(record['losses']):.3f}", heldout=f"{last:.3f}",
@@ -327,13 +356,13 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                 f"point (step {best_step}). Try a smaller lr or mu, more directions (q), or "
                 f"optimizer=adam; the ledger keeps every step")
         elif stop_reason != "completed":
-            save_checkpoint(engine, run, bundle, len(ledger.records), (best, best_step))
+            save_checkpoint(engine, run, bundle, ledger, (best, best_step))
             log(f"edgezo: {budget.why(stop_reason)}; stopped with a checkpoint at step "
                 f"{len(ledger.records)} of {cfg.steps} — continue next session with: "
                 f"edgezo finetune --resume --out {run.path}")
     except KeyboardInterrupt:
         stop_reason = "interrupted"
-        save_checkpoint(engine, run, bundle, len(ledger.records), (best, best_step))
+        save_checkpoint(engine, run, bundle, ledger, (best, best_step))
         log(f"edgezo: interrupted; checkpoint at step {len(ledger.records)} — "
             f"continue with: edgezo finetune --resume --out {run.path}")
     finally:
@@ -342,9 +371,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         ledger.close()
 
     engine.perturber.at_theta()
-    after, extra = heldout(runner, held, cfg, bundle)
     steps_done = len(ledger.records)
-    run.metric(kind="eval", step=steps_done, heldout_loss=after, **extra)
+    if final_eval is not None and final_eval[0] == steps_done:  # θ unchanged since then
+        after, extra = final_eval[1], final_eval[2]
+    else:
+        after, extra = heldout(runner, held, cfg, bundle)
+        run.metric(kind="eval", step=steps_done, heldout_loss=after, **extra)
     save_tensors_atomic(run.trained, engine.params.state_dict(),
                         metadata={"bundle": bundle.fingerprint, "step": str(steps_done)})
     summary = RunSummary(
@@ -352,6 +384,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         heldout_after=after, train_evaluations=train_evals,
         eval_evaluations=runner.eval_evaluations,
         seconds=time.perf_counter() - t0, trainable_parameters=engine.params.dim,
+        tune_evaluations=tune_evals, lr=cfg.lr, mu=cfg.mu, prefix_forward_calls=prefix_calls,
         heldout_accuracy_before=acc_before, heldout_accuracy_after=extra.get("heldout_accuracy"),
     )
     tmp = run.summary.with_suffix(".json.tmp")
@@ -360,9 +393,44 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     log(f"edgezo: held-out loss {before:.4f} -> {after:.4f} "
         f"({'-' if after <= before else '+'}{abs(before - after) / before:.1%}){_acc(extra)} "
         f"after "
-        f"{steps_done} steps, {train_evals} training forward evaluations, "
+        f"{steps_done} steps, {train_evals} training forward evaluations"
+        f"{f' (+{tune_evals} for the lr/μ selection)' if tune_evals else ''}, "
         f"{summary.seconds:.0f} s; trained tensors: {run.trained}")
     return summary
+
+
+def run_autotune(cfg: FinetuneConfig, engine: ZOEngine, runner: LossRunner,
+                 stream: BatchStream, run: RunFolder, auto_lr: bool, auto_mu: bool, log) -> int:
+    """Choose lr and/or μ (edgezo.autotune); store them in the run's config; return the cost."""
+    if engine.params.inplace:
+        log("edgezo: autotune: skipped — this run perturbs θ in place, and the learning-rate "
+            "race would need a copy of θ to restart from; using the mode defaults (lr "
+            f"{cfg.lr:g}, μ {cfg.mu:g}); pass lr= and mu= to choose them")
+        return 0
+    k = cfg.autotune_steps
+    bound = worst_case_evaluations(k, engine.estimator.evals_per_step, cfg.batch_size,
+                                   PROBE_BATCHES * cfg.batch_size, auto_mu)
+    what = " and ".join(n for n, a in (("lr", auto_lr), ("μ", auto_mu)) if a)
+    log(f"edgezo: autotune: choosing {what} (at most {bound} forward evaluations; "
+        "pass lr= / mu= or autotune=false to skip)")
+    probe = [stream.batch(k + i) for i in range(PROBE_BATCHES)]
+    result = autotune(engine, lr=None if auto_lr else cfg.lr, default_lr=cfg.lr, mu=cfg.mu,
+                      tune_mu=auto_mu, steps=k, batches=stream.batch, probe=probe,
+                      probe_cost=PROBE_BATCHES, mean_loss=runner.mean_loss, log=log)
+    cfg.lr, cfg.mu = result.lr, result.mu
+    if result.note:
+        log(f"edgezo: autotune: {result.note}")
+    log(f"edgezo: autotune: lr {cfg.lr:.3g}, μ {cfg.mu:g} ({result.evaluations} forward "
+        f"evaluations, {result.seconds:.0f} s)")
+    tmp = run.path / "autotune.json.tmp"
+    tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    os.replace(tmp, run.path / "autotune.json")
+    tmp = run.config.with_suffix(".yaml.tmp")  # a resumed run keeps the chosen values
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, run.config)
+    run.metric(kind="autotune", lr=cfg.lr, mu=cfg.mu, evaluations=result.evaluations,
+               trials=result.trials)
+    return result.evaluations
 
 
 def diverged(loss: float, best: float, tolerance: float) -> bool:
@@ -372,9 +440,13 @@ def diverged(loss: float, best: float, tolerance: float) -> bool:
     return not np.isfinite(loss) or loss > best * (1.0 + tolerance)
 
 
-def save_checkpoint(engine: ZOEngine, run: RunFolder, bundle: Bundle, step: int,
+def save_checkpoint(engine: ZOEngine, run: RunFolder, bundle: Bundle, ledger: Ledger,
                     guard: tuple[float, int]) -> None:
-    """θ, optimiser state, and the divergence guard's reference (best held-out loss, step)."""
+    """θ, optimiser state, and the divergence guard's reference (best held-out loss, step),
+    at the ledger's current step. The ledger is made durable first, so a checkpoint is never
+    ahead of it."""
+    ledger.sync()
+    step = len(ledger.records)
     tensors = {"master": engine.params.master, **engine.optimizer.state()}
     save_tensors_atomic(run.checkpoint, tensors,
                         metadata={"bundle": bundle.fingerprint, "step": str(step),

@@ -7,6 +7,7 @@ still collect and run the runtime tests that do not need a bundle.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,17 @@ def make_bundle(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
     return make
 
+
+MEMO = ["the cat sat on the mat.", "a dog ran in the park.", "we bake bread on sunday.",
+        "pepper likes long walks.", "the fjord is cold today.", "tea with honey at nine."]
+
+
+@pytest.fixture(scope="module")
+def memo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(train, held-out) JSONL of short notes: 24 training lines, 6 held-out."""
+    d = tmp_path_factory.mktemp("memo")
+    train = d / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMO * 4))
+    held = d / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMO))
+    return train, held

@@ -15,18 +15,10 @@ from safetensors.numpy import load_file
 from edgezo.config import FinetuneConfig
 from edgezo.train import finetune
 
-MEMO = ["the cat sat on the mat.", "a dog ran in the park.", "we bake bread on sunday.",
-        "pepper likes long walks.", "the fjord is cold today.", "tea with honey at nine."]
-
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    train = d / "train.jsonl"
-    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMO * 4))
-    held = d / "held.jsonl"
-    held.write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMO))
-    return train, held
+def data(memo_data):
+    return memo_data
 
 
 def cfg(bundle, data, out, **kw):

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -66,3 +67,23 @@ def test_checkpoint_belongs_to_its_bundle(tmp_path):
     with pytest.raises(CheckpointError, match="belongs to bundle aaa"):
         load_checkpoint(p, "bbb")
     assert [x.name for x in tmp_path.iterdir()] == ["c.safetensors"]  # no temp files left
+
+
+def test_appends_are_visible_at_once_and_fsynced_in_groups(tmp_path, monkeypatch):
+    import edgezo.ledger as ledger_mod
+
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(ledger_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    led = Ledger.create(tmp_path / "l.jsonl", {"bundle": "x"})
+    calls.clear()
+    for k in range(200):
+        led.append(rec(k))
+    # another reader (a resumed run after a kill) sees every appended record at once
+    assert len(Ledger.read(tmp_path / "l.jsonl").records) == 200
+    assert len(calls) < 20  # group commit: not one fsync per step
+    led.sync()
+    assert len(calls) >= 1
+    n = len(calls)
+    led.close()
+    assert len(calls) == n + 1  # close makes the tail durable
