@@ -64,6 +64,8 @@ def _toml_value(v) -> str:
 @click.option("--lr", type=float, default=None,
               help="default: the single-device default's lr/(1-momentum) for the mode")
 @click.option("--mu", type=float, default=None, help="default: per trainable mode")
+@click.option("--server-lr", default=1.0, help="global step = this × the weighted mean of the "
+              "clients' local steps (the number of clients: their sum)")
 @click.option("--batch-size", default=4)
 @click.option("--pool-size", default=64, help="candidate seeds offered per round")
 @click.option("--fraction", default=1.0, help="share of clients sampled per round")
@@ -79,7 +81,7 @@ def _toml_value(v) -> str:
 @click.option("--drop", default="", help="simulated dropouts: PARTITION@ROUND,...")
 @click.option("--write-flwr-app", "app_dir", default=None, type=click.Path(),
               help="write a Flower app folder with these settings for `flwr run`, and exit")
-def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, batch_size,
+def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, server_lr, batch_size,
              pool_size, fraction, min_clients, seed, max_length, threads, out, engine,
              round_timeout, wait, drop, app_dir):
     """Personalise a bundle with N clients that exchange only seeds and scalars (FedKSeed)."""
@@ -110,7 +112,7 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, batc
            "batch-size": batch_size, "pool-size": pool_size, "fraction": fraction,
            "min-clients": min_clients, "seed": seed, "max-length": max_length,
            "threads": threads, "drop": drop, "round-timeout-s": round_timeout,
-           "wait-s": wait}
+           "wait-s": wait, "server-lr": server_lr}
     from .federated.flower_apps import fed_settings
 
     fed_settings({**cfg})  # every setting checked before anything starts
@@ -123,7 +125,8 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, batc
         return
     fedavg = fedavg_bytes(b)
     click.echo(f"edgezo federate: {clients} clients, {rounds} rounds × {local_steps} local steps "
-               f"(batch {batch_size}, lr {lr:g}, μ {mu:g}, pool {pool_size}); engine {engine}")
+               f"(batch {batch_size}, lr {lr:g}, μ {mu:g}, server lr {server_lr:g}, pool "
+               f"{pool_size}); engine {engine}")
     click.echo(f"edgezo federate: FedAvg of the same {b.manifest.trainable_size:,} trainable "
                f"values would send {fedavg:,} B up and {fedavg:,} B down per client per round")
     if engine == "flower":

@@ -247,6 +247,17 @@ def test_server_resumes_from_its_ledger(bundle, data, tmp_path):
     assert again.ledger_rounds == 2 and again.model.digest() == digest
 
 
+def test_server_lr_scales_the_global_step_and_replays(bundle, data, tmp_path):
+    fed = FedSettings(**{**FED.to_dict(), "server_lr": 3.0})
+    server, clients = federation(bundle, data, tmp_path, fed)
+    run_rounds(server, clients, 2)
+    recs = Ledger.read(tmp_path / "ledger.jsonl").records
+    assert [r["lr"] for r in recs] == [3.0 * FED.lr] * 2
+    assert sync_all(server, clients) == {"c0": None, "c1": None, "c2": None}
+    with pytest.raises(ConfigError, match="server_lr"):
+        FedSettings(server_lr=0.0)
+
+
 def test_settings_and_pool():
     with pytest.raises(ConfigError, match="local_steps"):
         FedSettings(local_steps=0)
