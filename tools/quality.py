@@ -17,8 +17,11 @@ Methods, in this order:
               including the automatic lr/μ selection and the divergence guard.
 ``backprop``  PyTorch eager, AdamW (torch defaults, weight decay 0.01), the same trainable
               tensors with the same initial values (read from the bundle), the same batches
-              (``edgezo.data.BatchStream``, same seed), the same loss (LM: the exporter's loss
-              graph, ``exporters.loss.CausalLMLossGraph``).
+              (``edgezo.data.BatchStream``, same seed), the same loss: the exporter's own
+              model, trainable selection and loss graph (``exporters.loss``), so its held-out
+              loss at step 0 must equal edgezo's (checked, tolerance 1e-3). The classifier's
+              baseline trains the bundle's head like ZO (``--cls-backprop-mode lora``: LoRA
+              r=8 on query/value + the head).
 
 Only data, run folder, seed, thread count and a step count high enough never to bind are set
 for the ZO runs (``steps`` = 10**6; the default schedule is constant).
@@ -34,7 +37,7 @@ for the ZO runs (``steps`` = 10**6; the default schedule is constant).
   held-out evaluations for the divergence guard, checkpoints) is outside it, like backprop's
   evaluations; a rollback by the guard is replayed there too (its cost is reported as
   ``excluded_s``).
-- Every method stops before its first step that would start at or after the budget.
+- No method starts a step once its clock has reached the budget.
 
 **Held-out points**: at ``--points`` equally spaced clock times T_k = k·budget/points (and 0),
 each method is scored at its state after the last step that ended by T_k. Backprop scores
