@@ -145,6 +145,28 @@ def test_side_by_side_on_a_tiny_bundle(make_bundle, tmp_path):
         assert png.stat().st_size > 1000
 
 
+def test_main_writes_json_and_png_and_prints_its_command(make_bundle, tmp_path, capsys):
+    pytest.importorskip("torch")
+    import json
+
+    argv = ["--task", "lm", "--lm-bundle", str(make_bundle()), "--budget-s", "0.5",
+            "--points", "1", "--methods", "mezo,backprop", "--threads", "1", "--quiet",
+            "--out", str(tmp_path / "q")]
+    assert quality.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "python tools/quality.py --task lm" in out and "== lm:" in out
+    data = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert data["command"].startswith("python tools/quality.py")
+    (report,) = data["reports"]
+    assert set(report["methods"]) == {"mezo", "backprop"}
+    assert report["parity_step0"]["ok"]
+    # a classification task without an exportable bundle is a clear error, not a traceback
+    bad = ["--task", "classification", "--cls-bundle", str(tmp_path / "missing"),
+           "--out", str(tmp_path / "q2")]
+    assert quality.main(bad) == 2
+    assert "error" in capsys.readouterr().err
+
+
 def test_classification_side_by_side_on_a_tiny_encoder(tiny_bert_dir, tmp_path):
     """Zero head: every method starts at ln(5) and at the accuracy of always answering class
     0; accuracy columns and the accuracy fraction are filled; backprop may train LoRA too."""
