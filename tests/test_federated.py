@@ -237,6 +237,17 @@ def test_client_catch_up_rejects_a_corrupted_record(bundle, data, tmp_path):
     assert clients["c2"].handle(ins)["status"] == "ok"
 
 
+def test_client_state_of_another_federation_is_dropped(bundle, data, tmp_path):
+    server, clients = federation(bundle, data, tmp_path / "a")
+    run_rounds(server, clients, 2)
+    c0 = FederationClient(bundle, "c0", clients["c0"].train, tmp_path / "a" / "c0")
+    assert c0.have == 1  # reopened from disk, at federation a's record 0
+    other = FederationServer(bundle, FED, tmp_path / "b" / "ledger.jsonl", log=lambda _: None)
+    assert other.federation_id != server.federation_id
+    reports = run_rounds(other, {"c0": c0}, 1)
+    assert reports[0].accepted == 1 and c0.have == 0 and c0.federation == other.federation_id
+
+
 def test_server_resumes_from_its_ledger(bundle, data, tmp_path):
     server, clients = federation(bundle, data, tmp_path)
     run_rounds(server, clients, 2)

@@ -58,6 +58,7 @@ class FederationClient:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.threads = threads
         self.model: GlobalModel | None = None
+        self.federation = ""  # the server ledger's id this client's records belong to
         self.runner: LossRunner | None = None
         self.ledger: Ledger | None = None
         self.token = client_token(client_id)
@@ -80,12 +81,15 @@ class FederationClient:
         led = Ledger.read(self.state_dir / "ledger.jsonl", repair=True)
         if led.header.get("bundle") != self.bundle.fingerprint:
             return  # another bundle's state: start over from the server's ledger
-        self._start(EngineSettings.from_dict(led.header["engine"]), led)
+        self._start(EngineSettings.from_dict(led.header["engine"]), led,
+                    str(led.header.get("federation", "")))
         for rec in led.records:
             self.model.apply(rec)
 
-    def _start(self, settings: EngineSettings, ledger: Ledger | None = None) -> None:
+    def _start(self, settings: EngineSettings, ledger: Ledger | None = None,
+               federation: str = "") -> None:
         self.model = GlobalModel(self.bundle, settings)
+        self.federation = federation
         self.runner = LossRunner(self.bundle.model_path, self.model.engine.params, BATCH_INPUTS,
                                  RuntimeOptions(threads=self.threads))
         if ledger is None and self.state_dir is not None:
@@ -93,7 +97,8 @@ class FederationClient:
             path = self.state_dir / "ledger.jsonl"
             path.unlink(missing_ok=True)
             ledger = Ledger.create(path, {"bundle": self.bundle.fingerprint,
-                                          "engine": settings.to_dict(), "client": self.id})
+                                          "engine": settings.to_dict(), "client": self.id,
+                                          "federation": federation})
         self.ledger = ledger
 
     def _reset(self) -> None:
@@ -134,10 +139,11 @@ class FederationClient:
             raise Rejected(f"engine settings unreadable: {e}") from None
         if settings.estimator != "central" or settings.q != 1 or settings.optimizer != "sgd":
             raise Rejected("federation engine must be central / q=1 / sgd")
-        if self.model is not None and self.model.settings != settings:
-            raise Rejected("the server's engine settings differ from this client's ledger")
+        if self.model is not None and (self.model.settings != settings
+                                       or self.federation != ins["federation"]):
+            self._reset()  # state of another federation (or settings): start this one afresh
         if self.model is None:
-            self._start(settings)
+            self._start(settings, federation=ins["federation"])
         since, entries = ins["since"], ins["entries"]
         if since > self.have:
             raise Rejected(f"ledger gap: this client holds {self.have} records, the "

@@ -6,6 +6,7 @@ lists of them, which is exactly what a Flower ``ConfigRecord`` carries, and also
 Down (server → client), one per sampled client per round::
 
     {"kind": "edgezo-fed-train", "version": 1, "bundle": <fingerprint>, "engine": <json>,
+     "federation": <id of the server's ledger>,
      "round": r, "since": s, "entries": [<ledger record json>, ...],   # records s .. r-1
      "theta": <digest of θ after record r-1>, "pool": [seed, ...],
      "local_steps": τ, "lr": η, "mu": μ, "batch_size": b}
@@ -194,7 +195,7 @@ def check_train_shape(msg: Any) -> dict[str, Any]:
     """Types of an instruction, checked by the client before it touches its state."""
     if not isinstance(msg, dict) or msg.get("kind") != TRAIN or msg.get("version") != VERSION:
         raise Rejected(f"malformed instruction: expected {TRAIN!r} version {VERSION}")
-    for key in ("bundle", "engine", "theta"):
+    for key in ("bundle", "engine", "theta", "federation"):
         _need(msg, key, str)
     for key in ("round", "since", "local_steps", "batch_size"):
         _need(msg, key, int)

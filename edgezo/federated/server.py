@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class FederationServer:
         self.model = GlobalModel(bundle, engine_settings(fed))
         path = Path(ledger_path)
         header = {"bundle": bundle.fingerprint, "bundle_path": str(bundle.path),
+                  "federation_id": uuid.uuid4().hex,
                   "engine": self.model.settings.to_dict(), "federation": fed.to_dict()}
         if resume and path.exists():
             self.ledger = Ledger.read(path, repair=True)
@@ -60,6 +62,7 @@ class FederationServer:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.ledger = Ledger.create(path, header)
+        self.federation_id = str(self.ledger.header.get("federation_id", ""))
         self.have: dict[str, int] = {}  # last ledger length each client reported
         self.round = self.ledger_rounds
         self.pool: list[int] = []
@@ -100,6 +103,7 @@ class FederationServer:
         f = self.fed
         return {"kind": TRAIN, "version": VERSION, "bundle": self.bundle.fingerprint,
                 "engine": json.dumps(self.model.settings.to_dict(), sort_keys=True),
+                "federation": self.federation_id,
                 "round": self.round, "since": since,
                 "entries": [encode_entry(r) for r in self.ledger.records[since:]],
                 "theta": self._digest, "pool": list(self.pool) if train else [],
