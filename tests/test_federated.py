@@ -248,6 +248,13 @@ def test_client_state_of_another_federation_is_dropped(bundle, data, tmp_path):
     assert reports[0].accepted == 1 and c0.have == 0 and c0.federation == other.federation_id
 
 
+def test_client_without_a_state_folder(bundle, data, tmp_path):
+    server = FederationServer(bundle, FED, tmp_path / "ledger.jsonl", log=lambda _: None)
+    clients = {"m": FederationClient(bundle, "m", data[0][:20])}
+    assert [r.accepted for r in run_rounds(server, clients, 2)] == [1, 1]
+    assert sync_all(server, clients) == {"m": None}
+
+
 def test_server_resumes_from_its_ledger(bundle, data, tmp_path):
     server, clients = federation(bundle, data, tmp_path)
     run_rounds(server, clients, 2)

@@ -159,8 +159,11 @@ class FederationClient:
                     raise Rejected(f"global record {step} conflicts with this client's copy")
                 continue
             check_entry(rec, step)
-            self.ledger.append(rec)
+            if self.ledger is not None:  # a client without a state folder keeps it in memory
+                self.ledger.append(rec)
             self.model.apply(rec)
+        if entries and self.ledger is not None:
+            self.ledger.sync()
         if self.model.digest() != ins["theta"]:
             self._reset()  # something is off with the local copy: rebuild from scratch
             raise Rejected("tensors replayed from the ledger differ from the server's digest; "

@@ -204,6 +204,7 @@ class FederationServer:
                   "rejected": len(self.rejections)}
         check_entry(record, self.ledger_rounds)  # nothing is written unless it applies
         self.ledger.append(record)
+        self.ledger.sync()  # durable before any client is told about it
         self.model.apply(record)
         return record
 
