@@ -49,6 +49,8 @@ clientapp = "edgezo.federated.flwr_app:client_app"
 
 
 def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
     return json.dumps(v) if isinstance(v, str) else repr(v)
 
 
@@ -76,6 +78,8 @@ def _toml_value(v) -> str:
 @click.option("--out", default="runs/federate", type=click.Path(),
               help="server folder: ledger.jsonl, metrics.jsonl, summary.json")
 @click.option("--engine", type=click.Choice(["flower", "local"]), default="flower")
+@click.option("--resume", is_flag=True, help="continue the federation in --out (its ledger) up "
+              "to --rounds rounds in all")
 @click.option("--round-timeout", default=600.0, help="seconds a round waits for replies")
 @click.option("--wait", default=60.0, help="seconds to wait for --min-clients nodes")
 @click.option("--drop", default="", help="simulated dropouts: PARTITION@ROUND,...")
@@ -83,7 +87,7 @@ def _toml_value(v) -> str:
               help="write a Flower app folder with these settings for `flwr run`, and exit")
 def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, server_lr, batch_size,
              pool_size, fraction, min_clients, seed, max_length, threads, out, engine,
-             round_timeout, wait, drop, app_dir):
+             resume, round_timeout, wait, drop, app_dir):
     """Personalise a bundle with N clients that exchange only seeds and scalars (FedKSeed)."""
     from .bundle import load_bundle
     from .config import MODE_DEFAULTS
@@ -102,9 +106,12 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
         sample, sample_eval = default_data()
         data, eval_data = str(sample), eval_data or str(sample_eval)
     out = Path(out)
-    if (out / "ledger.jsonl").exists():
+    if (out / "ledger.jsonl").exists() and not resume:
         raise ConfigError(f"{out} already holds a federation (ledger.jsonl)",
-                          "choose another --out")
+                          f"continue it with --resume --out {out}, or choose another --out")
+    if resume and not (out / "ledger.jsonl").exists():
+        raise ConfigError(f"--resume: {out} holds no federation (no ledger.jsonl)",
+                          "point --out at the federation's folder, or drop --resume")
     cfg = {"bundle": str(Path(b.path).resolve()), "data": str(Path(data).resolve()),
            "eval-data": str(Path(eval_data).resolve()) if eval_data else "",
            "out": str(out.resolve()), "client-state": str((out / "clients").resolve()),
@@ -112,7 +119,7 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
            "batch-size": batch_size, "pool-size": pool_size, "fraction": fraction,
            "min-clients": min_clients, "seed": seed, "max-length": max_length,
            "threads": threads, "drop": drop, "round-timeout-s": round_timeout,
-           "wait-s": wait, "server-lr": server_lr}
+           "wait-s": wait, "server-lr": server_lr, "resume": resume}
     from .federated.flower_apps import fed_settings
 
     fed_settings({**cfg})  # every setting checked before anything starts
@@ -169,7 +176,8 @@ def _run_local(bundle, cfg: dict, clients: int) -> None:
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     fed = fed_settings(cfg)
-    server = FederationServer(bundle, fed, out / "ledger.jsonl", log=click.echo)
+    server = FederationServer(bundle, fed, out / "ledger.jsonl", log=click.echo,
+                              resume=bool(cfg["resume"]))
     examples = load_examples(bundle, cfg["data"], int(cfg["max-length"]))
     parts = {f"client-{i}": FederationClient(bundle, f"client-{i}",
                                              split_examples(examples, i, clients),
@@ -184,7 +192,7 @@ def _run_local(bundle, cfg: dict, clients: int) -> None:
     if before is not None:
         click.echo(f"edgezo federate: held-out loss before: {before:.4f}")
     drops = {(f"client-{p}", r) for p, r in parse_drops(cfg["drop"])}
-    reports = run_rounds(server, parts, fed.rounds, evaluate,
+    reports = run_rounds(server, parts, max(0, fed.rounds - server.ledger_rounds), evaluate,
                          drop=lambda r, c: (c, r) in drops, log=click.echo)
     synced = sync_all(server, parts)
     same = sum(v is None for v in synced.values())

@@ -307,6 +307,22 @@ def test_cli_local_engine(make_bundle, tmp_path):
     res = CliRunner().invoke(main, ["federate", "--bundle", str(make_bundle("lora")),
                                     "--engine", "local", "--out", str(out)])
     assert res.exit_code == 2 and "already holds a federation" in res.output
+    res = CliRunner().invoke(main, [  # the server restarts: one more round, clients catch up
+        "federate", "--bundle", str(make_bundle("lora")), "--engine", "local", "--rounds", "4",
+        "--lr", "1e-2", "--mu", "1e-3", "--batch-size", "8", "--max-length", "40",
+        "--resume", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "round 3: held-out loss" in res.output and "round 2:" not in res.output
+    assert "3/3 clients hold" in res.output
+    assert len(Ledger.read(out / "ledger.jsonl").records) == 4
+    app = tmp_path / "app"
+    res = CliRunner().invoke(main, ["federate", "--bundle", str(make_bundle("lora")),
+                                    "--write-flwr-app", str(app), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    conf = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert conf["components"]["serverapp"] == "edgezo.federated.flwr_app:server_app"
+    assert conf["config"]["resume"] is False and conf["config"]["rounds"] == 5
 
 
 def test_import_without_flower_and_without_torch(make_bundle):

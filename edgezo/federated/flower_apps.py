@@ -13,7 +13,8 @@ Configuration (``[tool.flwr.app.config]`` of a Flower app, ``--run-config``, or 
 
     bundle, data, eval-data, out, client-state, rounds, local-steps, lr, mu, batch-size,
     pool-size, fraction, min-clients, seed, max-length, round-timeout-s, wait-s, threads,
-    server-lr (global step = server-lr × the clients' weighted mean step),
+    server-lr (global step = server-lr × the clients' weighted mean step), resume (continue the
+    ledger in ``out`` up to ``rounds`` rounds in all),
     drop ("PID@ROUND,..." makes partition PID fail in ROUND: a simulated dropout)
 
 ``flwr`` is imported here only; ``pip install 'edgezo[federated]'`` provides it.
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 5, "local-steps": 4, "lr": 1e-3, "mu": 1e-3, "batch-size": 4, "pool-size": 64,
     "fraction": 1.0, "min-clients": 1, "seed": 0, "max-length": 64, "round-timeout-s": 600.0,
     "wait-s": 60.0, "threads": 1, "drop": "", "server-lr": 1.0,
+    "resume": False,
 }
 RECORD = "edgezo"
 
@@ -129,7 +131,8 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
 
     bundle = load_bundle(cfg["bundle"])
     fed = fed_settings(cfg)
-    server = FederationServer(bundle, fed, out / "ledger.jsonl", log=log)
+    server = FederationServer(bundle, fed, out / "ledger.jsonl", log=log,
+                              resume=bool(cfg["resume"]))
     evaluate = None
     if cfg["eval-data"]:
         evaluate = HeldoutEval(server.model, load_examples(bundle, cfg["eval-data"],
@@ -169,7 +172,7 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
         return got
 
     reports = []
-    for _ in range(fed.rounds):
+    for _ in range(max(0, fed.rounds - server.ledger_rounds)):  # rounds: the total, on resume
         r = server.begin_round()
         up, down = {}, {}
         for sender, reply, error, nup, ndown in exchange(train=True):

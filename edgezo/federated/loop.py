@@ -127,7 +127,7 @@ def write_summary(out: Path, server: FederationServer, before: float | None,
                         metadata={"bundle": server.bundle.fingerprint,
                                   "step": str(server.ledger_rounds)})
     rows = [r.row() for r in reports]
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:  # a resumed run appends
         f.writelines(json.dumps(r) + "\n" for r in rows)
     summary = {"rounds": server.ledger_rounds, "heldout_before": before,
                "heldout": [r["heldout"] for r in rows], "history": rows, "synced": synced,

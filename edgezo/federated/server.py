@@ -57,6 +57,10 @@ class FederationServer:
                 raise CheckpointError(
                     f"{path} belongs to bundle {self.ledger.header.get('bundle')}, not "
                     f"{bundle.fingerprint}", "resume with the bundle the federation started on")
+            if self.ledger.header.get("engine") != self.model.settings.to_dict():
+                raise CheckpointError(
+                    f"{path} was written with other seed/direction settings",
+                    "resume with the settings the federation started with (see its header)")
             for rec in self.ledger.records:
                 self.model.apply(rec)
         else:
