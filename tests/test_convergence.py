@@ -85,3 +85,8 @@ def test_main_writes_table_json_and_png(conv, make_bundle, tmp_path, capsys):
     assert all(r["evals"][0] == r["extra_evaluations"] for r in data["runs"])
     assert [r["extra_evaluations"] for r in data["runs"][:2]] == [0, 0]
     assert "mezo                 0 0" in text
+    # --report runs nothing and finds the same runs
+    stamps = sorted(p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json"))
+    conv.main(["--report", "--seeds", "0", "1", "2", "--target", "100", "--out", str(out)])
+    assert "mezo                 0 0" in capsys.readouterr().out
+    assert sorted(p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")) == stamps
