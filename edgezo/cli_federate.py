@@ -68,6 +68,8 @@ def _toml_value(v) -> str:
 @click.option("--mu", type=float, default=None, help="default: per trainable mode")
 @click.option("--server-lr", default=1.0, help="global step = this × the weighted mean of the "
               "clients' local steps (the number of clients: their sum)")
+@click.option("--clip", default=0.0, help="bound on each uploaded scalar |g| before "
+              "aggregation (0: off)")
 @click.option("--batch-size", default=4)
 @click.option("--pool-size", default=64, help="candidate seeds offered per round")
 @click.option("--fraction", default=1.0, help="share of clients sampled per round")
@@ -85,9 +87,9 @@ def _toml_value(v) -> str:
 @click.option("--drop", default="", help="simulated dropouts: PARTITION@ROUND,...")
 @click.option("--write-flwr-app", "app_dir", default=None, type=click.Path(),
               help="write a Flower app folder with these settings for `flwr run`, and exit")
-def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, server_lr, batch_size,
-             pool_size, fraction, min_clients, seed, max_length, threads, out, engine,
-             resume, round_timeout, wait, drop, app_dir):
+def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, server_lr, clip,
+             batch_size, pool_size, fraction, min_clients, seed, max_length, threads, out,
+             engine, resume, round_timeout, wait, drop, app_dir):
     """Personalise a bundle with N clients that exchange only seeds and scalars (FedKSeed)."""
     from .bundle import load_bundle
     from .config import MODE_DEFAULTS
@@ -119,7 +121,8 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
            "batch-size": batch_size, "pool-size": pool_size, "fraction": fraction,
            "min-clients": min_clients, "seed": seed, "max-length": max_length,
            "threads": threads, "drop": drop, "round-timeout-s": round_timeout,
-           "wait-s": wait, "server-lr": server_lr, "resume": resume}
+           "wait-s": wait, "server-lr": server_lr, "resume": resume,
+           "clip": clip}
     from .federated.flower_apps import fed_settings
 
     fed_settings({**cfg})  # every setting checked before anything starts

@@ -113,6 +113,8 @@ def _corrupt(kind):
             m["g"] = [float("nan")] + m["g"][1:]
         elif kind == "inf":
             m["g"] = [float("inf")] + m["g"][1:]
+        elif kind == "huge":
+            m["g"] = [1e39] + m["g"][1:]
         elif kind == "gap":
             m["have"] = m["have"] - 1
         elif kind == "seed":
@@ -136,7 +138,8 @@ def _corrupt(kind):
 
 
 REASONS = {"bundle": "bundle fingerprint", "nan": "non-finite", "inf": "non-finite",
-           "gap": "ledger gap", "seed": "not in this round's pool", "lengths": "malformed",
+           "huge": "beyond float32", "gap": "ledger gap", "seed": "not in this round's pool",
+           "lengths": "malformed",
            "missing": "malformed: no 'theta'", "type": "malformed", "digest": "differ",
            "too_many": "at most", "not_a_dict": "malformed", "spoof": "came from"}
 

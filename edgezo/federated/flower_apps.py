@@ -14,7 +14,7 @@ Configuration (``[tool.flwr.app.config]`` of a Flower app, ``--run-config``, or 
     bundle, data, eval-data, out, client-state, rounds, local-steps, lr, mu, batch-size,
     pool-size, fraction, min-clients, seed, max-length, round-timeout-s, wait-s, threads,
     server-lr (global step = server-lr × the clients' weighted mean step), resume (continue the
-    ledger in ``out`` up to ``rounds`` rounds in all),
+    ledger in ``out`` up to ``rounds`` rounds in all), clip (bound on each uploaded |g|; 0: off),
     drop ("PID@ROUND,..." makes partition PID fail in ROUND: a simulated dropout)
 
 ``flwr`` is imported here only; ``pip install 'edgezo[federated]'`` provides it.
@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 5, "local-steps": 4, "lr": 1e-3, "mu": 1e-3, "batch-size": 4, "pool-size": 64,
     "fraction": 1.0, "min-clients": 1, "seed": 0, "max-length": 64, "round-timeout-s": 600.0,
     "wait-s": 60.0, "threads": 1, "drop": "", "server-lr": 1.0,
-    "resume": False,
+    "resume": False, "clip": 0.0,
 }
 RECORD = "edgezo"
 
@@ -57,7 +57,8 @@ def fed_settings(cfg: dict[str, Any]) -> FedSettings:
                        mu=float(cfg["mu"]), batch_size=int(cfg["batch-size"]),
                        pool_size=int(cfg["pool-size"]), fraction=float(cfg["fraction"]),
                        min_clients=int(cfg["min-clients"]),
-                       server_lr=float(cfg["server-lr"]))
+                       server_lr=float(cfg["server-lr"]),
+                       clip=float(cfg["clip"]) if float(cfg["clip"]) > 0 else None)
 
 
 def _merged(base: dict[str, Any], *more: Any) -> dict[str, Any]:

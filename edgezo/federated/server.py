@@ -25,6 +25,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import CheckpointError
+from ..estimators import FLOAT32_MAX
 from ..ledger import Ledger
 from .model import GlobalModel, check_entry, engine_settings
 from .protocol import (
@@ -176,8 +177,8 @@ class FederationServer:
         for k, g, n in zip(msg["seeds"], msg["g"], msg["n"], strict=True):
             if k not in pool:
                 raise Rejected(f"seed {k} is not in this round's pool")
-            if not math.isfinite(g):
-                raise Rejected(f"non-finite scalar {g!r} for seed {k}")
+            if not math.isfinite(g) or abs(g) >= FLOAT32_MAX:
+                raise Rejected(f"non-finite scalar {g!r} for seed {k} (or beyond float32)")
             if not 1 <= n <= self.fed.batch_size:
                 raise Rejected(f"example count {n} outside 1..{self.fed.batch_size}")
 
