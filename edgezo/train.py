@@ -75,8 +75,16 @@ class RunSummary:
 # -- data -------------------------------------------------------------------------------------
 
 
-def load_examples(cfg: FinetuneConfig, bundle: Bundle) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples, tokenised with the bundle's tokenizer."""
+MIN_HELDOUT = 5  # fewer held-out examples than this measure nothing
+
+
+def load_examples(cfg: FinetuneConfig, bundle: Bundle, log=print
+                  ) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples, tokenised with the bundle's tokenizer.
+
+    Data too small for a meaningful held-out split is trained on whole and evaluated on itself,
+    with a warning; classification data whose labels are all one class gets a warning too.
+    """
     tok = bundle.tokenizer()
     m = bundle.manifest
     data, eval_data = cfg.data, cfg.eval_data
@@ -86,8 +94,21 @@ def load_examples(cfg: FinetuneConfig, bundle: Bundle) -> tuple[list[Example], l
     train = tokenize_for(m, read_jsonl(data), tok, cfg.max_length, where=data)
     if eval_data is not None:
         held = tokenize_for(m, read_jsonl(eval_data), tok, cfg.max_length, where=eval_data)
+    elif round(len(train) * cfg.holdout_fraction) < MIN_HELDOUT:
+        need = int(np.ceil((MIN_HELDOUT - 0.5) / cfg.holdout_fraction))
+        log(f"edgezo: warning: {data} has {len(train)} examples, too few to hold out "
+            f"{cfg.holdout_fraction:.0%} (at least {MIN_HELDOUT} held-out examples, i.e. "
+            f"{need} examples, are needed): training on all of them and reporting the loss on "
+            "the training examples — that measures fit, not generalisation; pass --eval-data "
+            "for a real held-out set")
+        held = list(train)
     else:
         train, held = split_holdout(train, cfg.holdout_fraction, cfg.seed, where=data)
+    if m.labels and len({e.target for e in train}) == 1:
+        only = m.labels[train[0].target]
+        log(f"edgezo: warning: every training example of {data} has the label {only!r} (the "
+            f"bundle knows {len(m.labels)}: {', '.join(m.labels)}): the classifier can only "
+            "learn to answer that one; add examples of the other labels")
     return train, held
 
 
@@ -188,7 +209,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     cfg, run = prepare(cfg, resume, log)
     bundle = bundle if Path(cfg.bundle) == bundle.path else load_bundle(cfg.bundle)
 
-    train, held = load_examples(cfg, bundle)
+    train, held = load_examples(cfg, bundle, log)
     pad_id = bundle.manifest.tokenizer.pad_token_id
     stream = BatchStream(train, cfg.batch_size, cfg.seed, pad_id)
     trainable_bytes = bundle.manifest.trainable_size * 4

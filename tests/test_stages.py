@@ -97,3 +97,15 @@ def test_cache_rows_attach_one_row_per_example(bundles, data):
     name = b.manifest.stages["cached"][0]
     assert all(r.features[name].shape == (32,) for r in rows)  # tiny BERT: hidden 32
     assert [r.target for r in rows] == [e.target for e in examples]
+
+
+def test_single_class_training_data_is_warned_about(bundles, data, tmp_path):
+    one = tmp_path / "one.jsonl"
+    lines = [ln for ln in Path(data[0]).read_text().splitlines() if '"sweet"' in ln]
+    one.write_text("\n".join(lines) + "\n")
+    logged = []
+    finetune(FinetuneConfig(bundle=str(bundles["head"]), data=str(one), eval_data=str(data[1]),
+                            out=str(tmp_path / "r"), steps=2, lr=0.05, mu=1e-3, threads=1),
+             log=logged.append, progress=False)
+    warning = [x for x in logged if "every training example" in x]
+    assert warning and "'sweet'" in warning[0] and "sour" in warning[0]
