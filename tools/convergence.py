@@ -97,6 +97,7 @@ class RunResult:
     extra_evaluations: int = 0  # spent before training (automatic selection), counted
     eval_evaluations: int = 0
     stop_reason: str = ""
+    rollbacks: int = 0  # divergence-guard rollbacks during the run
     seconds: float = 0.0
     resolved: dict[str, Any] = field(default_factory=dict)
 
@@ -136,6 +137,8 @@ def read_run(name: str, seed: int, folder: Path) -> RunResult:
         row = json.loads(line)
         if row["kind"] == "step":
             after_step[row["step"] + 1] = row["train_evaluations"]
+        elif row["kind"] == "rollback":
+            res.rollbacks += 1
         elif row["kind"] == "eval":
             res.evals.append(extra + after_step.get(row["step"], max(after_step.values())))
             res.heldout.append(float(row["heldout_loss"]))
@@ -218,9 +221,11 @@ def resolved_lines(results: list[RunResult]) -> str:
             "steps", "eval_every", "eval_budget", "autotune")
     seen: dict[str, str] = {}
     for r in results:
-        desc = " ".join(f"{k}={r.resolved.get(k)}" for k in keys)
-        if r.extra_evaluations:
-            desc += f" (seed {r.seed}: {r.extra_evaluations} evaluations of lr/μ selection)"
+        desc = f"seed {r.seed}: " + " ".join(
+            f"{k}={v:.3g}" if isinstance(v := r.resolved.get(k), float) else f"{k}={v}"
+            for k in keys)
+        desc += (f"; {r.extra_evaluations} evaluations of lr/μ selection, {r.rollbacks} "
+                 f"rollbacks, stopped: {r.stop_reason}")
         seen[r.config] = f"{seen[r.config]}\n    {desc}" if r.config in seen else desc
     return "\n".join(f"  {name}: {desc}" for name, desc in seen.items())
 
