@@ -244,6 +244,13 @@ def plot(results: list[RunResult], target: float, path: Path) -> None:
             ax.plot(r.evals, r.heldout, color=colours[i % len(colours)], alpha=0.8, lw=1.2,
                     marker=".", label=name if j == 0 else None)
     ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:g}")
+    start = max(r.heldout[0] for r in results if r.heldout)
+    if max(max(r.heldout) for r in results if r.heldout) > start * 1.02:
+        low = min(min(r.heldout) for r in results if r.heldout)
+        # a diverged point would flatten every other curve
+        ax.set_ylim(low - 0.1 * (start - low) - 1e-3, start * 1.02)
+        ax.text(0.01, 0.99, "points above the top are clipped (diverged, then rolled back)",
+                transform=ax.transAxes, va="top", fontsize=7)
     ax.set_xlabel("training forward evaluations")
     ax.set_ylabel("held-out loss")
     ax.set_title("SmolLM2-135M LoRA r=8 on the sample notes (one line per seed)")
