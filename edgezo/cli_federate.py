@@ -66,8 +66,10 @@ def _toml_value(v) -> str:
 @click.option("--lr", type=float, default=None,
               help="default: the single-device default's lr/(1-momentum) for the mode")
 @click.option("--mu", type=float, default=None, help="default: per trainable mode")
-@click.option("--server-lr", default=1.0, help="global step = this × the weighted mean of the "
-              "clients' local steps (the number of clients: their sum)")
+@click.option("--server-lr", type=float, default=None,
+              help="global step = this × the weighted mean of the clients' local steps; "
+              "default: the clients per round (their sum — each client walks its own seeds, "
+              "so the federation moves as far as all their steps; 1: the plain mean)")
 @click.option("--clip", default=0.0, help="bound on each uploaded scalar |g| before "
               "aggregation (0: off)")
 @click.option("--batch-size", default=4)
@@ -104,6 +106,8 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
     if lr is None:
         lr = mode["lr"] / (1.0 - mode["momentum"])
     mu = mode["mu"] if mu is None else mu
+    if server_lr is None:  # measured: the mean moves no further than one client (README)
+        server_lr = float(max(1, round(clients * fraction)))
     if data is None:
         sample, sample_eval = default_data()
         data, eval_data = str(sample), eval_data or str(sample_eval)
