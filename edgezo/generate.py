@@ -45,7 +45,14 @@ def has_next_logits(bundle: Bundle) -> bool:
 
 
 def require_generation(bundle: Bundle) -> None:
-    """Raise a clear error for a bundle exported before ``next_logits`` existed."""
+    """Raise a clear error for a bundle that cannot generate: a classifier, or one exported
+    before ``next_logits`` existed."""
+    if bundle.manifest.task == "classification":
+        raise BundleError(
+            f"bundle {bundle.path} is a classifier (labels: {', '.join(bundle.manifest.labels)})"
+            ": it scores texts, it does not write them",
+            "use `edgezo eval` for its accuracy; generate needs a causal-LM bundle",
+        )
     if not has_next_logits(bundle):
         raise BundleError(
             f"bundle {bundle.path} has no `next_logits` output (outputs: "

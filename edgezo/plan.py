@@ -184,7 +184,9 @@ def _probe(bundle_path: str, cpu_arena: bool, threads: int, shapes: list[list[in
     for batch, seq in shapes:
         reset = _reset_peak() and reset
         ids = rng.integers(3, max(4, vocab), size=(batch, seq), dtype=np.int64)
-        b = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+        labels = (rng.integers(0, len(bundle.manifest.labels), size=batch, dtype=np.int64)
+                  if bundle.manifest.task == "classification" else ids.copy())
+        b = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
         runner.losses(b)
         peaks.append(_rss_bytes()[1])
     return {"base": base, "loaded": loaded, "load_peak": load_peak, "forward_peaks": peaks,

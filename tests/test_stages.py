@@ -109,3 +109,14 @@ def test_single_class_training_data_is_warned_about(bundles, data, tmp_path):
              log=logged.append, progress=False)
     warning = [x for x in logged if "every training example" in x]
     assert warning and "'sweet'" in warning[0] and "sour" in warning[0]
+
+
+def test_plan_dry_run_and_generate_know_a_classifier(bundles):
+    from edgezo.errors import BundleError
+    from edgezo.generate import require_generation
+    from edgezo.plan import _probe
+
+    probe = _probe(str(bundles["head"]), True, 1, [[2, 8]], False)
+    assert probe["forward_peaks"] and probe["forward_peaks"][0] > 0
+    with pytest.raises(BundleError, match="is a classifier"):
+        require_generation(load_bundle(bundles["head"]))
