@@ -4,10 +4,11 @@ A user who passes no hyperparameters should get a run that learns. The right lea
 a ZO run depends on the model, the trainable set, the data and the estimator (its useful range
 spans orders of magnitude), so instead of trusting one table value the run measures:
 
-1. **μ check** (3 forward evaluations per try, at most ``MU_TRIES`` tries): at θ₀ on the first
-   batch, f(θ₀ ± μz) for one direction z. The first-order part d = (f₊ − f₋)/2 must stand above
-   float32 noise (|d| ≥ ``NOISE`` · |f₀|), else μ is multiplied by 10; the second-order part
-   c = (f₊ + f₋)/2 − f₀ must not dominate it (|c| ≤ |d|), else μ is divided by 10.
+1. **μ check** (1 + 4 forward evaluations per try, at most ``MU_TRIES`` tries): at θ₀ on the
+   first batch, f(θ₀ ± μz) for ``MU_DIRECTIONS`` directions z. The first-order part
+   d = (f₊ − f₋)/2 must stand above float32 noise (RMS |d| ≥ ``NOISE`` · |f₀|), else μ is
+   multiplied by 10; for the one-sided estimator, whose estimate the second-order part
+   c = (f₊ + f₋)/2 − f₀ biases, c must not dominate d (RMS), else μ is divided by 10.
 2. **learning-rate race**: from θ₀, each candidate lr runs ``steps`` ZO steps with the run's own
    estimator, optimiser, directions and batches — common random numbers, so the candidates
    differ only in lr — and is then judged by its mean loss on a probe set of training examples
@@ -42,6 +43,7 @@ from .perturb import plain
 
 NOISE = 2e-6  # relative size of float32 noise in a mean loss over a batch
 MU_TRIES = 3
+MU_DIRECTIONS = 2  # one direction's projection can be near zero by chance
 GRID = 3.0  # candidate lrs are default × GRID^j
 MAX_EXTEND = 2
 # The race's winner is the edge of what is stable for ``steps`` steps; ZO noise accumulates
@@ -76,36 +78,40 @@ def worst_case_evaluations(steps: int, per_step: float, batch_size: int,
     """The most forward evaluations (training-batch units) a selection can cost."""
     probe = math.ceil(probe_examples / batch_size)
     lr_cost = (3 + MAX_EXTEND) * (math.ceil(steps * per_step) + probe) + probe
-    return lr_cost + (3 * MU_TRIES if tune_mu else 0)
+    return lr_cost + ((1 + 2 * MU_DIRECTIONS * MU_TRIES) if tune_mu else 0)
 
 
-def check_mu(engine: ZOEngine, loss: Callable[[], float], mu: float, log
+def check_mu(engine: ZOEngine, loss: Callable[[], float], mu: float, log,
+             curvature: bool = True, directions: int = MU_DIRECTIONS
              ) -> tuple[float, list[dict[str, Any]], int]:
-    """μ adjusted until the loss difference along one direction is signal, not noise or
-    curvature; returns (μ, the tries, forward evaluations spent)."""
+    """μ adjusted until loss differences along a few directions are signal, not float32 noise
+    (and, with ``curvature``, not dominated by the second-order part, which biases one-sided
+    estimates; central differences cancel it); returns (μ, the tries, evaluations spent)."""
     perturber = engine.perturber
-    u = plain(0, 0)
+    us = [plain(0, i) for i in range(directions)]
     tries: list[dict[str, Any]] = []
-    evals = 0
     perturber.at_theta()
     f0 = loss()
-    evals += 1
+    evals = 1
     for _ in range(MU_TRIES):
-        fp, fm = _pair(engine, u, mu, loss)
-        evals += 2
-        d, c = (fp - fm) / 2.0, (fp + fm) / 2.0 - f0
+        pairs = [_pair(engine, u, mu, loss) for u in us]
+        evals += 2 * len(us)
+        finite = all(np.isfinite(x) for pair in pairs for x in pair)
+        d = float(np.sqrt(np.mean([((fp - fm) / 2.0) ** 2 for fp, fm in pairs])))
+        c = float(np.sqrt(np.mean([((fp + fm) / 2.0 - f0) ** 2 for fp, fm in pairs])))
         tries.append({"mu": mu, "first_order": d, "second_order": c, "f0": f0})
-        if not (np.isfinite(fp) and np.isfinite(fm)) or abs(c) > abs(d):
+        if not finite or (curvature and c > d):
             verdict, new = "curvature dominates", mu / 10.0
-        elif abs(d) < NOISE * abs(f0):
+        elif d < NOISE * abs(f0):
             verdict, new = "below float32 noise", mu * 10.0
         else:
             break
         log(f"edgezo: autotune: μ {mu:g}: {verdict} (first-order {d:.3g}, second-order "
-            f"{c:.3g}); trying μ {new:g}")
+            f"{c:.3g}, RMS over {len(us)} directions); trying μ {new:g}")
         mu = new
     else:  # no try settled it: a μ above the noise is usable, a curvature-bound one is not
-        mu = mu if abs(tries[-1]["second_order"]) <= abs(tries[-1]["first_order"]) \
+        last = tries[-1]
+        mu = mu if not (curvature and last["second_order"] > last["first_order"]) \
             else tries[0]["mu"]
     return mu, tries, evals
 
@@ -198,7 +204,8 @@ def autotune(engine: ZOEngine, *, lr: float | None, default_lr: float, mu: float
     mu_trials: list[dict[str, Any]] = []
     if tune_mu:
         first = batches(0)
-        mu, mu_trials, spent = check_mu(engine, lambda: mean_loss(first), mu, log)
+        mu, mu_trials, spent = check_mu(engine, lambda: mean_loss(first), mu, log,
+                                        curvature=engine.settings.estimator == "onesided")
         evals += spent
 
     def probe_loss() -> float:
