@@ -64,7 +64,7 @@ def _toml_value(v) -> str:
 @click.option("--rounds", default=5)
 @click.option("--local-steps", default=4, help="local ZO steps per client per round")
 @click.option("--lr", type=float, default=None,
-              help="default: the single-device default's lr/(1-momentum) for the mode")
+              help="default: 3e-3 for LoRA (measured); other modes: their lr/(1-momentum)")
 @click.option("--mu", type=float, default=None, help="default: per trainable mode")
 @click.option("--server-lr", type=float, default=None,
               help="global step = this × the weighted mean of the clients' local steps; "
@@ -103,8 +103,9 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
         raise ConfigError(f"bundle task {b.manifest.task!r} is not supported by federate",
                           "export a causal_lm bundle")
     mode = MODE_DEFAULTS.get(b.manifest.trainable_mode, MODE_DEFAULTS["lora"])
-    if lr is None:
-        lr = mode["lr"] / (1.0 - mode["momentum"])
+    if lr is None:  # clients take plain central ZO-SGD steps: momentum's effective rate
+        lr = (3e-3 if b.manifest.trainable_mode == "lora"  # measured (README, federated)
+              else mode["lr"] / (1.0 - mode["momentum"]))
     mu = mode["mu"] if mu is None else mu
     if server_lr is None:  # measured: the mean moves no further than one client (README)
         server_lr = float(max(1, round(clients * fraction)))

@@ -15,6 +15,7 @@ NOTES = [{"text": t} for t in ["the cat sat on the mat.", "a dog ran in the park
                                "we bake bread on sunday.", "pepper likes long walks.",
                                "the fjord is cold today.", "tea with honey at nine."] * 3]
 KW = dict(batch_size=4, max_length=32, lr=3e-3, mu=1e-2, seed=0, threads=1,
+          estimator="central", q=1, direction="rademacher",
           checkpoint_every=50)
 
 

@@ -35,7 +35,8 @@ def lora_bundle(make_bundle):
 def cfg(bundle, data, out, **kw):
     base = dict(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]), out=str(out),
                 steps=12, batch_size=4, max_length=32, eval_every=0, checkpoint_every=6,
-                seed=0, threads=1, autotune_steps=3)
+                seed=0, threads=1, autotune_steps=3,
+                estimator="central", q=1, direction="rademacher")
     base.update(kw)
     return FinetuneConfig(**base)
 

@@ -34,3 +34,20 @@ def test_mode_defaults():
     cfg = FinetuneConfig().resolved("full")
     assert cfg.lr == 1e-6 and cfg.mu == 1e-3
     assert FinetuneConfig(lr=0.5).resolved("lora").lr == 0.5
+
+
+def test_per_mode_recipes_resolve_and_explicit_fields_win():
+    from edgezo.config import FinetuneConfig
+
+    lora = FinetuneConfig().resolved("lora")
+    assert (lora.estimator, lora.q, lora.direction, lora.optimizer, lora.momentum) == (
+        "onesided", 4, "sphere", "sgd", 0.9)
+    assert (lora.lr, lora.mu, lora.steps, lora.autotune_steps) == (1e-3, 1e-2, 100, 4)
+    head = FinetuneConfig().resolved("head")
+    assert (head.estimator, head.q, head.optimizer, head.momentum, head.steps) == (
+        "onesided", 8, "adam", 0.0, 2000)
+    norms = FinetuneConfig().resolved("norms")
+    assert (norms.estimator, norms.q, norms.direction, norms.steps) == (
+        "central", 1, "rademacher", 200)
+    mine = FinetuneConfig(estimator="central", q=2, steps=7, optimizer="adam").resolved("lora")
+    assert (mine.estimator, mine.q, mine.steps, mine.momentum) == ("central", 2, 7, 0.0)

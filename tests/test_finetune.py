@@ -24,7 +24,9 @@ def data(memo_data):
 def cfg(bundle, data, out, **kw):
     base = dict(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]), out=str(out),
                 steps=40, batch_size=4, max_length=32, eval_every=0, checkpoint_every=10,
-                lr=3e-3, mu=1e-2, seed=0, threads=1)
+                lr=3e-3, mu=1e-2, seed=0, threads=1,
+                # the step mechanics under test, not the LoRA recipe (MODE_DEFAULTS)
+                estimator="central", q=1, direction="rademacher")
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -78,7 +80,8 @@ def test_kill_and_resume_is_bit_identical(lora_bundle, data, tmp_path):
     args = ["finetune", "--bundle", str(lora_bundle), "--data", str(data[0]), "--eval-data",
             str(data[1]), "--out", str(out), "--steps", str(steps), "--batch-size", "4",
             "--max-length", "32", "--lr", "3e-3", "--mu", "1e-2", "--seed", "0", "--threads",
-            "1", "--no-progress", "eval_every=0", "checkpoint_every=7"]
+            "1", "--no-progress", "eval_every=0", "checkpoint_every=7", "estimator=central",
+            "q=1", "direction=rademacher"]
     proc = subprocess.Popen([sys.executable, "-m", "edgezo.cli", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger = out / "ledger.jsonl"

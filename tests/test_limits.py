@@ -49,7 +49,9 @@ def profile_file(tmp_path, name="test-board", **fields):
 def cfg(bundle, data, out, **kw):
     base = dict(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]), out=str(out),
                 steps=12, batch_size=4, max_length=32, eval_every=0, checkpoint_every=5,
-                lr=3e-3, mu=1e-2, seed=0, threads=1)
+                lr=3e-3, mu=1e-2, seed=0, threads=1,
+                # the step mechanics under test, not the LoRA recipe (MODE_DEFAULTS)
+                estimator="central", q=1, direction="rademacher")
     base.update(kw)
     return FinetuneConfig(**base)
 

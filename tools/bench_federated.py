@@ -102,7 +102,8 @@ def main() -> None:
 
     bundle = load_bundle(a.bundle or ensure_default_bundle())
     mode = MODE_DEFAULTS.get(bundle.manifest.trainable_mode, MODE_DEFAULTS["lora"])
-    lr = a.lr if a.lr is not None else mode["lr"] / (1.0 - mode["momentum"])
+    lr = a.lr if a.lr is not None else (  # as edgezo federate's default
+        3e-3 if bundle.manifest.trainable_mode == "lora" else mode["lr"] / (1 - mode["momentum"]))
     mu = a.mu if a.mu is not None else mode["mu"]
     sample, sample_eval = default_data()
     examples = load_examples(bundle, a.data or str(sample), a.max_length)
