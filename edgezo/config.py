@@ -23,11 +23,13 @@ from .errors import ConfigError
 # LoRA: tools/convergence.py on the sample notes (SmolLM2-135M, batch 8, seeds 0 and 1):
 # one-sided q=4 on sphere directions, momentum 0.9, lr 1e-3 passed the MeZO recipe's
 # 300-evaluation held-out loss within 30 evaluations on both seeds (central q=1, lr 3e-4: ~40
-# training evaluations plus its lr race; MeZO: 300). Its race runs 4 steps a candidate (each
-# step costs 5 forward evaluations).
+# training evaluations plus its lr race; MeZO: 300). No lr race by default: on this model it
+# cost 77-97 forward evaluations (a third of a 160 s session) and chose 1e-4-3.3e-4, 3-10x
+# below this measured rate (tools/quality.py: held-out 5.4335 -> 5.4211 in 160 s with the
+# race, see the README); pass lr_race=true to run it on another model.
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"lr": 1e-3, "mu": 1e-2, "momentum": 0.9, "estimator": "onesided", "q": 4,
-             "direction": "sphere", "steps": 100, "autotune_steps": 4},
+             "direction": "sphere", "steps": 100, "lr_race": False},
     "norms": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},
     "full": {"lr": 1e-6, "mu": 1e-3, "momentum": 0.0},
     "head": {"lr": 1e-2, "mu": 1e-3, "momentum": 0.0, "optimizer": "adam",
@@ -35,7 +37,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 RECIPE_DEFAULTS: dict[str, Any] = {"steps": 200, "q": 1, "estimator": "central",
                                    "optimizer": "sgd", "direction": "rademacher",
-                                   "autotune_steps": 8}
+                                   "autotune_steps": 8, "lr_race": True}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -108,9 +110,11 @@ class FinetuneConfig:
         True, "when lr / mu are not given, choose them at the start of the run with a short "
         "learning-rate race and a μ check (bounded, reported forward evaluations; "
         "edgezo.autotune)")
+    lr_race: bool | None = _f(
+        None, "with autotune and no lr given, choose lr by the race; default per mode (on; "
+        "lora: off, its measured lr is used — MODE_DEFAULTS)")
     autotune_steps: int | None = _f(
-        None, "ZO steps each candidate learning rate runs in the race; default per mode (8; "
-        "lora: 4)")
+        None, "ZO steps each candidate learning rate runs in the race (default 8)")
     cache_prefix: bool = _f(
         True, "when the bundle carries a frozen-prefix split (a classification head over a "
         "frozen encoder), compute each example's prefix once and evaluate only the suffix")

@@ -202,6 +202,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     auto_lr = cfg.autotune and cfg.lr is None and not resume
     auto_mu = cfg.autotune and cfg.mu is None and not resume
     cfg = cfg.resolved(bundle.manifest.trainable_mode)
+    auto_lr = auto_lr and bool(cfg.lr_race)
     if cfg.bundle is None:
         cfg.bundle = str(bundle.path)
     if cfg.device:

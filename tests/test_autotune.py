@@ -35,7 +35,7 @@ def lora_bundle(make_bundle):
 def cfg(bundle, data, out, **kw):
     base = dict(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]), out=str(out),
                 steps=12, batch_size=4, max_length=32, eval_every=0, checkpoint_every=6,
-                seed=0, threads=1, autotune_steps=3,
+                seed=0, threads=1, autotune_steps=3, lr_race=True,
                 estimator="central", q=1, direction="rademacher")
     base.update(kw)
     return FinetuneConfig(**base)
@@ -162,3 +162,11 @@ def test_a_run_never_ends_on_a_diverged_theta(lora_bundle, data, tmp_path, monke
     records = Ledger.read(Path(s.out) / "ledger.jsonl").records
     assert records[-1]["status"] == "rollback" and records[-1]["to"] == 0, records[-1]
     assert s.heldout_after == pytest.approx(s.heldout_before, rel=1e-5)
+
+
+def test_lora_default_checks_mu_but_runs_its_measured_lr(lora_bundle, data, tmp_path):
+    s = finetune(cfg(lora_bundle, data, tmp_path / "a", lr_race=None), log=quiet,
+                 progress=False)
+    tuned = json.loads((Path(s.out) / "autotune.json").read_text())
+    assert tuned["trials"] == [] and tuned["mu_trials"]  # μ checked, no lr race
+    assert s.lr == MODE_DEFAULTS["lora"]["lr"] and 0 < s.tune_evaluations <= 13

@@ -42,7 +42,8 @@ def test_per_mode_recipes_resolve_and_explicit_fields_win():
     lora = FinetuneConfig().resolved("lora")
     assert (lora.estimator, lora.q, lora.direction, lora.optimizer, lora.momentum) == (
         "onesided", 4, "sphere", "sgd", 0.9)
-    assert (lora.lr, lora.mu, lora.steps, lora.autotune_steps) == (1e-3, 1e-2, 100, 4)
+    assert (lora.lr, lora.mu, lora.steps, lora.lr_race) == (1e-3, 1e-2, 100, False)
+    assert FinetuneConfig().resolved("head").lr_race is True
     head = FinetuneConfig().resolved("head")
     assert (head.estimator, head.q, head.optimizer, head.momentum, head.steps) == (
         "onesided", 8, "adam", 0.0, 2000)
