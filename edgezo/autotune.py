@@ -76,10 +76,10 @@ class TuneResult:
 
 
 def worst_case_evaluations(steps: int, per_step: float, batch_size: int,
-                           probe_examples: int, tune_mu: bool) -> int:
+                           probe_examples: int, tune_mu: bool, tune_lr: bool = True) -> int:
     """The most forward evaluations (training-batch units) a selection can cost."""
     probe = math.ceil(probe_examples / batch_size)
-    lr_cost = (3 + MAX_EXTEND) * (math.ceil(steps * per_step) + probe) + probe
+    lr_cost = (3 + MAX_EXTEND) * (math.ceil(steps * per_step) + probe) + probe if tune_lr else 0
     return lr_cost + ((1 + 2 * MU_DIRECTIONS * MU_TRIES) if tune_mu else 0)
 
 

@@ -431,7 +431,7 @@ def run_autotune(cfg: FinetuneConfig, engine: ZOEngine, runner: LossRunner,
         return 0
     k = cfg.autotune_steps
     bound = worst_case_evaluations(k, engine.estimator.evals_per_step, cfg.batch_size,
-                                   PROBE_BATCHES * cfg.batch_size, auto_mu)
+                                   PROBE_BATCHES * cfg.batch_size, auto_mu, auto_lr)
     what = " and ".join(n for n, a in (("lr", auto_lr), ("μ", auto_mu)) if a)
     log(f"edgezo: autotune: choosing {what} (at most {bound} forward evaluations; "
         "pass lr= / mu= or autotune=false to skip)")
