@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import load_file
 
 from edgezo.bundle import load_bundle
@@ -52,7 +53,10 @@ def test_default_finetune_reports_heldout_before_and_after(default_run):
     _, out, stdout = default_run
     assert "held-out loss" in stdout and "->" in stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["train_evaluations"] == 8
+    cfg = yaml.safe_load((out / "config.yaml").read_text())  # the LoRA recipe, resolved
+    per_step = {"central": 2 * cfg["q"], "onesided": cfg["q"] + 1}[cfg["estimator"]]
+    assert summary["steps"] == 4 and summary["train_evaluations"] == 4 * per_step
+    assert summary["lr"] == cfg["lr"]  # the μ check ran; LoRA skips the lr race
     assert 1.0 < summary["heldout_before"] < 10.0  # a real pretrained LM, not a random one
     assert np.isfinite(summary["heldout_after"])
 

@@ -231,7 +231,12 @@ def resolved_lines(results: list[RunResult]) -> str:
 
 
 def plot(results: list[RunResult], target: float, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"convergence: matplotlib is not installed (pip install 'edgezo[tools]'): "
+              f"{path} not written", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
