@@ -16,7 +16,6 @@ imported on first use, with an install hint when missing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from .architectures import Architecture, get_architecture, register, supported_model_types
@@ -31,55 +30,22 @@ __all__ = [
 ]
 
 
-def export_causal_lm(
-    model: str | Path,
-    out: str | Path,
-    mode: str = "lora",
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_targets: list[str] | tuple[str, ...] | None = None,
-    gguf_file: str | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    tolerance: float = 1e-3,
-    progress: Callable[[str], None] | None = print,
-    external_data: bool | None = None,
-    quantize: str | None = None,
-    block_size: int = 32,
-    accuracy_level: int = 0,
-    quant_rtol: float = 0.1,
-) -> Path:
+def export_causal_lm(model: str | Path, out: str | Path, **kw) -> Path:
     """Export a Hugging Face / GGUF causal LM into a validated bundle folder; returns ``out``.
 
-    See :func:`exporters.export.export_causal_lm` for the arguments. Raises
-    :class:`edgezo.errors.EdgezoError` (with the fix) when torch/transformers are missing, the
-    architecture is unsupported, or validation fails; no partial bundle is ever left behind.
-    ``quantize="int8"|"int4"`` writes a quantised bundle (``mode="scales"`` trains the int4
-    scales), see :mod:`exporters.quantize`.
+    The keyword arguments (``mode``, ``lora_rank``, ``gguf_file``, ``quantize``, ...) and their
+    defaults are :func:`exporters.export.export_causal_lm`'s; this wrapper only defers importing
+    torch. Raises :class:`edgezo.errors.EdgezoError` (with the fix) when torch/transformers are
+    missing, the architecture is unsupported, or validation fails; no partial bundle is ever
+    left behind. ``quantize="int8"|"int4"`` writes a quantised bundle (``mode="scales"`` trains
+    the int4 scales), see :mod:`exporters.quantize`.
     """
     from .deps import require_export_deps
 
     require_export_deps()
     from .export import export_causal_lm as _export
 
-    return _export(
-        model,
-        out,
-        mode=mode,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_targets=lora_targets,
-        gguf_file=gguf_file,
-        seed=seed,
-        overwrite=overwrite,
-        tolerance=tolerance,
-        progress=progress,
-        external_data=external_data,
-        quantize=quantize,
-        block_size=block_size,
-        accuracy_level=accuracy_level,
-        quant_rtol=quant_rtol,
-    )
+    return _export(model, out, **kw)
 
 
 def export_bundle(model: str | Path, out: str | Path, task: str = "causal_lm", **kw) -> Path:
