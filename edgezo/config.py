@@ -117,7 +117,11 @@ class FinetuneConfig:
         None, "ZO steps each candidate learning rate runs in the race (default 8)")
     cache_prefix: bool = _f(
         True, "when the bundle carries a frozen-prefix split (a classification head over a "
-        "frozen encoder), compute each example's prefix once and evaluate only the suffix")
+        "frozen encoder, LoRA on a causal LM's last blocks), compute each example's prefix "
+        "once and evaluate only the suffix")
+    cache_prefix_mb: float = _f(
+        1024.0, "most MiB the cached prefix rows of the training and held-out data may take; "
+        "a larger cache is not built and the run evaluates the full graph")
     perturbation: Literal["auto", "copy", "inplace"] = _f(
         "auto", "copy: separate feed buffer; inplace: perturb θ itself (no extra memory); "
         "auto: inplace when the trainable tensors exceed 64 MiB")
@@ -133,6 +137,9 @@ class FinetuneConfig:
             problems.append(f"time_budget_s must be > 0 (or null), got {self.time_budget_s}")
         if self.divergence_tolerance < 0:
             problems.append(f"divergence_tolerance must be >= 0, got {self.divergence_tolerance}")
+        if not self.cache_prefix_mb > 0:
+            problems.append(f"cache_prefix_mb must be > 0 (cache_prefix=false turns the cache "
+                            f"off), got {self.cache_prefix_mb}")
         if self.max_rollbacks < 0:
             problems.append(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
         for name in ("eval_every", "warmup_steps", "seed", "threads"):

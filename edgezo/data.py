@@ -121,9 +121,24 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
     encoder-classification examples (whose token ``labels`` are empty).
     """
     if examples[0].features is not None:  # cached prefix rows (edgezo.stages)
-        out = {k: np.stack([e.features[k] for e in examples]) for k in examples[0].features}
-        out["labels"] = np.array([e.target for e in examples], dtype=np.int64)
-        return out
+        rows = {k: pad_rows([e.features[k] for e in examples]) for k in examples[0].features}
+        return {**_collate_tokens(examples, pad_id), **rows}
+    return _collate_tokens(examples, pad_id)
+
+
+def pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack per-example rows of a cached prefix, zero-padding every axis to the longest: the
+    right padding of a batch, whose values no real position's loss reads."""
+    shape = np.max([r.shape for r in rows], axis=0)
+    if all(r.shape == tuple(shape) for r in rows):
+        return np.stack(rows)
+    out = np.zeros((len(rows), *shape), dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[(i, *(slice(0, k) for k in r.shape))] = r
+    return out
+
+
+def _collate_tokens(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
     width = max(len(e.input_ids) for e in examples)
     b = len(examples)
     input_ids = np.full((b, width), pad_id, dtype=np.int64)

@@ -228,17 +228,27 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                             settings.inplace, per_step)
     budget = limits.budget
     prefix_calls = 0
+    runner = None
     if cfg.cache_prefix and stages.available(bundle):
         t_cache = time.perf_counter()
-        (train, held), prefix_calls = stages.cache_rows(
-            bundle, [train, held], cfg.eval_batch_size, pad_id, limits.runtime)
-        stream = BatchStream(train, cfg.batch_size, cfg.seed, pad_id)
-        runner = LossRunner(stages.suffix_path(bundle), engine.params,
-                            stages.suffix_inputs(bundle), limits.runtime)
-        log(f"edgezo: frozen prefix computed once for {len(train) + len(held)} examples "
-            f"({prefix_calls} forward calls, {time.perf_counter() - t_cache:.1f} s); every ZO "
-            f"evaluation runs {stages.suffix_path(bundle).name} only")
-    else:
+        try:
+            (train, held), prefix_calls = stages.cache_rows(
+                bundle, [train, held], cfg.eval_batch_size, pad_id, limits.runtime,
+                max_mb=cfg.cache_prefix_mb)
+        except stages.CacheTooLarge as e:
+            prefix_calls = e.forward_calls
+            log(f"edgezo: not caching the frozen prefix: its rows for {len(train) + len(held)} "
+                f"examples would take {e} (cache_prefix_mb={cfg.cache_prefix_mb:g}); every "
+                "evaluation runs the full graph — raise cache_prefix_mb if memory allows")
+        else:
+            stream = BatchStream(train, cfg.batch_size, cfg.seed, pad_id)
+            runner = LossRunner(stages.suffix_path(bundle), engine.params,
+                                stages.suffix_inputs(bundle), limits.runtime)
+            log(f"edgezo: frozen prefix computed once for {len(train) + len(held)} examples "
+                f"({prefix_calls} forward calls, {time.perf_counter() - t_cache:.1f} s, "
+                f"{stages.rows_mb([train, held]):,.0f} MiB of rows); every ZO evaluation "
+                f"runs {stages.suffix_path(bundle).name} only")
+    if runner is None:
         runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, limits.runtime)
 
     # ledger: new, or reopened and caught up (checkpoint + replay of the records after it)

@@ -42,6 +42,12 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None):
     "q_proj,v_proj for Llama].",
 )
 @click.option(
+    "--lora-layers",
+    default=None,
+    help="Blocks that get adapters: all, last:N, A-B or a comma list [default: all]. "
+    "With last:N the blocks before them are a frozen prefix that training caches.",
+)
+@click.option(
     "--seed",
     type=int,
     default=0,
@@ -97,6 +103,7 @@ def main(
     lora_rank,
     lora_alpha,
     lora_targets,
+    lora_layers,
     seed,
     overwrite,
     tolerance,
@@ -132,6 +139,7 @@ def main(
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             lora_targets=lora_targets,
+            lora_layers=lora_layers,
             **({"gguf_file": gguf_file} if gguf_file else {}),
             seed=seed,
             overwrite=overwrite,

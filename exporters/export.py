@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -31,9 +32,11 @@ from .bundle_writer import check_destination, staged_bundle
 from .classification import check_labels
 from .deps import versions
 from .load import LoadedModel, load_causal_lm
+from .lora import layer_index
 from .loss import CausalLMLossGraph
 from .onnx_export import OPSET, batch_input_specs, export_loss_graph, output_specs, save_model
 from .quantize import QUANT_RTOL, check_quant_args, quantize_model, scales_to_inputs
+from .stages import add_stages
 from .trainables import LoraSettings, select_trainables
 from .validate import (
     check_fed_scales,
@@ -54,6 +57,7 @@ def export_causal_lm(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     lora_targets: list[str] | tuple[str, ...] | None = None,
+    lora_layers: str | None = None,
     gguf_file: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -79,6 +83,9 @@ def export_causal_lm(
             scales, with ``quantize="int4"``).
         lora_rank, lora_alpha, lora_targets: LoRA settings (targets default to the
             architecture's, ``q_proj``/``v_proj`` for Llama).
+        lora_layers: which blocks get adapters: ``None``/``"all"``, ``"last:N"``, ``"A-B"`` or
+            a comma list (``exporters.lora.resolve_layers``). Adapters on the last blocks
+            only leave a frozen prefix that the runtime caches (``exporters/stages.py``).
         gguf_file: name of a GGUF file inside the ``model`` folder.
         seed: seeds the LoRA ``A`` initialisation and the validation batches (an explicit
             generator; global random state is not touched).
@@ -141,8 +148,12 @@ def export_causal_lm(
     lora = None
     if mode == "lora":
         targets = tuple(lora_targets) if lora_targets else loaded.arch.lora_targets
-        lora = LoraSettings(rank=lora_rank, alpha=float(lora_alpha), targets=targets)
+        lora = LoraSettings(rank=lora_rank, alpha=float(lora_alpha), targets=targets,
+                            layers=lora_layers)
     specs = select_trainables(loaded.model, loaded.arch, mode, lora, generator)
+    if lora is not None and lora.layers is not None:  # the manifest records the indices
+        lora = replace(lora, layers=tuple(sorted(
+            {layer_index(s.name) for s in specs if s.role in ("lora_a", "lora_b")})))
     params = dict(loaded.model.named_parameters())
     values = [params[s.name].detach().clone().contiguous() for s in specs]
     n_train = sum(s.size for s in specs)
@@ -279,6 +290,8 @@ def export_causal_lm(
             },
         )
         write_manifest(stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file])
+        if lora is not None and lora.layers is not None:  # adapters on some blocks only
+            add_stages(stage, log=say)
     say(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -305,7 +318,7 @@ def export_bundle(
     if task == "classification":
         from .classification import export_classifier
 
-        bad = sorted(set(kw) - {"lora_rank", "lora_alpha", "lora_targets", "seed", "overwrite",
+        bad = sorted(set(kw) - {"lora_rank", "lora_alpha", "lora_targets", "lora_layers", "seed", "overwrite",
                                 "tolerance", "progress", "external_data"})
         if bad:
             raise EdgezoError(f"option(s) {', '.join(bad)} do not apply to task classification "

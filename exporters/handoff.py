@@ -66,6 +66,8 @@ def peft_config(manifest) -> dict:
         "inference_mode": True,
         "modules_to_save": None,
         "revision": None,
+        # adapters on some blocks only (--lora-layers): PEFT's own way to say which
+        **({"layers_to_transform": list(lora["layers"])} if lora.get("layers") else {}),
     }
 
 

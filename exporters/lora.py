@@ -14,6 +14,7 @@ so the state-dict keys of the trainable tensors are
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -75,9 +76,11 @@ def apply_lora(
     alpha: float,
     generator: torch.Generator,
     excluded: tuple[str, ...] = ("lm_head",),
+    layers: str | tuple[int, ...] | None = None,
 ) -> list[str]:
     """Wrap every ``nn.Linear`` (or ``Conv1D``) whose last name component is in ``targets``,
-    in module order.
+    in module order; with ``layers`` (see :func:`resolve_layers`), only those in the chosen
+    blocks.
 
     Returns the trainable parameter names, ``lora_A`` before ``lora_B`` for each module.
     Raises :class:`EdgezoError` for a bad rank/alpha or a target that matches no linear layer.
@@ -106,6 +109,9 @@ def apply_lora(
             f"choose targets among: {', '.join(sorted(linear_leaves))}",
         )
 
+    if layers is not None:
+        keep = set(resolve_layers(layers, sorted({layer_index(n) for n, _ in chosen} - {None})))
+        chosen = [(n, m) for n, m in chosen if layer_index(n) in keep]
     names: list[str] = []
     for name, linear in chosen:
         parent_name, _, leaf = name.rpartition(".")
@@ -113,3 +119,51 @@ def apply_lora(
         setattr(parent, leaf, LoraLinear(linear, rank, alpha, generator))
         names += [f"{name}.lora_A.weight", f"{name}.lora_B.weight"]
     return names
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(module_name: str) -> int | None:
+    """The block index in a module name (``model.layers.27.self_attn.q_proj`` → 27)."""
+    found = _LAYER.search(f".{module_name}.")
+    return int(found.group(1)) if found else None
+
+
+def resolve_layers(spec: str | tuple[int, ...] | list[int], available: list[int]
+                   ) -> tuple[int, ...]:
+    """The block indices a ``--lora-layers`` value names, among ``available``.
+
+    ``all``; ``last:N`` (the N deepest blocks — with a frozen-prefix cache the ZO loop then
+    evaluates only those); ``A-B`` (inclusive); or a comma list of indices and ranges.
+    """
+    text = (",".join(str(i) for i in spec) if isinstance(spec, (tuple, list))
+            else str(spec).strip().lower())
+    hint = "pass --lora-layers all, last:4, 26-29 or 0,5,29"
+    if not available:
+        raise EdgezoError("the LoRA targets sit in no numbered block", hint.replace(
+            "pass", "drop --lora-layers, or pass"))
+    if text == "all":
+        return tuple(available)
+    try:
+        if text.startswith("last:"):
+            n = int(text[5:])
+            if n < 1:
+                raise ValueError
+            picked = available[-n:]
+            if n > len(available):
+                raise EdgezoError(f"--lora-layers {spec}: the model has {len(available)} "
+                                  "blocks", f"pass at most last:{len(available)}")
+            return tuple(picked)
+        picked = []
+        for part in text.split(","):
+            a, sep, b = part.partition("-")
+            lo, hi = int(a), int(b) if sep else int(a)
+            picked += range(lo, hi + 1)
+    except ValueError:
+        raise EdgezoError(f"cannot read --lora-layers {spec!r}", hint) from None
+    missing = sorted(set(picked) - set(available))
+    if missing or not picked:
+        raise EdgezoError(f"--lora-layers {spec}: no block {missing or picked} among the "
+                          f"LoRA targets' blocks {available[0]}-{available[-1]}", hint)
+    return tuple(sorted(set(picked)))

@@ -1,18 +1,21 @@
 """Split a bundle's graph at its frozen prefix, so ZO steps evaluate only what they change.
 
-When every trainable tensor sits at the end of the graph — a classification head over a frozen
-encoder is the case that matters — most of each forward recomputes values no perturbation can
-change. ``add_stages(bundle)`` cuts the graph in two:
+When every trainable tensor sits late in the graph — a classification head over a frozen
+encoder, or LoRA on a causal LM's last blocks (``--lora-layers last:N``) — most of each forward
+recomputes values no perturbation can change. ``add_stages(bundle)`` cuts the graph in two:
 
-    prefix.onnx   graph inputs ──► the cached tensors (e.g. the mean-pooled embedding [batch, h])
-    suffix.onnx   cached tensors + the remaining inputs (labels) + trainables ──► loss, logits
+    prefix.onnx   text inputs ──► the cached tensors (the mean-pooled embedding [batch, h]; the
+                  hidden states entering the first adapted block [batch, sequence, h], ...)
+    suffix.onnx   cached tensors + text inputs and labels + trainables ──► loss (, logits)
 
-The cut is found, not declared: a node is in the suffix when any of its inputs depends on a
-trainable tensor; the cached tensors are what suffix nodes read from the rest. The split is
-only written when it is exact for per-example caching — every cached tensor is ``[batch, ...]``
-with trailing dimensions that do not change with the sequence length (so an example's row is
-the same however its batch was padded) — and when the suffix then reproduces the full graph's
-loss on a padded batch from rows cached one example at a time. The runtime (``edgezo.stages``)
+The cut is found, not declared (``find_cut``): the cached tensors are the *heavy* ones (their
+values depend on the text and on a weight matrix) that trainable-dependent nodes read; masks,
+position ids and shapes are cheap and recomputed in the suffix from the text inputs. The split
+is only written when it is exact for per-example caching — every cached tensor is
+``[batch, ...]`` and an axis changes with the padded length only by being that length (with
+right padding and causal or masked attention an example's row is the same however its batch
+was padded) — and when the suffix then reproduces the full graph's loss on a padded batch from
+rows cached one example at a time and zero-padded again. The runtime (``edgezo.stages``)
 computes each example's rows once per run and trains on the suffix.
 
 ``model.onnx`` stays in the bundle unchanged: evaluation, generation and ``compare`` use it.
@@ -29,46 +32,71 @@ import onnx
 from onnx import utils as onnx_utils
 
 from edgezo.bundle import MANIFEST, Manifest, load_bundle, write_manifest
+from edgezo.data import pad_rows
 from edgezo.errors import BundleError
 
 PREFIX, SUFFIX = "prefix.onnx", "suffix.onnx"
 TOLERANCE = 1e-4
 TEXT_INPUTS = ("input_ids", "attention_mask")
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+               onnx.TensorProto.DOUBLE}
+
+
+#: ops whose output depends on their input's shape only, never on its values
+SHAPE_OPS = {"Shape", "Size"}
 
 
 def find_cut(model: onnx.ModelProto, trainable: set[str], text: set[str]
              ) -> tuple[list[str], list[str]]:
     """(cached tensor names, graph inputs the suffix reads directly) of the frozen prefix cut.
 
-    A node belongs to the suffix when an input depends on a trainable tensor, or when it does
-    not depend on the text inputs at all (the labels' side of the loss). The cached tensors are
-    the text-dependent, trainable-free tensors suffix nodes read. ONNX graphs are sorted
-    topologically, so one pass over the nodes settles both dependencies.
+    A tensor is *heavy* when its values depend both on the text inputs and on a weight matrix
+    (a floating-point initializer of rank >= 2): the embeddings and every hidden state derived
+    from them. The suffix is what the outputs need, walking back from them: through every
+    node that depends on a trainable tensor, and through the cheap text-derived nodes (masks,
+    position ids, rotary tables, shifted labels, shapes), which the suffix recomputes from
+    the text inputs it reads directly; the walk stops at the heavy, trainable-free tensors —
+    those are cached. ONNX graphs are sorted topologically, so one forward pass settles the
+    dependencies.
     """
     g = model.graph
+    weights = {t.name for t in g.initializer
+               if len(t.dims) >= 2 and t.data_type in FLOAT_TYPES}
     initializers = {t.name for t in g.initializer}
-    tainted, textual = set(trainable), set(text)
-    suffix_reads: list[str] = []
+    tainted, textual, weighty = set(trainable), set(text), set(weights)
+    producer: dict[str, onnx.NodeProto] = {}
     for node in g.node:
         ins = [i for i in node.input if i]
         outs = [o for o in node.output if o]
-        if any(i in textual for i in ins):
-            textual.update(outs)
+        producer.update((o, node) for o in outs)
         if any(i in tainted for i in ins):
             tainted.update(outs)
-        if any(i in tainted for i in ins) or not any(i in textual for i in ins):
-            suffix_reads += [i for i in ins if i not in tainted]
+        if node.op_type in SHAPE_OPS:
+            continue
+        if any(i in textual for i in ins):
+            textual.update(outs)
+        if any(i in weighty for i in ins):
+            weighty.update(outs)
+    heavy = (textual & weighty) - tainted
     graph_inputs = {i.name for i in g.input} - initializers
-    seen, cached, direct = set(), [], []
-    for name in suffix_reads:
-        if name in seen or name in initializers:
+    order = {o: k for k, node in enumerate(g.node) for o in node.output}
+    cached, direct, seen = set(), set(), set()
+    stack = [o.name for o in g.output]
+    while stack:
+        name = stack.pop()
+        if not name or name in seen or name in initializers:
             continue
         seen.add(name)
-        if name in textual:
-            cached.append(name)
-        elif name in graph_inputs:
-            direct.append(name)
-    return cached, direct
+        if name in graph_inputs:
+            if name not in trainable:
+                direct.add(name)
+        elif name in heavy:
+            cached.add(name)
+        else:
+            stack += list(producer[name].input)
+    inputs = [i.name for i in g.input]
+    return (sorted(cached, key=order.__getitem__),
+            sorted(direct, key=inputs.index))
 
 
 def _session(path: Path):
@@ -79,25 +107,36 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _check_rows(prefix, names: list[str], feeds: list[dict[str, np.ndarray]]) -> None:
-    """Every cached tensor is [batch, ...] with trailing dims independent of the padding."""
+def sequence_axes(prefix, names: list[str], feeds: list[dict[str, np.ndarray]]
+                  ) -> dict[str, list[int]]:
+    """Each cached tensor's sequence axes: it must be ``[batch, ...]``, and a trailing axis
+    may change with the padded length only by being that length (so an example's row is its
+    tensor cut to the example's own length on those axes)."""
+    widths = [feed["input_ids"].shape[1] for feed in feeds]
     shapes = []
     for feed in feeds:
         outs = prefix.run(names, feed)
-        batch = next(iter(feed.values())).shape[0]
+        batch = feed["input_ids"].shape[0]
         for n, o in zip(names, outs, strict=True):
             if o.ndim < 1 or o.shape[0] != batch:
                 raise BundleError(f"cached tensor {n} has shape {o.shape}, not [batch, ...]",
                                   "this graph cannot be cached per example")
-        shapes.append([o.shape[1:] for o in outs])
-    if any(s != shapes[0] for s in shapes):
-        raise BundleError(f"cached tensors change shape with the sequence length: {shapes}",
-                          "this graph cannot be cached per example")
+        shapes.append([o.shape for o in outs])
+    axes: dict[str, list[int]] = {}
+    for j, n in enumerate(names):
+        a, b = shapes[0][j], shapes[1][j]
+        changed = [k for k in range(1, len(a)) if a[k] != b[k]]
+        if any(a[k] != widths[0] or b[k] != widths[1] for k in changed):
+            raise BundleError(f"cached tensor {n} changes shape with the sequence length in a "
+                              f"way that is not the length itself: {a} vs {b}",
+                              "this graph cannot be cached per example")
+        axes[n] = changed
+    return axes
 
 
 def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
-    """Write prefix/suffix graphs into an exported bundle (classification tasks); returns the
-    manifest's ``stages`` entry, or None (with the reason logged) when no exact cut exists."""
+    """Write prefix/suffix graphs into an exported bundle; returns the manifest's ``stages``
+    entry, or None (with the reason logged) when no exact cut exists."""
     folder = Path(bundle_dir)
     bundle = load_bundle(folder)
     m = bundle.manifest
@@ -105,15 +144,16 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
     trainable = {s.name for s in m.trainable}
     text_inputs = [i.name for i in m.inputs if i.name in TEXT_INPUTS]
     cached, direct = find_cut(model, trainable, set(text_inputs))
-    if not cached or set(cached) & set(text_inputs):
-        log(f"edgezo export: no frozen prefix to cache (the trainable tensors read {cached})")
+    if not cached:
+        log("edgezo export: no frozen prefix to cache (every text-dependent tensor depends on "
+            "a trainable one)")
         return None
     onnx_utils.extract_model(str(bundle.model_path), str(folder / PREFIX), text_inputs, cached)
     onnx_utils.extract_model(str(bundle.model_path), str(folder / SUFFIX),
                              cached + direct + sorted(trainable),
                              [o.name for o in m.outputs])
     try:
-        _verify(bundle, folder, cached, direct, text_inputs)
+        axes = _verify(bundle, folder, cached, direct, text_inputs)
     except BundleError as e:
         (folder / PREFIX).unlink()
         (folder / SUFFIX).unlink()
@@ -123,19 +163,22 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
     shapes = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
               for o in prefix.graph.output}
     stages = {"prefix": PREFIX, "suffix": SUFFIX, "cached": cached, "suffix_inputs": direct,
-              "cached_shapes": {n: shapes.get(n) for n in cached}}
+              "cached_shapes": {n: shapes.get(n) for n in cached},
+              "cached_sequence_axes": axes}
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["stages"] = stages
     new = Manifest.from_json(manifest)
     write_manifest(folder, new, sorted(set(new.files) | {PREFIX, SUFFIX}))
-    log(f"edgezo export: frozen prefix cached per example: {', '.join(cached)} "
+    shown = ", ".join(cached[:4]) + (f" and {len(cached) - 4} more" if len(cached) > 4 else "")
+    log(f"edgezo export: frozen prefix cached per example: {shown} "
         f"(the ZO loop runs {SUFFIX} only)")
     return stages
 
 
 def _verify(bundle, folder: Path, cached: list[str], direct: list[str],
-            text_inputs: list[str]) -> None:
-    """The suffix on rows cached one example at a time == the full graph on a padded batch."""
+            text_inputs: list[str]) -> dict[str, list[int]]:
+    """The suffix on rows cached one example at a time (and re-padded) == the full graph on
+    a padded batch; returns the cached tensors' sequence axes."""
     rng = np.random.default_rng(0)
     m = bundle.manifest
     vocab = int(m.architecture.get("vocab_size") or 100)
@@ -147,33 +190,38 @@ def _verify(bundle, folder: Path, cached: list[str], direct: list[str],
     for i, n in enumerate(lengths):
         ids[i, :n] = rng.integers(1, vocab, n)
         mask[i, :n] = 1
-    n_labels = len(m.labels or [0, 1])
-    labels = rng.integers(0, n_labels, batch).astype(np.int64)
+    label_spec = next(i for i in m.inputs if i.name == "labels")
+    if len(label_spec.shape) == 1:  # class ids
+        labels = rng.integers(0, len(m.labels or [0, 1]), batch).astype(np.int64)
+    else:  # token targets
+        labels = np.where(mask == 1, ids, -100).astype(np.int64)
     values = bundle.initial_trainable()
-    # a non-zero point, so that a zero-initialised head does not hide a wrong cut
+    # a non-zero point, so that a zero-initialised head (or LoRA B) does not hide a wrong cut
     point = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in values.items()}
     text = {"input_ids": ids, "attention_mask": mask}
     if set(text_inputs) - set(text):
         raise BundleError(f"prefix inputs {text_inputs} are not text inputs",
                           "only text-input prefixes are cached")
+    batch_inputs = {**text, "labels": labels}
+    if set(direct) - set(batch_inputs):
+        raise BundleError(f"the suffix reads graph inputs {direct}",
+                          "only suffixes reading text inputs and labels are cached")
     full = _session(bundle.model_path)
     prefix = _session(folder / PREFIX)
     suffix = _session(folder / SUFFIX)
-    direct_feed = {"labels": labels} if direct == ["labels"] else None
-    if direct_feed is None:
-        raise BundleError(f"the suffix reads graph inputs {direct} besides labels",
-                          "only label-reading suffixes are cached")
-    _check_rows(prefix, cached, [{k: text[k] for k in text_inputs},
-                                 {k: np.pad(text[k], ((0, 0), (0, 4))) for k in text_inputs}])
+    axes = sequence_axes(prefix, cached, [{k: text[k] for k in text_inputs},
+                                          {k: np.pad(text[k], ((0, 0), (0, 4)))
+                                           for k in text_inputs}])
     rows = [prefix.run(cached, {k: text[k][i:i + 1, :lengths[i]] for k in text_inputs})
             for i in range(batch)]
-    stacked = {n: np.concatenate([r[j] for r in rows]) for j, n in enumerate(cached)}
-    want = full.run(["loss"], {**text, "labels": labels, **point})[0]
-    got = suffix.run(["loss"], {**stacked, **direct_feed, **point})[0]
+    stacked = {n: pad_rows([r[j][0] for r in rows]) for j, n in enumerate(cached)}
+    want = full.run(["loss"], {**batch_inputs, **point})[0]
+    got = suffix.run(["loss"], {**stacked, **{k: batch_inputs[k] for k in direct}, **point})[0]
     diff = float(np.max(np.abs(want - got)))
     if not diff <= TOLERANCE:
         raise BundleError(f"the split graph's loss differs from the full graph's by {diff:.3g}",
                           "keep training on the full graph")
+    return axes
 
 
 def main() -> None:  # pragma: no cover - a maintenance entry point

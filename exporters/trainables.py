@@ -38,9 +38,16 @@ class LoraSettings:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+    layers: str | tuple[int, ...] | None = None
+    """Which blocks get adapters: a ``--lora-layers`` value or the resolved indices
+    (``exporters.lora.resolve_layers``); None: all."""
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+        out = {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+        if self.layers is not None:
+            out["layers"] = (list(self.layers) if isinstance(self.layers, tuple)
+                             else self.layers)
+        return out
 
 
 def select_trainables(
@@ -84,7 +91,8 @@ def _select(
         if lora is None:
             raise ValueError("mode 'lora' needs LoraSettings")
         names = apply_lora(
-            model, lora.targets, lora.rank, lora.alpha, generator, excluded=arch.lora_excluded
+            model, lora.targets, lora.rank, lora.alpha, generator, excluded=arch.lora_excluded,
+            layers=lora.layers,
         )
         params = dict(model.named_parameters())
         return [TensorSpec(n, tuple(params[n].shape), "float32", _lora_role(n)) for n in names]

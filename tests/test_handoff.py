@@ -48,18 +48,21 @@ def onnx_loss(bundle: Path, values: dict) -> np.ndarray:
     )[0]
 
 
-def test_peft_adapter_matches_bundle_loss(make_bundle, tiny_hf_dir, tmp_path):
+@pytest.mark.parametrize("layers", [None, "last:1"])
+def test_peft_adapter_matches_bundle_loss(make_bundle, tiny_hf_dir, tmp_path, layers):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    bundle = make_bundle("lora")
+    bundle = make_bundle("lora", **({"lora_layers": layers} if layers else {}))
     tensors, values = trained(bundle, tmp_path)
     out = handoff(bundle, tmp_path / "adapter", tensors)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
     assert config["target_modules"] == ["q_proj", "v_proj"]
     keys = set(load_file(str(out / "adapter_model.safetensors")))
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    first = 1 if layers else 0  # the tiny model has blocks 0 and 1
+    assert f"base_model.model.model.layers.{first}.self_attn.q_proj.lora_A.weight" in keys
+    assert config.get("layers_to_transform") == ([1] if layers else None)
     assert len(keys) == len(values)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)

@@ -1,0 +1,141 @@
+"""LoRA on a causal LM's last blocks (``--lora-layers``) and the frozen-prefix cache of the
+blocks before them: the split is exact at any padding, and training on the cached suffix
+follows the same losses as training on the full graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from edgezo import stages  # noqa: E402
+from edgezo.bundle import load_bundle  # noqa: E402
+from edgezo.config import FinetuneConfig  # noqa: E402
+from edgezo.data import collate, pad_rows, read_jsonl, tokenize_for  # noqa: E402
+from edgezo.errors import EdgezoError  # noqa: E402
+from edgezo.ledger import Ledger  # noqa: E402
+from edgezo.runner import LossRunner, RuntimeOptions  # noqa: E402
+from edgezo.params import FlatParams  # noqa: E402
+from edgezo.train import finetune  # noqa: E402
+from exporters.lora import layer_index, resolve_layers  # noqa: E402
+
+
+@pytest.mark.parametrize("spec, want", [("all", (0, 1, 2, 3)), ("last:1", (3,)),
+                                        ("last:4", (0, 1, 2, 3)), ("1-2", (1, 2)),
+                                        ("3,0", (0, 3)), ("0,2-3", (0, 2, 3)),
+                                        ((2, 3), (2, 3))])
+def test_resolve_layers(spec, want):
+    assert resolve_layers(spec, [0, 1, 2, 3]) == want
+
+
+@pytest.mark.parametrize("spec, says", [("last:5", "at most last:4"), ("last:0", "cannot read"),
+                                        ("7", "no block"), ("first", "cannot read"),
+                                        ("2-1", "no block")])
+def test_resolve_layers_refuses_with_a_hint(spec, says):
+    with pytest.raises(EdgezoError) as e:
+        resolve_layers(spec, [0, 1, 2, 3])
+    text = f"{e.value.what} / {e.value.fix}"
+    assert says in text and "--lora-layers" in text
+
+
+def test_layer_index():
+    assert layer_index("model.layers.27.self_attn.q_proj.lora_A.weight") == 27
+    assert layer_index("transformer.h.3.attn.c_attn") == 3
+    assert layer_index("lm_head") is None
+
+
+@pytest.fixture(scope="module")
+def last1(make_bundle):
+    return make_bundle("lora", lora_layers="last:1")
+
+
+def test_last_block_bundle_is_split_before_it(last1, make_bundle):
+    b = load_bundle(last1)  # checks the hashes of prefix.onnx and suffix.onnx too
+    m = b.manifest
+    assert m.lora["layers"] == [1]
+    assert {layer_index(s.name) for s in m.trainable} == {1}
+    st = m.stages
+    assert st and {st["prefix"], st["suffix"]} <= set(m.files)
+    # masks and position ids are recomputed in the suffix from the text inputs
+    assert set(st["suffix_inputs"]) <= {"input_ids", "attention_mask", "labels"}
+    assert "labels" in st["suffix_inputs"]
+    assert all(axes for axes in st["cached_sequence_axes"].values())
+    suffix = onnx.load(str(b.path / st["suffix"]))
+    full = onnx.load(str(b.model_path))
+    assert len(suffix.graph.node) < len(full.graph.node)
+    # block 0's arithmetic is cached (its cheap rotary-table nodes may be recomputed)
+    assert not any("layers.0/" in n.name and n.op_type == "MatMul" for n in suffix.graph.node)
+    # adapters in every block leave nothing to cache
+    assert not load_bundle(make_bundle("lora")).manifest.stages
+
+
+def test_suffix_on_cached_rows_equals_the_full_graph(last1, memo_data):
+    b = load_bundle(last1)
+    examples = tokenize_for(b.manifest, read_jsonl(memo_data[0]), b.tokenizer(), 32)[:7]
+    pad = b.manifest.tokenizer.pad_token_id
+    opts = RuntimeOptions(threads=1)
+    (rows,), calls = stages.cache_rows(b, [examples], 3, pad, opts)
+    assert calls == 3 and len(rows) == len(examples)
+    name = next(n for n, a in b.manifest.stages["cached_sequence_axes"].items() if a == [1])
+    assert all(r.features[name].shape[0] == len(r.input_ids) for r in rows)  # own length
+    rng = np.random.default_rng(1)
+    params = FlatParams(list(b.manifest.trainable))
+    params.load({k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32)
+                 for k, v in b.initial_trainable().items()})
+    full = LossRunner(b.model_path, params, ["input_ids", "attention_mask", "labels"], opts)
+    suffix = LossRunner(stages.suffix_path(b), params, stages.suffix_inputs(b), opts)
+    # batches of other compositions than the caching chunks: rows are re-padded per batch
+    for chunk in (rows[:4], rows[2:7], rows[5:6]):
+        tokens = [e for e in examples if any(e.line == r.line for r in chunk)]
+        want = full.losses(collate(tokens, pad))
+        got = suffix.losses(collate(chunk, pad))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_pad_rows_zero_pads_every_axis():
+    a, b = np.ones((2, 3), np.float32), np.full((4, 1), 2, np.float32)
+    out = pad_rows([a, b])
+    assert out.shape == (2, 4, 3)
+    assert out[0, :2, :].sum() == 6 and out[0, 2:].sum() == 0
+    assert out[1, :, 0].tolist() == [2, 2, 2, 2] and out[1, :, 1:].sum() == 0
+    same = pad_rows([a, a])
+    assert same.shape == (2, 2, 3)
+
+
+def run(bundle, data, out, **kw):
+    cfg = FinetuneConfig(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]),
+                         out=str(out), steps=12, batch_size=4, lr=0.01, mu=1e-2, q=2,
+                         estimator="onesided", optimizer="sgd", momentum=0.9,
+                         eval_every=0, threads=1, seed=0, **kw)
+    return finetune(cfg, log=lambda *a: None, progress=False)
+
+
+def test_cached_lm_run_follows_the_full_graph_run(last1, memo_data, tmp_path):
+    cached = run(last1, memo_data, tmp_path / "cached")
+    full = run(last1, memo_data, tmp_path / "full", cache_prefix=False)
+    assert cached.prefix_forward_calls > 0 and full.prefix_forward_calls == 0
+    a = Ledger.read(Path(cached.out) / "ledger.jsonl").records
+    b = Ledger.read(Path(full.out) / "ledger.jsonl").records
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):  # the same losses up to float32 summation order
+        np.testing.assert_allclose(x["losses"], y["losses"], rtol=0, atol=2e-4)
+    assert cached.heldout_before == pytest.approx(full.heldout_before, abs=1e-5)
+    assert cached.heldout_after == pytest.approx(full.heldout_after, abs=1e-3)
+    assert cached.heldout_after < cached.heldout_before  # and it learns
+
+
+def test_a_cache_over_its_cap_falls_back_to_the_full_graph(last1, memo_data, tmp_path):
+    logged: list[str] = []
+    cfg = FinetuneConfig(bundle=str(last1), data=str(memo_data[0]), eval_data=str(memo_data[1]),
+                         out=str(tmp_path / "r"), steps=2, lr=0.01, mu=1e-2, threads=1,
+                         cache_prefix_mb=0.001)
+    capped = finetune(cfg, log=logged.append, progress=False)
+    said = [x for x in logged if "not caching the frozen prefix" in x]
+    assert said and "cache_prefix_mb=0.001" in said[0]
+    assert capped.prefix_forward_calls == 1  # it stopped after the first batch
+    full = run(last1, memo_data, tmp_path / "full", cache_prefix=False)
+    assert capped.heldout_before == pytest.approx(full.heldout_before, abs=1e-6)
