@@ -94,7 +94,7 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
              engine, resume, round_timeout, wait, drop, app_dir):
     """Personalise a bundle with N clients that exchange only seeds and scalars (FedKSeed)."""
     from .bundle import load_bundle
-    from .config import MODE_DEFAULTS
+    from .config import MODE_DEFAULTS, recipe_key
     from .defaults import default_data, ensure_default_bundle
     from .federated.loop import fedavg_bytes
 
@@ -102,7 +102,8 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
     if b.manifest.task != "causal_lm":
         raise ConfigError(f"bundle task {b.manifest.task!r} is not supported by federate",
                           "export a causal_lm bundle")
-    mode = MODE_DEFAULTS.get(b.manifest.trainable_mode, MODE_DEFAULTS["lora"])
+    mode = MODE_DEFAULTS.get(recipe_key(b.manifest.trainable_mode, b.manifest.lora),
+                             MODE_DEFAULTS["lora"])
     if lr is None:  # clients take plain central ZO-SGD steps: momentum's effective rate
         lr = (3e-3 if b.manifest.trainable_mode == "lora"  # measured (README, federated)
               else mode["lr"] / (1.0 - mode["momentum"]))

@@ -27,15 +27,37 @@ from .errors import ConfigError
 # cost 77-97 forward evaluations (a third of a 160 s session) and chose 1e-4-3.3e-4, 3-10x
 # below this measured rate (tools/quality.py: held-out 5.4335 -> 5.4211 in 160 s with the
 # race, see the README); pass lr_race=true to run it on another model.
+# LoRA-FA (lora_fa; the default bundle: r=8 on q/v of SmolLM2's last two blocks, B trained,
+# 12,288 values, a cached 28-block prefix): measured on the sample notes with a 160 s session
+# (2 threads, edgezo finetune --time-budget 160, held-out 5.4335 at step 0). Batch 8: lr 1e-2
+# 5.35 after 100 steps, 3e-2 5.40, 1e-1 5.33, 3e-1 5.19, 1 5.34 (unsteady); at lr 3e-1 the
+# session ends at 5.0707 (244 steps). Batch 4 (half the cost a step): 5.0432 with the plateau
+# rule (plateau_factor, one halving at step 300; 511 steps); q=8: 5.0802; q=2: 5.1850; lr 5e-1:
+# 5.2093; lr 2e-1: slower (5.159 at step 200 vs 5.129). Training A as well (unfrozen LoRA on the
+# same blocks) diverges at any lr fast enough to matter (3e-2: 5.34 at step 50, 14.2 at step
+# 100): ZO noise swamps A, whose scale is ~1/sqrt(576).
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"lr": 1e-3, "mu": 1e-2, "momentum": 0.9, "estimator": "onesided", "q": 4,
              "direction": "sphere", "steps": 100, "lr_race": False},
+    # LoRA-FA (B only; A frozen) on the last blocks with a cached frozen prefix — the default
+    # bundle (see LORA_FA_NOTE)
+    "lora_fa": {"lr": 3e-1, "mu": 1e-2, "momentum": 0.9, "estimator": "onesided", "q": 4,
+                "direction": "sphere", "steps": 500, "batch_size": 4, "lr_race": False},
     "norms": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},
     "full": {"lr": 1e-6, "mu": 1e-3, "momentum": 0.0},
     "head": {"lr": 1e-2, "mu": 1e-3, "momentum": 0.0, "optimizer": "adam",
              "estimator": "onesided", "q": 8, "steps": 2000},
 }
-RECIPE_DEFAULTS: dict[str, Any] = {"steps": 200, "q": 1, "estimator": "central",
+
+
+def recipe_key(mode: str, lora: dict | None = None) -> str:
+    """The MODE_DEFAULTS entry for a bundle: its trainable mode, or ``lora_fa`` for LoRA with
+    ``A`` frozen (its B-only steps take a learning rate ~300x LoRA's)."""
+    return "lora_fa" if mode == "lora" and (lora or {}).get("freeze_a") else mode
+
+
+RECIPE_DEFAULTS: dict[str, Any] = {"steps": 200, "batch_size": 8, "q": 1,
+                                   "estimator": "central",
                                    "optimizer": "sgd", "direction": "rademacher",
                                    "autotune_steps": 8, "lr_race": True}
 
@@ -55,7 +77,9 @@ class FinetuneConfig:
     out: str | None = _f(None, "run folder (ledger, checkpoints, metrics); default runs/<time>")
     steps: int | None = _f(
         None, "ZO steps to run; default per trainable mode (200; lora: 100; head: 2000)")
-    batch_size: int = _f(8, "examples per step")
+    batch_size: int | None = _f(
+        None, "examples per step; default per mode (8; lora_fa: 4 — its steps are cheap and "
+        "the direction noise, not the batch's, dominates)")
     max_length: int = _f(64, "tokens per example (longer ones are truncated)")
     lr: float | None = _f(None, "learning rate; default per trainable mode (MODE_DEFAULTS)")
     mu: float | None = _f(None, "perturbation size μ; default per trainable mode")
@@ -90,6 +114,10 @@ class FinetuneConfig:
     eval_every: int = _f(50, "held-out evaluation every N steps (0: only before and after)")
     divergence_tolerance: float = _f(
         0.1, "roll back when the held-out loss rises this fraction above its best (0: never)")
+    plateau_factor: float = _f(
+        0.5, "multiply the learning rate by this when a held-out evaluation (eval_every) is "
+        "no better than the best so far: a constant-lr ZO run stalls at a noise floor set by "
+        "lr; 1 turns it off")
     max_rollbacks: int = _f(3, "rollbacks (each halves the learning rate) before giving up")
     eval_batch_size: int = _f(16, "examples per held-out evaluation batch")
     checkpoint_every: int | None = _f(
@@ -140,6 +168,9 @@ class FinetuneConfig:
         if not self.cache_prefix_mb > 0:
             problems.append(f"cache_prefix_mb must be > 0 (cache_prefix=false turns the cache "
                             f"off), got {self.cache_prefix_mb}")
+        if not 0.0 < self.plateau_factor <= 1.0:
+            problems.append(f"plateau_factor must be in (0, 1] (1: off), got "
+                            f"{self.plateau_factor}")
         if self.max_rollbacks < 0:
             problems.append(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
         for name in ("eval_every", "warmup_steps", "seed", "threads"):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .errors import BundleError
 
-DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8"
+#: named after its adapter, so that a cache of an earlier default is not reused
+DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-qv-last2-fa"
 
 
 def cache_dir() -> Path:
@@ -42,7 +43,8 @@ def ensure_default_bundle(log=print) -> Path:
     path = default_bundle_dir()
     if (path / "manifest.json").is_file():
         return path
-    log(f"edgezo: exporting the default bundle (SmolLM2-135M-Instruct, LoRA r=8) to {path}")
+    log(f"edgezo: exporting the default bundle (SmolLM2-135M-Instruct, LoRA r=8 on the last "
+        f"two blocks) to {path}")
     log("edgezo: this happens once and takes about a minute; later runs reuse it")
     path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "exporters.default", "--out", str(path)]

@@ -32,7 +32,7 @@ from . import stages
 from .autotune import PROBE_BATCHES, autotune, worst_case_evaluations
 from .bundle import Bundle, load_bundle
 from .checkpoint import load_checkpoint, save_tensors_atomic
-from .config import FinetuneConfig
+from .config import FinetuneConfig, recipe_key
 from .data import BatchStream, Example, read_jsonl, split_holdout, tokenize_for
 from .defaults import default_data, ensure_default_bundle
 from .engine import EngineSettings, ZOEngine, choose_inplace
@@ -201,7 +201,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     bundle = load_bundle(cfg.bundle or ensure_default_bundle(log))
     auto_lr = cfg.autotune and cfg.lr is None and not resume
     auto_mu = cfg.autotune and cfg.mu is None and not resume
-    cfg = cfg.resolved(bundle.manifest.trainable_mode)
+    cfg = cfg.resolved(recipe_key(bundle.manifest.trainable_mode, bundle.manifest.lora))
     auto_lr = auto_lr and bool(cfg.lr_race)
     if cfg.bundle is None:
         cfg.bundle = str(bundle.path)
@@ -306,8 +306,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     # the divergence guard's reference point: from the checkpoint when resuming
     best, best_step = guard if guard is not None else (before, start)
     warned_at = -1  # the best step a "no progress" warning was last given for
+    lowest = previous = best  # held-out losses for the plateau rule (any improvement counts)
     rollbacks = [r for r in ledger.records if is_rollback(r)]
-    lr_scale = float(np.prod([r["lr_scale"] for r in rollbacks])) if rollbacks else 1.0
+    lr_scale = ledger_lr_scale(ledger.records, schedule)
     try:
         while len(ledger.records) < cfg.steps:
             step = len(ledger.records)
@@ -343,6 +344,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                 run.metric(kind="eval", step=done, heldout_loss=last, **extra)
                 if bar is None:
                     log(f"edgezo: step {done}/{cfg.steps} held-out loss {last:.4f}{_acc(extra)}")
+                stalled = False
                 if diverged(last, best, cfg.divergence_tolerance):
                     # roll θ back to the best held-out point, through the ledger, and halve lr
                     why = (f"held-out loss {last:.4f} is above {1 + cfg.divergence_tolerance:g}"
@@ -363,7 +365,23 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                         break
                 elif last < best * (1.0 - MIN_PROGRESS):
                     best, best_step = last, done
-                elif done - best_step >= 2 * cfg.eval_every and not warned_at == best_step:
+                else:
+                    stalled = True
+                # at a floor: it improved before, and this evaluation is no lower than any
+                # before nor than the previous one (still recovering from a decay: wait)
+                floor = stalled and best_step > start and last >= max(lowest, previous)
+                lowest, previous = min(lowest, last), last
+                if floor and cfg.plateau_factor < 1.0 and done < cfg.steps:
+                    # at its noise floor: a smaller step goes lower (the records keep each
+                    # step's lr, so the ledger replays and a resumed run continues with it);
+                    # a run that never improved needs a larger lr instead (the warning below)
+                    lr_scale *= cfg.plateau_factor
+                    run.metric(kind="plateau", step=done, lr_scale=lr_scale, heldout_loss=last)
+                    log(f"edgezo: held-out loss {last:.4f} not below its lowest so far nor the "
+                        f"previous evaluation: learning "
+                        f"rate x{cfg.plateau_factor:g}, now {schedule(step) * lr_scale:g}")
+                if (stalled and not (best_step > start and cfg.plateau_factor < 1.0)
+                        and done - best_step >= 2 * cfg.eval_every and warned_at != best_step):
                     warned_at = best_step  # once per stall
                     note = (f"edgezo: no held-out progress in {done - best_step} steps "
                             f"({(done - best_step) * per_step:g} forward evaluations; best "
@@ -463,6 +481,20 @@ def run_autotune(cfg: FinetuneConfig, engine: ZOEngine, runner: LossRunner,
     run.metric(kind="autotune", lr=cfg.lr, mu=cfg.mu, evaluations=result.evaluations,
                trials=result.trials)
     return result.evaluations
+
+
+def ledger_lr_scale(records: list[dict], schedule) -> float:
+    """The factor on the schedule that the run reached (rollbacks and plateaus): read from
+    the last step's recorded lr, or the rollbacks' product when no step follows them."""
+    scale = 1.0
+    for r in reversed(records):
+        if is_rollback(r):
+            scale *= float(r["lr_scale"])
+            continue
+        base = schedule(int(r["step"]))
+        if base > 0:
+            return scale * float(r["lr"]) / base
+    return scale
 
 
 def diverged(loss: float, best: float, tolerance: float) -> bool:

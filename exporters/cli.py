@@ -48,6 +48,12 @@ def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None):
     "With last:N the blocks before them are a frozen prefix that training caches.",
 )
 @click.option(
+    "--lora-freeze-a",
+    is_flag=True,
+    help="Train LoRA B only; A stays its seeded random value (LoRA-FA): fewer perturbed "
+    "values and a steadier ZO run.",
+)
+@click.option(
     "--seed",
     type=int,
     default=0,
@@ -104,6 +110,7 @@ def main(
     lora_alpha,
     lora_targets,
     lora_layers,
+    lora_freeze_a,
     seed,
     overwrite,
     tolerance,
@@ -140,6 +147,7 @@ def main(
             lora_alpha=lora_alpha,
             lora_targets=lora_targets,
             lora_layers=lora_layers,
+            lora_freeze_a=lora_freeze_a,
             **({"gguf_file": gguf_file} if gguf_file else {}),
             seed=seed,
             overwrite=overwrite,

@@ -37,7 +37,7 @@ from .loss import CausalLMLossGraph
 from .onnx_export import OPSET, batch_input_specs, export_loss_graph, output_specs, save_model
 from .quantize import QUANT_RTOL, check_quant_args, quantize_model, scales_to_inputs
 from .stages import add_stages
-from .trainables import LoraSettings, select_trainables
+from .trainables import FROZEN_LORA_A, LoraSettings, select_trainables
 from .validate import (
     check_fed_scales,
     check_parity,
@@ -58,6 +58,7 @@ def export_causal_lm(
     lora_alpha: float = 16,
     lora_targets: list[str] | tuple[str, ...] | None = None,
     lora_layers: str | None = None,
+    lora_freeze_a: bool = False,
     gguf_file: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -86,6 +87,7 @@ def export_causal_lm(
         lora_layers: which blocks get adapters: ``None``/``"all"``, ``"last:N"``, ``"A-B"`` or
             a comma list (``exporters.lora.resolve_layers``). Adapters on the last blocks
             only leave a frozen prefix that the runtime caches (``exporters/stages.py``).
+        lora_freeze_a: train LoRA ``B`` only; ``A`` is a frozen initializer (LoRA-FA).
         gguf_file: name of a GGUF file inside the ``model`` folder.
         seed: seeds the LoRA ``A`` initialisation and the validation batches (an explicit
             generator; global random state is not touched).
@@ -149,7 +151,7 @@ def export_causal_lm(
     if mode == "lora":
         targets = tuple(lora_targets) if lora_targets else loaded.arch.lora_targets
         lora = LoraSettings(rank=lora_rank, alpha=float(lora_alpha), targets=targets,
-                            layers=lora_layers)
+                            layers=lora_layers, freeze_a=bool(lora_freeze_a))
     specs = select_trainables(loaded.model, loaded.arch, mode, lora, generator)
     if lora is not None and lora.layers is not None:  # the manifest records the indices
         lora = replace(lora, layers=tuple(sorted(
@@ -289,7 +291,14 @@ def export_causal_lm(
                 "seconds": round(time.perf_counter() - t0, 2),
             },
         )
-        write_manifest(stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file])
+        extra = []
+        if lora is not None and lora.freeze_a:  # the adapter hand-off needs A too
+            frozen = {n.replace("lora_B.", "lora_A."): None for n in trainable_values}
+            save_file({n: params[n].detach().clone().contiguous() for n in frozen},
+                      str(stage / FROZEN_LORA_A), metadata={"format": "pt"})
+            extra.append(FROZEN_LORA_A)
+        write_manifest(stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file,
+                                         *extra])
         if lora is not None and lora.layers is not None:  # adapters on some blocks only
             add_stages(stage, log=say)
     say(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
@@ -318,7 +327,7 @@ def export_bundle(
     if task == "classification":
         from .classification import export_classifier
 
-        bad = sorted(set(kw) - {"lora_rank", "lora_alpha", "lora_targets", "lora_layers", "seed", "overwrite",
+        bad = sorted(set(kw) - {"lora_rank", "lora_alpha", "lora_targets", "lora_layers", "lora_freeze_a", "seed", "overwrite",
                                 "tolerance", "progress", "external_data"})
         if bad:
             raise EdgezoError(f"option(s) {', '.join(bad)} do not apply to task classification "

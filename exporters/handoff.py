@@ -40,6 +40,20 @@ def load_tensors(bundle, tensors: str | Path | None) -> dict[str, np.ndarray]:
     return bundle.trainable_values(tensors)
 
 
+def frozen_lora_a(bundle) -> dict[str, np.ndarray]:
+    """The frozen ``lora_A`` tensors of a ``freeze_a`` bundle (LoRA-FA), which the exporter
+    stored beside the trainable ones: an adapter needs both."""
+    from safetensors.numpy import load_file
+
+    from .trainables import FROZEN_LORA_A
+
+    path = bundle.path / FROZEN_LORA_A
+    if not path.is_file():
+        raise EdgezoError(f"bundle {bundle.path} trains LoRA B alone and has no {FROZEN_LORA_A}",
+                          "re-export the bundle with --lora-freeze-a")
+    return load_file(str(path))
+
+
 def peft_config(manifest) -> dict:
     """``adapter_config.json`` for a LoRA bundle."""
     from .architectures import get_architecture
@@ -97,6 +111,8 @@ def handoff(
             "pass --format safetensors for norms/full/scales tensors",
         )
     values = load_tensors(b, tensors)
+    if fmt == "peft" and m.lora.get("freeze_a"):
+        values = {**frozen_lora_a(b), **values}
     meta = {
         "bundle": b.fingerprint,
         "bundle_path": str(b.path),

@@ -31,6 +31,10 @@ from .architectures import MODES, Architecture
 from .lora import apply_lora
 
 
+#: a ``freeze_a`` bundle's file of the frozen ``lora_A`` tensors (for the adapter hand-off)
+FROZEN_LORA_A = "lora_a.safetensors"
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA hyper-parameters as written into the manifest (``lora`` dict)."""
@@ -41,12 +45,18 @@ class LoraSettings:
     layers: str | tuple[int, ...] | None = None
     """Which blocks get adapters: a ``--lora-layers`` value or the resolved indices
     (``exporters.lora.resolve_layers``); None: all."""
+    freeze_a: bool = False
+    """Train ``B`` only; ``A`` stays its seeded random initial value, a frozen initializer of
+    the graph (LoRA-FA). For ZO this halves the perturbed dimensions or better, and no noise
+    accumulates in ``A`` (whose scale, ~1/√in, is what a noisy ZO step overwhelms first)."""
 
     def to_json(self) -> dict:
         out = {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
         if self.layers is not None:
             out["layers"] = (list(self.layers) if isinstance(self.layers, tuple)
                              else self.layers)
+        if self.freeze_a:
+            out["freeze_a"] = True
         return out
 
 
@@ -95,6 +105,8 @@ def _select(
             layers=lora.layers,
         )
         params = dict(model.named_parameters())
+        if lora.freeze_a:
+            names = [n for n in names if _lora_role(n) == "lora_b"]
         return [TensorSpec(n, tuple(params[n].shape), "float32", _lora_role(n)) for n in names]
     if mode == "norms":
         specs = [

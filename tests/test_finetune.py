@@ -181,3 +181,43 @@ def test_no_progress_warning(lora_bundle, data, tmp_path):
              log=lines.append, progress=False)
     warnings = [x for x in lines if "no held-out progress" in x]
     assert len(warnings) == 1 and "try a larger lr" in warnings[0]
+
+
+def test_plateau_lowers_the_lr_and_a_resumed_run_keeps_it(lora_bundle, data, tmp_path):
+    kw = dict(steps=40, eval_every=2, lr=1e-2)
+    ref = finetune(cfg(lora_bundle, data, tmp_path / "ref", **kw), log=quiet, progress=False)
+    metrics = [json.loads(x) for x in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]
+    plateaus = [m for m in metrics if m["kind"] == "plateau"]
+    assert plateaus, "the tiny run should stall at least once after improving"
+    steps = [m for m in metrics if m["kind"] == "step"]
+    first = plateaus[0]["step"]  # steps < first ran at lr; the next at lr x plateau_factor
+    assert {m["lr"] for m in steps if m["step"] < first} == {1e-2}
+    assert steps[first]["lr"] == 1e-2 * 0.5
+    assert min(m["lr"] for m in steps) == 1e-2 * plateaus[-1]["lr_scale"]
+    # a run stopped by its budget and resumed continues at the lowered rate: the same bits
+    cut = finetune(cfg(lora_bundle, data, tmp_path / "cut", eval_budget=2 * (first + 4), **kw),
+                   log=quiet, progress=False)
+    assert cut.stop_reason == "eval_budget"
+    finetune(cfg(lora_bundle, data, tmp_path / "cut", **kw), resume=True, log=quiet,
+             progress=False)
+    a = load_file(str(tmp_path / "ref/trained.safetensors"))
+    b = load_file(str(tmp_path / "cut/trained.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # off: one learning rate throughout
+    finetune(cfg(lora_bundle, data, tmp_path / "off", plateau_factor=1.0, **kw), log=quiet,
+             progress=False)
+    off = [json.loads(x) for x in (tmp_path / "off/metrics.jsonl").read_text().splitlines()]
+    assert {m["lr"] for m in off if m["kind"] == "step"} == {1e-2}
+
+
+def test_ledger_lr_scale():
+    from edgezo.optim import Schedule
+    from edgezo.train import ledger_lr_scale
+
+    sched = Schedule("constant", 0.2, 100, 0)
+    step = lambda i, lr: {"step": i, "lr": lr, "status": "ok"}  # noqa: E731
+    back = {"step": 3, "status": "rollback", "to": 1, "lr_scale": 0.5}
+    assert ledger_lr_scale([], sched) == 1.0
+    assert ledger_lr_scale([step(0, 0.2), step(1, 0.05)], sched) == 0.25
+    assert ledger_lr_scale([step(0, 0.2), step(1, 0.1), back], sched) == 0.25
+    assert ledger_lr_scale([back], sched) == 0.5

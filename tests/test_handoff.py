@@ -48,12 +48,14 @@ def onnx_loss(bundle: Path, values: dict) -> np.ndarray:
     )[0]
 
 
-@pytest.mark.parametrize("layers", [None, "last:1"])
-def test_peft_adapter_matches_bundle_loss(make_bundle, tiny_hf_dir, tmp_path, layers):
+@pytest.mark.parametrize("layers, freeze_a", [(None, False), ("last:1", False),
+                                             ("last:1", True)])
+def test_peft_adapter_matches_bundle_loss(make_bundle, tiny_hf_dir, tmp_path, layers, freeze_a):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    bundle = make_bundle("lora", **({"lora_layers": layers} if layers else {}))
+    kw = {"lora_layers": layers} if layers else {}
+    bundle = make_bundle("lora", **kw, **({"lora_freeze_a": True} if freeze_a else {}))
     tensors, values = trained(bundle, tmp_path)
     out = handoff(bundle, tmp_path / "adapter", tensors)
     config = json.loads((out / "adapter_config.json").read_text())
@@ -63,7 +65,8 @@ def test_peft_adapter_matches_bundle_loss(make_bundle, tiny_hf_dir, tmp_path, la
     first = 1 if layers else 0  # the tiny model has blocks 0 and 1
     assert f"base_model.model.model.layers.{first}.self_attn.q_proj.lora_A.weight" in keys
     assert config.get("layers_to_transform") == ([1] if layers else None)
-    assert len(keys) == len(values)
+    # LoRA-FA: B alone is trained, A comes from the graph's initializers
+    assert len(keys) == len(values) * (2 if freeze_a else 1)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, str(out)).eval()

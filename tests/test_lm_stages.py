@@ -139,3 +139,22 @@ def test_a_cache_over_its_cap_falls_back_to_the_full_graph(last1, memo_data, tmp
     assert capped.prefix_forward_calls == 1  # it stopped after the first batch
     full = run(last1, memo_data, tmp_path / "full", cache_prefix=False)
     assert capped.heldout_before == pytest.approx(full.heldout_before, abs=1e-6)
+
+
+def test_freeze_a_trains_b_alone_and_caches_the_a_projection(make_bundle):
+    from safetensors.numpy import load_file
+
+    from edgezo.config import FinetuneConfig, recipe_key
+
+    b = load_bundle(make_bundle("lora", lora_layers="last:1", lora_freeze_a=True))
+    m = b.manifest
+    assert m.lora["freeze_a"] is True and {s.role for s in m.trainable} == {"lora_b"}
+    frozen = load_file(str(b.path / "lora_a.safetensors"))  # listed and hashed in the manifest
+    assert "lora_a.safetensors" in m.files
+    assert set(frozen) == {s.name.replace("lora_B.", "lora_A.") for s in m.trainable}
+    assert all(np.abs(v).max() > 0 for v in frozen.values())  # A is random, not zero
+    # x·Aᵀ no longer depends on a trainable tensor: it is cached with the block's input
+    assert any("lora_A" in n for n in m.stages["cached"])
+    assert recipe_key(m.trainable_mode, m.lora) == "lora_fa"
+    assert recipe_key("lora", {"rank": 8}) == "lora" and recipe_key("head") == "head"
+    assert FinetuneConfig().resolved("lora_fa").lr > FinetuneConfig().resolved("lora").lr

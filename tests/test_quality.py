@@ -204,13 +204,16 @@ def test_classification_side_by_side_on_a_tiny_encoder(tiny_bert_dir, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_backprop_starts_where_edgezo_starts(tmp_path):
-    """On the real default bundle, PyTorch's held-out loss at step 0 equals edgezo's (1e-3):
-    the baseline is the bundle's model, adapter, initial values, batches and loss."""
+    """On the real model with the baselines' adapter, PyTorch's held-out loss at step 0 equals
+    edgezo's (1e-3): the baseline is the bundle's model, adapter, initial values, batches and
+    loss."""
     pytest.importorskip("torch")
     from edgezo.defaults import asset
 
-    task = quality.load_task("lm", quality.lm_bundle(None), asset("notes.jsonl"),
-                             asset("notes_heldout.jsonl"))
+    # the baselines' bundle: LoRA r=8 on q/v of every block (the issue's), not the default's
+    ref = quality.reference_lm_bundle(None, tmp_path)
+    task = quality.load_task("lm", ref, asset("notes.jsonl"), asset("notes_heldout.jsonl"))
+    assert quality._is_reference(task.bundle.manifest)
     report = quality.run_task(task, 2.0, 1, tmp_path, seed=0, threads=2, echo=False,
                               methods=("mezo", "backprop"))
     assert report["parity_step0"]["ok"], report["parity_step0"]

@@ -41,19 +41,25 @@ def default_run(tmp_path_factory):
 
 def test_default_bundle_is_the_real_model(default_run):
     root, _, _ = default_run
-    m = load_bundle(root / "cache/bundles/smollm2-135m-instruct-lora8").manifest
+    from edgezo.defaults import DEFAULT_BUNDLE_NAME
+
+    m = load_bundle(root / "cache/bundles" / DEFAULT_BUNDLE_NAME).manifest
     assert m.architecture["num_parameters"] == 134_515_008
-    assert len(m.trainable) == 30 * 2 * 2
+    assert len(m.trainable) == 2 * 2  # B of q and v in blocks 28 and 29
+    assert m.trainable_size == 12_288
     assert m.parity["max_abs_diff"] <= 1e-3
-    assert m.lora == {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}
-    assert "model.onnx.data" in m.files
+    assert m.lora == {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"],
+                      "layers": [28, 29], "freeze_a": True}
+    assert "model.onnx.data" in m.files and "lora_a.safetensors" in m.files
+    assert m.stages and len(m.stages["cached"]) >= 2  # the 28-block prefix is cached
 
 
 def test_default_finetune_reports_heldout_before_and_after(default_run):
     _, out, stdout = default_run
     assert "held-out loss" in stdout and "->" in stdout
     summary = json.loads((out / "summary.json").read_text())
-    cfg = yaml.safe_load((out / "config.yaml").read_text())  # the LoRA recipe, resolved
+    cfg = yaml.safe_load((out / "config.yaml").read_text())  # the lora_fa recipe, resolved
+    assert cfg["lr"] == 0.3 and cfg["batch_size"] == 4 and "frozen prefix computed" in stdout
     per_step = {"central": 2 * cfg["q"], "onesided": cfg["q"] + 1}[cfg["estimator"]]
     assert summary["steps"] == 4 and summary["train_evaluations"] == 4 * per_step
     assert summary["lr"] == cfg["lr"]  # the μ check ran; LoRA skips the lr race

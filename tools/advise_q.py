@@ -50,7 +50,7 @@ from statistics import NormalDist
 import numpy as np
 
 from edgezo.bundle import load_bundle
-from edgezo.config import MODE_DEFAULTS
+from edgezo.config import MODE_DEFAULTS, recipe_key
 from edgezo.data import BatchStream, read_jsonl, tokenize
 from edgezo.defaults import default_data
 from edgezo.directions import KINDS, Directions
@@ -123,7 +123,8 @@ def advise(bundle: str | Path, data: str | Path | None = None,
         raise ValueError(f"threshold must be in (0.5, 1) (a sign agreement), got {threshold}")
     probe = _Probe(bundle, threads)
     b = probe.bundle
-    mode = MODE_DEFAULTS.get(b.manifest.trainable_mode, MODE_DEFAULTS["lora"])
+    mode = MODE_DEFAULTS.get(recipe_key(b.manifest.trainable_mode, b.manifest.lora),
+                             MODE_DEFAULTS["lora"])
     lr = mode["lr"] if lr is None else lr
     mu = mode["mu"] if mu is None else mu
     if data is None:

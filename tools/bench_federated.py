@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgezo.bundle import load_bundle  # noqa: E402
-from edgezo.config import MODE_DEFAULTS  # noqa: E402
+from edgezo.config import MODE_DEFAULTS, recipe_key  # noqa: E402
 from edgezo.defaults import default_data, ensure_default_bundle  # noqa: E402
 from edgezo.federated import (  # noqa: E402
     FederationClient,
@@ -101,7 +101,8 @@ def main() -> None:
     a = ap.parse_args()
 
     bundle = load_bundle(a.bundle or ensure_default_bundle())
-    mode = MODE_DEFAULTS.get(bundle.manifest.trainable_mode, MODE_DEFAULTS["lora"])
+    mode = MODE_DEFAULTS.get(recipe_key(bundle.manifest.trainable_mode, bundle.manifest.lora),
+                             MODE_DEFAULTS["lora"])
     lr = a.lr if a.lr is not None else (  # as edgezo federate's default
         3e-3 if bundle.manifest.trainable_mode == "lora" else mode["lr"] / (1 - mode["momentum"]))
     mu = a.mu if a.mu is not None else mode["mu"]

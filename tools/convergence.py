@@ -177,9 +177,13 @@ def run_config(name: str, overrides: dict[str, Any], seed: int, out: Path, *,
 
 
 def bundle_mode(bundle: str | None) -> str:
-    """The trainable mode of ``bundle`` (default: the SmolLM2 LoRA bundle, exported if absent)."""
+    """The recipe key of ``bundle`` (``edgezo.config.recipe_key``: its trainable mode, or
+    ``lora_fa``; default: the default bundle, exported if absent)."""
+    from edgezo.config import recipe_key
+
     folder = Path(bundle) if bundle else ensure_default_bundle()
-    return json.loads((folder / "manifest.json").read_text())["trainable_mode"]
+    m = json.loads((folder / "manifest.json").read_text())
+    return recipe_key(m["trainable_mode"], m.get("lora"))
 
 
 def heldout_subset(n: int, out: Path) -> Path:

@@ -2,8 +2,12 @@
 
 In ONE process and under the SAME training-time budget, on the data shipped in ``edgezo/assets``:
 
-- **lm**: SmolLM2-135M-Instruct, LoRA r=8 on q/v (the default bundle), trained on
-  ``notes.jsonl``, scored on ``notes_heldout.jsonl`` (mean per-example loss);
+- **lm**: SmolLM2-135M-Instruct trained on ``notes.jsonl``, scored on ``notes_heldout.jsonl``
+  (mean per-example loss). Backprop and MeZO train the issue's adapter, LoRA r=8 on q/v of
+  every block (``REFERENCE_LORA``; exported once into ``<out>/bundles`` when edgezo's default
+  bundle is another); edgezo's default trains its default bundle (``edgezo.defaults``; the
+  adapter it carries is part of the default, and its frozen-prefix cache is paid on its
+  clock);
 - **classification**: all-MiniLM-L6-v2 with a zero-initialised linear head over mean-pooled
   embeddings, trained on ``topics.jsonl``, scored on ``topics_heldout.jsonl`` (loss and
   accuracy, 5 labels).
@@ -15,8 +19,8 @@ Methods, in this order:
               (classification, the issue's value).
 ``default``   ``finetune(FinetuneConfig(...))`` with NO hyperparameter set: what a user gets,
               including the automatic lr/μ selection and the divergence guard.
-``backprop``  PyTorch eager, AdamW (torch defaults, weight decay 0.01), the same trainable
-              tensors with the same initial values (read from the bundle), the same batches
+``backprop``  PyTorch eager, AdamW (torch defaults, weight decay 0.01), the baseline
+              bundle's trainable tensors with the same initial values, the same batches
               (``edgezo.data.BatchStream``, same seed), the same loss: the exporter's own
               model, trainable selection and loss graph (``exporters.loss``), so its held-out
               loss at step 0 must equal edgezo's (checked, tolerance 1e-3). The classifier's
@@ -280,6 +284,40 @@ def lm_bundle(path: str | None) -> Path:
     return Path(path) if path else ensure_default_bundle()
 
 
+#: the issue's baseline adapter: LoRA r=8, alpha 16 on q_proj/v_proj of every block
+REFERENCE_LORA = {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}
+
+
+def reference_lm_bundle(path: str | None, out: Path) -> Path:
+    """The bundle backprop and MeZO train: SmolLM2 with the issue's adapter
+    (``REFERENCE_LORA`` on every block), whatever edgezo's default bundle is. Exported once
+    into ``<out>/bundles`` unless ``path`` is given (or the default bundle is that adapter)."""
+    from edgezo.bundle import load_bundle
+
+    if path:
+        return Path(path)
+    default = lm_bundle(None)
+    if _is_reference(load_bundle(default).manifest):
+        return default
+    dest = out / "bundles" / "smollm2-lora8-qv-every-block"
+    if (dest / "manifest.json").is_file() and _is_reference(load_bundle(dest).manifest):
+        return dest
+    from exporters import export_causal_lm
+    from exporters.default import smollm2_gguf
+
+    print(f"quality: exporting the baselines' SmolLM2 bundle (LoRA r=8 q/v, every block) to "
+          f"{dest}", flush=True)
+    gguf = smollm2_gguf()
+    return export_causal_lm(gguf.parent, dest, mode="lora", gguf_file=gguf.name, seed=0,
+                            overwrite=True, progress=None, lora_rank=REFERENCE_LORA["rank"],
+                            lora_alpha=REFERENCE_LORA["alpha"],
+                            lora_targets=tuple(REFERENCE_LORA["targets"]))
+
+
+def _is_reference(m) -> bool:
+    return m.trainable_mode == "lora" and m.lora == REFERENCE_LORA
+
+
 TOPIC_LABELS = ["cooking", "fitness", "garden", "money", "travel"]
 
 
@@ -363,9 +401,16 @@ def run_zo(task: Task, method: str, overrides: dict[str, Any], budget_s: float,
     notes = []
     if log.step0_eval_seconds() is None:
         notes.append("finetune's step-0 held-out evaluation could not be timed: it is counted")
+    m = task.bundle.manifest
     res = MethodResult(task.name, method, {**overrides, "lr_used": summary.lr,
                                            "mu_used": summary.mu,
-                                           "tune_evaluations": summary.tune_evaluations},
+                                           "tune_evaluations": summary.tune_evaluations,
+                                           "bundle": str(task.bundle.path),
+                                           "trainable_mode": m.trainable_mode,
+                                           "lora": m.lora,
+                                           "trainable_values": m.trainable_size,
+                                           "prefix_forward_calls":
+                                               summary.prefix_forward_calls},
                        train_s=clock.clock, setup_s=clock.setup_s or 0.0,
                        steps=len(clock.step_ends),
                        evaluations=clock.evaluations[-1] if clock.evaluations else 0,
@@ -539,9 +584,15 @@ def run_backprop(task: Task, budget_s: float, times: list[float], lr: float, see
 
 def run_task(task: Task, budget_s: float, points: int, out: Path, seed: int, threads: int,
              methods: Sequence[str] = ("mezo", "default", "backprop"),
-             echo: bool = True, backprop_mode: dict[str, str] | None = None) -> dict[str, Any]:
-    """Every method on ``task`` under ``budget_s`` training seconds; the report dict."""
+             echo: bool = True, backprop_mode: dict[str, str] | None = None,
+             baseline: Task | None = None) -> dict[str, Any]:
+    """Every method on ``task`` under ``budget_s`` training seconds; the report dict.
+
+    ``baseline`` (the same data on another bundle) is what MeZO and backprop train when
+    edgezo's default trains a different adapter than the issue's baseline (the LM task).
+    """
     backprop_mode = backprop_mode or {}
+    default_task, task = task, baseline or task
     times = checkpoint_times(budget_s, points)
     results: dict[str, MethodResult] = {}
     for method in methods:
@@ -550,8 +601,8 @@ def run_task(task: Task, budget_s: float, points: int, out: Path, seed: int, thr
             results[method] = run_zo(task, method, {**MEZO, "lr": MEZO_LR[task.name]},
                                      budget_s, times, out, seed, threads, echo)
         elif method == "default":
-            results[method] = run_zo(task, method, {}, budget_s, times, out, seed, threads,
-                                     echo)
+            results[method] = run_zo(default_task, method, {}, budget_s, times, out, seed,
+                                     threads, echo)
         elif method == "backprop":
             results[method] = run_backprop(task, budget_s, times, BACKPROP_LR[task.name], seed,
                                            threads, backprop_mode.get(task.name))
@@ -700,6 +751,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of mezo,default,backprop")
     p.add_argument("--lm-bundle", default=None,
                    help="LM bundle (default: the SmolLM2-135M LoRA bundle, exported once)")
+    p.add_argument("--lm-reference-bundle", default=None,
+                   help="LM bundle backprop and MeZO train (default: SmolLM2 with LoRA r=8 on "
+                        "q/v of every block, the issue's baseline; exported once into "
+                        "<out>/bundles when edgezo's default bundle is another adapter)")
     p.add_argument("--cls-bundle", default=None,
                    help="classification bundle (default: exported once into <out>/bundles)")
     p.add_argument("--cls-backprop-mode", choices=("head", "lora"), default="head",
@@ -725,20 +780,27 @@ def main(argv: list[str] | None = None) -> int:
     tasks = ["lm", "classification"] if args.task == "both" else [args.task]
     try:
         for name in tasks:
+            baseline = None
             if name == "lm":
                 task = load_task("lm", lm_bundle(args.lm_bundle), asset("notes.jsonl"),
                                  asset("notes_heldout.jsonl"))
+                if set(methods) & {"mezo", "backprop"}:
+                    ref = reference_lm_bundle(args.lm_reference_bundle, args.out)
+                    if ref != task.bundle.path:
+                        baseline = load_task("lm", ref, asset("notes.jsonl"),
+                                             asset("notes_heldout.jsonl"))
             else:
                 task = load_task("classification", classification_bundle(args.cls_bundle,
                                                                          args.out),
                                  asset("topics.jsonl"), asset("topics_heldout.jsonl"))
             report = run_task(task, args.budget_s, args.points, args.out, args.seed,
                               args.threads, methods, echo=not args.quiet,
-                              backprop_mode={"classification": args.cls_backprop_mode})
+                              backprop_mode={"classification": args.cls_backprop_mode},
+                              baseline=baseline)
             report["command"] = command
             reports.append(report)
             print(format_tables(report), flush=True)
-            del task
+            del task, baseline
             gc.collect()
     except EdgezoError as e:
         print(f"quality: error: {e}", file=sys.stderr)
