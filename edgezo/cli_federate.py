@@ -102,10 +102,13 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
     if b.manifest.task != "causal_lm":
         raise ConfigError(f"bundle task {b.manifest.task!r} is not supported by federate",
                           "export a causal_lm bundle")
-    mode = MODE_DEFAULTS.get(recipe_key(b.manifest.trainable_mode, b.manifest.lora),
-                             MODE_DEFAULTS["lora"])
+    key = recipe_key(b.manifest.trainable_mode, b.manifest.lora)
+    mode = MODE_DEFAULTS.get(key, MODE_DEFAULTS["lora"])
     if lr is None:  # clients take plain central ZO-SGD steps: momentum's effective rate
-        lr = (3e-3 if b.manifest.trainable_mode == "lora"  # measured (README, federated)
+        lr = (3e-3 if key == "lora"  # measured (README, federated)
+              # LoRA-FA: the single-device rate, without momentum's amplification (not yet
+              # measured for federation; pass --lr to choose)
+              else mode["lr"] if key == "lora_fa"
               else mode["lr"] / (1.0 - mode["momentum"]))
     mu = mode["mu"] if mu is None else mu
     if server_lr is None:  # measured: the mean moves no further than one client (README)
