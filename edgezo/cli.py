@@ -52,12 +52,18 @@ def main() -> None:
 @click.option("--lora-rank", default=8, show_default=True)
 @click.option("--lora-alpha", default=16.0, show_default=True)
 @click.option("--lora-targets", default=None, help="comma-separated module names (q_proj,v_proj)")
+@click.option("--lora-layers", default=None,
+              help="blocks that get adapters: all, last:N, A-B or a comma list [default: all]; "
+              "with last:N the blocks before them are a frozen prefix that training caches")
+@click.option("--lora-freeze-a", is_flag=True,
+              help="train LoRA B only; A stays its seeded random value (LoRA-FA)")
 @click.option("--seed", default=0, show_default=True, help="LoRA initialisation seed")
 @click.option("--overwrite", is_flag=True, help="replace an existing bundle folder")
 @task_options
 @friendly_errors
-def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, seed, overwrite,
-           task, labels, labels_from, head_init, template, label_words):
+def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, lora_layers,
+           lora_freeze_a, seed, overwrite, task, labels, labels_from, head_init, template,
+           label_words):
     """Export a model into a bundle (needs the export extra: torch, transformers, onnx):
     a causal LM, an encoder classifier (--task classification --labels a,b) or a causal LM
     scored on label words (--task prompt_classification)."""
@@ -70,7 +76,8 @@ def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, see
         ) from None
     targets = [t.strip() for t in lora_targets.split(",")] if lora_targets else None
     path = export_bundle(model, out, task=task, mode=mode, lora_rank=lora_rank,
-                         lora_alpha=lora_alpha, lora_targets=targets, seed=seed,
+                         lora_alpha=lora_alpha, lora_targets=targets, lora_layers=lora_layers,
+                         lora_freeze_a=lora_freeze_a, seed=seed,
                          overwrite=overwrite, progress=click.echo,
                          **({"gguf_file": gguf_file} if gguf_file else {}),
                          **task_kwargs(task, labels, labels_from, head_init, template,

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from .errors import BundleError
 
-#: named after its adapter, so that a cache of an earlier default is not reused
-DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-qv-last2-fa"
+#: named after its adapter, and numbered by changes to the exported graph (2: the LM head runs
+#: only on positions that have a target), so that a cache of an earlier default is not reused
+DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-qv-last2-fa-2"
 
 
 def cache_dir() -> Path:

@@ -327,7 +327,9 @@ def export_bundle(
     if task == "classification":
         from .classification import export_classifier
 
-        bad = sorted(set(kw) - {"lora_rank", "lora_alpha", "lora_targets", "lora_layers", "lora_freeze_a", "seed", "overwrite",
+        placement = ("lora_layers", "lora_freeze_a")  # causal LM options
+        kw = {k: v for k, v in kw.items() if not (k in placement and not v)}
+        bad = sorted(set(kw) - {"lora_rank", "lora_alpha", "lora_targets", "seed", "overwrite",
                                 "tolerance", "progress", "external_data"})
         if bad:
             raise EdgezoError(f"option(s) {', '.join(bad)} do not apply to task classification "

@@ -2,9 +2,10 @@
 
 ::
 
-    input_ids, attention_mask ──► model (trainables substituted) ──► logits [B, T, V]
-    labels ──► shift left by one, pad with −100 ──► target [B, T]          │
-                                                       ▼                   ▼
+    input_ids, attention_mask ──► model body (trainables substituted) ──► hidden [B, T, H]
+    labels ──► shift left by one, pad with −100 ──► target [B, T]            │ rows with a
+                                                       │                     ▼ target only
+                                                       ▼           logits = head(hidden[valid])
                        nll[b, t] = logsumexp(logits[b, t]) − logits[b, t, target[b, t]]
                        loss[b]   = Σ_t valid·nll / max(Σ_t valid, 1)
                        valid     = target[b, t] ≠ −100  and  attention_mask[b, t] ≠ 0
@@ -42,38 +43,34 @@ from torch.nn import functional as F
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+def causal_lm_loss_on_rows(
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Per-example mean next-token negative log-likelihood, shape ``[batch]``.
+    """Per-example mean next-token negative log-likelihood of ``head(hidden)``, shape ``[batch]``,
+    with the head applied only at the positions that have a target.
 
-    The labels are shifted left (and padded with one ignored position) rather than the logits
-    sliced, which would copy the largest tensor of the graph. ``logsumexp`` is spelled out with
-    the max subtracted: ONNX Runtime's ``ReduceLogSumExp`` kernel is 3x slower on CPU and
-    less accurate (measured on [8, 64, 49152]: 93 vs 31 ms, 5e-5 vs 4e-6 off PyTorch).
+    The labels are shifted left (and padded with one ignored position) rather than the hidden
+    states sliced. ``logsumexp`` is spelled out with the max subtracted: ONNX Runtime's
+    ``ReduceLogSumExp`` kernel is 3x slower on CPU and less accurate (measured on
+    [8, 64, 49152]: 93 vs 31 ms, 5e-5 vs 4e-6 off PyTorch).
+
+    The LM head is most of a small model's forward (SmolLM2: a 49,152 x 576 matmul per token,
+    about 70% of an evaluation of the last two blocks); padding and each example's last token
+    have no target, so their rows are dropped (``NonZero`` + ``Gather``) before the head and
+    the per-position losses scattered back.
     """
-    logits = logits.float()
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     target_mask = F.pad(attention_mask[:, 1:], (0, 1), value=0)
     valid = (target != IGNORE_INDEX) & (target_mask != 0) & (attention_mask != 0)
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
-    picked = logits.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    rows = valid.reshape(-1).nonzero().squeeze(-1)
+    logits = head(hidden.reshape(-1, hidden.size(-1)).index_select(0, rows)).float()
+    picked = logits.gather(-1, target.reshape(-1).index_select(0, rows).unsqueeze(-1)).squeeze(-1)
     peak = logits.amax(dim=-1, keepdim=True).detach()
     logsumexp = (logits - peak).exp().sum(dim=-1).log() + peak.squeeze(-1)
-    nll = torch.where(valid, logsumexp - picked, torch.zeros_like(picked))
+    flat = torch.zeros(valid.numel(), dtype=logits.dtype, device=logits.device)
+    nll = flat.scatter(0, rows, logsumexp - picked).view(valid.shape)
     count = valid.sum(dim=-1).clamp(min=1).to(nll.dtype)
     return nll.sum(dim=-1) / count
-
-
-def last_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The logits at each example's last attended position, float32 ``[batch, vocab]``.
-
-    The position is ``attention_mask.sum(1) - 1`` (right padding); these are the next-token
-    logits that ``edgezo generate`` samples from.
-    """
-    last = (attention_mask.sum(dim=-1) - 1).clamp(min=0)
-    index = last.view(-1, 1, 1).expand(-1, 1, logits.size(-1))
-    return logits.float().gather(1, index).squeeze(1)
 
 
 class _SubstitutedGraph(nn.Module):
@@ -137,8 +134,13 @@ class CausalLMLossGraph(_SubstitutedGraph):
         if self.pass_position_ids:
             kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with self._substituted(trainables):
-            logits = self.model(**kw).logits
-        return causal_lm_loss(logits, labels, attention_mask), last_logits(logits, attention_mask)
+            hidden = self.model.base_model(**kw).last_hidden_state
+            head = self.model.get_output_embeddings()
+            loss = causal_lm_loss_on_rows(hidden, head, labels, attention_mask)
+            last = (attention_mask.sum(dim=-1) - 1).clamp(min=0)
+            index = last.view(-1, 1, 1).expand(-1, 1, hidden.size(-1))
+            next_logits = head(hidden.gather(1, index).squeeze(1)).float()
+        return loss, next_logits
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,9 @@ def test_last_block_bundle_is_split_before_it(last1, make_bundle):
     assert len(suffix.graph.node) < len(full.graph.node)
     # block 0's arithmetic is cached (its cheap rotary-table nodes may be recomputed)
     assert not any("layers.0/" in n.name and n.op_type == "MatMul" for n in suffix.graph.node)
+    # the ZO loop needs the loss only: no second LM-head pass for generation's next_logits
+    assert [o.name for o in suffix.graph.output] == ["loss"]
+    assert "next_logits" in [o.name for o in full.graph.output]
     # adapters in every block leave nothing to cache
     assert not load_bundle(make_bundle("lora")).manifest.stages
 
@@ -158,3 +161,43 @@ def test_freeze_a_trains_b_alone_and_caches_the_a_projection(make_bundle):
     assert recipe_key(m.trainable_mode, m.lora) == "lora_fa"
     assert recipe_key("lora", {"rank": 8}) == "lora" and recipe_key("head") == "head"
     assert FinetuneConfig().resolved("lora_fa").lr > FinetuneConfig().resolved("lora").lr
+
+
+def test_edgezo_export_places_adapters(tiny_hf_dir, tmp_path):
+    """``edgezo export`` takes the exporter's LoRA placement options too."""
+    from click.testing import CliRunner
+
+    from edgezo.cli import main
+
+    out = tmp_path / "placed"
+    r = CliRunner().invoke(main, ["export", "--model", str(tiny_hf_dir), "--out", str(out),
+                                  "--lora-layers", "last:1", "--lora-freeze-a"])
+    assert r.exit_code == 0, r.output
+    m = load_bundle(out).manifest
+    assert m.lora["layers"] == [1] and m.lora["freeze_a"] is True
+    assert {s.role for s in m.trainable} == {"lora_b"} and m.stages
+
+
+def test_placement_options_are_refused_for_an_encoder(tiny_bert_dir, tmp_path):
+    from exporters import export_bundle
+
+    with pytest.raises(EdgezoError, match="lora_layers"):
+        export_bundle(tiny_bert_dir, tmp_path / "x", task="classification", labels=["a", "b"],
+                      lora_layers="last:1")
+
+
+def test_bench_suffix_compares_two_bundles(last1, memo_data):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_suffix.py"
+    spec = importlib.util.spec_from_file_location("edgezo_tool_bench_suffix", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    main = tool.main
+
+    r = CliRunner().invoke(main, [str(last1), str(last1), "--data", str(memo_data[0]),
+                                  "--batches", "2", "--rounds", "2", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert "ratio A/B:" in r.output and "max |loss A - loss B| = 0.00e+00" in r.output
