@@ -43,34 +43,40 @@ from torch.nn import functional as F
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss_on_rows(
+def causal_lm_outputs(
     hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Per-example mean next-token negative log-likelihood of ``head(hidden)``, shape ``[batch]``,
-    with the head applied only at the positions that have a target.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss [batch], next_logits [batch, vocab])`` from the final hidden states.
+
+    ``loss`` is each example's mean next-token negative log-likelihood; ``next_logits`` the
+    logits at its last attended position (right padding), which ``edgezo generate`` samples
+    from. The head runs once, on the rows that have a target followed by the last rows: the LM
+    head is most of a small model's forward (SmolLM2: a 49,152 x 576 matmul per token, about
+    70% of an evaluation of the last two blocks), and padding and each example's last token
+    have no target. One call keeps one copy of the head's weight in the graph.
 
     The labels are shifted left (and padded with one ignored position) rather than the hidden
     states sliced. ``logsumexp`` is spelled out with the max subtracted: ONNX Runtime's
     ``ReduceLogSumExp`` kernel is 3x slower on CPU and less accurate (measured on
     [8, 64, 49152]: 93 vs 31 ms, 5e-5 vs 4e-6 off PyTorch).
-
-    The LM head is most of a small model's forward (SmolLM2: a 49,152 x 576 matmul per token,
-    about 70% of an evaluation of the last two blocks); padding and each example's last token
-    have no target, so their rows are dropped (``NonZero`` + ``Gather``) before the head and
-    the per-position losses scattered back.
     """
+    batch, width = attention_mask.shape
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     target_mask = F.pad(attention_mask[:, 1:], (0, 1), value=0)
     valid = (target != IGNORE_INDEX) & (target_mask != 0) & (attention_mask != 0)
     rows = valid.reshape(-1).nonzero().squeeze(-1)
-    logits = head(hidden.reshape(-1, hidden.size(-1)).index_select(0, rows)).float()
-    picked = logits.gather(-1, target.reshape(-1).index_select(0, rows).unsqueeze(-1)).squeeze(-1)
-    peak = logits.amax(dim=-1, keepdim=True).detach()
-    logsumexp = (logits - peak).exp().sum(dim=-1).log() + peak.squeeze(-1)
+    last = (attention_mask.sum(dim=-1) - 1).clamp(min=0)
+    last_rows = torch.arange(batch, device=last.device) * width + last
+    picked_rows = torch.cat([rows, last_rows])
+    logits = head(hidden.reshape(-1, hidden.size(-1)).index_select(0, picked_rows)).float()
+    scored, next_logits = logits[: rows.size(0)], logits[rows.size(0):]
+    picked = scored.gather(-1, target.reshape(-1).index_select(0, rows).unsqueeze(-1)).squeeze(-1)
+    peak = scored.amax(dim=-1, keepdim=True).detach()
+    logsumexp = (scored - peak).exp().sum(dim=-1).log() + peak.squeeze(-1)
     flat = torch.zeros(valid.numel(), dtype=logits.dtype, device=logits.device)
     nll = flat.scatter(0, rows, logsumexp - picked).view(valid.shape)
     count = valid.sum(dim=-1).clamp(min=1).to(nll.dtype)
-    return nll.sum(dim=-1) / count
+    return nll.sum(dim=-1) / count, next_logits
 
 
 class _SubstitutedGraph(nn.Module):
@@ -109,6 +115,19 @@ class _SubstitutedGraph(nn.Module):
                 module._parameters[leaf] = p
 
 
+@contextmanager
+def _head_bypassed(model: nn.Module, head: nn.Module) -> Iterator[None]:
+    """``model``'s output-embedding child replaced by an identity for the duration."""
+    names = [name for name, child in model.named_children() if child is head]
+    if len(names) != 1:
+        raise ValueError(f"{type(model).__name__}'s LM head is not one of its direct children")
+    setattr(model, names[0], nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(model, names[0], head)
+
+
 class CausalLMLossGraph(_SubstitutedGraph):
     """``forward(input_ids, attention_mask, labels, trainables) -> (loss [batch],
     next_logits [batch, vocab])``.
@@ -133,14 +152,13 @@ class CausalLMLossGraph(_SubstitutedGraph):
         kw = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self.pass_position_ids:
             kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        head = self.model.get_output_embeddings()
         with self._substituted(trainables):
-            hidden = self.model.base_model(**kw).last_hidden_state
-            head = self.model.get_output_embeddings()
-            loss = causal_lm_loss_on_rows(hidden, head, labels, attention_mask)
-            last = (attention_mask.sum(dim=-1) - 1).clamp(min=0)
-            index = last.view(-1, 1, 1).expand(-1, 1, hidden.size(-1))
-            next_logits = head(hidden.gather(1, index).squeeze(1)).float()
-        return loss, next_logits
+            with _head_bypassed(self.model, head):
+                # the model's own forward (its ONNX node names stay /model/model/layers.N/...),
+                # returning the hidden states its head would have read
+                hidden = self.model(**kw).logits
+            return causal_lm_outputs(hidden, head, labels, attention_mask)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

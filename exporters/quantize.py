@@ -106,7 +106,9 @@ def quiet_quantizer():
             lg.setLevel(level)
 
 
-_NODE = re.compile(r"^/model/(?P<path>.+)/MatMul$")
+#: the graph's own module scope (``/model/``) is dropped; the LM head, which the loss graph
+#: applies itself, has the bare ``/lm_head/MatMul``
+_NODE = re.compile(r"^/(?:model/)?(?P<path>.+)/MatMul$")
 
 
 def name_matmul_weights(model: onnx.ModelProto) -> dict[str, str]:

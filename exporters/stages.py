@@ -151,10 +151,7 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
     onnx_utils.extract_model(str(bundle.model_path), str(folder / PREFIX), text_inputs, cached)
     onnx_utils.extract_model(str(bundle.model_path), str(folder / SUFFIX),
                              cached + direct + sorted(trainable),
-                             # a causal LM's generation runs the full graph: its suffix need
-                             # not spend a second pass over the LM head on ``next_logits``
-                             [o.name for o in m.outputs
-                              if not (o.name == "next_logits" and m.task == "causal_lm")])
+                             [o.name for o in m.outputs])
     try:
         axes = _verify(bundle, folder, cached, direct, text_inputs)
     except BundleError as e:

@@ -249,12 +249,13 @@ def test_ignored_labels(make_bundle, tiny_hf_dir):
     assert onnx_loss(bundle, [ids], labels=[[-100] * n])[0] == 0.0
 
 
-def test_lm_head_runs_on_target_rows_only():
-    """The loss applies the head to the positions that have a target and nothing else, and
-    equals the dense per-example cross-entropy."""
+def test_lm_head_runs_once_on_target_and_last_rows():
+    """The head is applied once, to the positions that have a target and to each example's
+    last attended one, and nothing else; the loss equals the dense per-example cross-entropy
+    and next_logits the head at the last position."""
     from torch.nn import functional as F
 
-    from exporters.loss import causal_lm_loss_on_rows
+    from exporters.loss import causal_lm_outputs
 
     torch.manual_seed(0)
     head = torch.nn.Linear(6, 11, bias=False)
@@ -264,13 +265,16 @@ def test_lm_head_runs_on_target_rows_only():
     labels = torch.randint(0, 11, (3, 5))
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
     labels[0, 2] = -100  # an ignored label: position 1 has no target
-    got = causal_lm_loss_on_rows(hidden, head, labels, mask)
-    assert seen == [3 + 2 + 3]  # row 0: positions 0, 2, 3; row 1: 0, 1; row 2: 0, 1, 2
-    for b in range(3):
-        n = int(mask[b].sum())
-        target = labels[b, 1:n]
-        ref = F.cross_entropy(head(hidden[b, : n - 1]), target, ignore_index=-100)
-        assert float(got[b]) == pytest.approx(float(ref), abs=1e-6)
+    with torch.no_grad():
+        loss, next_logits = causal_lm_outputs(hidden, head, labels, mask)
+        # row 0: positions 0, 2, 3; row 1: 0, 1; row 2: 0, 1, 2; then one last row each
+        assert seen == [3 + 2 + 3 + 3]
+        for b in range(3):
+            n = int(mask[b].sum())
+            target = labels[b, 1:n]
+            ref = F.cross_entropy(head(hidden[b, : n - 1]), target, ignore_index=-100)
+            assert float(loss[b]) == pytest.approx(float(ref), abs=1e-6)
+            assert torch.allclose(next_logits[b], head(hidden[b, n - 1]), atol=1e-6)
 
 
 def test_per_example_losses_differ(make_bundle, tiny_hf_dir):
@@ -341,8 +345,13 @@ def test_loss_that_disagrees_with_hf_fails(tiny_hf_dir, tmp_path, monkeypatch):
     """Simulate a wrong architecture description: faithful export, but not the model's loss."""
     import exporters.loss as loss_module
 
-    original = loss_module.causal_lm_loss_on_rows
-    monkeypatch.setattr(loss_module, "causal_lm_loss_on_rows", lambda *a: original(*a) * 1.01)
+    original = loss_module.causal_lm_outputs
+
+    def off(*a):
+        loss, next_logits = original(*a)
+        return loss * 1.01, next_logits
+
+    monkeypatch.setattr(loss_module, "causal_lm_outputs", off)
     out = tmp_path / "wrong"
     with pytest.raises(EdgezoError, match="reference check failed"):
         export_causal_lm(tiny_hf_dir, out, mode="norms", progress=None)

@@ -69,9 +69,8 @@ def test_last_block_bundle_is_split_before_it(last1, make_bundle):
     assert len(suffix.graph.node) < len(full.graph.node)
     # block 0's arithmetic is cached (its cheap rotary-table nodes may be recomputed)
     assert not any("layers.0/" in n.name and n.op_type == "MatMul" for n in suffix.graph.node)
-    # the ZO loop needs the loss only: no second LM-head pass for generation's next_logits
-    assert [o.name for o in suffix.graph.output] == ["loss"]
-    assert "next_logits" in [o.name for o in full.graph.output]
+    # one LM-head matmul, on the rows with a target and each example's last row
+    assert sum(n.op_type == "MatMul" and "lm_head" in n.name for n in full.graph.node) == 1
     # adapters in every block leave nothing to cache
     assert not load_bundle(make_bundle("lora")).manifest.stages
 
