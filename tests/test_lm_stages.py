@@ -160,6 +160,10 @@ def test_freeze_a_trains_b_alone_and_caches_the_a_projection(make_bundle):
     assert recipe_key(m.trainable_mode, m.lora) == "lora_fa"
     assert recipe_key("lora", {"rank": 8}) == "lora" and recipe_key("head") == "head"
     assert FinetuneConfig().resolved("lora_fa").lr > FinetuneConfig().resolved("lora").lr
+    # held-out batches as small as the training ones: the LM head's activations set the peak
+    assert FinetuneConfig().resolved("lora_fa").eval_batch_size == 4
+    assert FinetuneConfig().resolved("lora").eval_batch_size == 16
+    assert FinetuneConfig(eval_batch_size=8).resolved("lora_fa").eval_batch_size == 8
 
 
 def test_edgezo_export_places_adapters(tiny_hf_dir, tmp_path):
