@@ -333,7 +333,7 @@ def export_bundle(
                                 "tolerance", "progress", "external_data"})
         if bad:
             raise EdgezoError(f"option(s) {', '.join(bad)} do not apply to task classification "
-                              "(quantised classification bundles are not supported yet)",
+                              "(LoRA placement and quantisation are causal-LM options so far)",
                               "drop them, or export a causal LM task")
         return export_classifier(model, out, labels or [], mode=mode or "head",
                                  head_init=head_init, **kw)

@@ -115,7 +115,8 @@ def name_matmul_weights(model: onnx.ModelProto) -> dict[str, str]:
     """Rename ``MatMul`` weight initializers after their parameter; returns {old: new}.
 
     Only an initializer read by exactly one node, whose node name has the legacy exporter's
-    ``/model/<module path>/MatMul`` form, is renamed (others keep their name).
+    ``/model/<module path>/MatMul`` form (or ``/lm_head/MatMul``), is renamed (others keep
+    their name).
     """
     inits = {t.name: t for t in model.graph.initializer}
     taken = set(inits) | {i.name for i in model.graph.input}
