@@ -14,8 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = ["FinetuneConfig", "Personalizer", "Progress", "finetune"]
 
-_LAZY = {"Personalizer": "app", "Progress": "app", "FinetuneConfig": "config",
-         "finetune": "train"}
+_LAZY = {"Personalizer": "app", "Progress": "app", "FinetuneConfig": "config", "finetune": "train"}
 
 
 def __getattr__(name: str):

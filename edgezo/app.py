@@ -57,9 +57,15 @@ class Personalizer:
     ``max_length``, ``lr``, ``seed`` ...).
     """
 
-    def __init__(self, bundle: str | os.PathLike, profile: Any = None,
-                 app_dir: str | os.PathLike = "edgezo-app", *, log: Callable[[str], None]
-                 | None = None, **config: Any):
+    def __init__(
+        self,
+        bundle: str | os.PathLike,
+        profile: Any = None,
+        app_dir: str | os.PathLike = "edgezo-app",
+        *,
+        log: Callable[[str], None] | None = None,
+        **config: Any,
+    ):
         from .config import FinetuneConfig
 
         self.bundle = str(bundle)
@@ -94,8 +100,10 @@ class Personalizer:
             path = self.app_dir / "profile.yaml"
             path.write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False))
             return str(path)
-        raise EdgezoError(f"profile must be a name, a path or a DeviceProfile, got {profile!r}",
-                          "pass e.g. 'laptop-cpu' or edgezo.profiles.load_profile(...)")
+        raise EdgezoError(
+            f"profile must be a name, a path or a DeviceProfile, got {profile!r}",
+            "pass e.g. 'laptop-cpu' or edgezo.profiles.load_profile(...)",
+        )
 
     # -- training ----------------------------------------------------------------------------
 
@@ -107,9 +115,15 @@ class Personalizer:
     def paused(self) -> bool:
         return not self._go.is_set()
 
-    def fit(self, examples: Iterable[dict[str, str]], *, steps: int | None = None,
-            eval_budget: int | None = None, time_budget_s: float | None = None,
-            on_progress: ProgressCallback | None = None) -> Personalizer:
+    def fit(
+        self,
+        examples: Iterable[dict[str, str]],
+        *,
+        steps: int | None = None,
+        eval_budget: int | None = None,
+        time_budget_s: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Personalizer:
         """Start (or resume) personalising on ``examples`` in a worker thread; returns at once.
 
         ``examples``: dicts ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}``.
@@ -123,13 +137,20 @@ class Personalizer:
             raise EdgezoError("a fit is already running", "wait(), or cancel() it first")
         rows = list(examples)
         tmp = self.data_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                       encoding="utf-8")
+        tmp.write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
         read_jsonl(tmp)  # raises a DataError naming the bad example (line = index + 1)
         os.replace(tmp, self.data_path)
-        values = {**self.config, "bundle": self.bundle, "data": str(self.data_path),
-                  "out": str(self.run_dir), "device": self.device,
-                  "eval_budget": eval_budget, "time_budget_s": time_budget_s}
+        values = {
+            **self.config,
+            "bundle": self.bundle,
+            "data": str(self.data_path),
+            "out": str(self.run_dir),
+            "device": self.device,
+            "eval_budget": eval_budget,
+            "time_budget_s": time_budget_s,
+        }
         if steps is not None:
             values["steps"] = steps
         cfg = FinetuneConfig(**values)
@@ -138,8 +159,9 @@ class Personalizer:
         self._go.set()
         self._result = self._error = None
         self._scorer = None
-        self._thread = threading.Thread(target=self._work, args=(cfg, resume, on_progress),
-                                        name="edgezo-fit", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(cfg, resume, on_progress), name="edgezo-fit", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -148,13 +170,26 @@ class Personalizer:
 
         def on_step(info: dict[str, Any]) -> None:
             if on_progress is not None:
-                on_progress(Progress(info["step"], info["steps"], info["loss"],
-                                     info["evaluations"], info["evaluations_left"],
-                                     info["seconds_left"]))
+                on_progress(
+                    Progress(
+                        info["step"],
+                        info["steps"],
+                        info["loss"],
+                        info["evaluations"],
+                        info["evaluations_left"],
+                        info["seconds_left"],
+                    )
+                )
 
         try:
-            self._result = finetune(cfg, resume=resume, log=self.log, progress=False,
-                                    should_stop=self._should_stop, on_step=on_step)
+            self._result = finetune(
+                cfg,
+                resume=resume,
+                log=self.log,
+                progress=False,
+                should_stop=self._should_stop,
+                on_step=on_step,
+            )
         except BaseException as e:  # handed to wait()
             self._error = e
 
@@ -195,8 +230,10 @@ class Personalizer:
 
     def _runner(self):
         if self.running:
-            raise EdgezoError("the model is being personalised",
-                              "wait() for the fit (or cancel() it) before scoring")
+            raise EdgezoError(
+                "the model is being personalised",
+                "wait() for the fit (or cancel() it) before scoring",
+            )
         if self._scorer is None:
             from .bundle import load_bundle
             from .params import FlatParams
@@ -216,9 +253,14 @@ class Personalizer:
             opts = RuntimeOptions()
             if self.device is not None:
                 p = load_profile(self.device)
-                opts = RuntimeOptions(provider=None, providers=p.providers, threads=p.threads,
-                                      cpu_arena=p.cpu_arena, gpu_mem_limit_mb=p.gpu_memory_mb,
-                                      micro_batch=p.max_batch_size)
+                opts = RuntimeOptions(
+                    provider=None,
+                    providers=p.providers,
+                    threads=p.threads,
+                    cpu_arena=p.cpu_arena,
+                    gpu_mem_limit_mb=p.gpu_memory_mb,
+                    micro_batch=p.max_batch_size,
+                )
             self._scorer = (b, LossRunner(b.model_path, params, BATCH_INPUTS, opts))
         return self._scorer
 
@@ -227,11 +269,20 @@ class Personalizer:
 
         b, runner = self._runner()
         spec = b.manifest.tokenizer
-        examples = tokenize(list(enumerate(rows, 1)), b.tokenizer(), spec,
-                            int(self.config.get("max_length", 64)), where="examples")
+        examples = tokenize(
+            list(enumerate(rows, 1)),
+            b.tokenizer(),
+            spec,
+            int(self.config.get("max_length", 64)),
+            where="examples",
+        )
         size = int(self.config.get("eval_batch_size") or 16)
-        return np.concatenate([runner.losses(batch, heldout=True)
-                               for batch in eval_batches(examples, size, spec.pad_token_id)])
+        return np.concatenate(
+            [
+                runner.losses(batch, heldout=True)
+                for batch in eval_batches(examples, size, spec.pad_token_id)
+            ]
+        )
 
     def score(self, texts: Iterable[str]) -> list[float]:
         """Per-text loss (mean over its tokens) with the personalised weights: lower = more

@@ -75,17 +75,28 @@ class TuneResult:
         return asdict(self)
 
 
-def worst_case_evaluations(steps: int, per_step: float, batch_size: int,
-                           probe_examples: int, tune_mu: bool, tune_lr: bool = True) -> int:
+def worst_case_evaluations(
+    steps: int,
+    per_step: float,
+    batch_size: int,
+    probe_examples: int,
+    tune_mu: bool,
+    tune_lr: bool = True,
+) -> int:
     """The most forward evaluations (training-batch units) a selection can cost."""
     probe = math.ceil(probe_examples / batch_size)
     lr_cost = (3 + MAX_EXTEND) * (math.ceil(steps * per_step) + probe) + probe if tune_lr else 0
     return lr_cost + ((1 + 2 * MU_DIRECTIONS * MU_TRIES) if tune_mu else 0)
 
 
-def check_mu(engine: ZOEngine, loss: Callable[[], float], mu: float, log,
-             curvature: bool = True, directions: int = MU_DIRECTIONS
-             ) -> tuple[float, list[dict[str, Any]], int]:
+def check_mu(
+    engine: ZOEngine,
+    loss: Callable[[], float],
+    mu: float,
+    log,
+    curvature: bool = True,
+    directions: int = MU_DIRECTIONS,
+) -> tuple[float, list[dict[str, Any]], int]:
     """μ adjusted until loss differences along a few directions are signal, not float32 noise
     (and, with ``curvature``, not dominated by the second-order part — noise in a one-sided
     estimate, cancelled by a central one); returns (μ, the tries, evaluations spent)."""
@@ -108,13 +119,16 @@ def check_mu(engine: ZOEngine, loss: Callable[[], float], mu: float, log,
             verdict, new = "below float32 noise", mu * 10.0
         else:
             break
-        log(f"edgezo: autotune: μ {mu:g}: {verdict} (first-order {d:.3g}, second-order "
-            f"{c:.3g}, RMS over {len(us)} directions); trying μ {new:g}")
+        log(
+            f"edgezo: autotune: μ {mu:g}: {verdict} (first-order {d:.3g}, second-order "
+            f"{c:.3g}, RMS over {len(us)} directions); trying μ {new:g}"
+        )
         mu = new
     else:  # no try settled it: a μ above the noise is usable, a curvature-bound one is not
         last = tries[-1]
-        mu = mu if not (curvature and last["second_order"] > last["first_order"]) \
-            else tries[0]["mu"]
+        mu = (
+            mu if not (curvature and last["second_order"] > last["first_order"]) else tries[0]["mu"]
+        )
     return mu, tries, evals
 
 
@@ -129,10 +143,16 @@ def _pair(engine: ZOEngine, u, mu: float, loss: Callable[[], float]) -> tuple[fl
     return fp, fm
 
 
-def select_lr(engine: ZOEngine, default_lr: float, mu: float, steps: int,
-              train_loss: Callable[[int], Callable[[], float]],
-              probe_loss: Callable[[], float], probe_cost: int, log
-              ) -> tuple[float, float, list[dict[str, Any]], int, str]:
+def select_lr(
+    engine: ZOEngine,
+    default_lr: float,
+    mu: float,
+    steps: int,
+    train_loss: Callable[[int], Callable[[], float]],
+    probe_loss: Callable[[], float],
+    probe_cost: int,
+    log,
+) -> tuple[float, float, list[dict[str, Any]], int, str]:
     """The learning-rate race; returns (lr, probe loss before, trials, evaluations, note).
 
     ``train_loss(step)`` gives the loss closure of training batch ``step``; ``probe_loss()``
@@ -148,7 +168,7 @@ def select_lr(engine: ZOEngine, default_lr: float, mu: float, steps: int,
 
     def trial(j: int) -> float:
         nonlocal evals
-        lr = default_lr * GRID ** j
+        lr = default_lr * GRID**j
         spent = 0
         try:
             for t in range(steps):
@@ -166,8 +186,10 @@ def select_lr(engine: ZOEngine, default_lr: float, mu: float, steps: int,
         evals += spent
         probe = probe if np.isfinite(probe) else float("inf")
         results[j] = {"lr": lr, "probe_loss": probe, "evaluations": spent}
-        log(f"edgezo: autotune: lr {lr:.3g}: probe loss {before:.4f} -> {probe:.4f} "
-            f"after {steps} steps")
+        log(
+            f"edgezo: autotune: lr {lr:.3g}: probe loss {before:.4f} -> {probe:.4f} "
+            f"after {steps} steps"
+        )
         return probe
 
     for j in (-1, 0, 1):
@@ -187,17 +209,29 @@ def select_lr(engine: ZOEngine, default_lr: float, mu: float, steps: int,
     best = min(results, key=lambda j: results[j]["probe_loss"])
     trials = [results[j] for j in sorted(results)]
     if not results[best]["probe_loss"] < before:
-        note = (f"no candidate lr lowered the probe loss ({before:.4f}) in {steps} steps; "
-                f"kept the default lr {default_lr:g}")
+        note = (
+            f"no candidate lr lowered the probe loss ({before:.4f}) in {steps} steps; "
+            f"kept the default lr {default_lr:g}"
+        )
         return default_lr, before, trials, evals, note
     backoff = BACKOFF.get(engine.settings.optimizer, GRID**2)
     return results[best]["lr"] / backoff, before, trials, evals, ""
 
 
-def autotune(engine: ZOEngine, *, lr: float | None, default_lr: float, mu: float,
-             tune_mu: bool, steps: int, batches: Callable[[int], dict[str, np.ndarray]],
-             probe: Sequence[dict[str, np.ndarray]], probe_cost: int,
-             mean_loss: Callable[[dict[str, np.ndarray]], float], log) -> TuneResult:
+def autotune(
+    engine: ZOEngine,
+    *,
+    lr: float | None,
+    default_lr: float,
+    mu: float,
+    tune_mu: bool,
+    steps: int,
+    batches: Callable[[int], dict[str, np.ndarray]],
+    probe: Sequence[dict[str, np.ndarray]],
+    probe_cost: int,
+    mean_loss: Callable[[dict[str, np.ndarray]], float],
+    log,
+) -> TuneResult:
     """Choose μ (when ``tune_mu``) and lr (when ``lr`` is None) for ``engine``'s run."""
     import time
 
@@ -206,8 +240,7 @@ def autotune(engine: ZOEngine, *, lr: float | None, default_lr: float, mu: float
     mu_trials: list[dict[str, Any]] = []
     if tune_mu:
         first = batches(0)
-        mu, mu_trials, spent = check_mu(engine, lambda: mean_loss(first), mu, log,
-                                        curvature=False)
+        mu, mu_trials, spent = check_mu(engine, lambda: mean_loss(first), mu, log, curvature=False)
         evals += spent
 
     def probe_loss() -> float:
@@ -222,7 +255,16 @@ def autotune(engine: ZOEngine, *, lr: float | None, default_lr: float, mu: float
     trials: list[dict[str, Any]] = []
     if lr is None:
         lr, before, trials, spent, note = select_lr(
-            engine, default_lr, mu, steps, train_loss, probe_loss, probe_cost, log)
+            engine, default_lr, mu, steps, train_loss, probe_loss, probe_cost, log
+        )
         evals += spent
-    return TuneResult(lr=lr, mu=mu, evaluations=evals, seconds=time.perf_counter() - t0,
-                      probe_before=before, trials=trials, mu_trials=mu_trials, note=note)
+    return TuneResult(
+        lr=lr,
+        mu=mu,
+        evaluations=evals,
+        seconds=time.perf_counter() - t0,
+        probe_before=before,
+        trials=trials,
+        mu_trials=mu_trials,
+        note=note,
+    )

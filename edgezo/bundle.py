@@ -130,9 +130,7 @@ class Manifest:
                 architecture=dict(d["architecture"]),
                 trainable_mode=d["trainable_mode"],
                 inputs=[InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in d["inputs"]],
-                outputs=[
-                    InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in d["outputs"]
-                ],
+                outputs=[InputSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in d["outputs"]],
                 trainable=[
                     TensorSpec(
                         s["name"],
@@ -167,14 +165,18 @@ class Manifest:
                 "re-export the bundle with `edgezo export`, or upgrade edgezo",
             )
         if self.task != "causal_lm" and not self.labels:
-            raise BundleError(f"{where}: a {self.task} bundle lists no labels",
-                              "re-export it with --labels")
+            raise BundleError(
+                f"{where}: a {self.task} bundle lists no labels", "re-export it with --labels"
+            )
         if self.task == "prompt_classification":
             ids = (self.prompt or {}).get("label_token_ids") or []
             if "{text}" not in (self.prompt or {}).get("template", "") or len(ids) != len(
-                    self.labels or []):
-                raise BundleError(f"{where}: the prompt template or label words are missing",
-                                  "re-export it with --template and --label-words")
+                self.labels or []
+            ):
+                raise BundleError(
+                    f"{where}: the prompt template or label words are missing",
+                    "re-export it with --template and --label-words",
+                )
 
     @property
     def trainable_size(self) -> int:
@@ -241,8 +243,9 @@ class Bundle:
             ) from None
         return self._checked(tensors, path, "re-export the bundle with `edgezo export`")
 
-    def _checked(self, values: dict[str, np.ndarray], path: Path, fix: str
-                 ) -> dict[str, np.ndarray]:
+    def _checked(
+        self, values: dict[str, np.ndarray], path: Path, fix: str
+    ) -> dict[str, np.ndarray]:
         """``values`` as contiguous float32 arrays, one per trainable tensor of the manifest."""
         out: dict[str, np.ndarray] = {}
         for spec in self.manifest.trainable:

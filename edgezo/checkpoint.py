@@ -17,12 +17,12 @@ from .errors import CheckpointError
 from .ledger import _fsync_dir
 
 
-def save_tensors_atomic(path: str | Path, tensors: dict[str, np.ndarray],
-                        metadata: dict[str, str] | None = None) -> Path:
+def save_tensors_atomic(
+    path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-              metadata=metadata)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

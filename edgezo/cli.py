@@ -46,24 +46,50 @@ def main() -> None:
 @click.option("--model", required=True, help="Hugging Face model folder, or a .gguf file")
 @click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder")
 @click.option("--out", required=True, type=click.Path(), help="bundle folder to write")
-@click.option("--mode", type=click.Choice(["lora", "norms", "full", "head"]), default=None,
-              help="which tensors become trainable graph inputs [default: lora; head for "
-              "--task classification]")
+@click.option(
+    "--mode",
+    type=click.Choice(["lora", "norms", "full", "head"]),
+    default=None,
+    help="which tensors become trainable graph inputs [default: lora; head for "
+    "--task classification]",
+)
 @click.option("--lora-rank", default=8, show_default=True)
 @click.option("--lora-alpha", default=16.0, show_default=True)
 @click.option("--lora-targets", default=None, help="comma-separated module names (q_proj,v_proj)")
-@click.option("--lora-layers", default=None,
-              help="blocks that get adapters: all, last:N, A-B or a comma list [default: all]; "
-              "with last:N the blocks before them are a frozen prefix that training caches")
-@click.option("--lora-freeze-a", is_flag=True,
-              help="train LoRA B only; A stays its seeded random value (LoRA-FA)")
+@click.option(
+    "--lora-layers",
+    default=None,
+    help="blocks that get adapters: all, last:N, A-B or a comma list [default: all]; "
+    "with last:N the blocks before them are a frozen prefix that training caches",
+)
+@click.option(
+    "--lora-freeze-a",
+    is_flag=True,
+    help="train LoRA B only; A stays its seeded random value (LoRA-FA)",
+)
 @click.option("--seed", default=0, show_default=True, help="LoRA initialisation seed")
 @click.option("--overwrite", is_flag=True, help="replace an existing bundle folder")
 @task_options
 @friendly_errors
-def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, lora_layers,
-           lora_freeze_a, seed, overwrite, task, labels, labels_from, head_init, template,
-           label_words):
+def export(
+    model,
+    gguf_file,
+    out,
+    mode,
+    lora_rank,
+    lora_alpha,
+    lora_targets,
+    lora_layers,
+    lora_freeze_a,
+    seed,
+    overwrite,
+    task,
+    labels,
+    labels_from,
+    head_init,
+    template,
+    label_words,
+):
     """Export a model into a bundle (needs the export extra: torch, transformers, onnx):
     a causal LM, an encoder classifier (--task classification --labels a,b) or a causal LM
     scored on label words (--task prompt_classification)."""
@@ -75,18 +101,32 @@ def export(model, gguf_file, out, mode, lora_rank, lora_alpha, lora_targets, lor
             "install the export side: pip install torch==2.13.0 -e '.[export]'",
         ) from None
     targets = [t.strip() for t in lora_targets.split(",")] if lora_targets else None
-    path = export_bundle(model, out, task=task, mode=mode, lora_rank=lora_rank,
-                         lora_alpha=lora_alpha, lora_targets=targets, lora_layers=lora_layers,
-                         lora_freeze_a=lora_freeze_a, seed=seed,
-                         overwrite=overwrite, progress=click.echo,
-                         **({"gguf_file": gguf_file} if gguf_file else {}),
-                         **task_kwargs(task, labels, labels_from, head_init, template,
-                                       label_words))
+    path = export_bundle(
+        model,
+        out,
+        task=task,
+        mode=mode,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=targets,
+        lora_layers=lora_layers,
+        lora_freeze_a=lora_freeze_a,
+        seed=seed,
+        overwrite=overwrite,
+        progress=click.echo,
+        **({"gguf_file": gguf_file} if gguf_file else {}),
+        **task_kwargs(task, labels, labels_from, head_init, template, label_words),
+    )
     click.echo(f"bundle written: {path}")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                               "help_option_names": []})
+@main.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
+)
 @click.pass_context
 def compare(ctx):
     """Desktop: parity and forward timings of a bundle on every provider and on PyTorch.
@@ -108,8 +148,13 @@ def compare(ctx):
 
 
 @main.command(context_settings={"show_default": True})
-@click.option("--config", "config_path", type=click.Path(), default=None,
-              help="YAML file with FinetuneConfig fields; flags and key=value override it")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(),
+    default=None,
+    help="YAML file with FinetuneConfig fields; flags and key=value override it",
+)
 @click.option("--bundle", default=None, help="bundle folder (default: SmolLM2-135M LoRA)")
 @click.option("--data", default=None, help="JSONL training data (default: sample notes)")
 @click.option("--eval-data", default=None, help="JSONL held-out data")
@@ -117,22 +162,46 @@ def compare(ctx):
 @click.option("--steps", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--max-length", type=int, default=None)
-@click.option("--lr", type=float, default=None,
-              help="default: chosen by a short learning-rate race (autotune=false: per mode)")
-@click.option("--mu", type=float, default=None,
-              help="default: the mode's, checked against noise and curvature (autotune)")
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="default: chosen by a short learning-rate race (autotune=false: per mode)",
+)
+@click.option(
+    "--mu",
+    type=float,
+    default=None,
+    help="default: the mode's, checked against noise and curvature (autotune)",
+)
 @click.option("--q", type=int, default=None, help="directions per step")
 @click.option("--seed", type=int, default=None)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--threads", type=int, default=None)
-@click.option("--device", default=None,
-              help="device profile (name, family or YAML path): caps, providers, budgets")
-@click.option("--micro-batch-size", type=int, default=None,
-              help="examples per forward call (default: the profile's max_batch_size)")
-@click.option("--eval-budget", type=int, default=None,
-              help="training forward evaluations this session (default: the profile's)")
-@click.option("--time-budget", "time_budget_s", type=float, default=None,
-              help="wall-clock seconds this session (default: the profile's)")
+@click.option(
+    "--device",
+    default=None,
+    help="device profile (name, family or YAML path): caps, providers, budgets",
+)
+@click.option(
+    "--micro-batch-size",
+    type=int,
+    default=None,
+    help="examples per forward call (default: the profile's max_batch_size)",
+)
+@click.option(
+    "--eval-budget",
+    type=int,
+    default=None,
+    help="training forward evaluations this session (default: the profile's)",
+)
+@click.option(
+    "--time-budget",
+    "time_budget_s",
+    type=float,
+    default=None,
+    help="wall-clock seconds this session (default: the profile's)",
+)
 @click.option("--resume", is_flag=True, help="continue the run in --out from its ledger")
 @click.option("--no-progress", is_flag=True, help="plain log lines instead of a progress bar")
 @click.argument("overrides", nargs=-1)
@@ -154,8 +223,10 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
     values.update(parse_overrides(overrides))
     cfg = FinetuneConfig.load(config_path, values)
     if resume and cfg.out is None:
-        raise EdgezoError("--resume needs --out: the folder of the run to continue",
-                          "e.g. edgezo finetune --resume --out runs/finetune-...")
+        raise EdgezoError(
+            "--resume needs --out: the folder of the run to continue",
+            "e.g. edgezo finetune --resume --out runs/finetune-...",
+        )
     run(cfg, resume=resume, log=click.echo, progress=False if no_progress else None)
 
 
@@ -167,18 +238,35 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
 @click.option("--device", required=True, help="device profile: name, family or YAML path")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--max-length", type=int, default=64, show_default=True)
-@click.option("--micro-batch-size", type=int, default=None,
-              help="default: the profile's max_batch_size")
+@click.option(
+    "--micro-batch-size", type=int, default=None, help="default: the profile's max_batch_size"
+)
 @click.option("--momentum", type=float, default=None, help="default: per trainable mode")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "sign"]), default="sgd",
-              show_default=True, help="adam keeps two θ-sized buffers")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "adam", "sign"]),
+    default="sgd",
+    show_default=True,
+    help="adam keeps two θ-sized buffers",
+)
 @click.option("--perturbation", type=click.Choice(["auto", "copy", "inplace"]), default="auto")
-@click.option("--no-dry-run", is_flag=True,
-              help="analytic estimate only (no child process loading the model)")
+@click.option(
+    "--no-dry-run", is_flag=True, help="analytic estimate only (no child process loading the model)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 @friendly_errors
-def plan(bundle, device, batch_size, max_length, micro_batch_size, momentum, optimizer,
-         perturbation, no_dry_run, as_json):
+def plan(
+    bundle,
+    device,
+    batch_size,
+    max_length,
+    micro_batch_size,
+    momentum,
+    optimizer,
+    perturbation,
+    no_dry_run,
+    as_json,
+):
     """Estimate fine-tuning's peak memory on a device profile; say what to change if it does
     not fit. Exit status 1 when it does not fit."""
     import json
@@ -191,9 +279,16 @@ def plan(bundle, device, batch_size, max_length, micro_batch_size, momentum, opt
     profile = load_profile(device)
     b = load_bundle(bundle or ensure_default_bundle(click.echo))
     buffers, inplace = run_settings(b, momentum, perturbation, optimizer)
-    result = make_plan(b, profile, batch_size=batch_size, max_length=max_length,
-                       micro_batch=micro_batch_size, optim_buffers=buffers, inplace=inplace,
-                       dry_run=not no_dry_run)
+    result = make_plan(
+        b,
+        profile,
+        batch_size=batch_size,
+        max_length=max_length,
+        micro_batch=micro_batch_size,
+        optim_buffers=buffers,
+        inplace=inplace,
+        dry_run=not no_dry_run,
+    )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits or max_length > profile.max_seq_len:
         sys.exit(1)
@@ -205,10 +300,19 @@ def plan(bundle, device, batch_size, max_length, micro_batch_size, momentum, opt
 @main.command("eval")
 @click.option("--bundle", default=None, help="bundle folder (default: SmolLM2-135M LoRA)")
 @click.option("--data", required=True, help="JSONL data to score")
-@click.option("--tensors", default=None, type=click.Path(),
-              help="trained.safetensors of a run (default: the bundle's initial values)")
-@click.option("--run", "run_dir", default=None, type=click.Path(),
-              help="a run folder: its bundle and trained tensors")
+@click.option(
+    "--tensors",
+    default=None,
+    type=click.Path(),
+    help="trained.safetensors of a run (default: the bundle's initial values)",
+)
+@click.option(
+    "--run",
+    "run_dir",
+    default=None,
+    type=click.Path(),
+    help="a run folder: its bundle and trained tensors",
+)
 @click.option("--max-length", default=64, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu")
@@ -218,14 +322,25 @@ def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
     classification bundles also report accuracy."""
     from .evaluate import evaluate
 
-    result = evaluate(bundle=bundle, data=data, tensors=tensors, run_dir=run_dir,
-                      max_length=max_length, batch_size=batch_size, provider=provider)
+    result = evaluate(
+        bundle=bundle,
+        data=data,
+        tensors=tensors,
+        run_dir=run_dir,
+        max_length=max_length,
+        batch_size=batch_size,
+        provider=provider,
+    )
     if result["accuracy"] is None:
-        click.echo(f"loss {result['loss']:.4f} on {result['examples']} examples "
-                   f"(perplexity {result['perplexity']:.2f})")
+        click.echo(
+            f"loss {result['loss']:.4f} on {result['examples']} examples "
+            f"(perplexity {result['perplexity']:.2f})"
+        )
     else:
-        click.echo(f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.1%} on "
-                   f"{result['examples']} examples ({result['task']})")
+        click.echo(
+            f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.1%} on "
+            f"{result['examples']} examples ({result['task']})"
+        )
 
 
 # -- generate ---------------------------------------------------------------------------------
@@ -233,24 +348,50 @@ def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
 
 @main.command("generate")
 @click.option("--bundle", default=None, help="bundle folder (default: the run's, or SmolLM2-135M)")
-@click.option("--run", "run_dir", default=None, type=click.Path(),
-              help="a run folder: its bundle and trained tensors")
-@click.option("--tensors", default=None, type=click.Path(),
-              help="trained.safetensors (default: the run's, else the bundle's initial values)")
+@click.option(
+    "--run",
+    "run_dir",
+    default=None,
+    type=click.Path(),
+    help="a run folder: its bundle and trained tensors",
+)
+@click.option(
+    "--tensors",
+    default=None,
+    type=click.Path(),
+    help="trained.safetensors (default: the run's, else the bundle's initial values)",
+)
 @click.option("--prompt", required=True, help="text to continue")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy")
 @click.option("--top-k", default=None, type=int, help="sample among the k most likely tokens")
 @click.option("--top-p", default=None, type=float, help="nucleus sampling threshold")
 @click.option("--seed", default=0, show_default=True, help="sampling seed")
-@click.option("--max-length", default=256, show_default=True,
-              help="longest prefix fed to the model (older tokens are dropped)")
-@click.option("--compare", is_flag=True,
-              help="also print the continuation with the bundle's initial tensors")
+@click.option(
+    "--max-length",
+    default=256,
+    show_default=True,
+    help="longest prefix fed to the model (older tokens are dropped)",
+)
+@click.option(
+    "--compare", is_flag=True, help="also print the continuation with the bundle's initial tensors"
+)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @friendly_errors
-def generate_cmd(bundle, run_dir, tensors, prompt, max_new_tokens, temperature, top_k, top_p,
-                 seed, max_length, compare, provider):
+def generate_cmd(
+    bundle,
+    run_dir,
+    tensors,
+    prompt,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    max_length,
+    compare,
+    provider,
+):
     """Continue --prompt with the personalised tensors (no KV cache: for short continuations)."""
     import numpy as np
 
@@ -262,8 +403,15 @@ def generate_cmd(bundle, run_dir, tensors, prompt, max_new_tokens, temperature, 
 
     def run(t):
         gen.load(t)
-        return gen.generate(prompt, max_new_tokens, temperature, top_k, top_p,
-                            np.random.default_rng(seed), max_length=max_length)
+        return gen.generate(
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            np.random.default_rng(seed),
+            max_length=max_length,
+        )
 
     out = run(tensors)
     if not compare:
@@ -278,8 +426,9 @@ def generate_cmd(bundle, run_dir, tensors, prompt, max_new_tokens, temperature, 
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(),
-              help="run folder holding ledger.jsonl")
+@click.option(
+    "--run", "run_dir", required=True, type=click.Path(), help="run folder holding ledger.jsonl"
+)
 @click.option("--bundle", default=None, help="bundle folder (default: the ledger header's)")
 @click.option("--out", required=True, type=click.Path(), help="safetensors file to write")
 @click.option("--upto", type=int, default=None, help="replay only the first N steps")
@@ -301,8 +450,9 @@ def replay(run_dir, bundle, out, upto, check):
     b = load_bundle(bundle or header["bundle_path"])
     engine = do_replay(b, ledger_path, upto=upto)
     steps = len(Ledger.read(ledger_path).records) if upto is None else upto
-    save_tensors_atomic(out, engine.params.state_dict(),
-                        metadata={"bundle": b.fingerprint, "step": str(steps)})
+    save_tensors_atomic(
+        out, engine.params.state_dict(), metadata={"bundle": b.fingerprint, "step": str(steps)}
+    )
     click.echo(f"replayed {steps} steps -> {out}")
     if check:
         from safetensors.numpy import load_file
@@ -310,8 +460,11 @@ def replay(run_dir, bundle, out, upto, check):
         trained = load_file(str(Path(run_dir) / "trained.safetensors"))
         mine = engine.params.state_dict()
         same = all(np.array_equal(trained[k], mine[k]) for k in mine)
-        click.echo("bit-identical to the run's trained tensors" if same
-                   else "DIFFERS from the run's trained tensors")
+        click.echo(
+            "bit-identical to the run's trained tensors"
+            if same
+            else "DIFFERS from the run's trained tensors"
+        )
         if not same:
             sys.exit(1)
 

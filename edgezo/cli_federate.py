@@ -56,22 +56,35 @@ def _toml_value(v) -> str:
 
 @click.command("federate", context_settings={"show_default": True})
 @click.option("--bundle", default=None, help="bundle folder (default: SmolLM2-135M LoRA)")
-@click.option("--data", default=None, help="JSONL data split across the clients "
-              "(default: the sample notes)")
-@click.option("--eval-data", default=None, help="held-out JSONL the server scores each round "
-              "(default: the sample held-out notes)")
+@click.option(
+    "--data", default=None, help="JSONL data split across the clients (default: the sample notes)"
+)
+@click.option(
+    "--eval-data",
+    default=None,
+    help="held-out JSONL the server scores each round (default: the sample held-out notes)",
+)
 @click.option("--clients", default=3, help="number of clients (virtual SuperNodes)")
 @click.option("--rounds", default=5)
 @click.option("--local-steps", default=4, help="local ZO steps per client per round")
-@click.option("--lr", type=float, default=None,
-              help="default: 3e-3 for LoRA (measured); other modes: their lr/(1-momentum)")
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="default: 3e-3 for LoRA (measured); other modes: their lr/(1-momentum)",
+)
 @click.option("--mu", type=float, default=None, help="default: per trainable mode")
-@click.option("--server-lr", type=float, default=None,
-              help="global step = this × the weighted mean of the clients' local steps; "
-              "default: the clients per round (their sum — each client walks its own seeds, "
-              "so the federation moves as far as all their steps; 1: the plain mean)")
-@click.option("--clip", default=0.0, help="bound on each uploaded scalar |g| before "
-              "aggregation (0: off)")
+@click.option(
+    "--server-lr",
+    type=float,
+    default=None,
+    help="global step = this × the weighted mean of the clients' local steps; "
+    "default: the clients per round (their sum — each client walks its own seeds, "
+    "so the federation moves as far as all their steps; 1: the plain mean)",
+)
+@click.option(
+    "--clip", default=0.0, help="bound on each uploaded scalar |g| before aggregation (0: off)"
+)
 @click.option("--batch-size", default=4)
 @click.option("--pool-size", default=64, help="candidate seeds offered per round")
 @click.option("--fraction", default=1.0, help="share of clients sampled per round")
@@ -79,19 +92,54 @@ def _toml_value(v) -> str:
 @click.option("--seed", default=0)
 @click.option("--max-length", default=64)
 @click.option("--threads", default=1, help="ONNX Runtime threads per client")
-@click.option("--out", default="runs/federate", type=click.Path(),
-              help="server folder: ledger.jsonl, metrics.jsonl, summary.json")
+@click.option(
+    "--out",
+    default="runs/federate",
+    type=click.Path(),
+    help="server folder: ledger.jsonl, metrics.jsonl, summary.json",
+)
 @click.option("--engine", type=click.Choice(["flower", "local"]), default="flower")
-@click.option("--resume", is_flag=True, help="continue the federation in --out (its ledger) up "
-              "to --rounds rounds in all")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="continue the federation in --out (its ledger) up to --rounds rounds in all",
+)
 @click.option("--round-timeout", default=600.0, help="seconds a round waits for replies")
 @click.option("--wait", default=60.0, help="seconds to wait for --min-clients nodes")
 @click.option("--drop", default="", help="simulated dropouts: PARTITION@ROUND,...")
-@click.option("--write-flwr-app", "app_dir", default=None, type=click.Path(),
-              help="write a Flower app folder with these settings for `flwr run`, and exit")
-def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, server_lr, clip,
-             batch_size, pool_size, fraction, min_clients, seed, max_length, threads, out,
-             engine, resume, round_timeout, wait, drop, app_dir):
+@click.option(
+    "--write-flwr-app",
+    "app_dir",
+    default=None,
+    type=click.Path(),
+    help="write a Flower app folder with these settings for `flwr run`, and exit",
+)
+def federate(
+    bundle,
+    data,
+    eval_data,
+    clients,
+    rounds,
+    local_steps,
+    lr,
+    mu,
+    server_lr,
+    clip,
+    batch_size,
+    pool_size,
+    fraction,
+    min_clients,
+    seed,
+    max_length,
+    threads,
+    out,
+    engine,
+    resume,
+    round_timeout,
+    wait,
+    drop,
+    app_dir,
+):
     """Personalise a bundle with N clients that exchange only seeds and scalars (FedKSeed)."""
     from .bundle import load_bundle
     from .config import MODE_DEFAULTS, recipe_key
@@ -100,16 +148,22 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
 
     b = load_bundle(bundle or ensure_default_bundle(click.echo))
     if b.manifest.task != "causal_lm":
-        raise ConfigError(f"bundle task {b.manifest.task!r} is not supported by federate",
-                          "export a causal_lm bundle")
+        raise ConfigError(
+            f"bundle task {b.manifest.task!r} is not supported by federate",
+            "export a causal_lm bundle",
+        )
     key = recipe_key(b.manifest.trainable_mode, b.manifest.lora)
     mode = MODE_DEFAULTS.get(key, MODE_DEFAULTS["lora"])
     if lr is None:  # clients take plain central ZO-SGD steps: momentum's effective rate
-        lr = (3e-3 if key == "lora"  # measured (README, federated)
-              # LoRA-FA: the single-device rate, without momentum's amplification (not yet
-              # measured for federation; pass --lr to choose)
-              else mode["lr"] if key == "lora_fa"
-              else mode["lr"] / (1.0 - mode["momentum"]))
+        lr = (
+            3e-3
+            if key == "lora"  # measured (README, federated)
+            # LoRA-FA: the single-device rate, without momentum's amplification (not yet
+            # measured for federation; pass --lr to choose)
+            else mode["lr"]
+            if key == "lora_fa"
+            else mode["lr"] / (1.0 - mode["momentum"])
+        )
     mu = mode["mu"] if mu is None else mu
     if server_lr is None:  # measured: the mean moves no further than one client (README)
         server_lr = float(max(1, round(clients * fraction)))
@@ -118,20 +172,39 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
         data, eval_data = str(sample), eval_data or str(sample_eval)
     out = Path(out)
     if (out / "ledger.jsonl").exists() and not resume:
-        raise ConfigError(f"{out} already holds a federation (ledger.jsonl)",
-                          f"continue it with --resume --out {out}, or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a federation (ledger.jsonl)",
+            f"continue it with --resume --out {out}, or choose another --out",
+        )
     if resume and not (out / "ledger.jsonl").exists():
-        raise ConfigError(f"--resume: {out} holds no federation (no ledger.jsonl)",
-                          "point --out at the federation's folder, or drop --resume")
-    cfg = {"bundle": str(Path(b.path).resolve()), "data": str(Path(data).resolve()),
-           "eval-data": str(Path(eval_data).resolve()) if eval_data else "",
-           "out": str(out.resolve()), "client-state": str((out / "clients").resolve()),
-           "rounds": rounds, "local-steps": local_steps, "lr": lr, "mu": mu,
-           "batch-size": batch_size, "pool-size": pool_size, "fraction": fraction,
-           "min-clients": min_clients, "seed": seed, "max-length": max_length,
-           "threads": threads, "drop": drop, "round-timeout-s": round_timeout,
-           "wait-s": wait, "server-lr": server_lr, "resume": resume,
-           "clip": clip}
+        raise ConfigError(
+            f"--resume: {out} holds no federation (no ledger.jsonl)",
+            "point --out at the federation's folder, or drop --resume",
+        )
+    cfg = {
+        "bundle": str(Path(b.path).resolve()),
+        "data": str(Path(data).resolve()),
+        "eval-data": str(Path(eval_data).resolve()) if eval_data else "",
+        "out": str(out.resolve()),
+        "client-state": str((out / "clients").resolve()),
+        "rounds": rounds,
+        "local-steps": local_steps,
+        "lr": lr,
+        "mu": mu,
+        "batch-size": batch_size,
+        "pool-size": pool_size,
+        "fraction": fraction,
+        "min-clients": min_clients,
+        "seed": seed,
+        "max-length": max_length,
+        "threads": threads,
+        "drop": drop,
+        "round-timeout-s": round_timeout,
+        "wait-s": wait,
+        "server-lr": server_lr,
+        "resume": resume,
+        "clip": clip,
+    }
     from .federated.flower_apps import fed_settings
 
     fed_settings({**cfg})  # every setting checked before anything starts
@@ -143,11 +216,15 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
         click.echo(f"Flower app written: {d / 'pyproject.toml'} (run it with: flwr run {d})")
         return
     fedavg = fedavg_bytes(b)
-    click.echo(f"edgezo federate: {clients} clients, {rounds} rounds × {local_steps} local steps "
-               f"(batch {batch_size}, lr {lr:g}, μ {mu:g}, server lr {server_lr:g}, pool "
-               f"{pool_size}); engine {engine}")
-    click.echo(f"edgezo federate: FedAvg of the same {b.manifest.trainable_size:,} trainable "
-               f"values would send {fedavg:,} B up and {fedavg:,} B down per client per round")
+    click.echo(
+        f"edgezo federate: {clients} clients, {rounds} rounds × {local_steps} local steps "
+        f"(batch {batch_size}, lr {lr:g}, μ {mu:g}, server lr {server_lr:g}, pool "
+        f"{pool_size}); engine {engine}"
+    )
+    click.echo(
+        f"edgezo federate: FedAvg of the same {b.manifest.trainable_size:,} trainable "
+        f"values would send {fedavg:,} B up and {fedavg:,} B down per client per round"
+    )
     if engine == "flower":
         _run_flower(cfg, clients)
     else:
@@ -156,12 +233,16 @@ def federate(bundle, data, eval_data, clients, rounds, local_steps, lr, mu, serv
     held = [h for h in summary["heldout"] if h is not None]
     ups = [v for h in summary["history"] for v in h["up_bytes"].values()]
     if held and summary["heldout_before"] is not None:
-        click.echo(f"edgezo federate: held-out loss {summary['heldout_before']:.4f} -> "
-                   f"{held[-1]:.4f} after {summary['rounds']} rounds")
+        click.echo(
+            f"edgezo federate: held-out loss {summary['heldout_before']:.4f} -> "
+            f"{held[-1]:.4f} after {summary['rounds']} rounds"
+        )
     if ups:
-        click.echo(f"edgezo federate: upload per client per round: max {max(ups)} B "
-                   f"(FedAvg: {fedavg:,} B, {fedavg / max(ups):,.0f}x more); ledger "
-                   f"{out / 'ledger.jsonl'}")
+        click.echo(
+            f"edgezo federate: upload per client per round: max {max(ups)} B "
+            f"(FedAvg: {fedavg:,} B, {fedavg / max(ups):,.0f}x more); ledger "
+            f"{out / 'ledger.jsonl'}"
+        )
 
 
 def _run_flower(cfg: dict, clients: int) -> None:
@@ -170,12 +251,17 @@ def _run_flower(cfg: dict, clients: int) -> None:
     require_flwr()
     from flwr.simulation import run_simulation
 
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                   num_supernodes=clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=make_client_app(cfg),
+        num_supernodes=clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
     if not (Path(cfg["out"]) / "summary.json").exists():
-        raise ConfigError("the Flower simulation ended without a result (see its log above)",
-                          "run again with --engine local to check the setup without Ray")
+        raise ConfigError(
+            "the Flower simulation ended without a result (see its log above)",
+            "run again with --engine local to check the setup without Ray",
+        )
 
 
 def _run_local(bundle, cfg: dict, clients: int) -> None:
@@ -188,27 +274,41 @@ def _run_local(bundle, cfg: dict, clients: int) -> None:
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     fed = fed_settings(cfg)
-    server = FederationServer(bundle, fed, out / "ledger.jsonl", log=click.echo,
-                              resume=bool(cfg["resume"]))
+    server = FederationServer(
+        bundle, fed, out / "ledger.jsonl", log=click.echo, resume=bool(cfg["resume"])
+    )
     examples = load_examples(bundle, cfg["data"], int(cfg["max-length"]))
-    parts = {f"client-{i}": FederationClient(bundle, f"client-{i}",
-                                             split_examples(examples, i, clients),
-                                             Path(cfg["client-state"]) / f"client-{i}",
-                                             threads=int(cfg["threads"]))
-             for i in range(clients)}
+    parts = {
+        f"client-{i}": FederationClient(
+            bundle,
+            f"client-{i}",
+            split_examples(examples, i, clients),
+            Path(cfg["client-state"]) / f"client-{i}",
+            threads=int(cfg["threads"]),
+        )
+        for i in range(clients)
+    }
     evaluate = None
     if cfg["eval-data"]:
-        evaluate = HeldoutEval(server.model, load_examples(bundle, cfg["eval-data"],
-                                                           int(cfg["max-length"])))
+        evaluate = HeldoutEval(
+            server.model, load_examples(bundle, cfg["eval-data"], int(cfg["max-length"]))
+        )
     before = evaluate() if evaluate else None
     if before is not None:
         click.echo(f"edgezo federate: held-out loss before: {before:.4f}")
     drops = {(f"client-{p}", r) for p, r in parse_drops(cfg["drop"])}
-    reports = run_rounds(server, parts, max(0, fed.rounds - server.ledger_rounds), evaluate,
-                         drop=lambda r, c: (c, r) in drops, log=click.echo)
+    reports = run_rounds(
+        server,
+        parts,
+        max(0, fed.rounds - server.ledger_rounds),
+        evaluate,
+        drop=lambda r, c: (c, r) in drops,
+        log=click.echo,
+    )
     synced = sync_all(server, parts)
     same = sum(v is None for v in synced.values())
-    click.echo(f"edgezo federate: {same}/{len(synced)} clients hold the server's final tensors "
-               "bit for bit")
+    click.echo(
+        f"edgezo federate: {same}/{len(synced)} clients hold the server's final tensors bit for bit"
+    )
     write_summary(out, server, before, reports, synced)
     server.close()

@@ -65,16 +65,16 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
                 )
             if "text" in rec:
                 if not isinstance(rec["text"], str):
-                    raise DataError(f"{path}:{n}: \"text\" must be a string", "fix that line")
+                    raise DataError(f'{path}:{n}: "text" must be a string', "fix that line")
             elif "prompt" in rec and "completion" in rec:
                 if not (isinstance(rec["prompt"], str) and isinstance(rec["completion"], str)):
                     raise DataError(
-                        f"{path}:{n}: \"prompt\" and \"completion\" must be strings",
+                        f'{path}:{n}: "prompt" and "completion" must be strings',
                         "fix that line",
                     )
             else:
                 raise DataError(
-                    f"{path}:{n} has neither \"text\" nor \"prompt\"+\"completion\" "
+                    f'{path}:{n} has neither "text" nor "prompt"+"completion" '
                     f"(keys: {', '.join(map(str, rec)) or 'none'})",
                     'each line needs {"text": ...} or {"prompt": ..., "completion": ...}',
                 )
@@ -84,8 +84,13 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     return records
 
 
-def tokenize(records: Sequence[tuple[int, dict]], tokenizer, spec: TokenizerSpec,
-             max_length: int, where: str = "data") -> list[Example]:
+def tokenize(
+    records: Sequence[tuple[int, dict]],
+    tokenizer,
+    spec: TokenizerSpec,
+    max_length: int,
+    where: str = "data",
+) -> list[Example]:
     """Tokenise records; an example left with no token to learn from is an error."""
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}", "raise max_length")
@@ -157,16 +162,21 @@ def _collate_tokens(examples: Sequence[Example], pad_id: int) -> dict[str, np.nd
 # -- classification ---------------------------------------------------------------------------
 
 
-def tokenize_for(manifest: Manifest, records: Sequence[tuple[int, dict]], tokenizer,
-                 max_length: int, where: str = "data") -> list[Example]:
+def tokenize_for(
+    manifest: Manifest,
+    records: Sequence[tuple[int, dict]],
+    tokenizer,
+    max_length: int,
+    where: str = "data",
+) -> list[Example]:
     """Tokenise ``records`` for the bundle's task (see the module docstring)."""
     if manifest.task == "causal_lm":
         labelled = next((n for n, r in records if "label" in r), None)
         if labelled is not None:
             raise DataError(
-                f"{where}:{labelled} has a \"label\": that is classification data, but this "
+                f'{where}:{labelled} has a "label": that is classification data, but this '
                 "bundle is a causal language model (task causal_lm), trained on text alone",
-                "give it {\"text\": ...} or {\"prompt\": ..., \"completion\": ...} lines, or "
+                'give it {"text": ...} or {"prompt": ..., "completion": ...} lines, or '
                 "export a classification bundle (edgezo export --task classification --labels "
                 "... or --task prompt_classification)",
             )
@@ -174,10 +184,13 @@ def tokenize_for(manifest: Manifest, records: Sequence[tuple[int, dict]], tokeni
     labels = list(manifest.labels or [])
     targets = [(n, rec, class_id(rec, n, labels, manifest.task, where)) for n, rec in records]
     if manifest.task == "classification":
-        return [_encoder_example(tokenizer, rec["text"], n, t, max_length, where)
-                for n, rec, t in targets]
-    return [_prompt_example(tokenizer, manifest, rec["text"], n, t, max_length)
-            for n, rec, t in targets]
+        return [
+            _encoder_example(tokenizer, rec["text"], n, t, max_length, where)
+            for n, rec, t in targets
+        ]
+    return [
+        _prompt_example(tokenizer, manifest, rec["text"], n, t, max_length) for n, rec, t in targets
+    ]
 
 
 def label_names(path: str | Path) -> list[str]:
@@ -187,8 +200,10 @@ def label_names(path: str | Path) -> list[str]:
     for n, rec in read_jsonl(path):
         label = rec.get("label")
         if not isinstance(label, str):
-            raise DataError(f"{path}:{n} has label {label!r}: --labels-from needs label names",
-                            "give the names with --labels instead")
+            raise DataError(
+                f"{path}:{n} has label {label!r}: --labels-from needs label names",
+                "give the names with --labels instead",
+            )
         if label not in names:
             names.append(label)
     return names
@@ -198,15 +213,16 @@ def class_id(rec: dict, n: int, labels: list[str], task: str, where: str) -> int
     """The class id of one record: its label by name or by integer id."""
     if "label" not in rec or "text" not in rec:
         raise DataError(
-            f"{where}:{n} has no \"label\" (keys: {', '.join(map(str, rec)) or 'none'}), but "
+            f'{where}:{n} has no "label" (keys: {", ".join(map(str, rec)) or "none"}), but '
             f"this bundle is a {task} bundle with labels {', '.join(labels)}",
-            'give it {"text": ..., "label": ...} lines, or train a causal_lm bundle on '
-            "plain text",
+            'give it {"text": ..., "label": ...} lines, or train a causal_lm bundle on plain text',
         )
     label = rec["label"]
     if isinstance(label, bool) or not isinstance(label, (str, int)):
-        raise DataError(f"{where}:{n}: \"label\" must be a class name or an integer id, got "
-                        f"{label!r}", f"use one of: {', '.join(labels)}")
+        raise DataError(
+            f'{where}:{n}: "label" must be a class name or an integer id, got {label!r}',
+            f"use one of: {', '.join(labels)}",
+        )
     if isinstance(label, int):
         if 0 <= label < len(labels):
             return label
@@ -219,20 +235,22 @@ def class_id(rec: dict, n: int, labels: list[str], task: str, where: str) -> int
     )
 
 
-def _encoder_example(tokenizer, text: str, n: int, target: int, max_length: int,
-                     where: str) -> Example:
+def _encoder_example(
+    tokenizer, text: str, n: int, target: int, max_length: int, where: str
+) -> Example:
     """``[CLS] text [SEP]`` (the tokenizer's own special tokens); a long text keeps its last
     token (``[SEP]``) after truncation."""
     if not isinstance(text, str) or not text.strip():
-        raise DataError(f"{where}:{n}: \"text\" is empty", "fix or drop that line")
+        raise DataError(f'{where}:{n}: "text" is empty', "fix or drop that line")
     ids = tokenizer.encode(text, add_special_tokens=True).ids
     if len(ids) > max_length:
         ids = ids[: max_length - 1] + ids[-1:]
     return Example(tuple(ids), (), n, target)
 
 
-def _prompt_example(tokenizer, manifest: Manifest, text: str, n: int, target: int,
-                    max_length: int) -> Example:
+def _prompt_example(
+    tokenizer, manifest: Manifest, text: str, n: int, target: int, max_length: int
+) -> Example:
     """``[BOS] template(text) label_word₀``; the loss is on the label word's first token only.
 
     A prompt too long keeps its end (where the template's cue is): the first tokens of the
@@ -241,17 +259,19 @@ def _prompt_example(tokenizer, manifest: Manifest, text: str, n: int, target: in
     prompt = manifest.prompt or {}
     spec = manifest.tokenizer
     bos = [spec.bos_token_id] if spec.add_bos and spec.bos_token_id is not None else []
-    body = tokenizer.encode(prompt["template"].replace("{text}", text),
-                            add_special_tokens=False).ids
-    body = body[max(0, len(body) - (max_length - 1 - len(bos))):]
+    body = tokenizer.encode(
+        prompt["template"].replace("{text}", text), add_special_tokens=False
+    ).ids
+    body = body[max(0, len(body) - (max_length - 1 - len(bos))) :]
     word = int(prompt["label_token_ids"][target])
     ids = bos + body + [word]
     labels = [IGNORE] * (len(ids) - 1) + [word]
     return Example(tuple(ids), tuple(labels), n, target)
 
 
-def split_holdout(examples: list[Example], fraction: float, seed: int,
-                  where: str = "data") -> tuple[list[Example], list[Example]]:
+def split_holdout(
+    examples: list[Example], fraction: float, seed: int, where: str = "data"
+) -> tuple[list[Example], list[Example]]:
     """A seeded split into (train, held-out); both must be non-empty."""
     n = len(examples)
     k = int(round(n * fraction))

@@ -44,8 +44,10 @@ def ensure_default_bundle(log=print) -> Path:
     path = default_bundle_dir()
     if (path / "manifest.json").is_file():
         return path
-    log(f"edgezo: exporting the default bundle (SmolLM2-135M-Instruct, LoRA r=8 on v_proj of "
-        f"the last four blocks) to {path}")
+    log(
+        f"edgezo: exporting the default bundle (SmolLM2-135M-Instruct, LoRA r=8 on v_proj of "
+        f"the last four blocks) to {path}"
+    )
     log("edgezo: this happens once and takes about a minute; later runs reuse it")
     path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "exporters.default", "--out", str(path)]

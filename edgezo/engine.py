@@ -76,14 +76,21 @@ class ZOEngine:
         self.perturber = Perturber(self.params, self.dirs)
         schedule = LevelSchedule(settings.level_schedule, settings.level_ratio, settings.zipf_s)
         self.estimator = ESTIMATORS[settings.estimator](
-            q=settings.q, schedule=schedule, mu_floor=settings.mu_floor)
+            q=settings.q, schedule=schedule, mu_floor=settings.mu_floor
+        )
         self.optimizer = OPTIMIZERS[settings.optimizer](
-            self.params, self.perturber.vectors, momentum=settings.momentum,
-            betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_eps,
-            weight_decay=settings.weight_decay, clip=settings.clip)
+            self.params,
+            self.perturber.vectors,
+            momentum=settings.momentum,
+            betas=(settings.adam_beta1, settings.adam_beta2),
+            eps=settings.adam_eps,
+            weight_decay=settings.weight_decay,
+            clip=settings.clip,
+        )
 
-    def step(self, step: int, lr: float, mu: float,
-             evaluate: Callable[[], float]) -> dict[str, Any]:
+    def step(
+        self, step: int, lr: float, mu: float, evaluate: Callable[[], float]
+    ) -> dict[str, Any]:
         """One ZO step; returns the ledger record. A non-finite loss skips the update.
 
         The record holds every evaluation's loss (their count is the step's actual forward
@@ -102,12 +109,20 @@ class ZOEngine:
             if status == "ok":
                 self.optimizer.update(est.vectors, est.g, lr, pending=pending)
             elif pending is not None:
-                self.perturber.vectors.move(pending[0], -pending[1], self.params.master,
-                                            self.params.master)
+                self.perturber.vectors.move(
+                    pending[0], -pending[1], self.params.master, self.params.master
+                )
         elif status == "ok":
             self.optimizer.update(est.vectors, est.g, lr)
-        return {"step": step, "lr": lr, "mu": mu, "losses": est.losses, "g": est.g,
-                "status": status, **est.info}
+        return {
+            "step": step,
+            "lr": lr,
+            "mu": mu,
+            "losses": est.losses,
+            "g": est.g,
+            "status": status,
+            **est.info,
+        }
 
     def replay(self, record: dict[str, Any]) -> None:
         """Redo a recorded step from its losses; the projected gradients must agree."""

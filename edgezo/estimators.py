@@ -55,8 +55,9 @@ class Estimate:
     @property
     def finite(self) -> bool:
         """All losses finite and every g_i representable in the float32 update arithmetic."""
-        return (all(math.isfinite(x) for x in self.losses)
-                and all(math.isfinite(x) and abs(x) < FLOAT32_MAX for x in self.g))
+        return all(math.isfinite(x) for x in self.losses) and all(
+            math.isfinite(x) and abs(x) < FLOAT32_MAX for x in self.g
+        )
 
     @property
     def loss(self) -> float:
@@ -78,8 +79,9 @@ class CentralTwoPoint:
 
     max_evals_per_step = evals_per_step
 
-    def estimate(self, step: int, mu: float, perturber: Perturber,
-                 evaluate: Callable[[], float]) -> Estimate:
+    def estimate(
+        self, step: int, mu: float, perturber: Perturber, evaluate: Callable[[], float]
+    ) -> Estimate:
         g, losses, us = [], [], []
         for i in range(self.q):
             u = plain(step, i)
@@ -108,8 +110,9 @@ class OneSided:
 
     max_evals_per_step = evals_per_step
 
-    def estimate(self, step: int, mu: float, perturber: Perturber,
-                 evaluate: Callable[[], float]) -> Estimate:
+    def estimate(
+        self, step: int, mu: float, perturber: Perturber, evaluate: Callable[[], float]
+    ) -> Estimate:
         perturber.at_theta()
         base = evaluate()
         g, losses, us = [], [base], []
@@ -147,8 +150,9 @@ class DAP:
 
     max_evals_per_step = evals_per_step
 
-    def estimate(self, step: int, mu: float, perturber: Perturber,
-                 evaluate: Callable[[], float]) -> Estimate:
+    def estimate(
+        self, step: int, mu: float, perturber: Perturber, evaluate: Callable[[], float]
+    ) -> Estimate:
         seed = perturber.dirs.seed
         perturber.at_theta()
         base = evaluate()
@@ -195,9 +199,13 @@ def _hurwitz_tail(s: float, n: int, k: int = 12) -> float:
     """Σ_{j≥n} j^−s by Euler–Maclaurin after k explicit terms (relative error ≈ 1e-12)."""
     head = math.fsum(float(j) ** -s for j in range(n, n + k))
     m = float(n + k)
-    tail = (m ** (1 - s) / (s - 1) + 0.5 * m ** -s + s * m ** (-s - 1) / 12
-            - s * (s + 1) * (s + 2) * m ** (-s - 3) / 720
-            + s * (s + 1) * (s + 2) * (s + 3) * (s + 4) * m ** (-s - 5) / 30240)
+    tail = (
+        m ** (1 - s) / (s - 1)
+        + 0.5 * m**-s
+        + s * m ** (-s - 1) / 12
+        - s * (s + 1) * (s + 2) * m ** (-s - 3) / 720
+        + s * (s + 1) * (s + 2) * (s + 3) * (s + 4) * m ** (-s - 5) / 30240
+    )
     return head + tail
 
 
@@ -257,8 +265,9 @@ class _MultiLevel:
 
     name = ""
 
-    def __init__(self, q: int = 1, schedule: LevelSchedule | None = None,
-                 mu_floor: float = 1e-5, **_: Any):
+    def __init__(
+        self, q: int = 1, schedule: LevelSchedule | None = None, mu_floor: float = 1e-5, **_: Any
+    ):
         self.q = q
         self.schedule = schedule or LevelSchedule()
         self.mu_floor = mu_floor
@@ -269,8 +278,9 @@ class _MultiLevel:
         hits = (a < self.mu_floor) + (b < self.mu_floor)
         return max(a, self.mu_floor), max(b, self.mu_floor), hits
 
-    def estimate(self, step: int, mu: float, perturber: Perturber,
-                 evaluate: Callable[[], float]) -> Estimate:
+    def estimate(
+        self, step: int, mu: float, perturber: Perturber, evaluate: Callable[[], float]
+    ) -> Estimate:
         seed = perturber.dirs.seed
         perturber.at_theta()
         base = evaluate()
@@ -317,8 +327,7 @@ class P4(_MultiLevel):
     def _branch(self, seed: int, step: int, i: int) -> str:
         return "both"
 
-    def _combine(self, branch: str, near: Callable[[], float], far: Callable[[], float]
-                 ) -> float:
+    def _combine(self, branch: str, near: Callable[[], float], far: Callable[[], float]) -> float:
         return near() + far()
 
     @property
@@ -340,8 +349,7 @@ class P3(_MultiLevel):
     def _branch(self, seed: int, step: int, i: int) -> str:
         return "near" if uniform(seed, step, STREAM_COIN, i) < 0.5 else "far"
 
-    def _combine(self, branch: str, near: Callable[[], float], far: Callable[[], float]
-                 ) -> float:
+    def _combine(self, branch: str, near: Callable[[], float], far: Callable[[], float]) -> float:
         return 2.0 * (near() if branch == "near" else far())  # each branch has probability ½
 
     @property

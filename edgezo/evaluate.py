@@ -27,8 +27,9 @@ from .runner import LossRunner, RuntimeOptions
 BATCH_INPUTS = ["input_ids", "attention_mask", "labels"]
 
 
-def score(runner: LossRunner, examples: list[Example], batch_size: int, pad_id: int,
-          manifest: Manifest) -> dict:
+def score(
+    runner: LossRunner, examples: list[Example], batch_size: int, pad_id: int, manifest: Manifest
+) -> dict:
     """{"loss": mean per-example loss (float64), "accuracy": share right or None}."""
     if manifest.task == "causal_lm":
         total = 0.0
@@ -45,8 +46,9 @@ def score(runner: LossRunner, examples: list[Example], batch_size: int, pad_id: 
         words = np.asarray((manifest.prompt or {})["label_token_ids"], dtype=np.int64)
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            batch = collate([Example(e.input_ids[:-1], (IGNORE,), e.line, e.target)
-                             for e in chunk], pad_id)
+            batch = collate(
+                [Example(e.input_ids[:-1], (IGNORE,), e.line, e.target) for e in chunk], pad_id
+            )
             (logits,) = runner.outputs(batch, ("next_logits",))
             logits = logits.astype(np.float64)
             peak = logits.max(axis=-1)
@@ -57,9 +59,15 @@ def score(runner: LossRunner, examples: list[Example], batch_size: int, pad_id: 
     return {"loss": total / len(examples), "accuracy": right / len(examples)}
 
 
-def evaluate(bundle: str | None, data: str, tensors: str | None = None,
-             run_dir: str | None = None, max_length: int = 64, batch_size: int = 16,
-             provider: str = "cpu") -> dict:
+def evaluate(
+    bundle: str | None,
+    data: str,
+    tensors: str | None = None,
+    run_dir: str | None = None,
+    max_length: int = 64,
+    batch_size: int = 16,
+    provider: str = "cpu",
+) -> dict:
     """{"loss", "perplexity", "accuracy", "examples", "task"} of a bundle on ``data``
     (``accuracy`` is None for a causal LM, ``perplexity`` None for classification)."""
     if run_dir is not None:
@@ -75,5 +83,9 @@ def evaluate(bundle: str | None, data: str, tensors: str | None = None,
     runner = LossRunner(b.model_path, params, BATCH_INPUTS, RuntimeOptions(provider=provider))
     result = score(runner, examples, batch_size, b.manifest.tokenizer.pad_token_id, b.manifest)
     lm = b.manifest.task == "causal_lm"
-    return {**result, "perplexity": math.exp(min(result["loss"], 50.0)) if lm else None,
-            "examples": len(examples), "task": b.manifest.task}
+    return {
+        **result,
+        "perplexity": math.exp(min(result["loss"], 50.0)) if lm else None,
+        "examples": len(examples),
+        "task": b.manifest.task,
+    }

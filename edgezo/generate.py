@@ -64,8 +64,13 @@ def require_generation(bundle: Bundle) -> None:
         raise BundleError(f"bundle {bundle.path} has no tokenizer", "re-export it with one")
 
 
-def pick_token(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
+def pick_token(
+    logits: np.ndarray,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> int:
     """The next token from one row of logits: argmax when ``temperature <= 0``, else a draw."""
     logits = np.asarray(logits, dtype=np.float64)
     if temperature <= 0:
@@ -104,14 +109,18 @@ class TextGenerator:
 
     def load(self, tensors: str | Path | None = None) -> None:
         """Use trained tensors (a run's ``trained.safetensors``), or the initial ones (None)."""
-        self.params.load(self.bundle.trainable_values(tensors),
-                         where=str(tensors or self.bundle.path))
+        self.params.load(
+            self.bundle.trainable_values(tensors), where=str(tensors or self.bundle.path)
+        )
 
     def next_logits(self, ids: list[int]) -> np.ndarray:
         """Next-token logits (float32 [vocab]) after the token sequence ``ids``."""
         arr = np.asarray([ids], dtype=np.int64)
-        batch = {"input_ids": arr, "attention_mask": np.ones_like(arr),
-                 "labels": np.full_like(arr, IGNORE)}
+        batch = {
+            "input_ids": arr,
+            "attention_mask": np.ones_like(arr),
+            "labels": np.full_like(arr, IGNORE),
+        }
         return self.runner.next_logits(batch)[0]
 
     def encode(self, prompt: str) -> list[int]:
@@ -119,13 +128,22 @@ class TextGenerator:
         bos = [spec.bos_token_id] if spec.add_bos and spec.bos_token_id is not None else []
         return bos + self.tokenizer.encode(prompt, add_special_tokens=False).ids
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None,
-                 rng: np.random.Generator | None = None, seed: int | None = None,
-                 max_length: int = 256) -> Generation:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        rng: np.random.Generator | None = None,
+        seed: int | None = None,
+        max_length: int = 256,
+    ) -> Generation:
         if max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}",
-                              "pass a positive --max-new-tokens")
+            raise ConfigError(
+                f"max_new_tokens must be >= 0, got {max_new_tokens}",
+                "pass a positive --max-new-tokens",
+            )
         if max_length < 1:
             raise ConfigError(f"max_length must be >= 1, got {max_length}", "raise it")
         if temperature > 0 and rng is None:
@@ -141,8 +159,7 @@ class TextGenerator:
         new: list[int] = []
         stopped = False
         for _ in range(max_new_tokens):
-            token = pick_token(self.next_logits(ids[-max_length:]), temperature, top_k, top_p,
-                               rng)
+            token = pick_token(self.next_logits(ids[-max_length:]), temperature, top_k, top_p, rng)
             if eos is not None and token == eos:
                 stopped = True
                 break
@@ -152,8 +169,9 @@ class TextGenerator:
         return Generation(text, new, stopped, prompt_tokens)
 
 
-def resolve(bundle: str | Path | None, tensors: str | Path | None, run_dir: str | Path | None
-            ) -> tuple[Bundle, str | None]:
+def resolve(
+    bundle: str | Path | None, tensors: str | Path | None, run_dir: str | Path | None
+) -> tuple[Bundle, str | None]:
     """The bundle and tensors file of ``bundle``/``tensors``, or of a run folder."""
     if run_dir is not None:
         from .ledger import Ledger
@@ -168,15 +186,23 @@ def resolve(bundle: str | Path | None, tensors: str | Path | None, run_dir: str 
     return load_bundle(bundle), None if tensors is None else str(tensors)
 
 
-def generate(bundle: str | Path | None, prompt: str, tensors: str | Path | None = None,
-             run_dir: str | Path | None = None, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, rng: np.random.Generator | None = None,
-             max_length: int = 256, provider: str = "cpu") -> Generation:
+def generate(
+    bundle: str | Path | None,
+    prompt: str,
+    tensors: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    rng: np.random.Generator | None = None,
+    max_length: int = 256,
+    provider: str = "cpu",
+) -> Generation:
     """Continue ``prompt`` with the bundle's graph at trained ``tensors`` (or a run's, with
     ``run_dir``; the initial tensors when neither is given). See the module docstring."""
     b, tensors = resolve(bundle, tensors, run_dir)
     gen = TextGenerator(b, RuntimeOptions(provider=provider))
     gen.load(tensors)
-    return gen.generate(prompt, max_new_tokens, temperature, top_k, top_p, rng, seed,
-                        max_length)
+    return gen.generate(prompt, max_new_tokens, temperature, top_k, top_p, rng, seed, max_length)

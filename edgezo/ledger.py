@@ -96,14 +96,16 @@ class Ledger:
         if header.get("version") != LEDGER_VERSION:
             raise CheckpointError(
                 f"{path} has ledger version {header.get('version')}, this edgezo reads "
-                f"{LEDGER_VERSION}", "replay it with the edgezo version that wrote it",
+                f"{LEDGER_VERSION}",
+                "replay it with the edgezo version that wrote it",
             )
         records = parsed[1:]
         for k, r in enumerate(records):
             if r.get("step") != k:
                 raise CheckpointError(
                     f"{path}: record {k + 2} is step {r.get('step')}, expected {k}: the ledger "
-                    "has a gap or was edited", "restore the run folder from a backup",
+                    "has a gap or was edited",
+                    "restore the run folder from a backup",
                 )
         if repair and good_bytes < len(raw):
             with open(path, "r+b") as f:
@@ -116,7 +118,8 @@ class Ledger:
         if record.get("step") != len(self.records):
             raise CheckpointError(
                 f"ledger append out of order: step {record.get('step')} after "
-                f"{len(self.records)} records", "this is a bug in edgezo; please report it",
+                f"{len(self.records)} records",
+                "this is a bug in edgezo; please report it",
             )
         if self._f is None:
             self._f = open(self.path, "a", encoding="utf-8")

@@ -48,8 +48,10 @@ class Budget:
     def why(self, reason: str) -> str:
         """The stop message for a stop ``reason``."""
         if reason == "eval_budget":
-            return (f"the session's budget of {self.evals:,} forward evaluations is spent "
-                    f"({self.used:,} used)")
+            return (
+                f"the session's budget of {self.evals:,} forward evaluations is spent "
+                f"({self.used:,} used)"
+            )
         if reason == "time_budget":
             return f"the session's time budget of {self.seconds:g} s is spent"
         return "stop requested"
@@ -57,8 +59,9 @@ class Budget:
     def left(self) -> dict[str, float | None]:
         return {
             "evaluations_left": None if self.evals is None else self.evals - self.used,
-            "seconds_left": None if self.seconds is None else max(0.0, self.seconds
-                                                                   - self.elapsed()),
+            "seconds_left": None
+            if self.seconds is None
+            else max(0.0, self.seconds - self.elapsed()),
         }
 
     def describe(self) -> str:
@@ -83,15 +86,17 @@ class SessionLimits:
         return self.runtime.micro_batch
 
 
-def session_limits(cfg: FinetuneConfig, bundle: Bundle, optim_buffers: int, inplace: bool,
-                   evals_per_step: int) -> SessionLimits:
+def session_limits(
+    cfg: FinetuneConfig, bundle: Bundle, optim_buffers: int, inplace: bool, evals_per_step: int
+) -> SessionLimits:
     """Apply ``cfg.device``'s profile (if any) to ``cfg``: runtime options, caps, budgets."""
     profile = load_profile(cfg.device) if cfg.device else None
     notes: list[str] = []
     eval_budget = cfg.eval_budget or (profile.eval_budget if profile else None)
     time_budget = cfg.time_budget_s or (profile.time_budget_s if profile else None)
-    every = cfg.checkpoint_every or (profile.checkpoint_every if profile
-                                     else DEFAULT_CHECKPOINT_EVERY)
+    every = cfg.checkpoint_every or (
+        profile.checkpoint_every if profile else DEFAULT_CHECKPOINT_EVERY
+    )
     if eval_budget is not None and eval_budget < evals_per_step:
         raise ConfigError(
             f"eval_budget {eval_budget} is less than one step's {evals_per_step} forward "
@@ -101,8 +106,11 @@ def session_limits(cfg: FinetuneConfig, bundle: Bundle, optim_buffers: int, inpl
     budget = Budget(evals=eval_budget, seconds=time_budget)
 
     if profile is None:
-        runtime = RuntimeOptions(provider=cfg.provider or "cpu", threads=cfg.threads or 0,
-                                 micro_batch=cfg.micro_batch_size)
+        runtime = RuntimeOptions(
+            provider=cfg.provider or "cpu",
+            threads=cfg.threads or 0,
+            micro_batch=cfg.micro_batch_size,
+        )
         return SessionLimits(None, runtime, budget, every, notes)
 
     where = f"--device {profile.name}"
@@ -120,14 +128,24 @@ def session_limits(cfg: FinetuneConfig, bundle: Bundle, optim_buffers: int, inpl
             "profile's cap is used)",
         )
     micro = cfg.micro_batch_size or profile.max_batch_size
-    micro = fit_micro_batch(cfg, bundle, profile, micro, optim_buffers, inplace,
-                            explicit=cfg.micro_batch_size is not None, notes=notes)
+    micro = fit_micro_batch(
+        cfg,
+        bundle,
+        profile,
+        micro,
+        optim_buffers,
+        inplace,
+        explicit=cfg.micro_batch_size is not None,
+        notes=notes,
+    )
     if cfg.batch_size > micro:
         calls = -(-cfg.batch_size // micro)
-        notes.append(f"batch_size {cfg.batch_size} exceeds the micro-batch of {micro} "
-                     f"({where} max_batch_size {profile.max_batch_size}): each evaluation runs "
-                     f"as {calls} forward calls of at most {micro} examples; the effective "
-                     "batch and the ZO step are unchanged")
+        notes.append(
+            f"batch_size {cfg.batch_size} exceeds the micro-batch of {micro} "
+            f"({where} max_batch_size {profile.max_batch_size}): each evaluation runs "
+            f"as {calls} forward calls of at most {micro} examples; the effective "
+            "batch and the ZO step are unchanged"
+        )
     runtime = RuntimeOptions(
         provider=cfg.provider,  # an explicit --provider wins; None: the profile's order
         providers=profile.providers,
@@ -139,17 +157,31 @@ def session_limits(cfg: FinetuneConfig, bundle: Bundle, optim_buffers: int, inpl
     return SessionLimits(profile, runtime, budget, every, notes)
 
 
-def fit_micro_batch(cfg: FinetuneConfig, bundle: Bundle, profile: DeviceProfile, micro: int,
-                    optim_buffers: int, inplace: bool, explicit: bool, notes: list[str]
-                    ) -> int:
+def fit_micro_batch(
+    cfg: FinetuneConfig,
+    bundle: Bundle,
+    profile: DeviceProfile,
+    micro: int,
+    optim_buffers: int,
+    inplace: bool,
+    explicit: bool,
+    notes: list[str],
+) -> int:
     """The micro-batch whose analytic memory estimate fits the profile's budget."""
     from .plan import estimate, suggest
 
     def plan_at(mb: int, seq: int = cfg.max_length):
-        return estimate(bundle, device=profile.name, budget_mb=profile.memory_budget_mb,
-                        batch_size=cfg.batch_size, max_length=seq, micro_batch=mb,
-                        optim_buffers=optim_buffers, inplace=inplace,
-                        cpu_arena=profile.cpu_arena)
+        return estimate(
+            bundle,
+            device=profile.name,
+            budget_mb=profile.memory_budget_mb,
+            batch_size=cfg.batch_size,
+            max_length=seq,
+            micro_batch=mb,
+            optim_buffers=optim_buffers,
+            inplace=inplace,
+            cpu_arena=profile.cpu_arena,
+        )
 
     wanted = min(micro, max(cfg.batch_size, cfg.eval_batch_size))
     plan = plan_at(wanted)
@@ -158,13 +190,17 @@ def fit_micro_batch(cfg: FinetuneConfig, bundle: Bundle, profile: DeviceProfile,
     for mb in range(wanted - 1, 0, -1):
         if plan_at(mb).fits:
             if explicit:
-                notes.append(f"micro_batch_size {micro} may not fit {profile.name}'s "
-                             f"{profile.memory_budget_mb:,} MiB (estimate "
-                             f"{plan.peak_mb:,.0f} MiB); micro_batch_size={mb} would")
+                notes.append(
+                    f"micro_batch_size {micro} may not fit {profile.name}'s "
+                    f"{profile.memory_budget_mb:,} MiB (estimate "
+                    f"{plan.peak_mb:,.0f} MiB); micro_batch_size={mb} would"
+                )
                 return micro
-            notes.append(f"memory: micro-batch {wanted} needs ~{plan.peak_mb:,.0f} MiB, over "
-                         f"{profile.name}'s {profile.memory_budget_mb:,} MiB; using "
-                         f"micro-batch {mb}")
+            notes.append(
+                f"memory: micro-batch {wanted} needs ~{plan.peak_mb:,.0f} MiB, over "
+                f"{profile.name}'s {profile.memory_budget_mb:,} MiB; using "
+                f"micro-batch {mb}"
+            )
             return mb
     fixes = suggest(bundle, plan_at, plan_at(1), profile.max_batch_size)
     raise ConfigError(

@@ -50,8 +50,13 @@ class Schedule:
 
 
 class _Base:
-    def __init__(self, params: FlatParams, vectors: VectorSource, weight_decay: float = 0.0,
-                 clip: float | None = None):
+    def __init__(
+        self,
+        params: FlatParams,
+        vectors: VectorSource,
+        weight_decay: float = 0.0,
+        clip: float | None = None,
+    ):
         self.params = params
         self.vectors = vectors
         self.weight_decay = weight_decay
@@ -101,8 +106,15 @@ class ZOSGD(_Base):
 
     name = "sgd"
 
-    def __init__(self, params: FlatParams, vectors: VectorSource, momentum: float = 0.0,
-                 weight_decay: float = 0.0, clip: float | None = None, **_: object):
+    def __init__(
+        self,
+        params: FlatParams,
+        vectors: VectorSource,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        clip: float | None = None,
+        **_: object,
+    ):
         super().__init__(params, vectors, weight_decay, clip)
         self.momentum = momentum
         self.buf = np.zeros(params.dim, dtype=np.float32) if momentum > 0 else None
@@ -112,8 +124,13 @@ class ZOSGD(_Base):
         """Plain ZO-SGD can fold an in-place restore into its update pass."""
         return self.buf is None and not self.weight_decay
 
-    def update(self, us: list[Vector], g: list[float], lr: float,
-               pending: tuple[Vector, float] | None = None) -> None:
+    def update(
+        self,
+        us: list[Vector],
+        g: list[float],
+        lr: float,
+        pending: tuple[Vector, float] | None = None,
+    ) -> None:
         """θ ← θ − η·(1/q)Σ g_i u_i; ``pending`` = (u, c): θ is displaced by c·u, undo it too.
 
         The pending restore is folded into the move along the same u (one pass instead of
@@ -185,9 +202,16 @@ class ZOAdam(_Base):
 
     name = "adam"
 
-    def __init__(self, params: FlatParams, vectors: VectorSource, betas: tuple[float, float] =
-                 (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 clip: float | None = None, **_: object):
+    def __init__(
+        self,
+        params: FlatParams,
+        vectors: VectorSource,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        clip: float | None = None,
+        **_: object,
+    ):
         super().__init__(params, vectors, weight_decay, clip)
         self.beta1, self.beta2 = betas
         self.eps = eps
@@ -203,8 +227,8 @@ class ZOAdam(_Base):
         t = int(self.t[0])
         b1, b2 = np.float32(self.beta1), np.float32(self.beta2)
         c1, c2 = np.float32(1.0 - self.beta1), np.float32(1.0 - self.beta2)
-        step_size = np.float32(lr / (1.0 - self.beta1 ** t))
-        inv_bc2 = np.float32(1.0 / (1.0 - self.beta2 ** t))
+        step_size = np.float32(lr / (1.0 - self.beta1**t))
+        inv_bc2 = np.float32(1.0 / (1.0 - self.beta2**t))
         eps = np.float32(self.eps)
         for c, s, e in self._chunk_ranges():
             gh = self._estimate_chunk(c, us, gs)

@@ -45,8 +45,9 @@ class FlatParams:
         self.positive = np.zeros(pos, dtype=bool)  # the positive mask
         for sp, (a, b) in zip(self.specs, self.offsets, strict=True):
             self.positive[a:b] = sp.positive
-        self.positive_ranges = _merge([o for sp, o in zip(self.specs, self.offsets, strict=True)
-                                       if sp.positive])
+        self.positive_ranges = _merge(
+            [o for sp, o in zip(self.specs, self.offsets, strict=True) if sp.positive]
+        )
 
     # -- moving a vector: additive, or multiplicative on positive tensors ---------------------
 

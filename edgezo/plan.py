@@ -141,8 +141,11 @@ def _rss_bytes() -> tuple[int, int]:
     """(current RSS, high-water mark) of this process in bytes (Linux /proc, else rusage)."""
     try:
         status = Path("/proc/self/status").read_text()
-        vals = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in status.splitlines()
-                if ln.startswith(("VmRSS", "VmHWM"))}
+        vals = {
+            ln.split(":")[0]: int(ln.split()[1]) * 1024
+            for ln in status.splitlines()
+            if ln.startswith(("VmRSS", "VmHWM"))
+        }
         return vals["VmRSS"], vals["VmHWM"]
     except (OSError, KeyError, ValueError):
         import resource
@@ -160,8 +163,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def _probe(bundle_path: str, cpu_arena: bool, threads: int, shapes: list[list[int]],
-           inplace: bool) -> dict[str, Any]:
+def _probe(
+    bundle_path: str, cpu_arena: bool, threads: int, shapes: list[list[int]], inplace: bool
+) -> dict[str, Any]:
     """Runs in the child: load as a run does, then a forward at each (batch, seq) of
     ``shapes`` (increasing), recording the high-water mark of each."""
     import numpy as np
@@ -175,8 +179,12 @@ def _probe(bundle_path: str, cpu_arena: bool, threads: int, shapes: list[list[in
     params = FlatParams(bundle.manifest.trainable, inplace=inplace)
     params.load(bundle.initial_trainable())
     bundle.tokenizer()
-    runner = LossRunner(bundle.model_path, params, ["input_ids", "attention_mask", "labels"],
-                        RuntimeOptions(threads=threads, cpu_arena=cpu_arena))
+    runner = LossRunner(
+        bundle.model_path,
+        params,
+        ["input_ids", "attention_mask", "labels"],
+        RuntimeOptions(threads=threads, cpu_arena=cpu_arena),
+    )
     loaded, load_peak = _rss_bytes()
     vocab = int(bundle.manifest.architecture.get("vocab_size", 2))
     rng = np.random.default_rng(0)
@@ -184,13 +192,23 @@ def _probe(bundle_path: str, cpu_arena: bool, threads: int, shapes: list[list[in
     for batch, seq in shapes:
         reset = _reset_peak() and reset
         ids = rng.integers(3, max(4, vocab), size=(batch, seq), dtype=np.int64)
-        labels = (rng.integers(0, len(bundle.manifest.labels), size=batch, dtype=np.int64)
-                  if bundle.manifest.task == "classification" else ids.copy())
+        labels = (
+            rng.integers(0, len(bundle.manifest.labels), size=batch, dtype=np.int64)
+            if bundle.manifest.task == "classification"
+            else ids.copy()
+        )
         b = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
         runner.losses(b)
         peaks.append(_rss_bytes()[1])
-    return {"base": base, "loaded": loaded, "load_peak": load_peak, "forward_peaks": peaks,
-            "shapes": shapes, "peak_reset": reset, "params_bytes": params.nbytes}
+    return {
+        "base": base,
+        "loaded": loaded,
+        "load_peak": load_peak,
+        "forward_peaks": peaks,
+        "shapes": shapes,
+        "peak_reset": reset,
+        "params_bytes": params.nbytes,
+    }
 
 
 def calibration_shape(micro_batch: int, seq: int) -> tuple[int, int]:
@@ -199,17 +217,26 @@ def calibration_shape(micro_batch: int, seq: int) -> tuple[int, int]:
     return max(1, min(micro_batch, CALIBRATION_TOKENS // seq)), seq
 
 
-def calibrate(bundle: Bundle, shape: tuple[int, int], cpu_arena: bool = True, threads: int = 0,
-              inplace: bool = False, timeout: float = 300) -> dict[str, Any] | None:
+def calibrate(
+    bundle: Bundle,
+    shape: tuple[int, int],
+    cpu_arena: bool = True,
+    threads: int = 0,
+    inplace: bool = False,
+    timeout: float = 300,
+) -> dict[str, Any] | None:
     """Measure the load and one forward at ``shape`` (batch, seq) in a child process.
 
     None where that is not possible (no /proc high-water-mark reset, the child failed)."""
-    code = ("import json, sys; from edgezo.plan import _probe; "
-            "print(json.dumps(_probe(*json.loads(sys.argv[1]))))")
+    code = (
+        "import json, sys; from edgezo.plan import _probe; "
+        "print(json.dumps(_probe(*json.loads(sys.argv[1]))))"
+    )
     args = json.dumps([str(bundle.path), cpu_arena, threads, [list(shape)] * 2, inplace])
     try:
-        r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-c", code, args], capture_output=True, text=True, timeout=timeout
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if r.returncode != 0 or not r.stdout.strip():
@@ -221,16 +248,27 @@ def calibrate(bundle: Bundle, shape: tuple[int, int], cpu_arena: bool = True, th
 # -- the estimate -----------------------------------------------------------------------------
 
 
-def estimate(bundle: Bundle, *, device: str, budget_mb: int, batch_size: int, max_length: int,
-             micro_batch: int, optim_buffers: int, inplace: bool, cpu_arena: bool = True,
-             calibration: dict[str, Any] | None = None) -> MemoryPlan:
+def estimate(
+    bundle: Bundle,
+    *,
+    device: str,
+    budget_mb: int,
+    batch_size: int,
+    max_length: int,
+    micro_batch: int,
+    optim_buffers: int,
+    inplace: bool,
+    cpu_arena: bool = True,
+    calibration: dict[str, Any] | None = None,
+) -> MemoryPlan:
     """Peak resident memory of fine-tuning ``bundle`` at micro-batch × max_length, in MiB."""
     arch = bundle.manifest.architecture
     dim = bundle.manifest.trainable_size
     buffers = 4 * dim * (1 if inplace else 2) + SCRATCH_BYTES * min(1.0, dim / (1 << 20))
     optim = 4 * dim * optim_buffers
     act = activation_bytes(arch, micro_batch, max_length) * (
-        ARENA_PATTERN_FACTOR if cpu_arena else 1.0)
+        ARENA_PATTERN_FACTOR if cpu_arena else 1.0
+    )
     weights = weight_bytes(bundle)
     if calibration is not None:
         c = calibration
@@ -252,10 +290,16 @@ def estimate(bundle: Bundle, *, device: str, budget_mb: int, batch_size: int, ma
     if load_peak > steady:
         parts["(load peak)"] = load_peak
     return MemoryPlan(
-        bundle=str(bundle.path), device=device, mode=bundle.manifest.trainable_mode,
-        precision=precision_of(bundle), batch_size=batch_size, micro_batch=micro_batch,
-        max_length=max_length, budget_mb=budget_mb,
-        parts_mb={k: v / MIB for k, v in parts.items()}, peak_mb=peak / MIB,
+        bundle=str(bundle.path),
+        device=device,
+        mode=bundle.manifest.trainable_mode,
+        precision=precision_of(bundle),
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        max_length=max_length,
+        budget_mb=budget_mb,
+        parts_mb={k: v / MIB for k, v in parts.items()},
+        peak_mb=peak / MIB,
         calibrated=calibration is not None,
     )
 
@@ -275,8 +319,10 @@ def suggest(bundle: Bundle, plan_at, plan: MemoryPlan, max_batch: int) -> list[s
         return out
     mb = largest_fitting_micro_batch(plan_at, min(plan.micro_batch, max_batch))
     if mb is not None:
-        out.append(f"micro-batch {mb}: micro_batch_size={mb} (the effective batch stays "
-                   f"{plan.batch_size}; ZO micro-batching is exact)")
+        out.append(
+            f"micro-batch {mb}: micro_batch_size={mb} (the effective batch stays "
+            f"{plan.batch_size}; ZO micro-batching is exact)"
+        )
         return out
     one = plan_at(1, plan.max_length)
     for seq in (1024, 512, 256, 128, 64, 32):
@@ -285,44 +331,75 @@ def suggest(bundle: Bundle, plan_at, plan: MemoryPlan, max_batch: int) -> list[s
             break
     weights_mb = weight_bytes(bundle) / MIB
     if plan.mode == "full":
-        out.append("LoRA instead of full: export with --mode lora; the trainable buffers "
-                   f"({plan.parts_mb['trainable buffers']:,.0f} MiB) shrink to a few MiB")
+        out.append(
+            "LoRA instead of full: export with --mode lora; the trainable buffers "
+            f"({plan.parts_mb['trainable buffers']:,.0f} MiB) shrink to a few MiB"
+        )
     if plan.precision == "fp32":
-        out.append(f"an int4 bundle: weights ~{weights_mb * 0.39:,.0f} MiB instead of "
-                   f"{weights_mb:,.0f} MiB (export it with --quantize int4; SmolLM2-135M: "
-                   "201 vs 515 MiB)")
+        out.append(
+            f"an int4 bundle: weights ~{weights_mb * 0.39:,.0f} MiB instead of "
+            f"{weights_mb:,.0f} MiB (export it with --quantize int4; SmolLM2-135M: "
+            "201 vs 515 MiB)"
+        )
     if not out or one.peak_mb > plan.budget_mb:
-        out.append(f"a device with more memory: at batch 1 this needs ~{one.peak_mb:,.0f} MiB; "
-                   "raise memory_budget_mb in a copy of the profile if the device has it")
+        out.append(
+            f"a device with more memory: at batch 1 this needs ~{one.peak_mb:,.0f} MiB; "
+            "raise memory_budget_mb in a copy of the profile if the device has it"
+        )
     return out
 
 
-def make_plan(bundle: Bundle, profile, *, batch_size: int, max_length: int,
-              micro_batch: int | None = None, optim_buffers: int = 0, inplace: bool = False,
-              dry_run: bool = True) -> MemoryPlan:
+def make_plan(
+    bundle: Bundle,
+    profile,
+    *,
+    batch_size: int,
+    max_length: int,
+    micro_batch: int | None = None,
+    optim_buffers: int = 0,
+    inplace: bool = False,
+    dry_run: bool = True,
+) -> MemoryPlan:
     """The plan for ``bundle`` on ``profile`` (a :class:`edgezo.profiles.DeviceProfile`)."""
     mb = micro_batch or default_micro_batch(batch_size, profile.max_batch_size)
     cal = None
     if dry_run:
-        cal = calibrate(bundle, calibration_shape(mb, max_length), cpu_arena=profile.cpu_arena,
-                        threads=profile.threads, inplace=inplace)
+        cal = calibrate(
+            bundle,
+            calibration_shape(mb, max_length),
+            cpu_arena=profile.cpu_arena,
+            threads=profile.threads,
+            inplace=inplace,
+        )
 
     def plan_at(mb: int, seq: int = max_length) -> MemoryPlan:
-        return estimate(bundle, device=profile.name, budget_mb=profile.memory_budget_mb,
-                        batch_size=batch_size, max_length=seq, micro_batch=mb,
-                        optim_buffers=optim_buffers, inplace=inplace,
-                        cpu_arena=profile.cpu_arena, calibration=cal)
+        return estimate(
+            bundle,
+            device=profile.name,
+            budget_mb=profile.memory_budget_mb,
+            batch_size=batch_size,
+            max_length=seq,
+            micro_batch=mb,
+            optim_buffers=optim_buffers,
+            inplace=inplace,
+            cpu_arena=profile.cpu_arena,
+            calibration=cal,
+        )
 
     plan = plan_at(mb)
     plan.suggestions = suggest(bundle, plan_at, plan, profile.max_batch_size)
     if max_length > profile.max_seq_len:
-        plan.suggestions.insert(0, f"--max-length {profile.max_seq_len}: the profile caps "
-                                   f"sequences at {profile.max_seq_len} tokens")
+        plan.suggestions.insert(
+            0,
+            f"--max-length {profile.max_seq_len}: the profile caps "
+            f"sequences at {profile.max_seq_len} tokens",
+        )
     return plan
 
 
-def run_settings(bundle: Bundle, momentum: float | None, perturbation: str = "auto",
-                 optimizer: str = "sgd") -> tuple[int, bool]:
+def run_settings(
+    bundle: Bundle, momentum: float | None, perturbation: str = "auto", optimizer: str = "sgd"
+) -> tuple[int, bool]:
     """(optimiser buffers, inplace) a run with these config values would use."""
     from .config import MODE_DEFAULTS
     from .engine import choose_inplace
@@ -330,8 +407,10 @@ def run_settings(bundle: Bundle, momentum: float | None, perturbation: str = "au
     mode = bundle.manifest.trainable_mode
     if momentum is None:
         momentum = MODE_DEFAULTS.get(mode, {}).get("momentum", 0.0)
-    return (optimizer_buffers(optimizer, momentum),
-            choose_inplace(perturbation, bundle.manifest.trainable_size * 4))
+    return (
+        optimizer_buffers(optimizer, momentum),
+        choose_inplace(perturbation, bundle.manifest.trainable_size * 4),
+    )
 
 
 def fmt_mb(x: float) -> str:

@@ -26,8 +26,17 @@ def is_rollback(record: dict) -> bool:
 def rollback_record(step: int, to: int, lr_scale: float, reason: str) -> dict:
     """A ledger record that returns θ (and optimiser state) to where they were after the
     first ``to`` records; later steps use learning rates scaled by ``lr_scale``."""
-    return {"step": step, "lr": 0.0, "mu": 0.0, "losses": [], "g": [], "status": "rollback",
-            "to": to, "lr_scale": lr_scale, "reason": reason}
+    return {
+        "step": step,
+        "lr": 0.0,
+        "mu": 0.0,
+        "losses": [],
+        "g": [],
+        "status": "rollback",
+        "to": to,
+        "lr_scale": lr_scale,
+        "reason": reason,
+    }
 
 
 def copy_state(src: ZOEngine, dst: ZOEngine) -> None:
@@ -55,8 +64,9 @@ def apply(engine: ZOEngine, records: list[dict], history: list[dict], progress=N
             progress(rec["step"])
 
 
-def replay(bundle: Bundle, ledger_path: str | Path, upto: int | None = None,
-           progress=None) -> ZOEngine:
+def replay(
+    bundle: Bundle, ledger_path: str | Path, upto: int | None = None, progress=None
+) -> ZOEngine:
     """The engine after replaying ``upto`` steps (all by default) of the ledger."""
     ledger = Ledger.read(ledger_path)
     check_ledger_bundle(ledger, bundle)

@@ -41,8 +41,9 @@ class RuntimeOptions:
     micro_batch: int | None = None  # most rows per forward call; None: the whole batch
 
 
-def choose_provider(preferred: tuple[str, ...] | list[str],
-                    available: list[str] | None = None) -> tuple[str, str | None]:
+def choose_provider(
+    preferred: tuple[str, ...] | list[str], available: list[str] | None = None
+) -> tuple[str, str | None]:
     """The first of ``preferred`` this onnxruntime has, and a note when it is not the first."""
     available = list(ort.get_available_providers() if available is None else available)
     for p in preferred:
@@ -50,12 +51,16 @@ def choose_provider(preferred: tuple[str, ...] | list[str],
             if p == preferred[0]:
                 return p, None
             missing = [x for x in preferred[: list(preferred).index(p)]]
-            fix = ("install onnxruntime-gpu (pip install onnxruntime-gpu) to use the GPU"
-                   if "CUDAExecutionProvider" in missing
-                   else "install an onnxruntime build that has it")
-            return p, (f"{', '.join(missing)} is not available in this onnxruntime build "
-                       f"(available: {', '.join(available)}); falling back to {p}. To use "
-                       f"{missing[0]}: {fix}")
+            fix = (
+                "install onnxruntime-gpu (pip install onnxruntime-gpu) to use the GPU"
+                if "CUDAExecutionProvider" in missing
+                else "install an onnxruntime build that has it"
+            )
+            return p, (
+                f"{', '.join(missing)} is not available in this onnxruntime build "
+                f"(available: {', '.join(available)}); falling back to {p}. To use "
+                f"{missing[0]}: {fix}"
+            )
     raise ConfigError(
         f"none of the profile's providers {', '.join(preferred)} is available "
         f"(this onnxruntime has: {', '.join(available)})",
@@ -65,9 +70,7 @@ def choose_provider(preferred: tuple[str, ...] | list[str],
 
 def resolve_provider(name: str) -> str:
     if name not in PROVIDERS:
-        raise ConfigError(
-            f"provider {name!r} is unknown", f"use one of: {', '.join(PROVIDERS)}"
-        )
+        raise ConfigError(f"provider {name!r} is unknown", f"use one of: {', '.join(PROVIDERS)}")
     full = PROVIDERS[name]
     available = ort.get_available_providers()
     if full not in available:
@@ -82,8 +85,13 @@ def resolve_provider(name: str) -> str:
 class LossRunner:
     """Evaluates ``loss[batch]`` of a bundle's graph at the values in ``params.feed``."""
 
-    def __init__(self, model_path: Path, params: FlatParams, batch_inputs: list[str],
-                 options: RuntimeOptions = RuntimeOptions()):
+    def __init__(
+        self,
+        model_path: Path,
+        params: FlatParams,
+        batch_inputs: list[str],
+        options: RuntimeOptions = RuntimeOptions(),
+    ):
         self.params = params
         self.options = options
         self.notes: list[str] = []  # e.g. a provider fallback, for the caller to print
@@ -100,8 +108,10 @@ class LossRunner:
         so.log_severity_level = 3
         providers: list = ["CPUExecutionProvider"]
         if self.provider == "CUDAExecutionProvider":
-            cuda_opts: dict = {"device_id": options.device_id,
-                               "arena_extend_strategy": "kSameAsRequested"}
+            cuda_opts: dict = {
+                "device_id": options.device_id,
+                "arena_extend_strategy": "kSameAsRequested",
+            }
             if options.gpu_mem_limit_mb:
                 cuda_opts["gpu_mem_limit"] = int(options.gpu_mem_limit_mb) << 20
             providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
@@ -175,8 +185,9 @@ class LossRunner:
             )
         return self.outputs(batch, ("next_logits",), heldout=False)[0]
 
-    def outputs(self, batch: dict[str, np.ndarray], names: tuple[str, ...],
-                heldout: bool = True) -> list[np.ndarray]:
+    def outputs(
+        self, batch: dict[str, np.ndarray], names: tuple[str, ...], heldout: bool = True
+    ) -> list[np.ndarray]:
         """The graph outputs ``names`` at the current ``params.feed`` (evaluation: loss and
         ``logits``/``next_logits``), micro-batched like :meth:`losses`.
 
@@ -186,9 +197,11 @@ class LossRunner:
         known = {o.name for o in self.session.get_outputs()}
         missing = [n for n in names if n not in known]
         if missing:
-            raise BundleError(f"this bundle's graph has no output {', '.join(missing)} "
-                              f"(outputs: {', '.join(sorted(known))})",
-                              "re-export the bundle with `edgezo export` of this edgezo version")
+            raise BundleError(
+                f"this bundle's graph has no output {', '.join(missing)} "
+                f"(outputs: {', '.join(sorted(known))})",
+                "re-export the bundle with `edgezo export` of this edgezo version",
+            )
         for ov, view in self._device_values:
             ov.update_inplace(view)
         self.eval_evaluations += int(heldout)

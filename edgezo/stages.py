@@ -52,9 +52,14 @@ class CacheTooLarge(Exception):
         self.forward_calls = forward_calls  # spent before it stopped
 
 
-def cache_rows(bundle: Bundle, sets: list[list[Example]], batch_size: int, pad_id: int,
-               options: RuntimeOptions, max_mb: float | None = None
-               ) -> tuple[list[list[Example]], int]:
+def cache_rows(
+    bundle: Bundle,
+    sets: list[list[Example]],
+    batch_size: int,
+    pad_id: int,
+    options: RuntimeOptions,
+    max_mb: float | None = None,
+) -> tuple[list[list[Example]], int]:
     """``sets`` of examples with their prefix rows attached; and the forward calls spent.
 
     With ``max_mb``, raises :class:`CacheTooLarge` as soon as the rows cached so far, scaled
@@ -72,10 +77,16 @@ def cache_rows(bundle: Bundle, sets: list[list[Example]], batch_size: int, pad_i
         for a in range(0, len(examples), batch_size):
             chunk = examples[a : a + batch_size]
             values = runner.outputs(collate(chunk, pad_id), names, heldout=False)
-            new = [replace(e, features={n: _own_length(v[i], axes.get(n, ()),
-                                                       len(e.input_ids))
-                                        for n, v in zip(names, values, strict=True)})
-                   for i, e in enumerate(chunk)]
+            new = [
+                replace(
+                    e,
+                    features={
+                        n: _own_length(v[i], axes.get(n, ()), len(e.input_ids))
+                        for n, v in zip(names, values, strict=True)
+                    },
+                )
+                for i, e in enumerate(chunk)
+            ]
             rows += new
             done_bytes += sum(f.nbytes for e in new for f in e.features.values())
             done_tokens += sum(len(e.input_ids) for e in new)
@@ -88,8 +99,10 @@ def cache_rows(bundle: Bundle, sets: list[list[Example]], batch_size: int, pad_i
 
 def rows_mb(sets: list[list[Example]]) -> float:
     """Memory held by the cached rows of ``sets``."""
-    return sum(f.nbytes for examples in sets for e in examples
-               for f in (e.features or {}).values()) / 2**20
+    return (
+        sum(f.nbytes for examples in sets for e in examples for f in (e.features or {}).values())
+        / 2**20
+    )
 
 
 def _own_length(row: np.ndarray, axes, length: int) -> np.ndarray:

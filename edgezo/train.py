@@ -78,8 +78,9 @@ class RunSummary:
 MIN_HELDOUT = 5  # fewer held-out examples than this measure nothing
 
 
-def load_examples(cfg: FinetuneConfig, bundle: Bundle, log=print
-                  ) -> tuple[list[Example], list[Example]]:
+def load_examples(
+    cfg: FinetuneConfig, bundle: Bundle, log=print
+) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples, tokenised with the bundle's tokenizer.
 
     Data too small for a meaningful held-out split is trained on whole and evaluated on itself,
@@ -96,28 +97,38 @@ def load_examples(cfg: FinetuneConfig, bundle: Bundle, log=print
         held = tokenize_for(m, read_jsonl(eval_data), tok, cfg.max_length, where=eval_data)
     elif round(len(train) * cfg.holdout_fraction) < MIN_HELDOUT:
         need = int(np.ceil((MIN_HELDOUT - 0.5) / cfg.holdout_fraction))
-        log(f"edgezo: warning: {data} has {len(train)} examples, too few to hold out "
+        log(
+            f"edgezo: warning: {data} has {len(train)} examples, too few to hold out "
             f"{cfg.holdout_fraction:.0%} (at least {MIN_HELDOUT} held-out examples, i.e. "
             f"{need} examples, are needed): training on all of them and reporting the loss on "
             "the training examples — that measures fit, not generalisation; pass --eval-data "
-            "for a real held-out set")
+            "for a real held-out set"
+        )
         held = list(train)
     else:
         train, held = split_holdout(train, cfg.holdout_fraction, cfg.seed, where=data)
     if m.labels and len({e.target for e in train}) == 1:
         only = m.labels[train[0].target]
-        log(f"edgezo: warning: every training example of {data} has the label {only!r} (the "
+        log(
+            f"edgezo: warning: every training example of {data} has the label {only!r} (the "
             f"bundle knows {len(m.labels)}: {', '.join(m.labels)}): the classifier can only "
-            "learn to answer that one; add examples of the other labels")
+            "learn to answer that one; add examples of the other labels"
+        )
     return train, held
 
 
-def heldout(runner: LossRunner, examples: list[Example], cfg: FinetuneConfig,
-            bundle: Bundle) -> tuple[float, dict[str, float]]:
+def heldout(
+    runner: LossRunner, examples: list[Example], cfg: FinetuneConfig, bundle: Bundle
+) -> tuple[float, dict[str, float]]:
     """Mean per-example held-out loss (float64), and ``{"heldout_accuracy": ...}`` for
     classification tasks (empty for a causal LM): extra fields of the metrics row."""
-    r = score(runner, examples, cfg.eval_batch_size, bundle.manifest.tokenizer.pad_token_id,
-              bundle.manifest)
+    r = score(
+        runner,
+        examples,
+        cfg.eval_batch_size,
+        bundle.manifest.tokenizer.pad_token_id,
+        bundle.manifest,
+    )
     return r["loss"], ({} if r["accuracy"] is None else {"heldout_accuracy": r["accuracy"]})
 
 
@@ -148,8 +159,15 @@ def default_out() -> str:
 
 
 #: Config fields that shape a session, not θ's arithmetic: on resume the new value (if set) wins.
-SESSION_FIELDS = ("steps", "device", "micro_batch_size", "threads", "provider",
-                  "checkpoint_every", "data")
+SESSION_FIELDS = (
+    "steps",
+    "device",
+    "micro_batch_size",
+    "threads",
+    "provider",
+    "checkpoint_every",
+    "data",
+)
 #: Budgets are per session: on resume they are this session's (None: the device profile's).
 BUDGET_FIELDS = ("eval_budget", "time_budget_s")
 
@@ -187,9 +205,15 @@ def prepare(cfg: FinetuneConfig, resume: bool, log) -> tuple[FinetuneConfig, Run
 # -- the loop ---------------------------------------------------------------------------------
 
 
-def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
-             progress: bool | None = None, *, should_stop: Callable[[], bool] | None = None,
-             on_step: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+def finetune(
+    cfg: FinetuneConfig,
+    resume: bool = False,
+    log=print,
+    progress: bool | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
     """Fine-tune ``cfg.bundle`` on ``cfg.data``; ``resume`` continues the run in ``cfg.out``.
 
     ``should_stop()`` is asked before every step (it may block, e.g. while an app pauses the
@@ -215,17 +239,28 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     stream = BatchStream(train, cfg.batch_size, cfg.seed, pad_id)
     trainable_bytes = bundle.manifest.trainable_size * 4
     settings = EngineSettings(
-        seed=cfg.seed, direction=cfg.direction, estimator=cfg.estimator, q=cfg.q,
-        momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip,
+        seed=cfg.seed,
+        direction=cfg.direction,
+        estimator=cfg.estimator,
+        q=cfg.q,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        clip=cfg.clip,
         inplace=choose_inplace(cfg.perturbation, trainable_bytes),
-        optimizer=cfg.optimizer, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
-        adam_eps=cfg.adam_eps, level_schedule=cfg.level_schedule, level_ratio=cfg.level_ratio,
-        zipf_s=cfg.zipf_s, mu_floor=cfg.mu_floor,
+        optimizer=cfg.optimizer,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        level_schedule=cfg.level_schedule,
+        level_ratio=cfg.level_ratio,
+        zipf_s=cfg.zipf_s,
+        mu_floor=cfg.mu_floor,
     )
     engine = ZOEngine(bundle, settings)
     per_step = engine.estimator.evals_per_step
-    limits = session_limits(cfg, bundle, optimizer_buffers(cfg.optimizer, cfg.momentum),
-                            settings.inplace, per_step)
+    limits = session_limits(
+        cfg, bundle, optimizer_buffers(cfg.optimizer, cfg.momentum), settings.inplace, per_step
+    )
     budget = limits.budget
     prefix_calls = 0
     runner = None
@@ -233,21 +268,34 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
         t_cache = time.perf_counter()
         try:
             (train, held), prefix_calls = stages.cache_rows(
-                bundle, [train, held], cfg.eval_batch_size, pad_id, limits.runtime,
-                max_mb=cfg.cache_prefix_mb)
+                bundle,
+                [train, held],
+                cfg.eval_batch_size,
+                pad_id,
+                limits.runtime,
+                max_mb=cfg.cache_prefix_mb,
+            )
         except stages.CacheTooLarge as e:
             prefix_calls = e.forward_calls
-            log(f"edgezo: not caching the frozen prefix: its rows for {len(train) + len(held)} "
+            log(
+                f"edgezo: not caching the frozen prefix: its rows for {len(train) + len(held)} "
                 f"examples would take {e} (cache_prefix_mb={cfg.cache_prefix_mb:g}); every "
-                "evaluation runs the full graph — raise cache_prefix_mb if memory allows")
+                "evaluation runs the full graph — raise cache_prefix_mb if memory allows"
+            )
         else:
             stream = BatchStream(train, cfg.batch_size, cfg.seed, pad_id)
-            runner = LossRunner(stages.suffix_path(bundle), engine.params,
-                                stages.suffix_inputs(bundle), limits.runtime)
-            log(f"edgezo: frozen prefix computed once for {len(train) + len(held)} examples "
+            runner = LossRunner(
+                stages.suffix_path(bundle),
+                engine.params,
+                stages.suffix_inputs(bundle),
+                limits.runtime,
+            )
+            log(
+                f"edgezo: frozen prefix computed once for {len(train) + len(held)} examples "
                 f"({prefix_calls} forward calls, {time.perf_counter() - t_cache:.1f} s, "
                 f"{stages.rows_mb([train, held]):,.0f} MiB of rows); every ZO evaluation "
-                f"runs {stages.suffix_path(bundle).name} only")
+                f"runs {stages.suffix_path(bundle).name} only"
+            )
     if runner is None:
         runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, limits.runtime)
 
@@ -262,26 +310,37 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
             )
         start, guard = restore(engine, ledger, run, bundle, log)
     else:
-        ledger = Ledger.create(run.ledger, {"bundle": bundle.fingerprint,
-                                            "bundle_path": str(bundle.path),
-                                            "engine": settings.to_dict()})
+        ledger = Ledger.create(
+            run.ledger,
+            {
+                "bundle": bundle.fingerprint,
+                "bundle_path": str(bundle.path),
+                "engine": settings.to_dict(),
+            },
+        )
         start, guard = 0, None
 
-    log(f"edgezo: bundle {bundle.path} ({bundle.manifest.architecture.get('model_type')}, "
+    log(
+        f"edgezo: bundle {bundle.path} ({bundle.manifest.architecture.get('model_type')}, "
         f"mode {bundle.manifest.trainable_mode}): {len(bundle.manifest.trainable)} trainable "
         f"tensors, {engine.params.dim:,} values, {engine.params.nbytes / 2**20:.1f} MiB buffers"
         f"{' (in place)' if settings.inplace else ''} + "
-        f"{engine.optimizer.nbytes / 2**20:.1f} MiB {cfg.optimizer} state")
-    log(f"edgezo: {len(train)} training / {len(held)} held-out examples; {cfg.steps} steps × "
+        f"{engine.optimizer.nbytes / 2**20:.1f} MiB {cfg.optimizer} state"
+    )
+    log(
+        f"edgezo: {len(train)} training / {len(held)} held-out examples; {cfg.steps} steps × "
         f"{per_step} forward evaluations; lr {'auto' if auto_lr else f'{cfg.lr:g}'}, "
         f"μ {'auto' if auto_mu else f'{cfg.mu:g}'}, "
         f"q {cfg.q}, {cfg.direction}, {cfg.estimator}, {cfg.optimizer}, momentum "
-        f"{cfg.momentum:g}; run folder {run.path}")
+        f"{cfg.momentum:g}; run folder {run.path}"
+    )
     opts = limits.runtime
-    log(f"edgezo: {'device ' + limits.profile.name if limits.profile else 'no device profile'}"
+    log(
+        f"edgezo: {'device ' + limits.profile.name if limits.profile else 'no device profile'}"
         f": {runner.provider}, {opts.threads or 'all'} threads, CPU arena "
         f"{'on' if opts.cpu_arena else 'off'}, micro-batch {opts.micro_batch or 'off'}; "
-        f"{budget.describe()}; checkpoint every {limits.checkpoint_every} steps")
+        f"{budget.describe()}; checkpoint every {limits.checkpoint_every} steps"
+    )
     for note in limits.notes + runner.notes:
         log(f"edgezo: note: {note}")
 
@@ -314,28 +373,42 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
             step = len(ledger.records)
             # a step boundary: the ledger and θ agree; stop here if the session must end
             reason = budget.exhausted(per_step) or (
-                "cancelled" if should_stop is not None and should_stop() else None)
+                "cancelled" if should_stop is not None and should_stop() else None
+            )
             if reason is not None:
                 stop_reason = reason
                 break
             batch = stream.batch(step)
-            record = engine.step(step, schedule(step) * lr_scale, cfg.mu,
-                                 lambda b=batch: runner.mean_loss(b))
+            record = engine.step(
+                step, schedule(step) * lr_scale, cfg.mu, lambda b=batch: runner.mean_loss(b)
+            )
             ledger.append(record)
             train_evals += len(record["losses"])
             budget.used += len(record["losses"])
-            run.metric(kind="step", step=step, loss=float(np.mean(record["losses"])),
-                       lr=record["lr"], g=record["g"], status=record["status"],
-                       train_evaluations=train_evals,
-                       **{k: record[k] for k in ("mu_floor_hits", "levels") if k in record})
+            run.metric(
+                kind="step",
+                step=step,
+                loss=float(np.mean(record["losses"])),
+                lr=record["lr"],
+                g=record["g"],
+                status=record["status"],
+                train_evaluations=train_evals,
+                **{k: record[k] for k in ("mu_floor_hits", "levels") if k in record},
+            )
             if record["status"] != "ok":
                 log(f"edgezo: step {step}: non-finite loss, update skipped")
             done = step + 1
             if on_step is not None:
-                on_step({"step": done, "steps": cfg.steps,
-                         "loss": float(np.mean(record["losses"])),
-                         "evaluations": budget.used, "total_evaluations": train_evals,
-                         **budget.left()})
+                on_step(
+                    {
+                        "step": done,
+                        "steps": cfg.steps,
+                        "loss": float(np.mean(record["losses"])),
+                        "evaluations": budget.used,
+                        "total_evaluations": train_evals,
+                        **budget.left(),
+                    }
+                )
             # the last step is checked too: a run must not end on a diverged θ
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 engine.perturber.at_theta()
@@ -347,19 +420,28 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                 stalled = False
                 if diverged(last, best, cfg.divergence_tolerance):
                     # roll θ back to the best held-out point, through the ledger, and halve lr
-                    why = (f"held-out loss {last:.4f} is above {1 + cfg.divergence_tolerance:g}"
-                           f" x its best {best:.4f} (step {best_step})")
+                    why = (
+                        f"held-out loss {last:.4f} is above {1 + cfg.divergence_tolerance:g}"
+                        f" x its best {best:.4f} (step {best_step})"
+                    )
                     rec = rollback_record(len(ledger.records), best_step, 0.5, why)
                     apply(engine, [rec], ledger.records + [rec])
                     ledger.append(rec)
                     rollbacks.append(rec)
                     lr_scale *= 0.5
                     last = best
-                    run.metric(kind="rollback", step=rec["step"], to=best_step,
-                               lr_scale=lr_scale, reason=why)
+                    run.metric(
+                        kind="rollback",
+                        step=rec["step"],
+                        to=best_step,
+                        lr_scale=lr_scale,
+                        reason=why,
+                    )
                     save_checkpoint(engine, run, bundle, ledger, (best, best_step))
-                    log(f"edgezo: {why}: rolled back to step {best_step}, learning rate now "
-                        f"x{lr_scale:g}")
+                    log(
+                        f"edgezo: {why}: rolled back to step {best_step}, learning rate now "
+                        f"x{lr_scale:g}"
+                    )
                     if len(rollbacks) > cfg.max_rollbacks:
                         stop_reason = "diverged"
                         break
@@ -377,17 +459,25 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                     # a run that never improved needs a larger lr instead (the warning below)
                     lr_scale *= cfg.plateau_factor
                     run.metric(kind="plateau", step=done, lr_scale=lr_scale, heldout_loss=last)
-                    log(f"edgezo: held-out loss {last:.4f} not below its lowest so far nor the "
+                    log(
+                        f"edgezo: held-out loss {last:.4f} not below its lowest so far nor the "
                         f"previous evaluation: learning "
-                        f"rate x{cfg.plateau_factor:g}, now {schedule(step) * lr_scale:g}")
-                if (stalled and not (best_step > start and cfg.plateau_factor < 1.0)
-                        and done - best_step >= 2 * cfg.eval_every and warned_at != best_step):
+                        f"rate x{cfg.plateau_factor:g}, now {schedule(step) * lr_scale:g}"
+                    )
+                if (
+                    stalled
+                    and not (best_step > start and cfg.plateau_factor < 1.0)
+                    and done - best_step >= 2 * cfg.eval_every
+                    and warned_at != best_step
+                ):
                     warned_at = best_step  # once per stall
-                    note = (f"edgezo: no held-out progress in {done - best_step} steps "
-                            f"({(done - best_step) * per_step:g} forward evaluations; best "
-                            f"{best:.4f} at step {best_step}): try a larger lr (now "
-                            f"{schedule(step) * lr_scale:g}), more directions (q={cfg.q}), or "
-                            f"optimizer=adam")
+                    note = (
+                        f"edgezo: no held-out progress in {done - best_step} steps "
+                        f"({(done - best_step) * per_step:g} forward evaluations; best "
+                        f"{best:.4f} at step {best_step}): try a larger lr (now "
+                        f"{schedule(step) * lr_scale:g}), more directions (q={cfg.q}), or "
+                        f"optimizer=adam"
+                    )
                     if bar is not None:
                         bar.write(note)
                     else:
@@ -396,25 +486,34 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
                 save_checkpoint(engine, run, bundle, ledger, (best, best_step))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(record['losses']):.3f}", heldout=f"{last:.3f}",
-                                evals=train_evals)
+                bar.set_postfix(
+                    loss=f"{np.mean(record['losses']):.3f}",
+                    heldout=f"{last:.3f}",
+                    evals=train_evals,
+                )
             elif done % max(1, cfg.steps // 10) == 0:
                 log(f"edgezo: step {done}/{cfg.steps} train loss {np.mean(record['losses']):.4f}")
         if stop_reason == "diverged":
-            log(f"edgezo: stopped: the held-out loss diverged {len(rollbacks)} times although "
+            log(
+                f"edgezo: stopped: the held-out loss diverged {len(rollbacks)} times although "
                 f"each rollback halved the learning rate (now x{lr_scale:g}); θ is at its best "
                 f"point (step {best_step}). Try a smaller lr or mu, more directions (q), or "
-                f"optimizer=adam; the ledger keeps every step")
+                f"optimizer=adam; the ledger keeps every step"
+            )
         elif stop_reason != "completed":
             save_checkpoint(engine, run, bundle, ledger, (best, best_step))
-            log(f"edgezo: {budget.why(stop_reason)}; stopped with a checkpoint at step "
+            log(
+                f"edgezo: {budget.why(stop_reason)}; stopped with a checkpoint at step "
                 f"{len(ledger.records)} of {cfg.steps} — continue next session with: "
-                f"edgezo finetune --resume --out {run.path}")
+                f"edgezo finetune --resume --out {run.path}"
+            )
     except KeyboardInterrupt:
         stop_reason = "interrupted"
         save_checkpoint(engine, run, bundle, ledger, (best, best_step))
-        log(f"edgezo: interrupted; checkpoint at step {len(ledger.records)} — "
-            f"continue with: edgezo finetune --resume --out {run.path}")
+        log(
+            f"edgezo: interrupted; checkpoint at step {len(ledger.records)} — "
+            f"continue with: edgezo finetune --resume --out {run.path}"
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -427,59 +526,104 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=print,
     else:
         after, extra = heldout(runner, held, cfg, bundle)
         run.metric(kind="eval", step=steps_done, heldout_loss=after, **extra)
-    save_tensors_atomic(run.trained, engine.params.state_dict(),
-                        metadata={"bundle": bundle.fingerprint, "step": str(steps_done)})
+    save_tensors_atomic(
+        run.trained,
+        engine.params.state_dict(),
+        metadata={"bundle": bundle.fingerprint, "step": str(steps_done)},
+    )
     summary = RunSummary(
-        out=str(run.path), steps=steps_done, stop_reason=stop_reason, heldout_before=before,
-        heldout_after=after, train_evaluations=train_evals,
+        out=str(run.path),
+        steps=steps_done,
+        stop_reason=stop_reason,
+        heldout_before=before,
+        heldout_after=after,
+        train_evaluations=train_evals,
         eval_evaluations=runner.eval_evaluations,
-        seconds=time.perf_counter() - t0, trainable_parameters=engine.params.dim,
-        tune_evaluations=tune_evals, lr=cfg.lr, mu=cfg.mu, prefix_forward_calls=prefix_calls,
-        heldout_accuracy_before=acc_before, heldout_accuracy_after=extra.get("heldout_accuracy"),
+        seconds=time.perf_counter() - t0,
+        trainable_parameters=engine.params.dim,
+        tune_evaluations=tune_evals,
+        lr=cfg.lr,
+        mu=cfg.mu,
+        prefix_forward_calls=prefix_calls,
+        heldout_accuracy_before=acc_before,
+        heldout_accuracy_after=extra.get("heldout_accuracy"),
     )
     tmp = run.summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     os.replace(tmp, run.summary)
-    log(f"edgezo: held-out loss {before:.4f} -> {after:.4f} "
+    log(
+        f"edgezo: held-out loss {before:.4f} -> {after:.4f} "
         f"({'-' if after <= before else '+'}{abs(before - after) / before:.1%}){_acc(extra)} "
         f"after "
         f"{steps_done} steps, {train_evals} training forward evaluations"
         f"{f' (+{tune_evals} for the lr/μ selection)' if tune_evals else ''}, "
-        f"{summary.seconds:.0f} s; trained tensors: {run.trained}")
+        f"{summary.seconds:.0f} s; trained tensors: {run.trained}"
+    )
     return summary
 
 
-def run_autotune(cfg: FinetuneConfig, engine: ZOEngine, runner: LossRunner,
-                 stream: BatchStream, run: RunFolder, auto_lr: bool, auto_mu: bool, log) -> int:
+def run_autotune(
+    cfg: FinetuneConfig,
+    engine: ZOEngine,
+    runner: LossRunner,
+    stream: BatchStream,
+    run: RunFolder,
+    auto_lr: bool,
+    auto_mu: bool,
+    log,
+) -> int:
     """Choose lr and/or μ (edgezo.autotune); store them in the run's config; return the cost."""
     if engine.params.inplace:
-        log("edgezo: autotune: skipped — this run perturbs θ in place, and the learning-rate "
+        log(
+            "edgezo: autotune: skipped — this run perturbs θ in place, and the learning-rate "
             "race would need a copy of θ to restart from; using the mode defaults (lr "
-            f"{cfg.lr:g}, μ {cfg.mu:g}); pass lr= and mu= to choose them")
+            f"{cfg.lr:g}, μ {cfg.mu:g}); pass lr= and mu= to choose them"
+        )
         return 0
     k = cfg.autotune_steps
-    bound = worst_case_evaluations(k, engine.estimator.evals_per_step, cfg.batch_size,
-                                   PROBE_BATCHES * cfg.batch_size, auto_mu, auto_lr)
+    bound = worst_case_evaluations(
+        k,
+        engine.estimator.evals_per_step,
+        cfg.batch_size,
+        PROBE_BATCHES * cfg.batch_size,
+        auto_mu,
+        auto_lr,
+    )
     what = " and ".join(n for n, a in (("lr", auto_lr), ("μ", auto_mu)) if a)
-    log(f"edgezo: autotune: choosing {what} (at most {bound} forward evaluations; "
-        "pass lr= / mu= or autotune=false to skip)")
+    log(
+        f"edgezo: autotune: choosing {what} (at most {bound} forward evaluations; "
+        "pass lr= / mu= or autotune=false to skip)"
+    )
     probe = [stream.batch(k + i) for i in range(PROBE_BATCHES)]
-    result = autotune(engine, lr=None if auto_lr else cfg.lr, default_lr=cfg.lr, mu=cfg.mu,
-                      tune_mu=auto_mu, steps=k, batches=stream.batch, probe=probe,
-                      probe_cost=PROBE_BATCHES, mean_loss=runner.mean_loss, log=log)
+    result = autotune(
+        engine,
+        lr=None if auto_lr else cfg.lr,
+        default_lr=cfg.lr,
+        mu=cfg.mu,
+        tune_mu=auto_mu,
+        steps=k,
+        batches=stream.batch,
+        probe=probe,
+        probe_cost=PROBE_BATCHES,
+        mean_loss=runner.mean_loss,
+        log=log,
+    )
     cfg.lr, cfg.mu = result.lr, result.mu
     if result.note:
         log(f"edgezo: autotune: {result.note}")
-    log(f"edgezo: autotune: lr {cfg.lr:.3g}, μ {cfg.mu:g} ({result.evaluations} forward "
-        f"evaluations, {result.seconds:.0f} s)")
+    log(
+        f"edgezo: autotune: lr {cfg.lr:.3g}, μ {cfg.mu:g} ({result.evaluations} forward "
+        f"evaluations, {result.seconds:.0f} s)"
+    )
     tmp = run.path / "autotune.json.tmp"
     tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     os.replace(tmp, run.path / "autotune.json")
     tmp = run.config.with_suffix(".yaml.tmp")  # a resumed run keeps the chosen values
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, run.config)
-    run.metric(kind="autotune", lr=cfg.lr, mu=cfg.mu, evaluations=result.evaluations,
-               trials=result.trials)
+    run.metric(
+        kind="autotune", lr=cfg.lr, mu=cfg.mu, evaluations=result.evaluations, trials=result.trials
+    )
     return result.evaluations
 
 
@@ -504,21 +648,30 @@ def diverged(loss: float, best: float, tolerance: float) -> bool:
     return not np.isfinite(loss) or loss > best * (1.0 + tolerance)
 
 
-def save_checkpoint(engine: ZOEngine, run: RunFolder, bundle: Bundle, ledger: Ledger,
-                    guard: tuple[float, int]) -> None:
+def save_checkpoint(
+    engine: ZOEngine, run: RunFolder, bundle: Bundle, ledger: Ledger, guard: tuple[float, int]
+) -> None:
     """θ, optimiser state, and the divergence guard's reference (best held-out loss, step),
     at the ledger's current step. The ledger is made durable first, so a checkpoint is never
     ahead of it."""
     ledger.sync()
     step = len(ledger.records)
     tensors = {"master": engine.params.master, **engine.optimizer.state()}
-    save_tensors_atomic(run.checkpoint, tensors,
-                        metadata={"bundle": bundle.fingerprint, "step": str(step),
-                                  "guard_best": repr(guard[0]), "guard_step": str(guard[1])})
+    save_tensors_atomic(
+        run.checkpoint,
+        tensors,
+        metadata={
+            "bundle": bundle.fingerprint,
+            "step": str(step),
+            "guard_best": repr(guard[0]),
+            "guard_step": str(guard[1]),
+        },
+    )
 
 
-def restore(engine: ZOEngine, ledger: Ledger, run: RunFolder, bundle: Bundle, log
-            ) -> tuple[int, tuple[float, int] | None]:
+def restore(
+    engine: ZOEngine, ledger: Ledger, run: RunFolder, bundle: Bundle, log
+) -> tuple[int, tuple[float, int] | None]:
     """Bring the engine to the ledger's last step: checkpoint, then replay what follows it.
 
     Returns the step and the divergence guard's reference stored with the checkpoint.
@@ -529,14 +682,16 @@ def restore(engine: ZOEngine, ledger: Ledger, run: RunFolder, bundle: Bundle, lo
         guard = checkpoint_guard(run.checkpoint)
         if step > len(ledger.records):
             raise CheckpointError(
-                f"{run.checkpoint} is at step {step} but the ledger ends at "
-                f"{len(ledger.records)}", "delete the checkpoint; the ledger rebuilds the state",
+                f"{run.checkpoint} is at step {step} but the ledger ends at {len(ledger.records)}",
+                "delete the checkpoint; the ledger rebuilds the state",
             )
         engine.params.master[:] = tensors["master"]
         engine.optimizer.load_state(tensors)
     apply(engine, ledger.records[step:], ledger.records)
-    log(f"edgezo: resumed at step {len(ledger.records)} (checkpoint {step}, "
-        f"{len(ledger.records) - step} steps replayed from the ledger)")
+    log(
+        f"edgezo: resumed at step {len(ledger.records)} (checkpoint {step}, "
+        f"{len(ledger.records) - step} steps replayed from the ledger)"
+    )
     return len(ledger.records), guard
 
 
@@ -557,7 +712,11 @@ def _progress_bar(total: int, start: int, enabled: bool | None):
         from tqdm import tqdm
     except ImportError:
         return None
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-               disable=None if enabled is None else not enabled)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if enabled is None else not enabled,
+    )
     return None if bar.disable else bar
-

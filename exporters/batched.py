@@ -60,8 +60,9 @@ class GroupedLossGraph(CausalLMLossGraph):
     def forward(self, input_ids, attention_mask, labels, trainables):  # noqa: D102
         groups = trainables[0].shape[0]
         tile = [groups, 1]
-        loss, _ = super().forward(input_ids.repeat(tile), attention_mask.repeat(tile),
-                                  labels.repeat(tile), trainables)
+        loss, _ = super().forward(
+            input_ids.repeat(tile), attention_mask.repeat(tile), labels.repeat(tile), trainables
+        )
         return loss.reshape(groups, -1)
 
 
@@ -72,8 +73,12 @@ def make_grouped(model: torch.nn.Module, names: list[str]) -> GroupedLossGraph:
     path only); the model's ``LoraLinear`` modules are switched to the grouped forward.
     """
     lora_modules = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    lora_names = {f"{n}.lora_{x}.weight" for n, m in model.named_modules()
-                  if isinstance(m, LoraLinear) for x in "AB"}
+    lora_names = {
+        f"{n}.lora_{x}.weight"
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLinear)
+        for x in "AB"
+    }
     other = [n for n in names if n not in lora_names]
     if not lora_modules or other:
         raise EdgezoError(
@@ -85,15 +90,21 @@ def make_grouped(model: torch.nn.Module, names: list[str]) -> GroupedLossGraph:
     return GroupedLossGraph(model, names).eval()
 
 
-def export_grouped_graph(graph: GroupedLossGraph, values: list[torch.Tensor],
-                         specs: list[TensorSpec], path: Path, vocab_size: int, pad_token_id: int,
-                         generator: torch.Generator, tied_embedding: str | None = None,
-                         external_data: bool | None = None) -> list[str]:
+def export_grouped_graph(
+    graph: GroupedLossGraph,
+    values: list[torch.Tensor],
+    specs: list[TensorSpec],
+    path: Path,
+    vocab_size: int,
+    pad_token_id: int,
+    generator: torch.Generator,
+    tied_embedding: str | None = None,
+    external_data: bool | None = None,
+) -> list[str]:
     """Export ``graph`` (inputs: the batch, then each trainable as ``[group, *shape]``; output
     ``loss [group, batch]``) to ``path``; returns the files written."""
     stacked = [torch.stack([v, v]) for v in values]  # traced with G = 2; G is a dynamic axis
-    dynamic_axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"}
-                                              for n in BATCH_INPUTS}
+    dynamic_axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in BATCH_INPUTS}
     dynamic_axes.update({s.name: {0: GROUP_AXIS} for s in specs})
     dynamic_axes["loss"] = {0: GROUP_AXIS, 1: "batch"}
     raw_dir = path.parent / "_raw_grouped"
@@ -102,23 +113,34 @@ def export_grouped_graph(graph: GroupedLossGraph, values: list[torch.Tensor],
     args = (*dummy_batch(vocab_size, pad_token_id, generator), stacked)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, args, str(raw), dynamo=False,
-                          input_names=[*BATCH_INPUTS, *(s.name for s in specs)],
-                          output_names=["loss"], dynamic_axes=dynamic_axes,
-                          opset_version=OPSET, do_constant_folding=True)
+        torch.onnx.export(
+            graph,
+            args,
+            str(raw),
+            dynamo=False,
+            input_names=[*BATCH_INPUTS, *(s.name for s in specs)],
+            output_names=["loss"],
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
     model = onnx.load(str(raw))
     shutil.rmtree(raw_dir)
     got = [i.name for i in model.graph.input]
     if got != [*BATCH_INPUTS, *(s.name for s in specs)]:
-        raise EdgezoError(f"the grouped graph's inputs are {got[:6]}..., not the batch then "
-                          "the trainable tensors", "this is an exporter bug; report it")
+        raise EdgezoError(
+            f"the grouped graph's inputs are {got[:6]}..., not the batch then "
+            "the trainable tensors",
+            "this is an exporter bug; report it",
+        )
     if tied_embedding is not None:
         dedupe_tied_head(model, tied_embedding)
     return save_model(model, path, external_data)
 
 
-def grouped_feeds(batch: dict[str, np.ndarray], sets: list[dict[str, np.ndarray]]
-                  ) -> dict[str, np.ndarray]:
+def grouped_feeds(
+    batch: dict[str, np.ndarray], sets: list[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """Feeds of the grouped graph: the batch once, each trainable stacked over the sets."""
     feeds = dict(batch)
     for name in sets[0]:
@@ -126,8 +148,13 @@ def grouped_feeds(batch: dict[str, np.ndarray], sets: list[dict[str, np.ndarray]
     return feeds
 
 
-def check_grouped_parity(grouped_session, normal_session, batch: dict[str, np.ndarray],
-                         sets: list[dict[str, np.ndarray]], atol: float = 1e-4) -> float:
+def check_grouped_parity(
+    grouped_session,
+    normal_session,
+    batch: dict[str, np.ndarray],
+    sets: list[dict[str, np.ndarray]],
+    atol: float = 1e-4,
+) -> float:
     """Max |grouped loss − normal loss| over the G sets; raises above ``atol``."""
     grouped = grouped_session.run(["loss"], grouped_feeds(batch, sets))[0]
     separate = np.stack([normal_session.run(["loss"], {**batch, **s})[0] for s in sets])
@@ -141,9 +168,15 @@ def check_grouped_parity(grouped_session, normal_session, batch: dict[str, np.nd
     return diff
 
 
-def export_pair(model: str | Path, out: Path, gguf_file: str | None = None, rank: int = 8,
-                alpha: float = 16.0, targets: tuple[str, ...] | None = None, seed: int = 0,
-                ) -> tuple[Path, Path, list[TensorSpec], dict[str, np.ndarray], dict]:
+def export_pair(
+    model: str | Path,
+    out: Path,
+    gguf_file: str | None = None,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> tuple[Path, Path, list[TensorSpec], dict[str, np.ndarray], dict]:
     """Export a causal LM's normal LoRA loss graph and its grouped twin into ``out``.
 
     Returns (normal model.onnx, grouped model.onnx, trainable specs, initial values,
@@ -157,8 +190,9 @@ def export_pair(model: str | Path, out: Path, gguf_file: str | None = None, rank
 
     loaded = load_causal_lm(model, gguf_file)
     generator = torch.Generator().manual_seed(seed)
-    lora = LoraSettings(rank=rank, alpha=float(alpha),
-                        targets=tuple(targets or loaded.arch.lora_targets))
+    lora = LoraSettings(
+        rank=rank, alpha=float(alpha), targets=tuple(targets or loaded.arch.lora_targets)
+    )
     specs = select_trainables(loaded.model, loaded.arch, "lora", lora, generator)
     params = dict(loaded.model.named_parameters())
     values = [params[s.name].detach().clone().contiguous() for s in specs]
@@ -169,12 +203,33 @@ def export_pair(model: str | Path, out: Path, gguf_file: str | None = None, rank
     normal_dir.mkdir(parents=True, exist_ok=True)
     grouped_dir.mkdir(parents=True, exist_ok=True)
     normal = CausalLMLossGraph(loaded.model, names, loaded.arch.pass_position_ids).eval()
-    export_loss_graph(normal, values, specs, normal_dir / "model.onnx", loaded.vocab_size, pad,
-                      generator, tied_embedding=tied)
+    export_loss_graph(
+        normal,
+        values,
+        specs,
+        normal_dir / "model.onnx",
+        loaded.vocab_size,
+        pad,
+        generator,
+        tied_embedding=tied,
+    )
     grouped = make_grouped(loaded.model, names)  # switches the LoRA layers: normal graph first
     grouped.pass_position_ids = loaded.arch.pass_position_ids
-    export_grouped_graph(grouped, values, specs, grouped_dir / "model.onnx", loaded.vocab_size,
-                         pad, generator, tied_embedding=tied)
+    export_grouped_graph(
+        grouped,
+        values,
+        specs,
+        grouped_dir / "model.onnx",
+        loaded.vocab_size,
+        pad,
+        generator,
+        tied_embedding=tied,
+    )
     init = {s.name: v.numpy().astype(np.float32) for s, v in zip(specs, values, strict=True)}
-    return (normal_dir / "model.onnx", grouped_dir / "model.onnx", specs, init,
-            {"vocab_size": loaded.vocab_size, "pad_token_id": pad})
+    return (
+        normal_dir / "model.onnx",
+        grouped_dir / "model.onnx",
+        specs,
+        init,
+        {"vocab_size": loaded.vocab_size, "pad_token_id": pad},
+    )

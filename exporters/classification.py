@@ -94,11 +94,15 @@ def export_classifier(
     out = Path(out)
     names = check_labels(labels)
     if mode not in CLASSIFIER_MODES:
-        raise EdgezoError(f"trainable mode {mode!r} is not one for classification",
-                          f"pass --mode as one of: {', '.join(CLASSIFIER_MODES)}")
+        raise EdgezoError(
+            f"trainable mode {mode!r} is not one for classification",
+            f"pass --mode as one of: {', '.join(CLASSIFIER_MODES)}",
+        )
     if head_init not in HEAD_INITS:
-        raise EdgezoError(f"unknown head initialisation {head_init!r}",
-                          f"pass --head-init as one of: {', '.join(HEAD_INITS)}")
+        raise EdgezoError(
+            f"unknown head initialisation {head_init!r}",
+            f"pass --head-init as one of: {', '.join(HEAD_INITS)}",
+        )
     if not tolerance >= 0:
         raise EdgezoError(f"tolerance must be >= 0, got {tolerance!r}", "pass --tolerance 1e-3")
     check_destination(out, overwrite)
@@ -108,8 +112,10 @@ def export_classifier(
     say(f"loading {model} ...")
     loaded = load_classifier(model, len(names), head_init, generator)
     module = loaded.model
-    say(f"loaded {loaded.model_type} ({loaded.arch.family} family), {loaded.num_parameters:,} "
-        f"parameters; head: {loaded.head_init}, {len(names)} labels")
+    say(
+        f"loaded {loaded.model_type} ({loaded.arch.family} family), {loaded.num_parameters:,} "
+        f"parameters; head: {loaded.head_init}, {len(names)} labels"
+    )
     lora = None
     if mode == "lora":
         targets = tuple(lora_targets) if lora_targets else loaded.arch.lora_targets
@@ -126,8 +132,17 @@ def export_classifier(
     with staged_bundle(out, overwrite) as stage:
         t = time.perf_counter()
         say("exporting the loss graph to ONNX ...")
-        model_files = _export(graph, values, specs, stage / "model.onnx", vocab, pad, len(names),
-                              generator, external_data)
+        model_files = _export(
+            graph,
+            values,
+            specs,
+            stage / "model.onnx",
+            vocab,
+            pad,
+            len(names),
+            generator,
+            external_data,
+        )
         say(f"exported {' + '.join(model_files)} in {time.perf_counter() - t:.1f} s")
         session = ort_session(stage / "model.onnx")
         point = validation_point(specs, values, generator)
@@ -135,32 +150,51 @@ def export_classifier(
         parity = check_parity(session, graph, specs, point, batch, tolerance)
         parity["reference_diff"] = _check_reference(graph, specs, point, batch, tolerance)
         parity["sensitivity_min_change"] = check_sensitivity(
-            session, specs, point, vocab, generator,
-            labels=torch.randint(0, len(names), (1,), generator=generator))
+            session,
+            specs,
+            point,
+            vocab,
+            generator,
+            labels=torch.randint(0, len(names), (1,), generator=generator),
+        )
         del session
-        say(f"validated: max |ONNX - PyTorch| loss {parity['max_abs_diff']:.2e}, logits "
+        say(
+            f"validated: max |ONNX - PyTorch| loss {parity['max_abs_diff']:.2e}, logits "
             f"{parity['logits_max_abs_diff']:.2e} (tolerance {tolerance:g}); all {len(specs)} "
-            "trainable tensors move the loss")
+            "trainable tensors move the loss"
+        )
 
-        save_file({s.name: v for s, v in zip(specs, values, strict=True)},
-                  str(stage / "trainable.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {s.name: v for s, v in zip(specs, values, strict=True)},
+            str(stage / "trainable.safetensors"),
+            metadata={"format": "pt"},
+        )
         tok_spec = loaded.save_tokenizer(stage / "tokenizer.json")
         manifest = Manifest(
             task="classification",
             architecture=_architecture(loaded, len(names)),
             trainable_mode=mode,
-            inputs=[*(InputSpec(n, "int64", ("batch", "sequence")) for n in TEXT_INPUTS),
-                    InputSpec("labels", "int64", ("batch",))],
-            outputs=[InputSpec("loss", "float32", ("batch",)),
-                     InputSpec("logits", "float32", ("batch", len(names)))],
+            inputs=[
+                *(InputSpec(n, "int64", ("batch", "sequence")) for n in TEXT_INPUTS),
+                InputSpec("labels", "int64", ("batch",)),
+            ],
+            outputs=[
+                InputSpec("loss", "float32", ("batch",)),
+                InputSpec("logits", "float32", ("batch", len(names))),
+            ],
             trainable=specs,
             tokenizer=tok_spec,
             lora=lora.to_json() if lora else None,
             labels=names,
             parity=parity,
-            exporter={"name": "edgezo.exporters", **versions(), "opset": OPSET,
-                      "onnx_exporter": "torch.onnx.export(dynamo=False)", "seed": seed,
-                      "seconds": round(time.perf_counter() - t0, 2)},
+            exporter={
+                "name": "edgezo.exporters",
+                **versions(),
+                "opset": OPSET,
+                "onnx_exporter": "torch.onnx.export(dynamo=False)",
+                "seed": seed,
+                "seconds": round(time.perf_counter() - t0, 2),
+            },
         )
         write_manifest(stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file])
         if mode == "head":  # all but the head is frozen: the runtime can cache it per example
@@ -169,8 +203,17 @@ def export_classifier(
     return out
 
 
-def _export(graph, values, specs, path: Path, vocab: int, pad: int, num_labels: int,
-            generator: torch.Generator, external_data: bool | None) -> list[str]:
+def _export(
+    graph,
+    values,
+    specs,
+    path: Path,
+    vocab: int,
+    pad: int,
+    num_labels: int,
+    generator: torch.Generator,
+    external_data: bool | None,
+) -> list[str]:
     """Trace on a right-padded 2×7 batch (so the padding mask is not frozen away)."""
     ids = torch.randint(0, vocab, (2, 7), generator=generator)
     mask = torch.ones_like(ids)
@@ -184,10 +227,17 @@ def _export(graph, values, specs, path: Path, vocab: int, pad: int, num_labels: 
     raw_dir.mkdir()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (ids, mask, labels, list(values)), str(raw_dir / path.name),
-                          dynamo=False, input_names=[*TEXT_INPUTS, "labels", *names],
-                          output_names=["loss", "logits"], dynamic_axes=axes,
-                          opset_version=OPSET, do_constant_folding=True)
+        torch.onnx.export(
+            graph,
+            (ids, mask, labels, list(values)),
+            str(raw_dir / path.name),
+            dynamo=False,
+            input_names=[*TEXT_INPUTS, "labels", *names],
+            output_names=["loss", "logits"],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
     model = onnx.load(str(raw_dir / path.name))
     shutil.rmtree(raw_dir)
     got = [i.name for i in model.graph.input]
@@ -199,13 +249,16 @@ def _export(graph, values, specs, path: Path, vocab: int, pad: int, num_labels: 
             "choose another --mode or --lora-targets",
         )
     if got != [*TEXT_INPUTS, "labels", *names]:
-        raise EdgezoError(f"the exported graph's inputs are {got[:6]}...",
-                          "this is an exporter bug; report it with the model you exported")
+        raise EdgezoError(
+            f"the exported graph's inputs are {got[:6]}...",
+            "this is an exporter bug; report it with the model you exported",
+        )
     return save_model(model, path, external_data)
 
 
-def _check_reference(graph: ClassificationLossGraph, specs, point, batch,
-                     tolerance: float) -> float:
+def _check_reference(
+    graph: ClassificationLossGraph, specs, point, batch, tolerance: float
+) -> float:
     """Our per-example loss at ``point`` vs ``F.cross_entropy`` of the model run with its own
     parameters set to ``point`` (or, for a model with a classifier, its own loss)."""
     ids, mask, labels = batch
@@ -246,6 +299,7 @@ def _architecture(loaded: LoadedModel, num_labels: int) -> dict:
         "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
         "num_labels": num_labels,
         "head": "mean-pooled last hidden state -> linear"
-        if loaded.head_init != "pretrained" else "the model's own classifier",
+        if loaded.head_init != "pretrained"
+        else "the model's own classifier",
         "head_init": loaded.head_init,
     }

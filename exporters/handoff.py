@@ -49,8 +49,10 @@ def frozen_lora_a(bundle) -> dict[str, np.ndarray]:
 
     path = bundle.path / FROZEN_LORA_A
     if not path.is_file():
-        raise EdgezoError(f"bundle {bundle.path} trains LoRA B alone and has no {FROZEN_LORA_A}",
-                          "re-export the bundle with --lora-freeze-a")
+        raise EdgezoError(
+            f"bundle {bundle.path} trains LoRA B alone and has no {FROZEN_LORA_A}",
+            "re-export the bundle with --lora-freeze-a",
+        )
     return load_file(str(path))
 
 

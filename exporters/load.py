@@ -177,13 +177,18 @@ def load_classifier(
     from .loss import MeanPoolClassifier
 
     if head_init not in HEAD_INITS:
-        raise EdgezoError(f"unknown head initialisation {head_init!r}",
-                          f"pass --head-init as one of: {', '.join(HEAD_INITS)}")
+        raise EdgezoError(
+            f"unknown head initialisation {head_init!r}",
+            f"pass --head-init as one of: {', '.join(HEAD_INITS)}",
+        )
     folder, _ = resolve_source(model, None)
     config, model_type, arch = _config_for(folder, None, "classification")
     tokenizer = _fast_tokenizer(folder, str(folder), {"local_files_only": True})
-    kw: dict[str, Any] = {"local_files_only": True, "dtype": torch.float32,
-                          "attn_implementation": arch.attn_implementation}
+    kw: dict[str, Any] = {
+        "local_files_only": True,
+        "dtype": torch.float32,
+        "attn_implementation": arch.attn_implementation,
+    }
     has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     if has_head:
         if int(config.num_labels) != num_labels:
@@ -199,8 +204,11 @@ def load_classifier(
         module = MeanPoolClassifier(encoder, num_labels)
         with torch.no_grad():
             w = module.classifier.weight
-            w.copy_(torch.zeros_like(w) if head_init == "zero"
-                    else torch.randn(w.shape, generator=generator) * 0.02)
+            w.copy_(
+                torch.zeros_like(w)
+                if head_init == "zero"
+                else torch.randn(w.shape, generator=generator) * 0.02
+            )
             module.classifier.bias.zero_()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -220,12 +228,16 @@ def load_classifier(
 
 
 _WRONG_TASK = {
-    "causal_lm": ("an encoder: it has no causal language-model loss",
-                  "export it with --task classification --labels a,b,... (or "
-                  "export_bundle(task='classification', labels=[...]))"),
-    "classification": ("a causal LM: it has no encoder classification export",
-                       "export it with --task causal_lm, or --task prompt_classification "
-                       "--template ... --label-words ... to classify with label words"),
+    "causal_lm": (
+        "an encoder: it has no causal language-model loss",
+        "export it with --task classification --labels a,b,... (or "
+        "export_bundle(task='classification', labels=[...]))",
+    ),
+    "classification": (
+        "a causal LM: it has no encoder classification export",
+        "export it with --task causal_lm, or --task prompt_classification "
+        "--template ... --label-words ... to classify with label words",
+    ),
 }
 
 
@@ -236,8 +248,7 @@ def _config_for(folder: Path, gguf_file: str | None, task: str) -> tuple[Any, st
     arch = get_architecture(model_type)
     if arch.task != task:
         what, fix = _WRONG_TASK[task]
-        raise EdgezoError(f"{folder} is a {model_type} model ({arch.family} family), {what}",
-                          fix)
+        raise EdgezoError(f"{folder} is a {model_type} model ({arch.family} family), {what}", fix)
     return config, model_type, arch
 
 

@@ -130,19 +130,25 @@ def layer_index(module_name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def resolve_layers(spec: str | tuple[int, ...] | list[int], available: list[int]
-                   ) -> tuple[int, ...]:
+def resolve_layers(
+    spec: str | tuple[int, ...] | list[int], available: list[int]
+) -> tuple[int, ...]:
     """The block indices a ``--lora-layers`` value names, among ``available``.
 
     ``all``; ``last:N`` (the N deepest blocks — with a frozen-prefix cache the ZO loop then
     evaluates only those); ``A-B`` (inclusive); or a comma list of indices and ranges.
     """
-    text = (",".join(str(i) for i in spec) if isinstance(spec, (tuple, list))
-            else str(spec).strip().lower())
+    text = (
+        ",".join(str(i) for i in spec)
+        if isinstance(spec, (tuple, list))
+        else str(spec).strip().lower()
+    )
     hint = "pass --lora-layers all, last:4, 26-29 or 0,5,29"
     if not available:
-        raise EdgezoError("the LoRA targets sit in no numbered block", hint.replace(
-            "pass", "drop --lora-layers, or pass"))
+        raise EdgezoError(
+            "the LoRA targets sit in no numbered block",
+            hint.replace("pass", "drop --lora-layers, or pass"),
+        )
     if text == "all":
         return tuple(available)
     try:
@@ -152,8 +158,10 @@ def resolve_layers(spec: str | tuple[int, ...] | list[int], available: list[int]
                 raise ValueError
             picked = available[-n:]
             if n > len(available):
-                raise EdgezoError(f"--lora-layers {spec}: the model has {len(available)} "
-                                  "blocks", f"pass at most last:{len(available)}")
+                raise EdgezoError(
+                    f"--lora-layers {spec}: the model has {len(available)} blocks",
+                    f"pass at most last:{len(available)}",
+                )
             return tuple(picked)
         picked = []
         for part in text.split(","):
@@ -164,6 +172,9 @@ def resolve_layers(spec: str | tuple[int, ...] | list[int], available: list[int]
         raise EdgezoError(f"cannot read --lora-layers {spec!r}", hint) from None
     missing = sorted(set(picked) - set(available))
     if missing or not picked:
-        raise EdgezoError(f"--lora-layers {spec}: no block {missing or picked} among the "
-                          f"LoRA targets' blocks {available[0]}-{available[-1]}", hint)
+        raise EdgezoError(
+            f"--lora-layers {spec}: no block {missing or picked} among the "
+            f"LoRA targets' blocks {available[0]}-{available[-1]}",
+            hint,
+        )
     return tuple(sorted(set(picked)))

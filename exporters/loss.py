@@ -69,7 +69,7 @@ def causal_lm_outputs(
     last_rows = torch.arange(batch, device=last.device) * width + last
     picked_rows = torch.cat([rows, last_rows])
     logits = head(hidden.reshape(-1, hidden.size(-1)).index_select(0, picked_rows)).float()
-    scored, next_logits = logits[: rows.size(0)], logits[rows.size(0):]
+    scored, next_logits = logits[: rows.size(0)], logits[rows.size(0) :]
     picked = scored.gather(-1, target.reshape(-1).index_select(0, rows).unsqueeze(-1)).squeeze(-1)
     peak = scored.amax(dim=-1, keepdim=True).detach()
     logsumexp = (scored - peak).exp().sum(dim=-1).log() + peak.squeeze(-1)

@@ -175,8 +175,9 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
         )
         if has_bias:
             model.graph.node.append(
-                helper.make_node("Add", [product, node.input[2]], [node.output[0]],
-                                 name=f"{name}_bias")
+                helper.make_node(
+                    "Add", [product, node.input[2]], [node.output[0]], name=f"{name}_bias"
+                )
             )
         count += 1
     return count

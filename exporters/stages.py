@@ -38,16 +38,21 @@ from edgezo.errors import BundleError
 PREFIX, SUFFIX = "prefix.onnx", "suffix.onnx"
 TOLERANCE = 1e-4
 TEXT_INPUTS = ("input_ids", "attention_mask")
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-               onnx.TensorProto.DOUBLE}
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.DOUBLE,
+}
 
 
 #: ops whose output depends on their input's shape only, never on its values
 SHAPE_OPS = {"Shape", "Size"}
 
 
-def find_cut(model: onnx.ModelProto, trainable: set[str], text: set[str]
-             ) -> tuple[list[str], list[str]]:
+def find_cut(
+    model: onnx.ModelProto, trainable: set[str], text: set[str]
+) -> tuple[list[str], list[str]]:
     """(cached tensor names, graph inputs the suffix reads directly) of the frozen prefix cut.
 
     A tensor is *heavy* when its values depend both on the text inputs and on a weight matrix
@@ -60,8 +65,7 @@ def find_cut(model: onnx.ModelProto, trainable: set[str], text: set[str]
     dependencies.
     """
     g = model.graph
-    weights = {t.name for t in g.initializer
-               if len(t.dims) >= 2 and t.data_type in FLOAT_TYPES}
+    weights = {t.name for t in g.initializer if len(t.dims) >= 2 and t.data_type in FLOAT_TYPES}
     initializers = {t.name for t in g.initializer}
     tainted, textual, weighty = set(trainable), set(text), set(weights)
     producer: dict[str, onnx.NodeProto] = {}
@@ -95,8 +99,7 @@ def find_cut(model: onnx.ModelProto, trainable: set[str], text: set[str]
         else:
             stack += list(producer[name].input)
     inputs = [i.name for i in g.input]
-    return (sorted(cached, key=order.__getitem__),
-            sorted(direct, key=inputs.index))
+    return (sorted(cached, key=order.__getitem__), sorted(direct, key=inputs.index))
 
 
 def _session(path: Path):
@@ -107,8 +110,9 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def sequence_axes(prefix, names: list[str], feeds: list[dict[str, np.ndarray]]
-                  ) -> dict[str, list[int]]:
+def sequence_axes(
+    prefix, names: list[str], feeds: list[dict[str, np.ndarray]]
+) -> dict[str, list[int]]:
     """Each cached tensor's sequence axes: it must be ``[batch, ...]``, and a trailing axis
     may change with the padded length only by being that length (so an example's row is its
     tensor cut to the example's own length on those axes)."""
@@ -119,17 +123,21 @@ def sequence_axes(prefix, names: list[str], feeds: list[dict[str, np.ndarray]]
         batch = feed["input_ids"].shape[0]
         for n, o in zip(names, outs, strict=True):
             if o.ndim < 1 or o.shape[0] != batch:
-                raise BundleError(f"cached tensor {n} has shape {o.shape}, not [batch, ...]",
-                                  "this graph cannot be cached per example")
+                raise BundleError(
+                    f"cached tensor {n} has shape {o.shape}, not [batch, ...]",
+                    "this graph cannot be cached per example",
+                )
         shapes.append([o.shape for o in outs])
     axes: dict[str, list[int]] = {}
     for j, n in enumerate(names):
         a, b = shapes[0][j], shapes[1][j]
         changed = [k for k in range(1, len(a)) if a[k] != b[k]]
         if any(a[k] != widths[0] or b[k] != widths[1] for k in changed):
-            raise BundleError(f"cached tensor {n} changes shape with the sequence length in a "
-                              f"way that is not the length itself: {a} vs {b}",
-                              "this graph cannot be cached per example")
+            raise BundleError(
+                f"cached tensor {n} changes shape with the sequence length in a "
+                f"way that is not the length itself: {a} vs {b}",
+                "this graph cannot be cached per example",
+            )
         axes[n] = changed
     return axes
 
@@ -145,13 +153,18 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
     text_inputs = [i.name for i in m.inputs if i.name in TEXT_INPUTS]
     cached, direct = find_cut(model, trainable, set(text_inputs))
     if not cached:
-        log("edgezo export: no frozen prefix to cache (every text-dependent tensor depends on "
-            "a trainable one)")
+        log(
+            "edgezo export: no frozen prefix to cache (every text-dependent tensor depends on "
+            "a trainable one)"
+        )
         return None
     onnx_utils.extract_model(str(bundle.model_path), str(folder / PREFIX), text_inputs, cached)
-    onnx_utils.extract_model(str(bundle.model_path), str(folder / SUFFIX),
-                             cached + direct + sorted(trainable),
-                             [o.name for o in m.outputs])
+    onnx_utils.extract_model(
+        str(bundle.model_path),
+        str(folder / SUFFIX),
+        cached + direct + sorted(trainable),
+        [o.name for o in m.outputs],
+    )
     try:
         axes = _verify(bundle, folder, cached, direct, text_inputs)
     except BundleError as e:
@@ -160,23 +173,32 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
         log(f"edgezo export: not caching the frozen prefix: {e.what}")
         return None
     prefix = onnx.load(str(folder / PREFIX), load_external_data=False)
-    shapes = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
-              for o in prefix.graph.output}
-    stages = {"prefix": PREFIX, "suffix": SUFFIX, "cached": cached, "suffix_inputs": direct,
-              "cached_shapes": {n: shapes.get(n) for n in cached},
-              "cached_sequence_axes": axes}
+    shapes = {
+        o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+        for o in prefix.graph.output
+    }
+    stages = {
+        "prefix": PREFIX,
+        "suffix": SUFFIX,
+        "cached": cached,
+        "suffix_inputs": direct,
+        "cached_shapes": {n: shapes.get(n) for n in cached},
+        "cached_sequence_axes": axes,
+    }
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["stages"] = stages
     new = Manifest.from_json(manifest)
     write_manifest(folder, new, sorted(set(new.files) | {PREFIX, SUFFIX}))
     shown = ", ".join(cached[:4]) + (f" and {len(cached) - 4} more" if len(cached) > 4 else "")
-    log(f"edgezo export: frozen prefix cached per example: {shown} "
-        f"(the ZO loop runs {SUFFIX} only)")
+    log(
+        f"edgezo export: frozen prefix cached per example: {shown} (the ZO loop runs {SUFFIX} only)"
+    )
     return stages
 
 
-def _verify(bundle, folder: Path, cached: list[str], direct: list[str],
-            text_inputs: list[str]) -> dict[str, list[int]]:
+def _verify(
+    bundle, folder: Path, cached: list[str], direct: list[str], text_inputs: list[str]
+) -> dict[str, list[int]]:
     """The suffix on rows cached one example at a time (and re-padded) == the full graph on
     a padded batch; returns the cached tensors' sequence axes."""
     rng = np.random.default_rng(0)
@@ -200,27 +222,40 @@ def _verify(bundle, folder: Path, cached: list[str], direct: list[str],
     point = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in values.items()}
     text = {"input_ids": ids, "attention_mask": mask}
     if set(text_inputs) - set(text):
-        raise BundleError(f"prefix inputs {text_inputs} are not text inputs",
-                          "only text-input prefixes are cached")
+        raise BundleError(
+            f"prefix inputs {text_inputs} are not text inputs",
+            "only text-input prefixes are cached",
+        )
     batch_inputs = {**text, "labels": labels}
     if set(direct) - set(batch_inputs):
-        raise BundleError(f"the suffix reads graph inputs {direct}",
-                          "only suffixes reading text inputs and labels are cached")
+        raise BundleError(
+            f"the suffix reads graph inputs {direct}",
+            "only suffixes reading text inputs and labels are cached",
+        )
     full = _session(bundle.model_path)
     prefix = _session(folder / PREFIX)
     suffix = _session(folder / SUFFIX)
-    axes = sequence_axes(prefix, cached, [{k: text[k] for k in text_inputs},
-                                          {k: np.pad(text[k], ((0, 0), (0, 4)))
-                                           for k in text_inputs}])
-    rows = [prefix.run(cached, {k: text[k][i:i + 1, :lengths[i]] for k in text_inputs})
-            for i in range(batch)]
+    axes = sequence_axes(
+        prefix,
+        cached,
+        [
+            {k: text[k] for k in text_inputs},
+            {k: np.pad(text[k], ((0, 0), (0, 4))) for k in text_inputs},
+        ],
+    )
+    rows = [
+        prefix.run(cached, {k: text[k][i : i + 1, : lengths[i]] for k in text_inputs})
+        for i in range(batch)
+    ]
     stacked = {n: pad_rows([r[j][0] for r in rows]) for j, n in enumerate(cached)}
     want = full.run(["loss"], {**batch_inputs, **point})[0]
     got = suffix.run(["loss"], {**stacked, **{k: batch_inputs[k] for k in direct}, **point})[0]
     diff = float(np.max(np.abs(want - got)))
     if not diff <= TOLERANCE:
-        raise BundleError(f"the split graph's loss differs from the full graph's by {diff:.3g}",
-                          "keep training on the full graph")
+        raise BundleError(
+            f"the split graph's loss differs from the full graph's by {diff:.3g}",
+            "keep training on the full graph",
+        )
     return axes
 
 

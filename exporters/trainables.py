@@ -30,7 +30,6 @@ from edgezo.errors import EdgezoError
 from .architectures import MODES, Architecture
 from .lora import apply_lora
 
-
 #: a ``freeze_a`` bundle's file of the frozen ``lora_A`` tensors (for the adapter hand-off)
 FROZEN_LORA_A = "lora_a.safetensors"
 
@@ -53,8 +52,7 @@ class LoraSettings:
     def to_json(self) -> dict:
         out = {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
         if self.layers is not None:
-            out["layers"] = (list(self.layers) if isinstance(self.layers, tuple)
-                             else self.layers)
+            out["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
         if self.freeze_a:
             out["freeze_a"] = True
         return out
@@ -101,7 +99,12 @@ def _select(
         if lora is None:
             raise ValueError("mode 'lora' needs LoraSettings")
         names = apply_lora(
-            model, lora.targets, lora.rank, lora.alpha, generator, excluded=arch.lora_excluded,
+            model,
+            lora.targets,
+            lora.rank,
+            lora.alpha,
+            generator,
+            excluded=arch.lora_excluded,
             layers=lora.layers,
         )
         params = dict(model.named_parameters())

@@ -148,7 +148,10 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         single="<cls> $A <sep>", special_tokens=[("<cls>", cls), ("<sep>", sep)]
     )
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", cls_token="<cls>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        cls_token="<cls>",
         sep_token="<sep>",
     ).save_pretrained(folder)
     build_tiny_encoder("bert", tok.get_vocab_size()).save_pretrained(folder)
@@ -198,8 +201,14 @@ def make_bundle(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return make
 
 
-MEMO = ["the cat sat on the mat.", "a dog ran in the park.", "we bake bread on sunday.",
-        "pepper likes long walks.", "the fjord is cold today.", "tea with honey at nine."]
+MEMO = [
+    "the cat sat on the mat.",
+    "a dog ran in the park.",
+    "we bake bread on sunday.",
+    "pepper likes long walks.",
+    "the fjord is cold today.",
+    "tea with honey at nine.",
+]
 
 
 @pytest.fixture(scope="module")

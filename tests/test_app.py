@@ -11,12 +11,30 @@ from safetensors.numpy import load_file
 from edgezo import Personalizer
 from edgezo.errors import DataError, EdgezoError
 
-NOTES = [{"text": t} for t in ["the cat sat on the mat.", "a dog ran in the park.",
-                               "we bake bread on sunday.", "pepper likes long walks.",
-                               "the fjord is cold today.", "tea with honey at nine."] * 3]
-KW = dict(batch_size=4, max_length=32, lr=3e-3, mu=1e-2, seed=0, threads=1,
-          estimator="central", q=1, direction="rademacher",
-          checkpoint_every=50)
+NOTES = [
+    {"text": t}
+    for t in [
+        "the cat sat on the mat.",
+        "a dog ran in the park.",
+        "we bake bread on sunday.",
+        "pepper likes long walks.",
+        "the fjord is cold today.",
+        "tea with honey at nine.",
+    ]
+    * 3
+]
+KW = dict(
+    batch_size=4,
+    max_length=32,
+    lr=3e-3,
+    mu=1e-2,
+    seed=0,
+    threads=1,
+    estimator="central",
+    q=1,
+    direction="rademacher",
+    checkpoint_every=50,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +45,19 @@ def bundle(make_bundle):
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory):
     path = tmp_path_factory.mktemp("dev") / "app-board.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "app-board", "description": "test", "family": "test", "memory_budget_mb": 4000,
-        "providers": ["CPUExecutionProvider"], "threads": 1, "max_batch_size": 2}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "app-board",
+                "description": "test",
+                "family": "test",
+                "memory_budget_mb": 4000,
+                "providers": ["CPUExecutionProvider"],
+                "threads": 1,
+                "max_batch_size": 2,
+            }
+        )
+    )
     return str(path)
 
 
@@ -108,8 +136,22 @@ def test_example_app_runs(bundle, profile, tmp_path):
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "example_app.py"
-    r = subprocess.run([sys.executable, str(tool), "--bundle", str(bundle), "--device", profile,
-                        "--app-dir", str(tmp_path / "app"), "--steps", "6"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(tool),
+            "--bundle",
+            str(bundle),
+            "--device",
+            profile,
+            "--app-dir",
+            str(tmp_path / "app"),
+            "--steps",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "[edgezo] step 6/6" in r.stdout and "loss of two texts after" in r.stdout

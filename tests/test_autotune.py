@@ -33,25 +33,40 @@ def lora_bundle(make_bundle):
 
 
 def cfg(bundle, data, out, **kw):
-    base = dict(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]), out=str(out),
-                steps=12, batch_size=4, max_length=32, eval_every=0, checkpoint_every=6,
-                seed=0, threads=1, autotune_steps=3, lr_race=True,
-                estimator="central", q=1, direction="rademacher")
+    base = dict(
+        bundle=str(bundle),
+        data=str(data[0]),
+        eval_data=str(data[1]),
+        out=str(out),
+        steps=12,
+        batch_size=4,
+        max_length=32,
+        eval_every=0,
+        checkpoint_every=6,
+        seed=0,
+        threads=1,
+        autotune_steps=3,
+        lr_race=True,
+        estimator="central",
+        q=1,
+        direction="rademacher",
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
 
-def test_run_without_hyperparameters_tunes_within_its_bound_and_replays(lora_bundle, data,
-                                                                       tmp_path):
+def test_run_without_hyperparameters_tunes_within_its_bound_and_replays(
+    lora_bundle, data, tmp_path
+):
     lines = []
     s = finetune(cfg(lora_bundle, data, tmp_path / "a"), log=lines.append, progress=False)
     run = Path(s.out)
     tuned = json.loads((run / "autotune.json").read_text())
     bound = at.worst_case_evaluations(3, 2, 4, at.PROBE_BATCHES * 4, True)
     assert 0 < s.tune_evaluations == tuned["evaluations"] <= bound
-    assert len(tuned["trials"]) >= 3 and all(np.isfinite(t["probe_loss"]) or
-                                             t["probe_loss"] == float("inf")
-                                             for t in tuned["trials"])
+    assert len(tuned["trials"]) >= 3 and all(
+        np.isfinite(t["probe_loss"]) or t["probe_loss"] == float("inf") for t in tuned["trials"]
+    )
     # the chosen values are what the run used, and a resumed run will find them in its config
     stored = yaml.safe_load((run / "config.yaml").read_text())
     assert stored["lr"] == s.lr == tuned["lr"] and stored["mu"] == s.mu == tuned["mu"]
@@ -72,18 +87,17 @@ def test_run_without_hyperparameters_tunes_within_its_bound_and_replays(lora_bun
 
 
 def test_given_lr_and_mu_or_autotune_off_spend_nothing(lora_bundle, data, tmp_path):
-    s = finetune(cfg(lora_bundle, data, tmp_path / "a", lr=3e-3, mu=1e-2), log=quiet,
-                 progress=False)
+    s = finetune(
+        cfg(lora_bundle, data, tmp_path / "a", lr=3e-3, mu=1e-2), log=quiet, progress=False
+    )
     assert s.tune_evaluations == 0 and s.lr == 3e-3
     assert not (Path(s.out) / "autotune.json").exists()
-    s = finetune(cfg(lora_bundle, data, tmp_path / "b", autotune=False), log=quiet,
-                 progress=False)
+    s = finetune(cfg(lora_bundle, data, tmp_path / "b", autotune=False), log=quiet, progress=False)
     assert s.tune_evaluations == 0 and s.lr == MODE_DEFAULTS["lora"]["lr"]
 
 
 def test_tuning_counts_against_the_evaluation_budget(lora_bundle, data, tmp_path):
-    s = finetune(cfg(lora_bundle, data, tmp_path / "a", eval_budget=60), log=quiet,
-                 progress=False)
+    s = finetune(cfg(lora_bundle, data, tmp_path / "a", eval_budget=60), log=quiet, progress=False)
     assert s.tune_evaluations + s.train_evaluations <= 60
     assert s.stop_reason != "completed"
 
@@ -94,9 +108,11 @@ def engine_for(bundle_path, seed=0):
 
 def fake_loss(engine, target):
     """A quadratic loss of θ: ||θ − target||² (the race only sees losses)."""
+
     def loss():
         d = engine.params.feed - target
         return float(np.dot(d, d))
+
     return loss
 
 
@@ -107,7 +123,8 @@ def test_race_moves_away_from_a_far_too_small_or_large_default(lora_bundle):
     best_lr = 1.0 / (2 * (engine.params.dim + 2))  # SPSA-SGD on ||θ − t||²: lr·d ≈ 1/2
     for default in (best_lr / 100, best_lr * 40):
         lr, before, trials, evals, note = at.select_lr(
-            engine, default, 1e-3, 4, lambda t: loss, loss, 1, quiet)
+            engine, default, 1e-3, 4, lambda t: loss, loss, 1, quiet
+        )
         assert not note and lr != default, trials
         assert abs(np.log(lr / best_lr)) < abs(np.log(default / best_lr)), (default, trials)
         assert evals == 1 + sum(t["evaluations"] for t in trials)
@@ -126,8 +143,9 @@ def test_race_leaves_theta_and_optimizer_state_untouched(lora_bundle):
 
 def test_no_candidate_that_learns_keeps_the_default_and_says_so(lora_bundle):
     engine = engine_for(lora_bundle)
-    lr, _, trials, _, note = at.select_lr(engine, 1e-3, 1e-3, 2, lambda t: (lambda: 1.0),
-                                          lambda: 1.0, 1, quiet)
+    lr, _, trials, _, note = at.select_lr(
+        engine, 1e-3, 1e-3, 2, lambda t: lambda: 1.0, lambda: 1.0, 1, quiet
+    )
     assert lr == 1e-3 and "kept the default" in note and len(trials) == 3
 
 
@@ -157,16 +175,18 @@ def test_a_run_never_ends_on_a_diverged_theta(lora_bundle, data, tmp_path, monke
     import edgezo.train as train
 
     monkeypatch.setattr(train, "diverged", lambda loss, best, tol: True)
-    s = finetune(cfg(lora_bundle, data, tmp_path / "a", lr=3e-3, mu=1e-2, steps=6,
-                     eval_every=6), log=quiet, progress=False)
+    s = finetune(
+        cfg(lora_bundle, data, tmp_path / "a", lr=3e-3, mu=1e-2, steps=6, eval_every=6),
+        log=quiet,
+        progress=False,
+    )
     records = Ledger.read(Path(s.out) / "ledger.jsonl").records
     assert records[-1]["status"] == "rollback" and records[-1]["to"] == 0, records[-1]
     assert s.heldout_after == pytest.approx(s.heldout_before, rel=1e-5)
 
 
 def test_lora_default_checks_mu_but_runs_its_measured_lr(lora_bundle, data, tmp_path):
-    s = finetune(cfg(lora_bundle, data, tmp_path / "a", lr_race=None), log=quiet,
-                 progress=False)
+    s = finetune(cfg(lora_bundle, data, tmp_path / "a", lr_race=None), log=quiet, progress=False)
     tuned = json.loads((Path(s.out) / "autotune.json").read_text())
     assert tuned["trials"] == [] and tuned["mu_trials"]  # μ checked, no lr race
     assert s.lr == MODE_DEFAULTS["lora"]["lr"]

@@ -13,8 +13,9 @@ from edgezo.errors import BundleError
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "edgezo.cli", *args], capture_output=True,
-                          text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "edgezo.cli", *args], capture_output=True, text=True
+    )
 
 
 @pytest.fixture
@@ -27,14 +28,28 @@ def bundle_copy(make_bundle, tmp_path):
 @pytest.fixture
 def good_data(tmp_path):
     p = tmp_path / "good.jsonl"
-    p.write_text("".join(json.dumps({"text": f"note {i} about the garden."}) + "\n"
-                         for i in range(12)))
+    p.write_text(
+        "".join(json.dumps({"text": f"note {i} about the garden."}) + "\n" for i in range(12))
+    )
     return p
 
 
 def finetune_args(bundle, data, out, *extra):
-    return ["finetune", "--bundle", str(bundle), "--data", str(data), "--out", str(out),
-            "--steps", "3", "--max-length", "32", "--no-progress", *extra]
+    return [
+        "finetune",
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--max-length",
+        "32",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_missing_bundle(tmp_path, good_data):
@@ -81,11 +96,14 @@ def test_corrupted_manifest(bundle_copy):
         load_bundle(bundle_copy)
 
 
-@pytest.mark.parametrize("content,match", [
-    ('{"text": "ok"}\n{broken\n', r"bad\.jsonl:2 is not valid JSON"),
-    ('{"text": "ok"}\n{"txt": "typo"}\n', r"bad\.jsonl:2 has neither"),
-    ("\n\n", "holds no examples"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"text": "ok"}\n{broken\n', r"bad\.jsonl:2 is not valid JSON"),
+        ('{"text": "ok"}\n{"txt": "typo"}\n', r"bad\.jsonl:2 has neither"),
+        ("\n\n", "holds no examples"),
+    ],
+)
 def test_bad_data_files(make_bundle, tmp_path, content, match):
     import re
 

@@ -21,8 +21,7 @@ def _batch(vocab: int) -> dict[str, np.ndarray]:
     ids = rng.integers(3, vocab, (3, 11))
     mask = np.ones_like(ids)
     mask[1, 6:] = 0  # right padding
-    return {"input_ids": ids, "attention_mask": mask,
-            "labels": np.where(mask == 1, ids, -100)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids, -100)}
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -32,8 +31,10 @@ def test_grouped_losses_equal_separate_calls(pair, groups):
 
     normal_path, grouped_path, specs, init, info = pair
     rng = np.random.default_rng(groups)
-    sets = [{k: (v + rng.normal(0, 0.2, v.shape)).astype(np.float32) for k, v in init.items()}
-            for _ in range(groups)]
+    sets = [
+        {k: (v + rng.normal(0, 0.2, v.shape)).astype(np.float32) for k, v in init.items()}
+        for _ in range(groups)
+    ]
     normal, grouped = ort_session(normal_path), ort_session(grouped_path)
     batch = _batch(info["vocab_size"])
     got = grouped.run(["loss"], grouped_feeds(batch, sets))[0]
@@ -51,8 +52,10 @@ def test_grouped_parity_check_catches_a_wrong_row(pair):
 
     normal_path, grouped_path, specs, init, info = pair
     rng = np.random.default_rng(0)
-    sets = [{k: (v + rng.normal(0, 0.2, v.shape)).astype(np.float32) for k, v in init.items()}
-            for _ in range(2)]
+    sets = [
+        {k: (v + rng.normal(0, 0.2, v.shape)).astype(np.float32) for k, v in init.items()}
+        for _ in range(2)
+    ]
 
     class Swapped:  # a grouped "graph" that returns the rows in the wrong order
         def run(self, names, feeds):
@@ -60,8 +63,7 @@ def test_grouped_parity_check_catches_a_wrong_row(pair):
             return [out[::-1]]
 
     with pytest.raises(EdgezoError, match="differ from the separate calls"):
-        check_grouped_parity(Swapped(), ort_session(normal_path), _batch(info["vocab_size"]),
-                             sets)
+        check_grouped_parity(Swapped(), ort_session(normal_path), _batch(info["vocab_size"]), sets)
 
 
 def test_grouped_graph_is_lora_only(tiny_hf_dir):

@@ -36,9 +36,15 @@ def cls_bundle(tiny_bert_dir, tmp_path_factory):
     def make(mode: str = "head", **kw) -> Path:
         key = repr((mode, sorted(kw.items())))
         if key not in cache:
-            cache[key] = export_bundle(tiny_bert_dir, root / f"{mode}-{len(cache)}",
-                                       task="classification", labels=kw.pop("labels", LABELS),
-                                       mode=mode, progress=None, **kw)
+            cache[key] = export_bundle(
+                tiny_bert_dir,
+                root / f"{mode}-{len(cache)}",
+                task="classification",
+                labels=kw.pop("labels", LABELS),
+                mode=mode,
+                progress=None,
+                **kw,
+            )
         return cache[key]
 
     return make
@@ -64,20 +70,29 @@ def test_head_bundle_manifest_and_zero_head(cls_bundle):
     m = b.manifest
     assert m.task == "classification" and m.labels == LABELS
     assert [(s.name, s.shape, s.role) for s in m.trainable] == [
-        ("classifier.weight", (3, 32), "head"), ("classifier.bias", (3,), "head")]
-    assert [(o.name, o.shape) for o in m.outputs] == [("loss", ("batch",)), ("logits",
-                                                                           ("batch", 3))]
-    assert [i.shape for i in m.inputs] == [("batch", "sequence"), ("batch", "sequence"),
-                                           ("batch",)]
+        ("classifier.weight", (3, 32), "head"),
+        ("classifier.bias", (3,), "head"),
+    ]
+    assert [(o.name, o.shape) for o in m.outputs] == [
+        ("loss", ("batch",)),
+        ("logits", ("batch", 3)),
+    ]
+    assert [i.shape for i in m.inputs] == [("batch", "sequence"), ("batch", "sequence"), ("batch",)]
     assert m.architecture["head_init"] == "zero"
     assert m.parity["max_abs_diff"] < 1e-5 and m.parity["logits_max_abs_diff"] < 1e-5
     values = b.initial_trainable()
     assert not values["classifier.weight"].any() and not values["classifier.bias"].any()
     # a zero head: every class equally likely, loss ln(3)
     ids = np.array([[5, 6, 7, 8, 0], [9, 10, 11, 0, 0]])
-    loss, logits = session_of(b.path).run(None, {
-        "input_ids": ids, "attention_mask": (ids != 0).astype(np.int64),
-        "labels": np.array([0, 2]), **values})
+    loss, logits = session_of(b.path).run(
+        None,
+        {
+            "input_ids": ids,
+            "attention_mask": (ids != 0).astype(np.int64),
+            "labels": np.array([0, 2]),
+            **values,
+        },
+    )
     np.testing.assert_allclose(loss, np.log(3.0), rtol=1e-6)
     assert not logits.any()
 
@@ -89,11 +104,14 @@ def test_random_head_init(cls_bundle):
     assert 0.005 < float(w.std()) < 0.05
 
 
-@pytest.mark.parametrize(("mode", "count", "name"), [
-    ("lora", 10, "bert.encoder.layer.1.attention.self.value.lora_B.weight"),
-    ("norms", 12, "bert.embeddings.LayerNorm.weight"),
-    ("full", 37, "bert.embeddings.word_embeddings.weight"),
-])
+@pytest.mark.parametrize(
+    ("mode", "count", "name"),
+    [
+        ("lora", 10, "bert.encoder.layer.1.attention.self.value.lora_B.weight"),
+        ("norms", 12, "bert.embeddings.LayerNorm.weight"),
+        ("full", 37, "bert.embeddings.word_embeddings.weight"),
+    ],
+)
 def test_modes_train_the_head_too(cls_bundle, mode, count, name):
     m = load_bundle(cls_bundle(mode)).manifest
     names = [s.name for s in m.trainable]
@@ -115,9 +133,16 @@ def test_onnx_logits_match_mean_pooled_torch(cls_bundle, tiny_bert_dir):
     mask = np.ones_like(ids)
     mask[1, 5:] = 0
     ids[1, 5:] = 0
-    _, logits = session_of(b.path).run(None, {
-        "input_ids": ids, "attention_mask": mask, "labels": np.array([0, 1]),
-        "classifier.weight": w, "classifier.bias": bias})
+    _, logits = session_of(b.path).run(
+        None,
+        {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": np.array([0, 1]),
+            "classifier.weight": w,
+            "classifier.bias": bias,
+        },
+    )
     enc = BertModel.from_pretrained(tiny_bert_dir, add_pooling_layer=False).eval()
     with torch.no_grad():
         h = enc(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
@@ -130,10 +155,21 @@ def test_finetune_head_lowers_loss_and_eval_reports_accuracy(cls_bundle, tmp_pat
     bundle = cls_bundle("head")
     train = toy_data(tmp_path / "train.jsonl", 60, seed=0)
     held = toy_data(tmp_path / "held.jsonl", 30, seed=1, as_ids=True)  # ids work as labels
-    cfg = FinetuneConfig(bundle=str(bundle), data=str(train), eval_data=str(held),
-                         out=str(tmp_path / "run"), steps=60, batch_size=8, q=4,
-                         estimator="onesided", optimizer="adam", lr=0.05, mu=1e-3,
-                         eval_every=0, checkpoint_every=60)
+    cfg = FinetuneConfig(
+        bundle=str(bundle),
+        data=str(train),
+        eval_data=str(held),
+        out=str(tmp_path / "run"),
+        steps=60,
+        batch_size=8,
+        q=4,
+        estimator="onesided",
+        optimizer="adam",
+        lr=0.05,
+        mu=1e-3,
+        eval_every=0,
+        checkpoint_every=60,
+    )
     s = finetune(cfg, log=lambda _line: None, progress=False)
     assert s.heldout_after < s.heldout_before - 0.2
     assert s.heldout_accuracy_before == pytest.approx(1 / 3)  # zero head: argmax picks class 0
@@ -157,8 +193,11 @@ def test_finetune_head_lowers_loss_and_eval_reports_accuracy(cls_bundle, tmp_pat
 def test_unknown_label_names_line_label_and_known_labels(cls_bundle, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "abc", "label": "sweet"}\n{"text": "ghi", "label": "bitter"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: label 'bitter' is not one of .*"
-                       r"0=sweet, 1=sour, 2=salty"):
+    with pytest.raises(
+        DataError,
+        match=r"bad.jsonl:2: label 'bitter' is not one of .*"
+        r"0=sweet, 1=sour, 2=salty",
+    ):
         evaluate(str(cls_bundle("head")), str(bad))
     bad.write_text('{"text": "abc", "label": 3}\n')
     with pytest.raises(DataError, match="label 3 is not one of"):
@@ -179,17 +218,31 @@ def test_export_errors(tiny_bert_dir, tiny_hf_dir, tmp_path):
     with pytest.raises(EdgezoError, match="an encoder"):
         export_bundle(tiny_bert_dir, tmp_path / "a", progress=None)  # task causal_lm
     with pytest.raises(EdgezoError, match="a causal LM"):
-        export_bundle(tiny_hf_dir, tmp_path / "b", task="classification", labels=LABELS,
-                      progress=None)
+        export_bundle(
+            tiny_hf_dir, tmp_path / "b", task="classification", labels=LABELS, progress=None
+        )
     with pytest.raises(EdgezoError, match="two or more distinct label names"):
-        export_bundle(tiny_bert_dir, tmp_path / "c", task="classification", labels=["a", "a"],
-                      progress=None)
+        export_bundle(
+            tiny_bert_dir, tmp_path / "c", task="classification", labels=["a", "a"], progress=None
+        )
     with pytest.raises(EdgezoError, match="not one for classification"):
-        export_bundle(tiny_bert_dir, tmp_path / "d", task="classification", labels=LABELS,
-                      mode="scales", progress=None)
+        export_bundle(
+            tiny_bert_dir,
+            tmp_path / "d",
+            task="classification",
+            labels=LABELS,
+            mode="scales",
+            progress=None,
+        )
     with pytest.raises(EdgezoError, match="do not apply to task classification"):
-        export_bundle(tiny_bert_dir, tmp_path / "e", task="classification", labels=LABELS,
-                      quantize="int8", progress=None)
+        export_bundle(
+            tiny_bert_dir,
+            tmp_path / "e",
+            task="classification",
+            labels=LABELS,
+            quantize="int8",
+            progress=None,
+        )
     assert not any((tmp_path / x).exists() for x in "abcde")
 
 
@@ -200,11 +253,33 @@ def test_cli_export_with_labels_from_file(tiny_bert_dir, tmp_path):
 
     data = toy_data(tmp_path / "d.jsonl", 6, seed=0)
     out = tmp_path / "bundle"
-    r = CliRunner().invoke(main, ["export", "--model", str(tiny_bert_dir), "--out", str(out),
-                                  "--task", "classification", "--labels-from", str(data)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            "--model",
+            str(tiny_bert_dir),
+            "--out",
+            str(out),
+            "--task",
+            "classification",
+            "--labels-from",
+            str(data),
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = load_bundle(out).manifest
     assert m.labels == LABELS and m.trainable_mode == "head"
-    r = CliRunner().invoke(main, ["export", "--model", str(tiny_bert_dir), "--out",
-                                  str(tmp_path / "x"), "--task", "classification"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            "--model",
+            str(tiny_bert_dir),
+            "--out",
+            str(tmp_path / "x"),
+            "--task",
+            "classification",
+        ],
+    )
     assert r.exit_code == 2 and "needs the label set" in r.output

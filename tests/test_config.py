@@ -18,13 +18,16 @@ def test_unknown_key_suggests(tmp_path):
         FinetuneConfig.load(str(p))
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"q": 0}, "q must be >= 1"),
-    ({"mu": -1.0}, "mu must be > 0"),
-    ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
-    ({"schedule": "exp"}, "schedule must be one of"),
-    ({"steps": "many"}, "steps must be an integer"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"q": 0}, "q must be >= 1"),
+        ({"mu": -1.0}, "mu must be > 0"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"schedule": "exp"}, "schedule must be one of"),
+        ({"steps": "many"}, "steps must be an integer"),
+    ],
+)
 def test_invalid_values_name_the_field(overrides, match):
     with pytest.raises(ConfigError, match=match):
         FinetuneConfig.load(None, overrides)
@@ -41,14 +44,28 @@ def test_per_mode_recipes_resolve_and_explicit_fields_win():
 
     lora = FinetuneConfig().resolved("lora")
     assert (lora.estimator, lora.q, lora.direction, lora.optimizer, lora.momentum) == (
-        "onesided", 4, "sphere", "sgd", 0.9)
+        "onesided",
+        4,
+        "sphere",
+        "sgd",
+        0.9,
+    )
     assert (lora.lr, lora.mu, lora.steps, lora.lr_race) == (1e-3, 1e-2, 100, False)
     assert FinetuneConfig().resolved("head").lr_race is True
     head = FinetuneConfig().resolved("head")
     assert (head.estimator, head.q, head.optimizer, head.momentum, head.steps) == (
-        "onesided", 8, "adam", 0.0, 2000)
+        "onesided",
+        8,
+        "adam",
+        0.0,
+        2000,
+    )
     norms = FinetuneConfig().resolved("norms")
     assert (norms.estimator, norms.q, norms.direction, norms.steps) == (
-        "central", 1, "rademacher", 200)
+        "central",
+        1,
+        "rademacher",
+        200,
+    )
     mine = FinetuneConfig(estimator="central", q=2, steps=7, optimizer="adam").resolved("lora")
     assert (mine.estimator, mine.q, mine.steps, mine.momentum) == ("central", 2, 7, 0.0)

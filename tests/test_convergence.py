@@ -15,8 +15,9 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 @pytest.fixture(scope="module")
 def conv():
-    spec = importlib.util.spec_from_file_location("edgezo_tool_convergence",
-                                                  TOOLS / "convergence.py")
+    spec = importlib.util.spec_from_file_location(
+        "edgezo_tool_convergence", TOOLS / "convergence.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -29,7 +30,11 @@ def test_configs_are_valid_and_include_mezo_and_default(conv):
     assert conv.CONFIGS["default"] == {}
     mezo = conv.CONFIGS["mezo"]
     assert (mezo["direction"], mezo["q"], mezo["estimator"], mezo["optimizer"]) == (
-        "gaussian", 1, "central", "sgd")
+        "gaussian",
+        1,
+        "central",
+        "sgd",
+    )
     assert (mezo["momentum"], mezo["lr"], mezo["mu"]) == (0.0, 1e-4, 1e-2)
     for overrides in conv.CONFIGS.values():
         FinetuneConfig(**overrides)  # validates
@@ -39,8 +44,9 @@ def test_runs_count_training_evaluations_and_are_reused(conv, make_bundle, tmp_p
     bundle = str(make_bundle("lora"))
     held = conv.heldout_subset(8, tmp_path)
     assert len(held.read_text().splitlines()) == 8
-    kw = dict(max_evals=15, eval_every_evals=4, heldout_file=held, bundle=bundle,
-              log=lambda _m: None)
+    kw = dict(
+        max_evals=15, eval_every_evals=4, heldout_file=held, bundle=bundle, log=lambda _m: None
+    )
     res = conv.run_config("onesided-q4", conv.CONFIGS["onesided-q4"], 0, tmp_path, **kw)
     # onesided q=4: 5 evaluations per step, 3 steps; held-out every round(4/5)=1 step
     assert res.train_evaluations == 15
@@ -59,8 +65,12 @@ def test_runs_count_training_evaluations_and_are_reused(conv, make_bundle, tmp_p
 
 
 def test_evaluations_spent_before_training_are_counted(conv):
-    assert conv.extra_evaluations({"train_evaluations": 40, "eval_evaluations": 9,
-                                   "autotune_evaluations": 12, "steps": 3}) == 12
+    assert (
+        conv.extra_evaluations(
+            {"train_evaluations": 40, "eval_evaluations": 9, "autotune_evaluations": 12, "steps": 3}
+        )
+        == 12
+    )
     assert conv.extra_evaluations({"train_evaluations": 40, "eval_evaluations": 9}) == 0
 
 
@@ -71,15 +81,39 @@ def test_median_counts_a_miss_as_infinite(conv):
 
 def test_main_writes_table_json_and_png(conv, make_bundle, tmp_path, capsys):
     out = tmp_path / "conv"
-    conv.main(["--seeds", "0", "1", "--configs", "mezo", "default", "--max-evals", "6",
-               "--eval-every-evals", "2", "--heldout", "6", "--target", "100",
-               "--bundle", str(make_bundle("lora")), "--out", str(out), "--quiet"])
+    conv.main(
+        [
+            "--seeds",
+            "0",
+            "1",
+            "--configs",
+            "mezo",
+            "default",
+            "--max-evals",
+            "6",
+            "--eval-every-evals",
+            "2",
+            "--heldout",
+            "6",
+            "--target",
+            "100",
+            "--bundle",
+            str(make_bundle("lora")),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     text = capsys.readouterr().out
     assert "mezo" in text and "default" in text and "lr=0.0001" in text
     assert (out / "convergence.png").stat().st_size > 1000
     data = json.loads((out / "convergence.json").read_text())
     assert [(r["config"], r["seed"]) for r in data["runs"]] == [
-        ("mezo", 0), ("mezo", 1), ("default", 0), ("default", 1)]
+        ("mezo", 0),
+        ("mezo", 1),
+        ("default", 0),
+        ("default", 1),
+    ]
     # a target above every loss is reached at the first measurement: 0 evaluations for mezo
     # (lr and μ given); the default's first point comes after its lr/μ selection, if any
     assert all(r["evals"][0] == r["extra_evaluations"] for r in data["runs"])

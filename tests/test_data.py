@@ -29,8 +29,13 @@ def write(tmp_path, lines, name="d.jsonl"):
 
 
 def test_text_and_prompt_completion(tmp_path, tok):
-    p = write(tmp_path, [json.dumps({"text": "the cat sat"}),
-                         json.dumps({"prompt": "q :", "completion": "answer"})])
+    p = write(
+        tmp_path,
+        [
+            json.dumps({"text": "the cat sat"}),
+            json.dumps({"prompt": "q :", "completion": "answer"}),
+        ],
+    )
     ex = tokenize(read_jsonl(p), tok, SPEC, max_length=16)
     assert ex[0].labels == ex[0].input_ids  # loss on every token, eos included
     assert ex[0].input_ids[-1] == 1
@@ -48,12 +53,15 @@ def test_padding_is_masked(tmp_path, tok):
     assert b["labels"][0].tolist()[2:] == [IGNORE] * 3
 
 
-@pytest.mark.parametrize("line,match", [
-    ("{not json", r"d\.jsonl:2 is not valid JSON"),
-    ("[1, 2]", r"d\.jsonl:2 is a JSON list"),
-    ('{"body": "x"}', r'd\.jsonl:2 has neither "text" nor "prompt"\+"completion"'),
-    ('{"text": 3}', r'd\.jsonl:2: "text" must be a string'),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("{not json", r"d\.jsonl:2 is not valid JSON"),
+        ("[1, 2]", r"d\.jsonl:2 is a JSON list"),
+        ('{"body": "x"}', r'd\.jsonl:2 has neither "text" nor "prompt"\+"completion"'),
+        ('{"text": 3}', r'd\.jsonl:2: "text" must be a string'),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, tok, line, match):
     p = write(tmp_path, [json.dumps({"text": "a"}), line])
     with pytest.raises(DataError, match=match):

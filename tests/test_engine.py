@@ -14,11 +14,16 @@ SPECS = [TensorSpec("a", (3, 4)), TensorSpec("b", (5,))]
 @pytest.fixture
 def bundle(tmp_path):
     rng = np.random.default_rng(0)
-    save_file({"a": rng.normal(size=(3, 4)).astype(np.float32),
-               "b": rng.normal(size=5).astype(np.float32)},
-              str(tmp_path / "trainable.safetensors"))
-    m = Manifest(task="causal_lm", architecture={}, trainable_mode="full", inputs=[],
-                 trainable=SPECS)
+    save_file(
+        {
+            "a": rng.normal(size=(3, 4)).astype(np.float32),
+            "b": rng.normal(size=5).astype(np.float32),
+        },
+        str(tmp_path / "trainable.safetensors"),
+    )
+    m = Manifest(
+        task="causal_lm", architecture={}, trainable_mode="full", inputs=[], trainable=SPECS
+    )
     return Bundle(path=tmp_path, manifest=m)
 
 
@@ -38,14 +43,31 @@ def run(bundle, settings, steps=60, lr=0.02, mu=1e-3):
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("momentum,q,direction,lr", [(0.0, 1, "rademacher", 0.02),
-                                                      (0.9, 3, "gaussian", 0.003)])
+@pytest.mark.parametrize(
+    "momentum,q,direction,lr", [(0.0, 1, "rademacher", 0.02), (0.9, 3, "gaussian", 0.003)]
+)
 def test_descends_and_replays_bit_exactly(bundle, inplace, momentum, q, direction, lr):
-    s = EngineSettings(seed=11, direction=direction, q=q, momentum=momentum, inplace=inplace,
-                       weight_decay=0.01, clip=50.0)
+    s = EngineSettings(
+        seed=11,
+        direction=direction,
+        q=q,
+        momentum=momentum,
+        inplace=inplace,
+        weight_decay=0.01,
+        clip=50.0,
+    )
     eng, records, final = run(bundle, s, lr=lr)
-    start = float(np.sum((np.concatenate([bundle.initial_trainable()["a"].ravel(),
-                                          bundle.initial_trainable()["b"]]) - TARGET) ** 2))
+    start = float(
+        np.sum(
+            (
+                np.concatenate(
+                    [bundle.initial_trainable()["a"].ravel(), bundle.initial_trainable()["b"]]
+                )
+                - TARGET
+            )
+            ** 2
+        )
+    )
     assert final < 0.5 * start
     again, _, _ = run(bundle, s, lr=lr)
     assert np.array_equal(again.params.master, eng.params.master)  # same seed, same bits

@@ -85,9 +85,25 @@ def test_advise_q_runs_on_a_tiny_bundle(make_bundle, tmp_path, capsys):
     data = tmp_path / "notes.jsonl"
     lines = [f"note {i}: the tea was hot and the run was {i + 3} km." for i in range(12)]
     data.write_text("\n".join(json.dumps({"text": t}) for t in lines) + "\n")
-    advice = advise_q.main(["--bundle", str(bundle), "--data", str(data), "--qs", "1", "4",
-                            "--trials", "3", "--batch-size", "2", "--max-length", "24",
-                            "--threads", "1"])
+    advice = advise_q.main(
+        [
+            "--bundle",
+            str(bundle),
+            "--data",
+            str(data),
+            "--qs",
+            "1",
+            "4",
+            "--trials",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "24",
+            "--threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert [r["q"] for r in advice.rows] == [1, 4]
     for r in advice.rows:

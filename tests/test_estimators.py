@@ -31,8 +31,9 @@ def make_bundle(path, specs=SPECS):
         x = rng.normal(size=sp.shape)
         tensors[sp.name] = (np.exp(0.3 * x) if sp.positive else x).astype(np.float32)
     save_file(tensors, str(path / "trainable.safetensors"))
-    m = Manifest(task="causal_lm", architecture={}, trainable_mode="full", inputs=[],
-                 trainable=list(specs))
+    m = Manifest(
+        task="causal_lm", architecture={}, trainable_mode="full", inputs=[], trainable=list(specs)
+    )
     return Bundle(path=path, manifest=m)
 
 
@@ -59,9 +60,18 @@ def train(bundle, s, steps=60, lr=0.02, mu=1e-2):
 @pytest.mark.parametrize("opt", OPTS)
 @pytest.mark.parametrize("est", ESTS)
 def test_descends_and_replays_bit_exactly(bundle, est, opt, kind, inplace):
-    s = EngineSettings(seed=5, direction=kind, estimator=est, optimizer=opt, q=2,
-                       momentum=0.5 if opt != "adam" else 0.0, inplace=inplace,
-                       weight_decay=1e-3, clip=100.0, mu_floor=1e-5)
+    s = EngineSettings(
+        seed=5,
+        direction=kind,
+        estimator=est,
+        optimizer=opt,
+        q=2,
+        momentum=0.5 if opt != "adam" else 0.0,
+        inplace=inplace,
+        weight_decay=1e-3,
+        clip=100.0,
+        mu_floor=1e-5,
+    )
     eng, records, final = train(bundle, s, lr=LR[opt])
     start = ZOEngine(bundle, s)
     start.perturber.at_theta()
@@ -72,8 +82,10 @@ def test_descends_and_replays_bit_exactly(bundle, est, opt, kind, inplace):
     for r in records:
         rep.replay(r)
     assert np.array_equal(rep.params.master, eng.params.master)
-    assert all(np.array_equal(a, b) for a, b in zip(rep.optimizer.state().values(),
-                                                    eng.optimizer.state().values(), strict=True))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(rep.optimizer.state().values(), eng.optimizer.state().values(), strict=True)
+    )
 
 
 @pytest.mark.parametrize("est", ESTS)
@@ -81,8 +93,12 @@ def test_same_seed_same_bits_other_seed_other_bits(bundle, est):
     s = EngineSettings(seed=3, estimator=est, optimizer="adam", direction="sphere")
     a, _, _ = train(bundle, s, steps=8, lr=0.05)
     b, _, _ = train(bundle, s, steps=8, lr=0.05)
-    c, _, _ = train(bundle, EngineSettings(seed=4, estimator=est, optimizer="adam",
-                                           direction="sphere"), steps=8, lr=0.05)
+    c, _, _ = train(
+        bundle,
+        EngineSettings(seed=4, estimator=est, optimizer="adam", direction="sphere"),
+        steps=8,
+        lr=0.05,
+    )
     assert np.array_equal(a.params.master, b.params.master)
     assert not np.array_equal(a.params.master, c.params.master)
 
@@ -102,8 +118,9 @@ def test_evals_per_step_matches_the_record(bundle):
         assert eng.estimator.evals_per_step == expect
         assert all(len(r["losses"]) == expect for r in records)
     for est in ("p3", "p4"):  # an expected value: the ledger holds the actual counts
-        eng, records, _ = train(bundle, EngineSettings(seed=0, estimator=est, q=2), steps=200,
-                                lr=0.0)
+        eng, records, _ = train(
+            bundle, EngineSettings(seed=0, estimator=est, q=2), steps=200, lr=0.0
+        )
         mean = np.mean([len(r["losses"]) for r in records])
         assert abs(mean - eng.estimator.evals_per_step) < 0.3
 
@@ -119,8 +136,9 @@ def test_mu_floor_hits_are_counted_in_the_record(bundle):
 # -- statistics on a quadratic ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("est,schedule", [("p4", "geometric"), ("p4", "zipf"),
-                                          ("p3", "geometric"), ("p3", "zipf")])
+@pytest.mark.parametrize(
+    "est,schedule", [("p4", "geometric"), ("p4", "zipf"), ("p3", "geometric"), ("p3", "zipf")]
+)
 def test_multilevel_is_unbiased_where_one_sided_is_not(tmp_path, est, schedule):
     # f(x) = Σ w (x − t)² is a quadratic: D(μ) = ∇fᵀz + μ zᵀWz, so the one-sided estimate is
     # biased by μ·E[zᵀWz] = μ·tr(W) while P3/P4 telescope to D(0) = ∇fᵀz.
@@ -130,8 +148,9 @@ def test_multilevel_is_unbiased_where_one_sided_is_not(tmp_path, est, schedule):
     mu, n = 0.5, 600
 
     def errors(name):
-        eng = ZOEngine(b, EngineSettings(seed=7, estimator=name, level_schedule=schedule,
-                                         mu_floor=1e-4))
+        eng = ZOEngine(
+            b, EngineSettings(seed=7, estimator=name, level_schedule=schedule, mu_floor=1e-4)
+        )
         feed, x = eng.params.feed, eng.params.master.astype(np.float64)
         grad = 2 * w * (x - t)
         f = lambda: float(np.sum(w * (feed.astype(np.float64) - t) ** 2))  # noqa: E731
@@ -171,42 +190,60 @@ def test_dap_aligned_direction_has_unit_component_along_the_pilot(tmp_path):
             unit = gt / np.linalg.norm(gt)
             assert math.isclose(zu[a:e] @ unit, xi, abs_tol=1e-5)
             # the component orthogonal to the pilot is z's
-            np.testing.assert_allclose(zu[a:e] - (zu[a:e] @ unit) * unit,
-                                       zz[a:e] - (zz[a:e] @ unit) * unit, atol=1e-5)
+            np.testing.assert_allclose(
+                zu[a:e] - (zu[a:e] @ unit) * unit, zz[a:e] - (zz[a:e] @ unit) * unit, atol=1e-5
+            )
     assert DAP.aligned(eng.perturber, plain(4, 0), v, 0.0, 1.0) == plain(4, 0)
 
 
 # -- configuration ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"q": 0}, "q must be >= 1"),
-    ({"mu": 0.0}, "mu must be > 0"),
-    ({"mu": -1e-3}, "mu must be > 0"),
-    ({"level_ratio": 1.2}, "level_ratio must be in"),
-    ({"level_ratio": -0.5}, "level_ratio must be in"),
-    ({"zipf_s": 1.0}, "zipf_s must be > 1"),
-    ({"mu_floor": 0.0}, "mu_floor must be > 0"),
-    ({"estimator": "p4", "mu": 1e-3, "mu_floor": 1e-2}, "mu_floor .* must be below mu"),
-    ({"adam_beta2": 1.0}, "adam_beta2 must be in"),
-    ({"adam_eps": 0.0}, "adam_eps must be > 0"),
-    ({"optimizer": "rmsprop"}, "optimizer must be one of"),
-    ({"estimator": "spsa"}, "estimator must be one of"),
-    ({"direction": "uniform"}, "direction must be one of"),
-    ({"optimizer": "adam", "momentum": 0.9}, "momentum .* is for optimizer sgd or sign"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"q": 0}, "q must be >= 1"),
+        ({"mu": 0.0}, "mu must be > 0"),
+        ({"mu": -1e-3}, "mu must be > 0"),
+        ({"level_ratio": 1.2}, "level_ratio must be in"),
+        ({"level_ratio": -0.5}, "level_ratio must be in"),
+        ({"zipf_s": 1.0}, "zipf_s must be > 1"),
+        ({"mu_floor": 0.0}, "mu_floor must be > 0"),
+        ({"estimator": "p4", "mu": 1e-3, "mu_floor": 1e-2}, "mu_floor .* must be below mu"),
+        ({"adam_beta2": 1.0}, "adam_beta2 must be in"),
+        ({"adam_eps": 0.0}, "adam_eps must be > 0"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"estimator": "spsa"}, "estimator must be one of"),
+        ({"direction": "uniform"}, "direction must be one of"),
+        ({"optimizer": "adam", "momentum": 0.9}, "momentum .* is for optimizer sgd or sign"),
+    ],
+)
 def test_config_validation_names_the_field(overrides, match):
     with pytest.raises(ConfigError, match=match):
         FinetuneConfig.load(overrides=overrides)
 
 
 def test_new_choices_load_and_old_ledger_headers_stay_readable():
-    cfg = FinetuneConfig.load(overrides={"estimator": "dap", "optimizer": "adam",
-                                         "direction": "sphere", "level_schedule": "zipf"})
+    cfg = FinetuneConfig.load(
+        overrides={
+            "estimator": "dap",
+            "optimizer": "adam",
+            "direction": "sphere",
+            "level_schedule": "zipf",
+        }
+    )
     assert (cfg.estimator, cfg.optimizer, cfg.direction) == ("dap", "adam", "sphere")
     assert cfg.resolved("lora").momentum == 0.0  # the mode's SGD momentum is not Adam's
-    old = {"seed": 1, "direction": "gaussian", "estimator": "central", "q": 1, "momentum": 0.9,
-           "weight_decay": 0.0, "clip": None, "inplace": False}  # a header from edgezo 0.1
+    old = {
+        "seed": 1,
+        "direction": "gaussian",
+        "estimator": "central",
+        "q": 1,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "clip": None,
+        "inplace": False,
+    }  # a header from edgezo 0.1
     s = EngineSettings.from_dict(old)
     assert s.optimizer == "sgd" and s.momentum == 0.9
 

@@ -13,23 +13,50 @@ from edgezo.replay import replay
 from edgezo.train import finetune
 
 
-@pytest.mark.parametrize("kw", [
-    dict(estimator="dap", optimizer="adam", direction="sphere", lr=1e-2),
-    dict(estimator="p4", level_schedule="zipf", optimizer="sign", direction="gaussian", q=2,
-         momentum=0.5, perturbation="inplace", lr=1e-3),
-    dict(estimator="p3", optimizer="sgd", direction="rademacher", mu_floor=5e-3, lr=3e-3),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(estimator="dap", optimizer="adam", direction="sphere", lr=1e-2),
+        dict(
+            estimator="p4",
+            level_schedule="zipf",
+            optimizer="sign",
+            direction="gaussian",
+            q=2,
+            momentum=0.5,
+            perturbation="inplace",
+            lr=1e-3,
+        ),
+        dict(estimator="p3", optimizer="sgd", direction="rademacher", mu_floor=5e-3, lr=3e-3),
+    ],
+)
 def test_finetune_then_replay_bit_exactly(make_bundle, tmp_path, kw):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in
-                            ["the cat sat on the mat.", "a dog ran in the park."] * 6))
+    data.write_text(
+        "".join(
+            json.dumps({"text": t}) + "\n"
+            for t in ["the cat sat on the mat.", "a dog ran in the park."] * 6
+        )
+    )
     bundle = make_bundle("lora")
-    cfg = FinetuneConfig(bundle=str(bundle), data=str(data), out=str(tmp_path / "run"),
-                         steps=6, batch_size=4, max_length=24, eval_every=0,
-                         checkpoint_every=3, mu=1e-2, seed=1, threads=1, **kw)
+    cfg = FinetuneConfig(
+        bundle=str(bundle),
+        data=str(data),
+        out=str(tmp_path / "run"),
+        steps=6,
+        batch_size=4,
+        max_length=24,
+        eval_every=0,
+        checkpoint_every=3,
+        mu=1e-2,
+        seed=1,
+        threads=1,
+        **kw,
+    )
     summary = finetune(cfg, log=lambda *a, **k: None, progress=False)
-    records = [json.loads(x) for x in (tmp_path / "run" / "ledger.jsonl").read_text()
-               .splitlines()[1:]]
+    records = [
+        json.loads(x) for x in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()[1:]
+    ]
     assert summary.train_evaluations == sum(len(r["losses"]) for r in records)
     if kw["estimator"] in ("p3", "p4"):
         assert all("mu_floor_hits" in r and "levels" in r for r in records)

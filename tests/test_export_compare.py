@@ -74,7 +74,19 @@ def test_edgezo_compare_command(make_bundle):
 
     from edgezo.cli import main as edgezo_main
 
-    r = CliRunner().invoke(edgezo_main, ["compare", "--bundle", str(make_bundle("lora")),
-                                         "--batch", "2", "--seq", "8", "--repeats", "1"])
+    r = CliRunner().invoke(
+        edgezo_main,
+        [
+            "compare",
+            "--bundle",
+            str(make_bundle("lora")),
+            "--batch",
+            "2",
+            "--seq",
+            "8",
+            "--repeats",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "onnxruntime CPUExecutionProvider" in r.output and "parity" in r.output

@@ -33,8 +33,9 @@ from edgezo.federated.protocol import parse_drops, round_pool
 from edgezo.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
-FED = FedSettings(rounds=5, local_steps=4, lr=1e-2, mu=1e-3, batch_size=8, pool_size=32,
-                  min_clients=1)
+FED = FedSettings(
+    rounds=5, local_steps=4, lr=1e-2, mu=1e-3, batch_size=8, pool_size=32, min_clients=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,12 @@ def data(bundle):
 
 def federation(bundle, data, tmp_path, fed=FED, n=3):
     server = FederationServer(bundle, fed, tmp_path / "ledger.jsonl", log=lambda _: None)
-    clients = {f"c{i}": FederationClient(bundle, f"c{i}", split_examples(data[0], i, n),
-                                         tmp_path / f"c{i}") for i in range(n)}
+    clients = {
+        f"c{i}": FederationClient(
+            bundle, f"c{i}", split_examples(data[0], i, n), tmp_path / f"c{i}"
+        )
+        for i in range(n)
+    }
     return server, clients
 
 
@@ -105,6 +110,7 @@ def test_dropped_client_does_not_stall_and_catches_up(bundle, data, tmp_path):
 
 def _corrupt(kind):
     """A function reply -> the bad message the server receives instead of/besides it."""
+
     def bad(r, cid, reply):
         m = dict(reply)
         if kind == "bundle":
@@ -134,19 +140,32 @@ def _corrupt(kind):
         elif kind == "spoof":
             m["client"] = "c0" if cid != "c0" else "c1"
         return m
+
     return bad
 
 
-REASONS = {"bundle": "bundle fingerprint", "nan": "non-finite", "inf": "non-finite",
-           "huge": "beyond float32", "gap": "ledger gap", "seed": "not in this round's pool",
-           "lengths": "malformed",
-           "missing": "malformed: no 'theta'", "type": "malformed", "digest": "differ",
-           "too_many": "at most", "not_a_dict": "malformed", "spoof": "came from"}
+REASONS = {
+    "bundle": "bundle fingerprint",
+    "nan": "non-finite",
+    "inf": "non-finite",
+    "huge": "beyond float32",
+    "gap": "ledger gap",
+    "seed": "not in this round's pool",
+    "lengths": "malformed",
+    "missing": "malformed: no 'theta'",
+    "type": "malformed",
+    "digest": "differ",
+    "too_many": "at most",
+    "not_a_dict": "malformed",
+    "spoof": "came from",
+}
 
 
 def _records(path):
-    return [{k: v for k, v in r.items() if k != "rejected"}
-            for r in Ledger.read(path / "ledger.jsonl").records]
+    return [
+        {k: v for k, v in r.items() if k != "rejected"}
+        for r in Ledger.read(path / "ledger.jsonl").records
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +182,9 @@ def test_bad_message_is_rejected_and_ledger_is_intact(bundle, data, honest, tmp_
     server, clients = federation(bundle, data, tmp_path / "bad")
     bad = _corrupt(kind)
     # client c1 sends a bad message before its honest reply in round 1
-    reports = run_rounds(server, clients, 2, tamper=lambda r, c, m: (
-        [bad(r, c, m), m] if (r, c) == (1, "c1") else [m]))
+    reports = run_rounds(
+        server, clients, 2, tamper=lambda r, c, m: [bad(r, c, m), m] if (r, c) == (1, "c1") else [m]
+    )
     assert reports[1].accepted == 3 and len(reports[1].rejected) == 1
     assert REASONS[kind] in reports[1].rejected[0][1]
     # the global ledger is exactly the honest federation's (but for the count of rejections)
@@ -193,8 +213,9 @@ def test_nonfinite_replies_only_leave_an_empty_round(bundle, data, tmp_path):
     fed = FedSettings(**{**FED.to_dict(), "min_clients": 2})
     server, clients = federation(bundle, data, tmp_path, fed)
     before = server.model.master.copy()
-    reports = run_rounds(server, clients, 1,
-                         tamper=lambda r, c, m: [_corrupt("nan")(r, c, m)] if c != "c0" else [m])
+    reports = run_rounds(
+        server, clients, 1, tamper=lambda r, c, m: [_corrupt("nan")(r, c, m)] if c != "c0" else [m]
+    )
     assert reports[0].status == "empty" and reports[0].accepted == 0
     rec = Ledger.read(tmp_path / "ledger.jsonl").records[0]
     assert rec["status"] == "empty" and rec["seeds"] == [] and rec["rejected"] == 2
@@ -263,8 +284,9 @@ def test_server_resumes_from_its_ledger(bundle, data, tmp_path):
     run_rounds(server, clients, 2)
     digest = server.model.digest()
     server.close()
-    again = FederationServer(bundle, FED, tmp_path / "ledger.jsonl", resume=True,
-                             log=lambda _: None)
+    again = FederationServer(
+        bundle, FED, tmp_path / "ledger.jsonl", resume=True, log=lambda _: None
+    )
     assert again.ledger_rounds == 2 and again.model.digest() == digest
 
 
@@ -298,29 +320,80 @@ def test_cli_local_engine(make_bundle, tmp_path):
     from edgezo.cli import main
 
     out = tmp_path / "fed"
-    res = CliRunner().invoke(main, [
-        "federate", "--bundle", str(make_bundle("lora")), "--engine", "local", "--rounds", "3",
-        "--lr", "1e-2", "--mu", "1e-3", "--batch-size", "8", "--max-length", "40",
-        "--drop", "1@1", "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "federate",
+            "--bundle",
+            str(make_bundle("lora")),
+            "--engine",
+            "local",
+            "--rounds",
+            "3",
+            "--lr",
+            "1e-2",
+            "--mu",
+            "1e-3",
+            "--batch-size",
+            "8",
+            "--max-length",
+            "40",
+            "--drop",
+            "1@1",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "round 2: held-out loss" in res.output and "3/3 clients hold" in res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heldout"][-1] < summary["heldout_before"]
     assert summary["history"][1]["accepted"] == 2
-    res = CliRunner().invoke(main, ["federate", "--bundle", str(make_bundle("lora")),
-                                    "--engine", "local", "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        ["federate", "--bundle", str(make_bundle("lora")), "--engine", "local", "--out", str(out)],
+    )
     assert res.exit_code == 2 and "already holds a federation" in res.output
-    res = CliRunner().invoke(main, [  # the server restarts: one more round, clients catch up
-        "federate", "--bundle", str(make_bundle("lora")), "--engine", "local", "--rounds", "4",
-        "--lr", "1e-2", "--mu", "1e-3", "--batch-size", "8", "--max-length", "40",
-        "--resume", "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [  # the server restarts: one more round, clients catch up
+            "federate",
+            "--bundle",
+            str(make_bundle("lora")),
+            "--engine",
+            "local",
+            "--rounds",
+            "4",
+            "--lr",
+            "1e-2",
+            "--mu",
+            "1e-3",
+            "--batch-size",
+            "8",
+            "--max-length",
+            "40",
+            "--resume",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "round 3: held-out loss" in res.output and "round 2:" not in res.output
     assert "3/3 clients hold" in res.output
     assert len(Ledger.read(out / "ledger.jsonl").records) == 4
     app = tmp_path / "app"
-    res = CliRunner().invoke(main, ["federate", "--bundle", str(make_bundle("lora")),
-                                    "--write-flwr-app", str(app), "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "federate",
+            "--bundle",
+            str(make_bundle("lora")),
+            "--write-flwr-app",
+            str(app),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     conf = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
@@ -345,21 +418,35 @@ def test_import_without_flower_and_without_torch(make_bundle):
         print("ok")
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 def test_flower_simulation_three_clients_with_a_dropout(make_bundle, tmp_path):
     """Flower's simulation engine (Ray): 3 virtual SuperNodes, partition 2 fails in round 1."""
     pytest.importorskip("flwr", reason="Flower is not installed: pip install 'edgezo[federated]'")
-    pytest.importorskip("ray", reason="Flower's simulation needs Ray: pip install "
-                        "'edgezo[federated]'")
+    pytest.importorskip(
+        "ray", reason="Flower's simulation needs Ray: pip install 'edgezo[federated]'"
+    )
     train, held = default_data()
-    cfg = {"bundle": str(make_bundle("lora")), "data": str(train), "eval-data": str(held),
-           "out": str(tmp_path / "run"), "client-state": str(tmp_path / "clients"),
-           "rounds": 3, "local-steps": 4, "lr": 1e-2, "mu": 1e-3, "batch-size": 8,
-           "min-clients": 2, "max-length": 40, "drop": "2@1", "wait-s": 30.0}
+    cfg = {
+        "bundle": str(make_bundle("lora")),
+        "data": str(train),
+        "eval-data": str(held),
+        "out": str(tmp_path / "run"),
+        "client-state": str(tmp_path / "clients"),
+        "rounds": 3,
+        "local-steps": 4,
+        "lr": 1e-2,
+        "mu": 1e-3,
+        "batch-size": 8,
+        "min-clients": 2,
+        "max-length": 40,
+        "drop": "2@1",
+        "wait-s": 30.0,
+    }
     code = textwrap.dedent(f"""
         import json
         from flwr.simulation import run_simulation
@@ -370,8 +457,14 @@ def test_flower_simulation_three_clients_with_a_dropout(make_bundle, tmp_path):
                        {{"num_cpus": 1, "num_gpus": 0.0}}, "init_args": {{"num_cpus": 2}}}})
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=240)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=240,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -54,7 +54,9 @@ def _batch(rows, pad=0):
 def test_manifest_lists_next_logits(bundle_path):
     m = load_bundle(bundle_path).manifest
     assert [(o.name, tuple(o.shape)) for o in m.outputs] == [
-        ("loss", ("batch",)), ("next_logits", ("batch", "vocab"))]
+        ("loss", ("batch",)),
+        ("next_logits", ("batch", "vocab")),
+    ]
     assert m.parity["next_logits_max_abs_diff"] <= m.parity["tolerance"]
 
 
@@ -98,8 +100,10 @@ def test_next_logits_match_pytorch(gen, tiny_hf_dir):
 
 def test_sampling_reproducible_with_seed_and_differs_across_seeds(gen):
     # the tiny random model is very peaked: a high temperature makes the draws matter
-    runs = [gen.generate(PROMPT, max_new_tokens=16, temperature=20.0, seed=s).token_ids
-            for s in (1, 1, 2, 3)]
+    runs = [
+        gen.generate(PROMPT, max_new_tokens=16, temperature=20.0, seed=s).token_ids
+        for s in (1, 1, 2, 3)
+    ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2] or runs[0] != runs[3]
     state = np.random.get_state()[1].copy()
@@ -157,20 +161,41 @@ def test_old_bundle_without_next_logits_is_refused(bundle_path, tmp_path):
 def test_cli_generate_and_compare(bundle_path, trained_file):
     from edgezo.cli import main
 
-    r = CliRunner().invoke(main, ["generate", "--bundle", str(bundle_path), "--prompt", PROMPT,
-                                  "--max-new-tokens", "6"])
+    r = CliRunner().invoke(
+        main,
+        ["generate", "--bundle", str(bundle_path), "--prompt", PROMPT, "--max-new-tokens", "6"],
+    )
     assert r.exit_code == 0, r.output
     assert r.output.rstrip("\n") == generate(bundle_path, PROMPT, max_new_tokens=6).text
-    r = CliRunner().invoke(main, ["generate", "--bundle", str(bundle_path), "--tensors",
-                                  str(trained_file), "--prompt", PROMPT, "--compare",
-                                  "--max-new-tokens", "6", "--temperature", "0.8",
-                                  "--top-k", "5", "--seed", "3"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            "--bundle",
+            str(bundle_path),
+            "--tensors",
+            str(trained_file),
+            "--prompt",
+            PROMPT,
+            "--compare",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "5",
+            "--seed",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "trained (" in r.output and "initial (bundle" in r.output
 
 
 def test_generate_imports_no_torch():
-    code = ("import sys, edgezo.generate, edgezo.cli; "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, edgezo.generate, edgezo.cli; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -48,8 +48,7 @@ def onnx_loss(bundle: Path, values: dict) -> np.ndarray:
     )[0]
 
 
-@pytest.mark.parametrize("layers, freeze_a", [(None, False), ("last:1", False),
-                                             ("last:1", True)])
+@pytest.mark.parametrize("layers, freeze_a", [(None, False), ("last:1", False), ("last:1", True)])
 def test_peft_adapter_matches_bundle_loss(make_bundle, tiny_hf_dir, tmp_path, layers, freeze_a):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM

@@ -10,8 +10,14 @@ from edgezo.ledger import Ledger
 
 
 def rec(step):
-    return {"step": step, "lr": 0.1, "mu": 0.01, "losses": [1.0 / 3, 2.0 / 7], "g": [0.1 + step],
-            "status": "ok"}
+    return {
+        "step": step,
+        "lr": 0.1,
+        "mu": 0.01,
+        "losses": [1.0 / 3, 2.0 / 7],
+        "g": [0.1 + step],
+        "status": "ok",
+    }
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -60,8 +66,11 @@ def test_gap_or_garbage_is_an_error(tmp_path):
 
 
 def test_checkpoint_belongs_to_its_bundle(tmp_path):
-    p = save_tensors_atomic(tmp_path / "c.safetensors", {"master": np.ones(4, np.float32)},
-                            metadata={"bundle": "aaa", "step": "7"})
+    p = save_tensors_atomic(
+        tmp_path / "c.safetensors",
+        {"master": np.ones(4, np.float32)},
+        metadata={"bundle": "aaa", "step": "7"},
+    )
     tensors, step = load_checkpoint(p, "aaa")
     assert step == 7 and tensors["master"].tolist() == [1, 1, 1, 1]
     with pytest.raises(CheckpointError, match="belongs to bundle aaa"):

@@ -18,8 +18,14 @@ from edgezo.profiles import load_profile
 from edgezo.runner import choose_provider
 from edgezo.train import finetune
 
-TEXTS = ["the cat sat on the mat.", "a dog ran in the park.", "we bake bread on sunday.",
-         "pepper likes long walks.", "the fjord is cold today.", "tea with honey at nine."]
+TEXTS = [
+    "the cat sat on the mat.",
+    "a dog ran in the park.",
+    "we bake bread on sunday.",
+    "pepper likes long walks.",
+    "the fjord is cold today.",
+    "tea with honey at nine.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +43,17 @@ def bundle(make_bundle):
 
 
 def profile_file(tmp_path, name="test-board", **fields):
-    body = {"name": name, "description": "a test board", "family": "test",
-            "memory_budget_mb": 4000, "providers": ["CPUExecutionProvider"], "threads": 1,
-            "max_batch_size": 8, "max_seq_len": 512, "checkpoint_every": 100}
+    body = {
+        "name": name,
+        "description": "a test board",
+        "family": "test",
+        "memory_budget_mb": 4000,
+        "providers": ["CPUExecutionProvider"],
+        "threads": 1,
+        "max_batch_size": 8,
+        "max_seq_len": 512,
+        "checkpoint_every": 100,
+    }
     body.update(fields)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body))
@@ -47,11 +61,25 @@ def profile_file(tmp_path, name="test-board", **fields):
 
 
 def cfg(bundle, data, out, **kw):
-    base = dict(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]), out=str(out),
-                steps=12, batch_size=4, max_length=32, eval_every=0, checkpoint_every=5,
-                lr=3e-3, mu=1e-2, seed=0, threads=1,
-                # the step mechanics under test, not the LoRA recipe (MODE_DEFAULTS)
-                estimator="central", q=1, direction="rademacher")
+    base = dict(
+        bundle=str(bundle),
+        data=str(data[0]),
+        eval_data=str(data[1]),
+        out=str(out),
+        steps=12,
+        batch_size=4,
+        max_length=32,
+        eval_every=0,
+        checkpoint_every=5,
+        lr=3e-3,
+        mu=1e-2,
+        seed=0,
+        threads=1,
+        # the step mechanics under test, not the LoRA recipe (MODE_DEFAULTS)
+        estimator="central",
+        q=1,
+        direction="rademacher",
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -77,8 +105,9 @@ class Log(list):
 @pytest.fixture(scope="module")
 def reference(bundle, data, tmp_path_factory):
     """The uninterrupted 12-step run every stopped-and-resumed run must reproduce."""
-    return finetune(cfg(bundle, data, tmp_path_factory.mktemp("ref") / "r"), log=Log(),
-                    progress=False)
+    return finetune(
+        cfg(bundle, data, tmp_path_factory.mktemp("ref") / "r"), log=Log(), progress=False
+    )
 
 
 # -- plan -------------------------------------------------------------------------------------
@@ -95,11 +124,13 @@ def test_plan_fits_and_does_not_fit_with_the_right_suggestion(bundle, tmp_path):
     prof = load_profile(profile_file(tmp_path, memory_budget_mb=mid, max_batch_size=64))
     p = make_plan(b, prof, batch_size=64, max_length=256, optim_buffers=1, dry_run=False)
     assert not p.fits
-    assert "micro_batch_size=" in p.suggestions[0] and "effective batch stays 64" in \
-        p.suggestions[0]
+    assert (
+        "micro_batch_size=" in p.suggestions[0] and "effective batch stays 64" in p.suggestions[0]
+    )
     # under batch 1: shorter sequences, an int4 bundle, more memory
-    prof = load_profile(profile_file(tmp_path, memory_budget_mb=int(one.peak_mb) - 1,
-                                     max_batch_size=64))
+    prof = load_profile(
+        profile_file(tmp_path, memory_budget_mb=int(one.peak_mb) - 1, max_batch_size=64)
+    )
     p = make_plan(b, prof, batch_size=64, max_length=256, optim_buffers=1, dry_run=False)
     text = "\n".join(p.suggestions)
     assert not p.fits and "an int4 bundle" in text and "--quantize int4" in text
@@ -115,15 +146,39 @@ def test_plan_suggests_lora_for_a_full_bundle(make_bundle, tmp_path):
 
 
 def test_plan_cli_dry_run(bundle, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "edgezo.cli", "plan", "--bundle", str(bundle),
-                        "--device", profile_file(tmp_path), "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgezo.cli",
+            "plan",
+            "--bundle",
+            str(bundle),
+            "--device",
+            profile_file(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["fits"] and out["calibrated"], out
-    r = subprocess.run([sys.executable, "-m", "edgezo.cli", "plan", "--bundle", str(bundle),
-                        "--device", profile_file(tmp_path, memory_budget_mb=10),
-                        "--no-dry-run"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgezo.cli",
+            "plan",
+            "--bundle",
+            str(bundle),
+            "--device",
+            profile_file(tmp_path, memory_budget_mb=10),
+            "--no-dry-run",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "does NOT fit" in r.stdout and "fix:" in r.stdout
 
 
@@ -131,8 +186,9 @@ def test_plan_cli_dry_run(bundle, tmp_path):
 
 
 def test_provider_fallback_message(bundle, data, tmp_path):
-    chosen, note = choose_provider(("CUDAExecutionProvider", "CPUExecutionProvider"),
-                                   ["CPUExecutionProvider"])
+    chosen, note = choose_provider(
+        ("CUDAExecutionProvider", "CPUExecutionProvider"), ["CPUExecutionProvider"]
+    )
     assert chosen == "CPUExecutionProvider"
     assert "falling back to CPUExecutionProvider" in note and "onnxruntime-gpu" in note
     with pytest.raises(ConfigError, match="none of the profile's providers"):
@@ -141,11 +197,15 @@ def test_provider_fallback_message(bundle, data, tmp_path):
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA: no fallback to see")
-    dev = profile_file(tmp_path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-                       gpu_memory_mb=1000)
+    dev = profile_file(
+        tmp_path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], gpu_memory_mb=1000
+    )
     log = Log()
-    s = finetune(cfg(bundle, data, tmp_path / "r", steps=1, device=dev, threads=None),
-                 log=log, progress=False)
+    s = finetune(
+        cfg(bundle, data, tmp_path / "r", steps=1, device=dev, threads=None),
+        log=log,
+        progress=False,
+    )
     assert s.steps == 1
     assert "CUDAExecutionProvider is not available" in log.text
     assert "falling back to CPUExecutionProvider" in log.text
@@ -157,11 +217,19 @@ def test_caps_batch_and_sequence(bundle, data, tmp_path):
         finetune(cfg(bundle, data, tmp_path / "a", device=dev), log=Log(), progress=False)
     assert "--max-length 16" in e.value.fix
     with pytest.raises(ConfigError, match="micro_batch_size 4 exceeds .*max_batch_size 2"):
-        finetune(cfg(bundle, data, tmp_path / "b", device=dev, max_length=16,
-                     micro_batch_size=4), log=Log(), progress=False)
+        finetune(
+            cfg(bundle, data, tmp_path / "b", device=dev, max_length=16, micro_batch_size=4),
+            log=Log(),
+            progress=False,
+        )
     log = Log()
-    s = finetune(cfg(bundle, data, tmp_path / "c", device=dev, max_length=16, steps=3,
-                     checkpoint_every=None), log=log, progress=False)
+    s = finetune(
+        cfg(
+            bundle, data, tmp_path / "c", device=dev, max_length=16, steps=3, checkpoint_every=None
+        ),
+        log=log,
+        progress=False,
+    )
     assert s.steps == 3
     assert "batch_size 4 exceeds the micro-batch of 2" in log.text
     assert "2 forward calls" in log.text
@@ -187,24 +255,36 @@ def test_micro_batching_gives_the_same_step(bundle, data, tmp_path):
     whole = LossRunner(b.model_path, params, BATCH_INPUTS, RuntimeOptions(threads=1))
     ref = whole.losses(batch)
     for micro in (1, 2, 3):
-        r = LossRunner(b.model_path, params, BATCH_INPUTS,
-                       RuntimeOptions(threads=1, micro_batch=micro))
+        r = LossRunner(
+            b.model_path, params, BATCH_INPUTS, RuntimeOptions(threads=1, micro_batch=micro)
+        )
         got = r.losses(batch)
         assert r.forward_calls == -(-4 // micro)
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
-    bitwise = all(np.array_equal(LossRunner(b.model_path, params, BATCH_INPUTS,
-                                            RuntimeOptions(threads=1, micro_batch=m)
-                                            ).losses(batch), ref) for m in (1, 2))
+    bitwise = all(
+        np.array_equal(
+            LossRunner(
+                b.model_path, params, BATCH_INPUTS, RuntimeOptions(threads=1, micro_batch=m)
+            ).losses(batch),
+            ref,
+        )
+        for m in (1, 2)
+    )
     a = finetune(cfg(bundle, data, tmp_path / "whole", steps=8), log=Log(), progress=False)
-    m = finetune(cfg(bundle, data, tmp_path / "micro", steps=8, micro_batch_size=2),
-                 log=Log(), progress=False)
+    m = finetune(
+        cfg(bundle, data, tmp_path / "micro", steps=8, micro_batch_size=2),
+        log=Log(),
+        progress=False,
+    )
     ta, tm = tensors(a), tensors(m)
     t0 = b.initial_trainable()
     moved = max(float(np.max(np.abs(ta[k] - t0[k]))) for k in ta)
     diff = max(float(np.max(np.abs(tm[k] - ta[k]))) for k in ta)
     assert moved > 1e-3 and diff <= 1e-3 * moved, (diff, moved)
-    ga, gm = ([r["g"][0] for r in map(json.loads, (Path(x.out) / "ledger.jsonl").open())
-               if "g" in r] for x in (a, m))
+    ga, gm = (
+        [r["g"][0] for r in map(json.loads, (Path(x.out) / "ledger.jsonl").open()) if "g" in r]
+        for x in (a, m)
+    )
     np.testing.assert_allclose(gm, ga, rtol=1e-3)
     if bitwise:
         assert same_bits(ta, tm)
@@ -212,7 +292,8 @@ def test_micro_batching_gives_the_same_step(bundle, data, tmp_path):
 
 
 def test_eval_budget_stops_with_checkpoint_and_resume_is_bit_identical(
-        bundle, data, tmp_path, reference):
+    bundle, data, tmp_path, reference
+):
     out = tmp_path / "run"
     log = Log()
     s = finetune(cfg(bundle, data, out, eval_budget=10), log=log, progress=False)
@@ -224,8 +305,7 @@ def test_eval_budget_stops_with_checkpoint_and_resume_is_bit_identical(
 
     with safe_open(str(out / "checkpoint.safetensors"), framework="numpy") as f:
         assert f.metadata()["step"] == "5"
-    s = finetune(cfg(bundle, data, out, eval_budget=13), resume=True, log=Log(),
-                 progress=False)
+    s = finetune(cfg(bundle, data, out, eval_budget=13), resume=True, log=Log(), progress=False)
     assert (s.steps, s.stop_reason) == (11, "eval_budget")  # 6 steps of 2: 12 <= 13 < 14
     s = finetune(cfg(bundle, data, out), resume=True, log=Log(), progress=False)
     assert (s.steps, s.stop_reason) == (12, "completed")
@@ -237,8 +317,7 @@ def test_time_budget_from_the_profile_stops_each_session(bundle, data, tmp_path,
     out = tmp_path / "run"
     s = finetune(cfg(bundle, data, out, device=dev, steps=12), log=Log(), progress=False)
     assert (s.steps, s.stop_reason) == (1, "time_budget")
-    s = finetune(cfg(bundle, data, out, time_budget_s=3600), resume=True, log=Log(),
-                 progress=False)
+    s = finetune(cfg(bundle, data, out, time_budget_s=3600), resume=True, log=Log(), progress=False)
     assert (s.steps, s.stop_reason) == (12, "completed")
     assert same_bits(tensors(out), tensors(reference))
 
@@ -250,29 +329,62 @@ def test_eval_budget_below_one_step_is_an_error(bundle, data, tmp_path):
 
 def test_profile_that_cannot_fit_batch_one(bundle, data, tmp_path):
     dev = profile_file(tmp_path, memory_budget_mb=5)
-    with pytest.raises(ConfigError, match="does not fit --device test-board even at "
-                                          "micro-batch 1") as e:
+    with pytest.raises(
+        ConfigError, match="does not fit --device test-board even at micro-batch 1"
+    ) as e:
         finetune(cfg(bundle, data, tmp_path / "r", device=dev), log=Log(), progress=False)
     assert "int4" in e.value.fix
     assert not (tmp_path / "r" / "ledger.jsonl").exists()  # nothing written to resume
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "edgezo.cli", *args], capture_output=True,
-                          text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "edgezo.cli", *args], capture_output=True, text=True
+    )
 
 
 def test_unknown_device_and_malformed_profile(bundle, data, tmp_path):
-    r = cli("finetune", "--bundle", str(bundle), "--data", str(data[0]), "--out",
-            str(tmp_path / "a"), "--device", "jetson-orin-nanoo", "--steps", "1")
+    r = cli(
+        "finetune",
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(data[0]),
+        "--out",
+        str(tmp_path / "a"),
+        "--device",
+        "jetson-orin-nanoo",
+        "--steps",
+        "1",
+    )
     assert r.returncode == 2
     assert "did you mean 'jetson-orin-nano'" in r.stderr and "laptop-cpu" in r.stderr
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"name": "bad", "description": "x", "family": "test",
-                                   "memory_budget_mb": 0, "providers": ["CUDA"],
-                                   "max_batch": 4}))
-    r = cli("finetune", "--bundle", str(bundle), "--data", str(data[0]), "--out",
-            str(tmp_path / "b"), "--device", str(bad), "--steps", "1")
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bad",
+                "description": "x",
+                "family": "test",
+                "memory_budget_mb": 0,
+                "providers": ["CUDA"],
+                "max_batch": 4,
+            }
+        )
+    )
+    r = cli(
+        "finetune",
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(data[0]),
+        "--out",
+        str(tmp_path / "b"),
+        "--device",
+        str(bad),
+        "--steps",
+        "1",
+    )
     assert r.returncode == 2
     assert "unknown key 'max_batch' (did you mean 'max_batch_size'?)" in r.stderr
     assert not (tmp_path / "b").exists()

@@ -18,23 +18,38 @@ from edgezo.config import FinetuneConfig  # noqa: E402
 from edgezo.data import collate, pad_rows, read_jsonl, tokenize_for  # noqa: E402
 from edgezo.errors import EdgezoError  # noqa: E402
 from edgezo.ledger import Ledger  # noqa: E402
-from edgezo.runner import LossRunner, RuntimeOptions  # noqa: E402
 from edgezo.params import FlatParams  # noqa: E402
+from edgezo.runner import LossRunner, RuntimeOptions  # noqa: E402
 from edgezo.train import finetune  # noqa: E402
 from exporters.lora import layer_index, resolve_layers  # noqa: E402
 
 
-@pytest.mark.parametrize("spec, want", [("all", (0, 1, 2, 3)), ("last:1", (3,)),
-                                        ("last:4", (0, 1, 2, 3)), ("1-2", (1, 2)),
-                                        ("3,0", (0, 3)), ("0,2-3", (0, 2, 3)),
-                                        ((2, 3), (2, 3))])
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("all", (0, 1, 2, 3)),
+        ("last:1", (3,)),
+        ("last:4", (0, 1, 2, 3)),
+        ("1-2", (1, 2)),
+        ("3,0", (0, 3)),
+        ("0,2-3", (0, 2, 3)),
+        ((2, 3), (2, 3)),
+    ],
+)
 def test_resolve_layers(spec, want):
     assert resolve_layers(spec, [0, 1, 2, 3]) == want
 
 
-@pytest.mark.parametrize("spec, says", [("last:5", "at most last:4"), ("last:0", "cannot read"),
-                                        ("7", "no block"), ("first", "cannot read"),
-                                        ("2-1", "no block")])
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ("last:5", "at most last:4"),
+        ("last:0", "cannot read"),
+        ("7", "no block"),
+        ("first", "cannot read"),
+        ("2-1", "no block"),
+    ],
+)
 def test_resolve_layers_refuses_with_a_hint(spec, says):
     with pytest.raises(EdgezoError) as e:
         resolve_layers(spec, [0, 1, 2, 3])
@@ -86,8 +101,12 @@ def test_suffix_on_cached_rows_equals_the_full_graph(last1, memo_data):
     assert all(r.features[name].shape[0] == len(r.input_ids) for r in rows)  # own length
     rng = np.random.default_rng(1)
     params = FlatParams(list(b.manifest.trainable))
-    params.load({k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32)
-                 for k, v in b.initial_trainable().items()})
+    params.load(
+        {
+            k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32)
+            for k, v in b.initial_trainable().items()
+        }
+    )
     full = LossRunner(b.model_path, params, ["input_ids", "attention_mask", "labels"], opts)
     suffix = LossRunner(stages.suffix_path(b), params, stages.suffix_inputs(b), opts)
     # batches of other compositions than the caching chunks: rows are re-padded per batch
@@ -109,10 +128,24 @@ def test_pad_rows_zero_pads_every_axis():
 
 
 def run(bundle, data, out, **kw):
-    cfg = FinetuneConfig(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]),
-                         out=str(out), steps=12, batch_size=4, lr=0.01, mu=1e-2, q=2,
-                         estimator="onesided", optimizer="sgd", momentum=0.9,
-                         eval_every=0, threads=1, seed=0, **kw)
+    cfg = FinetuneConfig(
+        bundle=str(bundle),
+        data=str(data[0]),
+        eval_data=str(data[1]),
+        out=str(out),
+        steps=12,
+        batch_size=4,
+        lr=0.01,
+        mu=1e-2,
+        q=2,
+        estimator="onesided",
+        optimizer="sgd",
+        momentum=0.9,
+        eval_every=0,
+        threads=1,
+        seed=0,
+        **kw,
+    )
     return finetune(cfg, log=lambda *a: None, progress=False)
 
 
@@ -123,7 +156,7 @@ def test_cached_lm_run_follows_the_full_graph_run(last1, memo_data, tmp_path):
     a = Ledger.read(Path(cached.out) / "ledger.jsonl").records
     b = Ledger.read(Path(full.out) / "ledger.jsonl").records
     assert len(a) == len(b) == 12
-    for x, y in zip(a, b):  # the same losses up to float32 summation order
+    for x, y in zip(a, b, strict=True):  # the same losses up to float32 summation order
         np.testing.assert_allclose(x["losses"], y["losses"], rtol=0, atol=2e-4)
     assert cached.heldout_before == pytest.approx(full.heldout_before, abs=1e-5)
     assert cached.heldout_after == pytest.approx(full.heldout_after, abs=1e-3)
@@ -132,9 +165,17 @@ def test_cached_lm_run_follows_the_full_graph_run(last1, memo_data, tmp_path):
 
 def test_a_cache_over_its_cap_falls_back_to_the_full_graph(last1, memo_data, tmp_path):
     logged: list[str] = []
-    cfg = FinetuneConfig(bundle=str(last1), data=str(memo_data[0]), eval_data=str(memo_data[1]),
-                         out=str(tmp_path / "r"), steps=2, lr=0.01, mu=1e-2, threads=1,
-                         cache_prefix_mb=0.001)
+    cfg = FinetuneConfig(
+        bundle=str(last1),
+        data=str(memo_data[0]),
+        eval_data=str(memo_data[1]),
+        out=str(tmp_path / "r"),
+        steps=2,
+        lr=0.01,
+        mu=1e-2,
+        threads=1,
+        cache_prefix_mb=0.001,
+    )
     capped = finetune(cfg, log=logged.append, progress=False)
     said = [x for x in logged if "not caching the frozen prefix" in x]
     assert said and "cache_prefix_mb=0.001" in said[0]
@@ -173,8 +214,19 @@ def test_edgezo_export_places_adapters(tiny_hf_dir, tmp_path):
     from edgezo.cli import main
 
     out = tmp_path / "placed"
-    r = CliRunner().invoke(main, ["export", "--model", str(tiny_hf_dir), "--out", str(out),
-                                  "--lora-layers", "last:1", "--lora-freeze-a"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            "--model",
+            str(tiny_hf_dir),
+            "--out",
+            str(out),
+            "--lora-layers",
+            "last:1",
+            "--lora-freeze-a",
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = load_bundle(out).manifest
     assert m.lora["layers"] == [1] and m.lora["freeze_a"] is True
@@ -185,8 +237,13 @@ def test_placement_options_are_refused_for_an_encoder(tiny_bert_dir, tmp_path):
     from exporters import export_bundle
 
     with pytest.raises(EdgezoError, match="lora_layers"):
-        export_bundle(tiny_bert_dir, tmp_path / "x", task="classification", labels=["a", "b"],
-                      lora_layers="last:1")
+        export_bundle(
+            tiny_bert_dir,
+            tmp_path / "x",
+            task="classification",
+            labels=["a", "b"],
+            lora_layers="last:1",
+        )
 
 
 def test_bench_suffix_compares_two_bundles(last1, memo_data):
@@ -200,7 +257,20 @@ def test_bench_suffix_compares_two_bundles(last1, memo_data):
     spec.loader.exec_module(tool)
     main = tool.main
 
-    r = CliRunner().invoke(main, [str(last1), str(last1), "--data", str(memo_data[0]),
-                                  "--batches", "2", "--rounds", "2", "--threads", "1"])
+    r = CliRunner().invoke(
+        main,
+        [
+            str(last1),
+            str(last1),
+            "--data",
+            str(memo_data[0]),
+            "--batches",
+            "2",
+            "--rounds",
+            "2",
+            "--threads",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "ratio A/B:" in r.output and "max |loss A - loss B| = 0.00e+00" in r.output

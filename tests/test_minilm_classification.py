@@ -31,19 +31,35 @@ def minilm_dir() -> Path:
 def test_minilm_head_export_and_zo_steps(tmp_path):
     from exporters import export_bundle
 
-    out = export_bundle(minilm_dir(), tmp_path / "bundle", task="classification",
-                        labels=TOPICS, mode="head", head_init="zero", progress=None)
+    out = export_bundle(
+        minilm_dir(),
+        tmp_path / "bundle",
+        task="classification",
+        labels=TOPICS,
+        mode="head",
+        head_init="zero",
+        progress=None,
+    )
     m = load_bundle(out).manifest
     assert m.labels == TOPICS and m.architecture["num_parameters"] > 22_000_000
     assert [s.shape for s in m.trainable] == [(5, 384), (5,)]
     assert m.parity["max_abs_diff"] < 1e-4
     # ZO's first Adam steps on a zero head are noisy (measured: the held-out loss can sit above
     # ln 5 at step 40 with lr 5e-2); lr 1e-2 over 150 steps lowers it steadily
-    cfg = FinetuneConfig(bundle=str(out), data=str(ASSETS / "topics.jsonl"),
-                         eval_data=str(ASSETS / "topics_heldout.jsonl"),
-                         out=str(tmp_path / "run"), steps=150, q=8, estimator="onesided",
-                         optimizer="adam", lr=1e-2, mu=1e-3, eval_every=0,
-                         checkpoint_every=150)
+    cfg = FinetuneConfig(
+        bundle=str(out),
+        data=str(ASSETS / "topics.jsonl"),
+        eval_data=str(ASSETS / "topics_heldout.jsonl"),
+        out=str(tmp_path / "run"),
+        steps=150,
+        q=8,
+        estimator="onesided",
+        optimizer="adam",
+        lr=1e-2,
+        mu=1e-3,
+        eval_every=0,
+        checkpoint_every=150,
+    )
     s = finetune(cfg, log=lambda _line: None, progress=False)
     assert s.heldout_before == pytest.approx(1.6094379, abs=1e-5)  # zero head: ln 5
     assert s.heldout_after < s.heldout_before - 0.1

@@ -7,12 +7,14 @@ from edgezo.engine import EngineSettings, ZOEngine
 from tests.test_estimators import make_bundle, objective
 
 
-@pytest.mark.parametrize("opt,momentum,buffers", [("sgd", 0.0, 0), ("sgd", 0.9, 1),
-                                                  ("sign", 0.9, 1), ("adam", 0.0, 2)])
+@pytest.mark.parametrize(
+    "opt,momentum,buffers", [("sgd", 0.0, 0), ("sgd", 0.9, 1), ("sign", 0.9, 1), ("adam", 0.0, 2)]
+)
 def test_state_resumes_bit_exactly_and_is_counted(tmp_path, opt, momentum, buffers):
     b = make_bundle(tmp_path)
-    s = EngineSettings(seed=0, optimizer=opt, momentum=momentum, estimator="onesided",
-                       direction="sphere")
+    s = EngineSettings(
+        seed=0, optimizer=opt, momentum=momentum, estimator="onesided", direction="sphere"
+    )
     full = ZOEngine(b, s)
     f = objective(full)
     for t in range(12):
@@ -21,8 +23,10 @@ def test_state_resumes_bit_exactly_and_is_counted(tmp_path, opt, momentum, buffe
     f = objective(first)
     for t in range(6):
         first.step(t, 0.01, 1e-2, f)
-    saved = {"master": first.params.master.copy(),
-             **{k: v.copy() for k, v in first.optimizer.state().items()}}
+    saved = {
+        "master": first.params.master.copy(),
+        **{k: v.copy() for k, v in first.optimizer.state().items()},
+    }
     resumed = ZOEngine(b, s)
     resumed.params.master[:] = saved["master"]
     resumed.optimizer.load_state(saved)
@@ -53,8 +57,11 @@ def test_adam_state_survives_an_atomic_checkpoint(tmp_path):
     for t in range(3):
         eng.step(t, 0.01, 1e-2, f)
     path = tmp_path / "ckpt.safetensors"
-    save_tensors_atomic(path, {"master": eng.params.master, **eng.optimizer.state()},
-                        metadata={"bundle": "fp", "step": "3"})
+    save_tensors_atomic(
+        path,
+        {"master": eng.params.master, **eng.optimizer.state()},
+        metadata={"bundle": "fp", "step": "3"},
+    )
     tensors, step = load_checkpoint(path, "fp")
     other = ZOEngine(b, EngineSettings(seed=0, optimizer="adam"))
     other.optimizer.load_state(tensors)

@@ -28,9 +28,16 @@ WORDS = ["x", "y"]  # the tiny tokenizer is per character: one token each
 
 @pytest.fixture(scope="module")
 def prompt_bundle(tiny_hf_dir, tmp_path_factory) -> Path:
-    return export_bundle(tiny_hf_dir, tmp_path_factory.mktemp("pc") / "b",
-                         task="prompt_classification", labels=LABELS, template="{text} =",
-                         label_words=WORDS, mode="lora", progress=None)
+    return export_bundle(
+        tiny_hf_dir,
+        tmp_path_factory.mktemp("pc") / "b",
+        task="prompt_classification",
+        labels=LABELS,
+        template="{text} =",
+        label_words=WORDS,
+        mode="lora",
+        progress=None,
+    )
 
 
 def toy(path: Path, n: int, seed: int) -> Path:
@@ -72,8 +79,9 @@ def test_eval_loss_from_next_logits_equals_training_loss(prompt_bundle, tmp_path
     values = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in values.items()}
     params.load(values)
     runner = LossRunner(b.model_path, params, BATCH_INPUTS)
-    examples = tokenize_for(b.manifest, read_jsonl(toy(tmp_path / "d.jsonl", 10, 1)),
-                            b.tokenizer(), 64)
+    examples = tokenize_for(
+        b.manifest, read_jsonl(toy(tmp_path / "d.jsonl", 10, 1)), b.tokenizer(), 64
+    )
     pad = b.manifest.tokenizer.pad_token_id
     r = score(runner, examples, 4, pad, b.manifest)
     train_loss = float(np.mean(runner.losses(collate(examples, pad))))
@@ -82,11 +90,21 @@ def test_eval_loss_from_next_logits_equals_training_loss(prompt_bundle, tmp_path
 
 
 def test_finetune_lowers_loss(prompt_bundle, tmp_path):
-    cfg = FinetuneConfig(bundle=str(prompt_bundle), data=str(toy(tmp_path / "t.jsonl", 40, 2)),
-                         eval_data=str(toy(tmp_path / "h.jsonl", 20, 3)),
-                         out=str(tmp_path / "run"), steps=40, batch_size=8, q=4,
-                         estimator="onesided", optimizer="adam", lr=1e-2, mu=1e-2,
-                         eval_every=0, checkpoint_every=40)
+    cfg = FinetuneConfig(
+        bundle=str(prompt_bundle),
+        data=str(toy(tmp_path / "t.jsonl", 40, 2)),
+        eval_data=str(toy(tmp_path / "h.jsonl", 20, 3)),
+        out=str(tmp_path / "run"),
+        steps=40,
+        batch_size=8,
+        q=4,
+        estimator="onesided",
+        optimizer="adam",
+        lr=1e-2,
+        mu=1e-2,
+        eval_every=0,
+        checkpoint_every=40,
+    )
     s = finetune(cfg, log=lambda _line: None, progress=False)
     assert s.heldout_after < s.heldout_before
     assert s.heldout_accuracy_before is not None and s.heldout_accuracy_after is not None
@@ -95,8 +113,9 @@ def test_finetune_lowers_loss(prompt_bundle, tmp_path):
 def test_prompt_export_errors(tiny_hf_dir, tmp_path):
     kw = {"task": "prompt_classification", "labels": LABELS, "progress": None}
     with pytest.raises(EdgezoError, match="first tokens are not distinct"):
-        export_bundle(tiny_hf_dir, tmp_path / "a", template="{text} =",
-                      label_words=[" a", " b"], **kw)  # both start with the space token
+        export_bundle(
+            tiny_hf_dir, tmp_path / "a", template="{text} =", label_words=[" a", " b"], **kw
+        )  # both start with the space token
     with pytest.raises(EdgezoError, match="no {text} placeholder"):
         export_bundle(tiny_hf_dir, tmp_path / "b", template="topic:", label_words=WORDS, **kw)
     with pytest.raises(EdgezoError, match="2 labels but 1 label words"):

@@ -21,7 +21,13 @@ def test_checkpoint_times_and_last_step_by():
         quality.checkpoint_times(0.0, 4)
     ends = [1.0, 2.0, 3.5]
     assert [quality.last_step_by(ends, t) for t in (0.0, 0.99, 1.0, 3.4, 3.5, 9.0)] == [
-        0, 0, 1, 2, 3, 3]
+        0,
+        0,
+        1,
+        2,
+        3,
+        3,
+    ]
 
 
 def test_improvement_fraction():
@@ -90,8 +96,12 @@ def test_zo_clock_takes_the_step0_evaluation_off_before_deciding():
 
 def test_log_times_finds_the_step0_evaluation():
     log = quality.LogTimes("x", echo=False)
-    log.lines = [(1.0, "edgezo: bundle ..."), (2.0, "edgezo: autotune: lr 3e-4"),
-                 (3.25, "edgezo: held-out loss at step 0: 4.7"), (9.0, "later")]
+    log.lines = [
+        (1.0, "edgezo: bundle ..."),
+        (2.0, "edgezo: autotune: lr 3e-4"),
+        (3.25, "edgezo: held-out loss at step 0: 4.7"),
+        (9.0, "later"),
+    ]
     assert log.step0_eval_seconds() == pytest.approx(1.25)
     assert quality.LogTimes("y", echo=False).step0_eval_seconds() is None
 
@@ -102,8 +112,9 @@ def test_side_by_side_on_a_tiny_bundle(make_bundle, tmp_path):
     pytest.importorskip("torch")
     from edgezo.defaults import asset
 
-    task = quality.load_task("lm", make_bundle(), asset("notes.jsonl"),
-                             asset("notes_heldout.jsonl"))
+    task = quality.load_task(
+        "lm", make_bundle(), asset("notes.jsonl"), asset("notes_heldout.jsonl")
+    )
     budget = 1.5
     report = quality.run_task(task, budget, 3, tmp_path, seed=0, threads=1, echo=False)
     times = quality.checkpoint_times(budget, 3)
@@ -149,9 +160,23 @@ def test_main_writes_json_and_png_and_prints_its_command(make_bundle, tmp_path, 
     pytest.importorskip("torch")
     import json
 
-    argv = ["--task", "lm", "--lm-bundle", str(make_bundle()), "--budget-s", "0.5",
-            "--points", "1", "--methods", "mezo,backprop", "--threads", "1", "--quiet",
-            "--out", str(tmp_path / "q")]
+    argv = [
+        "--task",
+        "lm",
+        "--lm-bundle",
+        str(make_bundle()),
+        "--budget-s",
+        "0.5",
+        "--points",
+        "1",
+        "--methods",
+        "mezo,backprop",
+        "--threads",
+        "1",
+        "--quiet",
+        "--out",
+        str(tmp_path / "q"),
+    ]
     assert quality.main(argv) == 0
     out = capsys.readouterr().out
     assert "python tools/quality.py --task lm" in out and "== lm:" in out
@@ -161,8 +186,14 @@ def test_main_writes_json_and_png_and_prints_its_command(make_bundle, tmp_path, 
     assert set(report["methods"]) == {"mezo", "backprop"}
     assert report["parity_step0"]["ok"]
     # a classification task without an exportable bundle is a clear error, not a traceback
-    bad = ["--task", "classification", "--cls-bundle", str(tmp_path / "missing"),
-           "--out", str(tmp_path / "q2")]
+    bad = [
+        "--task",
+        "classification",
+        "--cls-bundle",
+        str(tmp_path / "missing"),
+        "--out",
+        str(tmp_path / "q2"),
+    ]
     assert quality.main(bad) == 2
     assert "error" in capsys.readouterr().err
 
@@ -176,14 +207,22 @@ def test_classification_side_by_side_on_a_tiny_encoder(tiny_bert_dir, tmp_path):
     from edgezo.defaults import asset
     from exporters import export_bundle
 
-    bundle = export_bundle(tiny_bert_dir, tmp_path / "cls", task="classification",
-                           labels=quality.TOPIC_LABELS, mode="head", head_init="zero",
-                           progress=None)
-    task = quality.load_task("classification", bundle, asset("topics.jsonl"),
-                             asset("topics_heldout.jsonl"))
+    bundle = export_bundle(
+        tiny_bert_dir,
+        tmp_path / "cls",
+        task="classification",
+        labels=quality.TOPIC_LABELS,
+        mode="head",
+        head_init="zero",
+        progress=None,
+    )
+    task = quality.load_task(
+        "classification", bundle, asset("topics.jsonl"), asset("topics_heldout.jsonl")
+    )
     share0 = sum(e.target == 0 for e in task.held) / len(task.held)
-    report = quality.run_task(task, 1.0, 2, tmp_path, seed=0, threads=1, echo=False,
-                              methods=("mezo", "backprop"))
+    report = quality.run_task(
+        task, 1.0, 2, tmp_path, seed=0, threads=1, echo=False, methods=("mezo", "backprop")
+    )
     assert report["parity_step0"]["ok"]
     for name, m in report["methods"].items():
         first = m["points"][0]
@@ -214,7 +253,8 @@ def test_smollm2_backprop_starts_where_edgezo_starts(tmp_path):
     ref = quality.reference_lm_bundle(None, tmp_path)
     task = quality.load_task("lm", ref, asset("notes.jsonl"), asset("notes_heldout.jsonl"))
     assert quality._is_reference(task.bundle.manifest)
-    report = quality.run_task(task, 2.0, 1, tmp_path, seed=0, threads=2, echo=False,
-                              methods=("mezo", "backprop"))
+    report = quality.run_task(
+        task, 2.0, 1, tmp_path, seed=0, threads=2, echo=False, methods=("mezo", "backprop")
+    )
     assert report["parity_step0"]["ok"], report["parity_step0"]
     assert report["methods"]["backprop"]["settings"]["trainable_values"] == 460_800

@@ -50,8 +50,12 @@ def test_gemm_rewrite_keeps_the_loss(gpt2_dir, tmp_path):
     assert ops(path)["Gemm"] == 8  # every Conv1D of the two blocks
     b = load_bundle(out)
     ids = np.array([[5, 9, 14, 3, 22, 7, 30, 11]])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids,
-             **b.initial_trainable()}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "labels": ids,
+        **b.initial_trainable(),
+    }
     model = onnx.load(str(path))
     assert gemm_to_matmul(model) == 8
     assert Counter(n.op_type for n in model.graph.node)["Gemm"] == 0
@@ -60,8 +64,7 @@ def test_gemm_rewrite_keeps_the_loss(gpt2_dir, tmp_path):
 
 @pytest.mark.parametrize(("scheme", "op"), [("int4", "MatMulNBits"), ("int8", "MatMulInteger")])
 def test_gpt2_conv1d_layers_are_quantised(gpt2_dir, tmp_path, scheme, op):
-    out = export_causal_lm(gpt2_dir, tmp_path / scheme, mode="lora", quantize=scheme,
-                           progress=None)
+    out = export_causal_lm(gpt2_dir, tmp_path / scheme, mode="lora", quantize=scheme, progress=None)
     counts = ops(out / "model.onnx")
     q = load_bundle(out).manifest.quantization
     assert counts["Gemm"] == 0
@@ -71,8 +74,7 @@ def test_gpt2_conv1d_layers_are_quantised(gpt2_dir, tmp_path, scheme, op):
 
 
 def test_gpt2_int4_scales(gpt2_dir, tmp_path):
-    out = export_causal_lm(gpt2_dir, tmp_path / "s", mode="scales", quantize="int4",
-                           progress=None)
+    out = export_causal_lm(gpt2_dir, tmp_path / "s", mode="scales", quantize="int4", progress=None)
     m = load_bundle(out).manifest
     names = [s.name for s in m.trainable]
     assert len(names) == GPT2_LINEARS and all(s.positive for s in m.trainable)

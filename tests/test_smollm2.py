@@ -32,9 +32,24 @@ def default_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("smol")
     env = dict(os.environ, EDGEZO_CACHE=str(root / "cache"))
     out = root / "run"
-    r = subprocess.run([sys.executable, "-m", "edgezo.cli", "finetune", "--steps", "4",
-                        "--out", str(out), "--no-progress", "threads=2"],
-                       capture_output=True, text=True, env=env, timeout=1200)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgezo.cli",
+            "finetune",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+            "threads=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return root, out, r.stdout
 
@@ -48,8 +63,13 @@ def test_default_bundle_is_the_real_model(default_run):
     assert len(m.trainable) == 4  # B of v_proj in blocks 26-29
     assert m.trainable_size == 6_144
     assert m.parity["max_abs_diff"] <= 1e-3
-    assert m.lora == {"rank": 8, "alpha": 16.0, "targets": ["v_proj"],
-                      "layers": [26, 27, 28, 29], "freeze_a": True}
+    assert m.lora == {
+        "rank": 8,
+        "alpha": 16.0,
+        "targets": ["v_proj"],
+        "layers": [26, 27, 28, 29],
+        "freeze_a": True,
+    }
     assert "model.onnx.data" in m.files and "lora_a.safetensors" in m.files
     assert m.stages and len(m.stages["cached"]) >= 2  # the 26-block prefix is cached
 
@@ -69,9 +89,21 @@ def test_default_finetune_reports_heldout_before_and_after(default_run):
 
 def test_default_run_replays_bit_exactly(default_run, tmp_path):
     root, out, _ = default_run
-    r = subprocess.run([sys.executable, "-m", "edgezo.cli", "replay", "--run", str(out),
-                        "--out", str(tmp_path / "r.safetensors"), "--check"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgezo.cli",
+            "replay",
+            "--run",
+            str(out),
+            "--out",
+            str(tmp_path / "r.safetensors"),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     a = load_file(str(tmp_path / "r.safetensors"))
     b = load_file(str(Path(out) / "trained.safetensors"))

@@ -27,9 +27,17 @@ WORDS = {"sweet": "abcdef", "sour": "ghijkl", "salty": "mnopqr"}
 @pytest.fixture(scope="module")
 def bundles(tiny_bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
-    return {mode: export_bundle(tiny_bert_dir, root / mode, task="classification",
-                                labels=LABELS, mode=mode, progress=None)
-            for mode in ("head", "lora")}
+    return {
+        mode: export_bundle(
+            tiny_bert_dir,
+            root / mode,
+            task="classification",
+            labels=LABELS,
+            mode=mode,
+            progress=None,
+        )
+        for mode in ("head", "lora")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +50,10 @@ def data(tmp_path_factory):
         with open(p, "w") as f:
             for i in range(n):
                 k = i % 3
-                words = [("".join(rng.choice(list(WORDS[LABELS[k]]), 4)))
-                         for _ in range(rng.integers(1, 5))]  # lengths vary: padding varies
+                words = [
+                    ("".join(rng.choice(list(WORDS[LABELS[k]]), 4)))
+                    for _ in range(rng.integers(1, 5))
+                ]  # lengths vary: padding varies
                 f.write(json.dumps({"text": " ".join(words), "label": LABELS[k]}) + "\n")
         paths.append(p)
     return paths
@@ -55,8 +65,9 @@ def test_head_bundle_is_split_at_the_pooled_embedding(bundles):
     assert st and {st["prefix"], st["suffix"]} <= set(b.manifest.files)
     assert len(st["cached"]) == 1 and st["suffix_inputs"] == ["labels"]
     model = onnx.load(str(b.model_path))
-    cached, direct = find_cut(model, {s.name for s in b.manifest.trainable},
-                              {"input_ids", "attention_mask"})
+    cached, direct = find_cut(
+        model, {s.name for s in b.manifest.trainable}, {"input_ids", "attention_mask"}
+    )
     assert cached == st["cached"] and direct == ["labels"]
     suffix = onnx.load(str(b.path / st["suffix"]))
     assert len(suffix.graph.node) < len(model.graph.node) / 10  # the encoder is not in it
@@ -64,10 +75,23 @@ def test_head_bundle_is_split_at_the_pooled_embedding(bundles):
 
 
 def run(bundle, data, out, **kw):
-    cfg = FinetuneConfig(bundle=str(bundle), data=str(data[0]), eval_data=str(data[1]),
-                         out=str(out), steps=30, batch_size=6, lr=0.05, mu=1e-3, q=2,
-                         estimator="onesided", optimizer="adam", eval_every=0, threads=1,
-                         seed=0, **kw)
+    cfg = FinetuneConfig(
+        bundle=str(bundle),
+        data=str(data[0]),
+        eval_data=str(data[1]),
+        out=str(out),
+        steps=30,
+        batch_size=6,
+        lr=0.05,
+        mu=1e-3,
+        q=2,
+        estimator="onesided",
+        optimizer="adam",
+        eval_every=0,
+        threads=1,
+        seed=0,
+        **kw,
+    )
     return finetune(cfg, log=lambda *a: None, progress=False)
 
 
@@ -104,9 +128,20 @@ def test_single_class_training_data_is_warned_about(bundles, data, tmp_path):
     lines = [ln for ln in Path(data[0]).read_text().splitlines() if '"sweet"' in ln]
     one.write_text("\n".join(lines) + "\n")
     logged = []
-    finetune(FinetuneConfig(bundle=str(bundles["head"]), data=str(one), eval_data=str(data[1]),
-                            out=str(tmp_path / "r"), steps=2, lr=0.05, mu=1e-3, threads=1),
-             log=logged.append, progress=False)
+    finetune(
+        FinetuneConfig(
+            bundle=str(bundles["head"]),
+            data=str(one),
+            eval_data=str(data[1]),
+            out=str(tmp_path / "r"),
+            steps=2,
+            lr=0.05,
+            mu=1e-3,
+            threads=1,
+        ),
+        log=logged.append,
+        progress=False,
+    )
     warning = [x for x in logged if "every training example" in x]
     assert warning and "'sweet'" in warning[0] and "sour" in warning[0]
 

@@ -58,8 +58,17 @@ from edgezo.params import FlatParams
 from edgezo.runner import LossRunner, RuntimeOptions
 from edgezo.train import BATCH_INPUTS
 
-COLUMNS = ("q", "fwd_per_step", "n", "same_sign", "same_ratio", "held_sign", "held_corr",
-           "held_ratio", "ghat/pred")
+COLUMNS = (
+    "q",
+    "fwd_per_step",
+    "n",
+    "same_sign",
+    "same_ratio",
+    "held_sign",
+    "held_corr",
+    "held_ratio",
+    "ghat/pred",
+)
 
 
 @dataclass
@@ -80,8 +89,9 @@ class _Probe:
         self.bundle = load_bundle(bundle_dir)
         self.params = FlatParams(self.bundle.manifest.trainable)
         self.params.load(self.bundle.initial_trainable(), where=str(self.bundle.path))
-        self.runner = LossRunner(self.bundle.model_path, self.params, BATCH_INPUTS,
-                                 RuntimeOptions(threads=threads))
+        self.runner = LossRunner(
+            self.bundle.model_path, self.params, BATCH_INPUTS, RuntimeOptions(threads=threads)
+        )
 
     def at_theta(self) -> None:
         self.params.sync_feed()
@@ -100,8 +110,9 @@ class _Probe:
 
 
 def _examples(bundle, path: str | Path, max_length: int):
-    return tokenize(read_jsonl(path), bundle.tokenizer(), bundle.manifest.tokenizer, max_length,
-                    where=str(path))
+    return tokenize(
+        read_jsonl(path), bundle.tokenizer(), bundle.manifest.tokenizer, max_length, where=str(path)
+    )
 
 
 def _corr(a: list[float], b: list[float]) -> float:
@@ -110,11 +121,22 @@ def _corr(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def advise(bundle: str | Path, data: str | Path | None = None,
-           eval_data: str | Path | None = None, qs: tuple[int, ...] = (1, 2, 4, 8),
-           trials: int = 8, lr: float | None = None, mu: float | None = None,
-           batch_size: int = 8, max_length: int = 64, direction: str = "rademacher",
-           seed: int = 0, threshold: float = 0.75, threads: int = 0, log=print) -> Advice:
+def advise(
+    bundle: str | Path,
+    data: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    qs: tuple[int, ...] = (1, 2, 4, 8),
+    trials: int = 8,
+    lr: float | None = None,
+    mu: float | None = None,
+    batch_size: int = 8,
+    max_length: int = 64,
+    direction: str = "rademacher",
+    seed: int = 0,
+    threshold: float = 0.75,
+    threads: int = 0,
+    log=print,
+) -> Advice:
     """Measure predicted-vs-actual loss changes per q and suggest the smallest adequate q."""
     qs = tuple(sorted(set(qs)))
     if qs[0] < 1 or trials < 1:
@@ -123,8 +145,9 @@ def advise(bundle: str | Path, data: str | Path | None = None,
         raise ValueError(f"threshold must be in (0.5, 1) (a sign agreement), got {threshold}")
     probe = _Probe(bundle, threads)
     b = probe.bundle
-    mode = MODE_DEFAULTS.get(recipe_key(b.manifest.trainable_mode, b.manifest.lora),
-                             MODE_DEFAULTS["lora"])
+    mode = MODE_DEFAULTS.get(
+        recipe_key(b.manifest.trainable_mode, b.manifest.lora), MODE_DEFAULTS["lora"]
+    )
     lr = mode["lr"] if lr is None else lr
     mu = mode["mu"] if mu is None else mu
     if data is None:
@@ -134,15 +157,20 @@ def advise(bundle: str | Path, data: str | Path | None = None,
     train = _examples(b, data, max_length)
     stream_a = BatchStream(train, batch_size, seed, pad)
     # held-out batches: the eval file, else the odd batches of the same stream (A: the even)
-    stream_b = (BatchStream(_examples(b, eval_data, max_length), batch_size, seed, pad)
-                if eval_data is not None else None)
+    stream_b = (
+        BatchStream(_examples(b, eval_data, max_length), batch_size, seed, pad)
+        if eval_data is not None
+        else None
+    )
     dim = probe.params.dim
     dirs = Directions(seed, dim, direction)
     qmax = qs[-1]
     per_trial = 2 * qmax + 2 + sum(2 * (qmax // q) for q in qs)
-    log(f"advise_q: {b.path} ({b.manifest.trainable_mode}): {dim:,} trainable values; "
+    log(
+        f"advise_q: {b.path} ({b.manifest.trainable_mode}): {dim:,} trainable values; "
         f"{trials} trials × {per_trial} forwards; lr {lr:g}, μ {mu:g}, "
-        f"{direction}, batch {batch_size}")
+        f"{direction}, batch {batch_size}"
+    )
 
     pred: dict[int, list[float]] = {q: [] for q in qs}
     same: dict[int, list[float]] = {q: [] for q in qs}
@@ -185,26 +213,29 @@ def advise(bundle: str | Path, data: str | Path | None = None,
     for q in qs:
         p = np.array(pred[q])
         n = max(1, len(p))
-        rows.append({
-            "q": q,
-            "fwd_per_step": 2 * q,
-            "n": len(p),
-            "same_sign": float(np.sum(np.sign(same[q]) == np.sign(p)) / n),
-            "same_ratio": float(np.median(np.array(same[q]) / p)) if len(p) else float("nan"),
-            "held_sign": float(np.sum(np.sign(held[q]) == np.sign(p)) / n),
-            "held_corr": _corr(pred[q], held[q]),
-            "held_ratio": float(np.median(np.array(held[q]) / p)) if len(p) else float("nan"),
-            "ghat/pred": float(np.median(ghat[q])) if len(p) else float("nan"),
-        })
+        rows.append(
+            {
+                "q": q,
+                "fwd_per_step": 2 * q,
+                "n": len(p),
+                "same_sign": float(np.sum(np.sign(same[q]) == np.sign(p)) / n),
+                "same_ratio": float(np.median(np.array(same[q]) / p)) if len(p) else float("nan"),
+                "held_sign": float(np.sum(np.sign(held[q]) == np.sign(p)) / n),
+                "held_corr": _corr(pred[q], held[q]),
+                "held_ratio": float(np.median(np.array(held[q]) / p)) if len(p) else float("nan"),
+                "ghat/pred": float(np.median(ghat[q])) if len(p) else float("nan"),
+            }
+        )
     extrapolated = _extrapolate(held, threshold)
     ok = [r["q"] for r in rows if r["held_sign"] >= threshold]
     suggested = int(ok[0]) if ok else None
     same_bad = [r["q"] for r in rows if r["same_sign"] < threshold]
     if same_bad:
-        notes.append(f"same-batch agreement below {threshold:g} at q = {same_bad}: the step "
-                     f"is outside the first-order regime; lower --lr (now {lr:g})")
-    return Advice(rows, suggested, threshold, probe.runner.evaluations, dim, notes,
-                  extrapolated)
+        notes.append(
+            f"same-batch agreement below {threshold:g} at q = {same_bad}: the step "
+            f"is outside the first-order regime; lower --lr (now {lr:g})"
+        )
+    return Advice(rows, suggested, threshold, probe.runner.evaluations, dim, notes, extrapolated)
 
 
 def _extrapolate(held: dict[int, list[float]], threshold: float) -> float | None:
@@ -232,25 +263,38 @@ def format_table(advice: Advice) -> str:
         cells = []
         for c, w in zip(COLUMNS, widths, strict=True):
             v = r[c]
-            cells.append(f"{int(v):>{w}d}" if c in ("q", "fwd_per_step", "n") else
-                         f"{v:>{w}.3g}" if c == "ghat/pred" else f"{v:>{w}.2f}")
+            cells.append(
+                f"{int(v):>{w}d}"
+                if c in ("q", "fwd_per_step", "n")
+                else f"{v:>{w}.3g}"
+                if c == "ghat/pred"
+                else f"{v:>{w}.2f}"
+            )
         lines.append("  ".join(cells))
     if advice.suggested_q is None:
-        lines.append(f"suggestion: none of these q reached held-out sign agreement "
-                     f"{advice.threshold:g}; try larger q or more --trials")
+        lines.append(
+            f"suggestion: none of these q reached held-out sign agreement "
+            f"{advice.threshold:g}; try larger q or more --trials"
+        )
     else:
         q = advice.suggested_q
-        lines.append(f"suggestion: q = {q} (smallest with held-out sign agreement ≥ "
-                     f"{advice.threshold:g}); cost {2 * q} forwards per step with the central "
-                     f"estimator, {1000 // (2 * q)} steps per 1000 forwards")
+        lines.append(
+            f"suggestion: q = {q} (smallest with held-out sign agreement ≥ "
+            f"{advice.threshold:g}); cost {2 * q} forwards per step with the central "
+            f"estimator, {1000 // (2 * q)} steps per 1000 forwards"
+        )
     if advice.extrapolated_q is None:
-        lines.append("extrapolation: the held-out loss did not fall on average over these "
-                     "steps, so no q makes a single step agree; with few trials the mean is "
-                     "noise — run more --trials to tell")
+        lines.append(
+            "extrapolation: the held-out loss did not fall on average over these "
+            "steps, so no q makes a single step agree; with few trials the mean is "
+            "noise — run more --trials to tell"
+        )
     else:
-        lines.append(f"extrapolation (mean and spread of the held-out changes, rough with few "
-                     f"trials): q ≈ {advice.extrapolated_q:.3g} for agreement "
-                     f"{advice.threshold:g}")
+        lines.append(
+            f"extrapolation (mean and spread of the held-out changes, rough with few "
+            f"trials): q ≈ {advice.extrapolated_q:.3g} for agreement "
+            f"{advice.threshold:g}"
+        )
     lines += [f"note: {n}" for n in advice.notes]
     lines.append(f"advisor spent {advice.evaluations} forward evaluations (d = {advice.dim:,})")
     return "\n".join(lines)
@@ -259,10 +303,17 @@ def format_table(advice: Advice) -> str:
 def main(argv: list[str] | None = None) -> Advice:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True, help="bundle folder (edgezo export)")
-    ap.add_argument("--data", default=None, help="JSONL as edgezo finetune reads (default: "
-                    "the embedded sample notes)")
-    ap.add_argument("--eval-data", default=None, help="JSONL for the held-out batches "
-                    "(default: the sample's held-out file, or other batches of --data)")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="JSONL as edgezo finetune reads (default: the embedded sample notes)",
+    )
+    ap.add_argument(
+        "--eval-data",
+        default=None,
+        help="JSONL for the held-out batches "
+        "(default: the sample's held-out file, or other batches of --data)",
+    )
     ap.add_argument("--qs", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--trials", type=int, default=8, help="batch pairs (A, B) measured")
     ap.add_argument("--lr", type=float, default=None, help="η (default: the mode's lr)")
@@ -271,8 +322,12 @@ def main(argv: list[str] | None = None) -> Advice:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--direction", default="rademacher", choices=KINDS)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threshold", type=float, default=0.75,
-                    help="held-out sign agreement the suggested q must reach")
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        default=0.75,
+        help="held-out sign agreement the suggested q must reach",
+    )
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all)")
     args = ap.parse_args(argv)
     if min(args.qs) < 1 or args.trials < 1:
@@ -281,9 +336,21 @@ def main(argv: list[str] | None = None) -> Advice:
         ap.error("--lr and --mu must be > 0")
     if not 0.5 < args.threshold < 1.0:
         ap.error("--threshold is a sign agreement: give a value in (0.5, 1), e.g. 0.75")
-    advice = advise(args.bundle, args.data, args.eval_data, tuple(args.qs), args.trials,
-                    args.lr, args.mu, args.batch_size, args.max_length, args.direction,
-                    args.seed, args.threshold, args.threads)
+    advice = advise(
+        args.bundle,
+        args.data,
+        args.eval_data,
+        tuple(args.qs),
+        args.trials,
+        args.lr,
+        args.mu,
+        args.batch_size,
+        args.max_length,
+        args.direction,
+        args.seed,
+        args.threshold,
+        args.threads,
+    )
     print(format_table(advice))
     return advice
 

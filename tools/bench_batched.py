@@ -27,8 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True)
+TINY = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    tie_word_embeddings=True,
+)
 
 
 def tiny_llama(folder: Path) -> Path:
@@ -42,12 +49,14 @@ def tiny_llama(folder: Path) -> Path:
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     vocab.update({f"w{i}": i for i in range(3, TINY["vocab_size"])})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                            unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(pad_token_id=0, eos_token_id=1, bos_token_id=None,
-                                             **TINY))
+        model = LlamaForCausalLM(
+            LlamaConfig(pad_token_id=0, eos_token_id=1, bos_token_id=None, **TINY)
+        )
     model.save_pretrained(folder)
     return folder
 
@@ -63,13 +72,18 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def perturbed_sets(init: dict[str, np.ndarray], groups: int, rng: np.random.Generator,
-                   mu: float = 1e-2) -> list[dict[str, np.ndarray]]:
+def perturbed_sets(
+    init: dict[str, np.ndarray], groups: int, rng: np.random.Generator, mu: float = 1e-2
+) -> list[dict[str, np.ndarray]]:
     """G parameter sets: a shared trained-like point (B ~ N(0, 0.02²)) ± μ·Rademacher."""
-    base = {k: (v if ".lora_A." in k else rng.normal(0, 0.02, v.shape)).astype(np.float32)
-            for k, v in init.items()}
-    return [{k: (v + mu * rng.choice([-1.0, 1.0], v.shape)).astype(np.float32)
-             for k, v in base.items()} for _ in range(groups)]
+    base = {
+        k: (v if ".lora_A." in k else rng.normal(0, 0.02, v.shape)).astype(np.float32)
+        for k, v in init.items()
+    }
+    return [
+        {k: (v + mu * rng.choice([-1.0, 1.0], v.shape)).astype(np.float32) for k, v in base.items()}
+        for _ in range(groups)
+    ]
 
 
 def bench(normal, grouped, batch, sets, rounds: int) -> dict[str, float]:
@@ -98,9 +112,14 @@ def bench(normal, grouped, batch, sets, rounds: int) -> dict[str, float]:
             (a if fn is separate else b).append(fn())
     med_a, med_b = statistics.median(a), statistics.median(b)
     ratios = [x / y for x, y in zip(a, b, strict=True)]
-    return {"separate_s": med_a, "grouped_s": med_b, "speedup": med_a / med_b,
-            "speedup_per_round_median": statistics.median(ratios),
-            "speedup_min": min(ratios), "speedup_max": max(ratios)}
+    return {
+        "separate_s": med_a,
+        "grouped_s": med_b,
+        "speedup": med_a / med_b,
+        "speedup_per_round_median": statistics.median(ratios),
+        "speedup_min": min(ratios),
+        "speedup_max": max(ratios),
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -137,27 +156,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model, gguf = path.parent, path.name
     t = time.perf_counter()
     normal_path, grouped_path, specs, init, info = export_pair(Path(model), out, gguf)
-    print(f"exported normal + grouped graphs of {name} ({len(specs)} LoRA tensors, "
-          f"{sum(v.size for v in init.values()):,} values) in {time.perf_counter() - t:.0f} s")
+    print(
+        f"exported normal + grouped graphs of {name} ({len(specs)} LoRA tensors, "
+        f"{sum(v.size for v in init.values()):,} values) in {time.perf_counter() - t:.0f} s"
+    )
 
     normal, grouped = session(normal_path, args.threads), session(grouped_path, args.threads)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, info["vocab_size"], (args.batch, args.seq))
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
     rows = []
-    print(f"{name}: batch {args.batch}x{args.seq}, {args.threads} threads, {args.rounds} "
-          f"interleaved rounds; seconds per evaluation (one parameter set, whole batch)")
-    print(f"{'G':>3} {'max|diff|':>10} {'separate':>10} {'grouped':>10} {'speedup':>8} "
-          f"{'per-round min..max':>20}")
+    print(
+        f"{name}: batch {args.batch}x{args.seq}, {args.threads} threads, {args.rounds} "
+        f"interleaved rounds; seconds per evaluation (one parameter set, whole batch)"
+    )
+    print(
+        f"{'G':>3} {'max|diff|':>10} {'separate':>10} {'grouped':>10} {'speedup':>8} "
+        f"{'per-round min..max':>20}"
+    )
     for g in args.groups:
         sets = perturbed_sets(init, g, rng)
         diff = check_grouped_parity(grouped, normal, batch, sets, args.atol)
-        res = {"model": name, "groups": g, "batch": args.batch, "seq": args.seq,
-               "threads": args.threads, "max_abs_diff": diff,
-               **bench(normal, grouped, batch, sets, args.rounds)}
+        res = {
+            "model": name,
+            "groups": g,
+            "batch": args.batch,
+            "seq": args.seq,
+            "threads": args.threads,
+            "max_abs_diff": diff,
+            **bench(normal, grouped, batch, sets, args.rounds),
+        }
         rows.append(res)
-        print(f"{g:>3} {diff:>10.2e} {res['separate_s']:>10.4f} {res['grouped_s']:>10.4f} "
-              f"{res['speedup']:>8.3f} {res['speedup_min']:>9.3f}..{res['speedup_max']:.3f}")
+        print(
+            f"{g:>3} {diff:>10.2e} {res['separate_s']:>10.4f} {res['grouped_s']:>10.4f} "
+            f"{res['speedup']:>8.3f} {res['speedup_min']:>9.3f}..{res['speedup_max']:.3f}"
+        )
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     return rows
 

@@ -30,8 +30,10 @@ def main() -> None:
     ap.add_argument("--values", type=int, default=134_500_000)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    print(f"{'kind':<22}{'wall s':>10}{'cpu s':>10}   per {args.values / 1e6:.1f}M values "
-          f"(median of {args.repeat})")
+    print(
+        f"{'kind':<22}{'wall s':>10}{'cpu s':>10}   per {args.values / 1e6:.1f}M values "
+        f"(median of {args.repeat})"
+    )
     for kind in KINDS:
         d = Directions(seed=0, dim=args.values, kind=kind)
         rows: dict[str, list[tuple[float, float]]] = {kind: []}

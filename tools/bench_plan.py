@@ -68,9 +68,14 @@ def main() -> None:
     bundles = [load_bundle(b) for b in args.bundle.split(",")]
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     profile = load_profile(args.device).with_overrides(
-        {"threads": args.threads, "max_batch_size": max(b for b, _ in cases),
-         "max_seq_len": max(max(t for _, t in cases), load_profile(args.device).max_seq_len),
-         "eval_budget": None, "time_budget_s": None})
+        {
+            "threads": args.threads,
+            "max_batch_size": max(b for b, _ in cases),
+            "max_seq_len": max(max(t for _, t in cases), load_profile(args.device).max_seq_len),
+            "eval_budget": None,
+            "time_budget_s": None,
+        }
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -84,35 +89,65 @@ def main() -> None:
             words = 3 * seq
             train.write_text("".join(json.dumps(r) + "\n" for r in long_texts(4 * b, words)))
             held.write_text("".join(json.dumps(r) + "\n" for r in long_texts(b, words)))
-            kw = dict(bundle=str(bundle.path), data=str(train), eval_data=str(held),
-                      out=str(tmp / f"run{len(rows)}"), steps=args.steps, batch_size=b,
-                      eval_batch_size=b, max_length=seq, eval_every=0,
-                      device=str(prof_file))
-            calibrated = make_plan(bundle, profile, batch_size=b, max_length=seq,
-                                   optim_buffers=buffers, inplace=inplace, dry_run=True)
-            analytic = make_plan(bundle, profile, batch_size=b, max_length=seq,
-                                 optim_buffers=buffers, inplace=inplace, dry_run=False)
-            r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw)],
-                               capture_output=True, text=True)
+            kw = dict(
+                bundle=str(bundle.path),
+                data=str(train),
+                eval_data=str(held),
+                out=str(tmp / f"run{len(rows)}"),
+                steps=args.steps,
+                batch_size=b,
+                eval_batch_size=b,
+                max_length=seq,
+                eval_every=0,
+                device=str(prof_file),
+            )
+            calibrated = make_plan(
+                bundle,
+                profile,
+                batch_size=b,
+                max_length=seq,
+                optim_buffers=buffers,
+                inplace=inplace,
+                dry_run=True,
+            )
+            analytic = make_plan(
+                bundle,
+                profile,
+                batch_size=b,
+                max_length=seq,
+                optim_buffers=buffers,
+                inplace=inplace,
+                dry_run=False,
+            )
+            r = subprocess.run(
+                [sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True
+            )
             if r.returncode != 0:
                 sys.exit(f"run at {b}x{seq} failed:\n{r.stderr[-2000:]}")
             measured = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
             rows.append((precision_of(bundle), f"{b}x{seq}", calibrated, analytic, measured))
 
-    names = ", ".join(f"{b.path} ({b.manifest.trainable_mode}, {precision_of(b)})"
-                      for b in bundles)
-    print(f"bundles {names}; profile {profile.name} "
-          f"({args.threads} threads, arena {'on' if profile.cpu_arena else 'off'}), "
-          f"{args.steps} ZO steps per run")
-    print(f"{'precision':9}  {'shape':>6}  {'plan (dry run)':>14}  {'analytic':>9}  "
-          f"{'measured':>9}  {'error':>6}  {'analytic err':>12}")
+    names = ", ".join(f"{b.path} ({b.manifest.trainable_mode}, {precision_of(b)})" for b in bundles)
+    print(
+        f"bundles {names}; profile {profile.name} "
+        f"({args.threads} threads, arena {'on' if profile.cpu_arena else 'off'}), "
+        f"{args.steps} ZO steps per run"
+    )
+    print(
+        f"{'precision':9}  {'shape':>6}  {'plan (dry run)':>14}  {'analytic':>9}  "
+        f"{'measured':>9}  {'error':>6}  {'analytic err':>12}"
+    )
     for prec, shape, cal, ana, meas in rows:
-        print(f"{prec:9}  {shape:>6}  {cal.peak_mb:10,.0f} MiB  {ana.peak_mb:5,.0f} MiB  "
-              f"{meas:5,.0f} MiB  {(cal.peak_mb - meas) / meas:+6.1%}  "
-              f"{(ana.peak_mb - meas) / meas:+12.1%}")
+        print(
+            f"{prec:9}  {shape:>6}  {cal.peak_mb:10,.0f} MiB  {ana.peak_mb:5,.0f} MiB  "
+            f"{meas:5,.0f} MiB  {(cal.peak_mb - meas) / meas:+6.1%}  "
+            f"{(ana.peak_mb - meas) / meas:+12.1%}"
+        )
     for b, seq in [] if any(r[0] == "int4" for r in rows) else cases:
-        print(f"{'int4':9}  {f'{b}x{seq}':>6}  {'-':>14}  {'-':>9}  {'-':>9}  no int4 bundle "
-              "exists yet (int4 export is a separate issue); not measured")
+        print(
+            f"{'int4':9}  {f'{b}x{seq}':>6}  {'-':>14}  {'-':>9}  {'-':>9}  no int4 bundle "
+            "exists yet (int4 export is a separate issue); not measured"
+        )
 
 
 if __name__ == "__main__":

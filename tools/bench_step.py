@@ -67,9 +67,13 @@ def child(args: argparse.Namespace) -> dict:
         out["forward_s"] = statistics.median(times)
     else:
         trainable_bytes = bundle.manifest.trainable_size * 4
-        settings = EngineSettings(seed=0, direction=args.direction, q=args.q,
-                                  momentum=args.momentum,
-                                  inplace=choose_inplace(args.perturbation, trainable_bytes))
+        settings = EngineSettings(
+            seed=0,
+            direction=args.direction,
+            q=args.q,
+            momentum=args.momentum,
+            inplace=choose_inplace(args.perturbation, trainable_bytes),
+        )
         engine = ZOEngine(bundle, settings)
         runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, opts)
         runner.losses(batch)  # warm-up
@@ -85,9 +89,13 @@ def child(args: argparse.Namespace) -> dict:
                 t = time.perf_counter()
                 engine.step(s, 1e-6, 1e-3, lambda: runner.mean_loss(batch))
                 steps.append(time.perf_counter() - t)
-        out.update(forward_s=statistics.median(fwd), step_s=statistics.median(steps),
-                   evals_per_step=engine.estimator.evals_per_step,
-                   inplace=settings.inplace, trainable=engine.params.dim)
+        out.update(
+            forward_s=statistics.median(fwd),
+            step_s=statistics.median(steps),
+            evals_per_step=engine.estimator.evals_per_step,
+            inplace=settings.inplace,
+            trainable=engine.params.dim,
+        )
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -106,7 +114,8 @@ def peak_rss_mb() -> float:
 
 def run_child(args: argparse.Namespace, role: str) -> dict:
     cmd = [sys.executable, __file__, "--child", role] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
         if k != "child" and v is not None
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -136,20 +145,33 @@ def main() -> None:
     ft = run_child(args, "finetune")
     ratio = ft["step_s"] / (ft["evals_per_step"] * ft["forward_s"])
     rss_ratio = ft["peak_rss_mb"] / infer["peak_rss_mb"]
-    print(f"bundle {args.bundle}: batch {args.batch}x{args.seq}, {args.threads} threads, "
-          f"{ft['trainable']:,} trainable values, {args.direction}, q={args.q}, "
-          f"momentum={args.momentum}, perturbation {'in place' if ft['inplace'] else 'copy'}")
+    print(
+        f"bundle {args.bundle}: batch {args.batch}x{args.seq}, {args.threads} threads, "
+        f"{ft['trainable']:,} trainable values, {args.direction}, q={args.q}, "
+        f"momentum={args.momentum}, perturbation {'in place' if ft['inplace'] else 'copy'}"
+    )
     print(f"  forward (inference process)   {infer['forward_s']:.4f} s")
     print(f"  forward (fine-tuning process) {ft['forward_s']:.4f} s")
-    print(f"  ZO step                       {ft['step_s']:.4f} s  "
-          f"({ft['evals_per_step']} forward evaluations)")
+    print(
+        f"  ZO step                       {ft['step_s']:.4f} s  "
+        f"({ft['evals_per_step']} forward evaluations)"
+    )
     print(f"  step ratio step/(evals x fwd) {ratio:.3f}")
     print(f"  peak RSS inference            {infer['peak_rss_mb']:.0f} MB")
     print(f"  peak RSS fine-tuning          {ft['peak_rss_mb']:.0f} MB")
     print(f"  RSS ratio fine-tune/inference {rss_ratio:.3f}")
-    print(json.dumps({"forward_s": ft["forward_s"], "step_s": ft["step_s"], "step_ratio": ratio,
-                      "rss_infer_mb": infer["peak_rss_mb"], "rss_finetune_mb": ft["peak_rss_mb"],
-                      "rss_ratio": rss_ratio}))
+    print(
+        json.dumps(
+            {
+                "forward_s": ft["forward_s"],
+                "step_s": ft["step_s"],
+                "step_ratio": ratio,
+                "rss_infer_mb": infer["peak_rss_mb"],
+                "rss_finetune_mb": ft["peak_rss_mb"],
+                "rss_ratio": rss_ratio,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

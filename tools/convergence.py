@@ -54,19 +54,55 @@ from edgezo.train import finetune
 # name -> FinetuneConfig overrides. "default" is whatever `edgezo finetune` does with no
 # hyperparameters (it follows edgezo/config.py); "mezo" is MeZO's recipe (papers.md §1).
 CONFIGS: dict[str, dict[str, Any]] = {
-    "mezo": dict(direction="gaussian", q=1, estimator="central", optimizer="sgd",
-                 momentum=0.0, lr=1e-4, mu=1e-2),
+    "mezo": dict(
+        direction="gaussian",
+        q=1,
+        estimator="central",
+        optimizer="sgd",
+        momentum=0.0,
+        lr=1e-4,
+        mu=1e-2,
+    ),
     "default": {},
-    "onesided-q4": dict(direction="sphere", q=4, estimator="onesided", optimizer="sgd",
-                        momentum=0.9, lr=1e-3, mu=1e-2),
-    "adam": dict(direction="rademacher", q=1, estimator="central", optimizer="adam",
-                 lr=3e-4, mu=1e-2),
-    "sign": dict(direction="rademacher", q=1, estimator="central", optimizer="sign",
-                 momentum=0.9, lr=1e-4, mu=1e-2),
-    "mezo-lr3e-4": dict(direction="gaussian", q=1, estimator="central", optimizer="sgd",
-                        momentum=0.0, lr=3e-4, mu=1e-2),
-    "onesided-q8": dict(direction="sphere", q=8, estimator="onesided", optimizer="sgd",
-                        momentum=0.9, lr=1e-3, mu=1e-2),
+    "onesided-q4": dict(
+        direction="sphere",
+        q=4,
+        estimator="onesided",
+        optimizer="sgd",
+        momentum=0.9,
+        lr=1e-3,
+        mu=1e-2,
+    ),
+    "adam": dict(
+        direction="rademacher", q=1, estimator="central", optimizer="adam", lr=3e-4, mu=1e-2
+    ),
+    "sign": dict(
+        direction="rademacher",
+        q=1,
+        estimator="central",
+        optimizer="sign",
+        momentum=0.9,
+        lr=1e-4,
+        mu=1e-2,
+    ),
+    "mezo-lr3e-4": dict(
+        direction="gaussian",
+        q=1,
+        estimator="central",
+        optimizer="sgd",
+        momentum=0.0,
+        lr=3e-4,
+        mu=1e-2,
+    ),
+    "onesided-q8": dict(
+        direction="sphere",
+        q=8,
+        estimator="onesided",
+        optimizer="sgd",
+        momentum=0.9,
+        lr=1e-3,
+        mu=1e-2,
+    ),
 }
 
 # The target held-out loss: what MeZO's recipe reaches at its budget, MAX_EVALS = 300 training
@@ -82,8 +118,13 @@ EVAL_EVERY_EVALS = 30
 def evals_per_step(cfg: FinetuneConfig) -> float:
     """Expected training forward evaluations per step (edgezo.estimators' table)."""
     q = cfg.q
-    return {"central": 2 * q, "onesided": q + 1, "dap": 2 * q + 1,
-            "p4": 1 + 2.5 * q, "p3": 1 + 1.5 * q}[cfg.estimator]
+    return {
+        "central": 2 * q,
+        "onesided": q + 1,
+        "dap": 2 * q + 1,
+        "p4": 1 + 2.5 * q,
+        "p3": 1 + 1.5 * q,
+    }[cfg.estimator]
 
 
 @dataclass
@@ -115,20 +156,30 @@ class RunResult:
 def extra_evaluations(summary: dict[str, Any]) -> int:
     """Training-side evaluations a summary reports besides the ledger's (e.g. autotune's)."""
     skip = {"train_evaluations", "eval_evaluations"}
-    return int(sum(v for k, v in summary.items()
-                   if k.endswith("evaluations") and k not in skip and isinstance(v, int)))
+    return int(
+        sum(
+            v
+            for k, v in summary.items()
+            if k.endswith("evaluations") and k not in skip and isinstance(v, int)
+        )
+    )
 
 
 def read_run(name: str, seed: int, folder: Path) -> RunResult:
     """A finished run folder -> its held-out curve on the training-evaluation axis."""
     summary = json.loads((folder / "summary.json").read_text())
     extra = extra_evaluations(summary)
-    res = RunResult(config=name, seed=seed, out=str(folder),
-                    train_evaluations=int(summary["train_evaluations"]),
-                    extra_evaluations=extra,
-                    eval_evaluations=int(summary["eval_evaluations"]),
-                    stop_reason=summary["stop_reason"], seconds=float(summary["seconds"]),
-                    resolved=yaml.safe_load((folder / "config.yaml").read_text()))
+    res = RunResult(
+        config=name,
+        seed=seed,
+        out=str(folder),
+        train_evaluations=int(summary["train_evaluations"]),
+        extra_evaluations=extra,
+        eval_evaluations=int(summary["eval_evaluations"]),
+        stop_reason=summary["stop_reason"],
+        seconds=float(summary["seconds"]),
+        resolved=yaml.safe_load((folder / "config.yaml").read_text()),
+    )
     for key in ("lr", "mu"):  # the values used (an automatic selection may have chosen them)
         if summary.get(key) is not None:
             res.resolved[key] = summary[key]
@@ -145,18 +196,33 @@ def read_run(name: str, seed: int, folder: Path) -> RunResult:
     return res
 
 
-def run_config(name: str, overrides: dict[str, Any], seed: int, out: Path, *,
-               max_evals: int, eval_every_evals: int, heldout_file: Path,
-               data: str | None = None, bundle: str | None = None, fresh: bool = False,
-               log: Callable[[str], None] = print) -> RunResult:
+def run_config(
+    name: str,
+    overrides: dict[str, Any],
+    seed: int,
+    out: Path,
+    *,
+    max_evals: int,
+    eval_every_evals: int,
+    heldout_file: Path,
+    data: str | None = None,
+    bundle: str | None = None,
+    fresh: bool = False,
+    log: Callable[[str], None] = print,
+) -> RunResult:
     """One fine-tuning run of configuration ``name`` with ``seed`` (reused when finished)."""
     folder = out / "runs" / f"{name}-seed{seed}"
     mode = bundle_mode(bundle)
     per_step = evals_per_step(FinetuneConfig(**overrides).resolved(mode))  # per-mode recipe
     fields = dict(
-        bundle=bundle, data=data or str(default_data()[0]), eval_data=str(heldout_file),
-        seed=seed, eval_budget=max_evals, steps=max(1, math.ceil(max_evals / per_step)),
-        eval_every=max(1, round(eval_every_evals / per_step)), out=str(folder),
+        bundle=bundle,
+        data=data or str(default_data()[0]),
+        eval_data=str(heldout_file),
+        seed=seed,
+        eval_budget=max_evals,
+        steps=max(1, math.ceil(max_evals / per_step)),
+        eval_every=max(1, round(eval_every_evals / per_step)),
+        out=str(folder),
     )
     fields.update(overrides)
     cfg = FinetuneConfig(**fields)
@@ -196,10 +262,12 @@ def heldout_subset(n: int, out: Path) -> Path:
 
 
 def table(results: list[RunResult], target: float) -> str:
-    rows = [f"target held-out loss {target:g}; evals = training forward evaluations "
-            f"(held-out evaluations not counted)",
-            f"{'config':<20} {'evals to target per seed':<28} {'median':>7} "
-            f"{'final held-out per seed':<26} {'held-out fwd':>12}"]
+    rows = [
+        f"target held-out loss {target:g}; evals = training forward evaluations "
+        f"(held-out evaluations not counted)",
+        f"{'config':<20} {'evals to target per seed':<28} {'median':>7} "
+        f"{'final held-out per seed':<26} {'held-out fwd':>12}",
+    ]
     by_name: dict[str, list[RunResult]] = {}
     for r in results:
         by_name.setdefault(r.config, []).append(r)
@@ -208,8 +276,10 @@ def table(results: list[RunResult], target: float) -> str:
         per_seed = " ".join("-" if h is None else str(h) for h in hits)
         med = median_hits(hits)
         finals = " ".join(f"{r.final:.4f}" for r in runs)
-        rows.append(f"{name:<20} {per_seed:<28} {'-' if med is None else f'{med:g}':>7} "
-                    f"{finals:<26} {sum(r.eval_evaluations for r in runs):>12}")
+        rows.append(
+            f"{name:<20} {per_seed:<28} {'-' if med is None else f'{med:g}':>7} "
+            f"{finals:<26} {sum(r.eval_evaluations for r in runs):>12}"
+        )
     return "\n".join(rows)
 
 
@@ -221,15 +291,30 @@ def median_hits(hits: list[int | None]) -> float | None:
 
 
 def resolved_lines(results: list[RunResult]) -> str:
-    keys = ("direction", "estimator", "q", "optimizer", "lr", "mu", "momentum", "schedule",
-            "steps", "eval_every", "eval_budget", "autotune")
+    keys = (
+        "direction",
+        "estimator",
+        "q",
+        "optimizer",
+        "lr",
+        "mu",
+        "momentum",
+        "schedule",
+        "steps",
+        "eval_every",
+        "eval_budget",
+        "autotune",
+    )
     seen: dict[str, str] = {}
     for r in results:
         desc = f"seed {r.seed}: " + " ".join(
             f"{k}={v:.3g}" if isinstance(v := r.resolved.get(k), float) else f"{k}={v}"
-            for k in keys)
-        desc += (f"; {r.extra_evaluations} evaluations of lr/μ selection, {r.rollbacks} "
-                 f"rollbacks, stopped: {r.stop_reason}")
+            for k in keys
+        )
+        desc += (
+            f"; {r.extra_evaluations} evaluations of lr/μ selection, {r.rollbacks} "
+            f"rollbacks, stopped: {r.stop_reason}"
+        )
         seen[r.config] = f"{seen[r.config]}\n    {desc}" if r.config in seen else desc
     return "\n".join(f"  {name}: {desc}" for name, desc in seen.items())
 
@@ -238,8 +323,11 @@ def plot(results: list[RunResult], target: float, path: Path) -> None:
     try:
         import matplotlib
     except ImportError:
-        print(f"convergence: matplotlib is not installed (pip install 'edgezo[tools]'): "
-              f"{path} not written", file=sys.stderr)
+        print(
+            f"convergence: matplotlib is not installed (pip install 'edgezo[tools]'): "
+            f"{path} not written",
+            file=sys.stderr,
+        )
         return
 
     matplotlib.use("Agg")
@@ -250,16 +338,29 @@ def plot(results: list[RunResult], target: float, path: Path) -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(names):
         for j, r in enumerate(x for x in results if x.config == name):
-            ax.plot(r.evals, r.heldout, color=colours[i % len(colours)], alpha=0.8, lw=1.2,
-                    marker=".", label=name if j == 0 else None)
+            ax.plot(
+                r.evals,
+                r.heldout,
+                color=colours[i % len(colours)],
+                alpha=0.8,
+                lw=1.2,
+                marker=".",
+                label=name if j == 0 else None,
+            )
     ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:g}")
     start = max(r.heldout[0] for r in results if r.heldout)
     if max(max(r.heldout) for r in results if r.heldout) > start * 1.02:
         low = min(min(r.heldout) for r in results if r.heldout)
         # a diverged point would flatten every other curve
         ax.set_ylim(low - 0.1 * (start - low) - 1e-3, start * 1.02)
-        ax.text(0.01, 0.99, "points above the top are clipped (diverged, then rolled back)",
-                transform=ax.transAxes, va="top", fontsize=7)
+        ax.text(
+            0.01,
+            0.99,
+            "points above the top are clipped (diverged, then rolled back)",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=7,
+        )
     ax.set_xlabel("training forward evaluations")
     ax.set_ylabel("held-out loss")
     ax.set_title("SmolLM2-135M LoRA r=8 on the sample notes (one line per seed)")
@@ -272,22 +373,36 @@ def plot(results: list[RunResult], target: float, path: Path) -> None:
 def main(argv: list[str] | None = None) -> list[RunResult]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                    metavar="NAME", help=f"subset of: {', '.join(CONFIGS)}")
-    ap.add_argument("--max-evals", type=int, default=MAX_EVALS,
-                    help="training forward evaluations per run")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=list(CONFIGS),
+        metavar="NAME",
+        help=f"subset of: {', '.join(CONFIGS)}",
+    )
+    ap.add_argument(
+        "--max-evals", type=int, default=MAX_EVALS, help="training forward evaluations per run"
+    )
     ap.add_argument("--target", type=float, default=TARGET, help="target held-out loss")
     ap.add_argument("--heldout", type=int, default=HELDOUT, help="held-out examples used")
-    ap.add_argument("--eval-every-evals", type=int, default=EVAL_EVERY_EVALS,
-                    help="held-out evaluation about every N training evaluations")
+    ap.add_argument(
+        "--eval-every-evals",
+        type=int,
+        default=EVAL_EVERY_EVALS,
+        help="held-out evaluation about every N training evaluations",
+    )
     ap.add_argument("--bundle", default=None, help="default: the SmolLM2-135M LoRA bundle")
     ap.add_argument("--data", default=None, help="default: edgezo/assets/notes.jsonl")
     ap.add_argument("--out", default="tools/out/convergence")
     ap.add_argument("--fresh", action="store_true", help="rerun finished runs")
     ap.add_argument("--quiet", action="store_true", help="hide the runs' own messages")
-    ap.add_argument("--report", action="store_true",
-                    help="run nothing: tabulate and plot the finished runs found under --out "
-                    "(whatever config they ran with; see the resolved configs printed)")
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: tabulate and plot the finished runs found under --out "
+        "(whatever config they ran with; see the resolved configs printed)",
+    )
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -305,19 +420,38 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
                 if (folder / "summary.json").is_file():
                     results.append(read_run(name, seed, folder))
                 continue
-            results.append(run_config(
-                name, CONFIGS[name], seed, out, max_evals=args.max_evals,
-                eval_every_evals=args.eval_every_evals, heldout_file=held, data=args.data,
-                bundle=args.bundle, fresh=args.fresh, log=log))
+            results.append(
+                run_config(
+                    name,
+                    CONFIGS[name],
+                    seed,
+                    out,
+                    max_evals=args.max_evals,
+                    eval_every_evals=args.eval_every_evals,
+                    heldout_file=held,
+                    data=args.data,
+                    bundle=args.bundle,
+                    fresh=args.fresh,
+                    log=log,
+                )
+            )
     if not results:
         raise SystemExit(f"no finished runs under {out / 'runs'}")
     results.sort(key=lambda r: (args.configs.index(r.config), r.seed))
     print(table(results, args.target))
     print("resolved configs (from each run's config.yaml):")
     print(resolved_lines(results))
-    (out / "convergence.json").write_text(json.dumps(
-        {"target": args.target, "max_evals": args.max_evals, "heldout": args.heldout,
-         "runs": [r.__dict__ for r in results]}, indent=1))
+    (out / "convergence.json").write_text(
+        json.dumps(
+            {
+                "target": args.target,
+                "max_evals": args.max_evals,
+                "heldout": args.heldout,
+                "runs": [r.__dict__ for r in results],
+            },
+            indent=1,
+        )
+    )
     plot(results, args.target, out / "convergence.png")
     print(f"saved {out / 'convergence.png'} and {out / 'convergence.json'}")
     return results

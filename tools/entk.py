@@ -75,8 +75,10 @@ def mlp(width: int, k: int, seed: int) -> torch.nn.Module:
     """in → width → width → k with tanh, initialised from an explicit generator."""
     gen = torch.Generator().manual_seed(seed)
     net = torch.nn.Sequential(
-        torch.nn.Linear(IN_DIM, width), torch.nn.Tanh(),
-        torch.nn.Linear(width, width), torch.nn.Tanh(),
+        torch.nn.Linear(IN_DIM, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, width),
+        torch.nn.Tanh(),
         torch.nn.Linear(width, k),
     )
     with torch.no_grad():  # weights N(0, 1/fan_in), biases N(0, 0.1²)
@@ -101,10 +103,17 @@ def llama(width: int, k: int, seed: int) -> torch.nn.Module:
     """A tiny random Llama of hidden size ``width`` (2 layers, 4 heads, vocabulary 64)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=LLAMA_VOCAB, hidden_size=width, intermediate_size=2 * width,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=64, tie_word_embeddings=True,
-                      attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+    )
     with torch.random.fork_rng(devices=[]):  # from_config draws from the global generator
         torch.manual_seed(seed)
         lm = LlamaForCausalLM(cfg)
@@ -129,8 +138,9 @@ def jacobian(net: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     def f(theta: torch.Tensor) -> torch.Tensor:
         parts = torch.split(theta, sizes)
         params = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes, strict=True)}
-        return functional_call(net, params, (x.double() if x.is_floating_point() else x,)
-                               ).reshape(-1)
+        return functional_call(net, params, (x.double() if x.is_floating_point() else x,)).reshape(
+            -1
+        )
 
     return jacrev(f)(flat).numpy()
 
@@ -185,8 +195,14 @@ class Row:
     family: str = "mlp"
 
 
-def study(widths: list[int], qs: list[int], seeds: int, kinds: tuple[str, ...] = KINDS,
-          probe_ns: tuple[int, ...] = PROBE_NS, family: str = "mlp") -> list[Row]:
+def study(
+    widths: list[int],
+    qs: list[int],
+    seeds: int,
+    kinds: tuple[str, ...] = KINDS,
+    probe_ns: tuple[int, ...] = PROBE_NS,
+    family: str = "mlp",
+) -> list[Row]:
     """One row per (kind, output size, width): RMS relative error over ``seeds`` draws.
 
     ``family``: ``mlp`` (width = hidden width) or ``llama`` (width = hidden size).
@@ -208,14 +224,16 @@ def study(widths: list[int], qs: list[int], seeds: int, kinds: tuple[str, ...] =
                 k = ks[n]
                 r = float(np.trace(k) ** 2 / np.sum(k * k))
                 rms = np.sqrt([np.mean(sq[(n, q)]) for q in qs])
-                found[(kind, n, w)] = Row(kind, n * K_OUT, w, j.shape[1], r, math.sqrt(1 + r),
-                                          rms.tolist(), family)
+                found[(kind, n, w)] = Row(
+                    kind, n * K_OUT, w, j.shape[1], r, math.sqrt(1 + r), rms.tolist(), family
+                )
     return [found[(kind, n, w)] for kind in kinds for n in probe_ns for w in widths]
 
 
 def print_table(rows: list[Row], qs: list[int]) -> None:
     head = f"{'model':<6} {'kind':<10} {'N·k':>4} {'width':>5} {'d':>8} {'r':>6}  " + "  ".join(
-        f"{'q=' + str(q):>7}" for q in qs)
+        f"{'q=' + str(q):>7}" for q in qs
+    )
     print(head + "   (RMS relative Frobenius error; theory = sqrt((1+r)/q), Gaussian)")
     print("-" * len(head))
     last = None
@@ -223,11 +241,15 @@ def print_table(rows: list[Row], qs: list[int]) -> None:
         if last is not None and (row.family, row.kind, row.nk) != last:
             print()
         last = (row.family, row.kind, row.nk)
-        print(f"{row.family:<6} {row.kind:<10} {row.nk:>4} {row.width:>5} {row.d:>8,} "
-              f"{row.r:>6.1f}  " + "  ".join(f"{e:>7.3f}" for e in row.errors))
+        print(
+            f"{row.family:<6} {row.kind:<10} {row.nk:>4} {row.width:>5} {row.d:>8,} "
+            f"{row.r:>6.1f}  " + "  ".join(f"{e:>7.3f}" for e in row.errors)
+        )
         if row.kind == "gaussian":
-            print(f"{'':<6} {'  theory':<10} {'':>4} {'':>5} {'':>8} {'':>6}  "
-                  + "  ".join(f"{row.theory / math.sqrt(q):>7.3f}" for q in qs))
+            print(
+                f"{'':<6} {'  theory':<10} {'':>4} {'':>5} {'':>8} {'':>6}  "
+                + "  ".join(f"{row.theory / math.sqrt(q):>7.3f}" for q in qs)
+            )
 
 
 def plot(rows: list[Row], qs: list[int], out: Path, kind: str) -> None:
@@ -246,8 +268,9 @@ def plot(rows: list[Row], qs: list[int], out: Path, kind: str) -> None:
             sel = [r for r in rows if r.nk == nk and r.kind == kind and r.family == family]
             for i, r in enumerate(sel):
                 c = cmap(i / max(1, len(sel) - 1) * (0.8 if family == "llama" else 1.0))
-                ax.loglog(qq, r.errors, style, color=c, ms=5,
-                          label=f"{family} width {r.width}, d={r.d:,}")
+                ax.loglog(
+                    qq, r.errors, style, color=c, ms=5, label=f"{family} width {r.width}, d={r.d:,}"
+                )
                 ax.loglog(qq, r.theory / np.sqrt(qq), ":", color=c, lw=1)
                 rs.append(f"{r.r:.0f}")
         ax.loglog(qq, np.sqrt(nk / qq), "k--", lw=1.2, label=f"JL envelope √(N·k/q), N·k={nk}")
@@ -256,8 +279,9 @@ def plot(rows: list[Row], qs: list[int], out: Path, kind: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel(f"‖K̂ − K‖_F / ‖K‖_F  ({kind}; dotted: √((1+r)/q))")
-    fig.suptitle("ZO kernel J Z Zᵀ Jᵀ/q vs eNTK J Jᵀ: depends on q and output size, not d",
-                 fontsize=10)
+    fig.suptitle(
+        "ZO kernel J Z Zᵀ Jᵀ/q vs eNTK J Jᵀ: depends on q and output size, not d", fontsize=10
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -270,14 +294,24 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--qs", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     ap.add_argument("--seeds", type=int, default=2, help="direction seeds averaged (RMS)")
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--plot-kind", default="rademacher", choices=KINDS,
-                    help="direction kind drawn in the PNG (rademacher: the runtime's default)")
+    ap.add_argument(
+        "--plot-kind",
+        default="rademacher",
+        choices=KINDS,
+        help="direction kind drawn in the PNG (rademacher: the runtime's default)",
+    )
     ap.add_argument("--out", type=Path, default=Path("tools/out/entk.png"))
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
-    ap.add_argument("--llama", type=int, nargs="*", default=None, metavar="HIDDEN",
-                    help="also tiny random Llamas of these hidden sizes (default 8 16 32 64; "
-                    "outputs: the first k logits at the last position; needs transformers)")
+    ap.add_argument(
+        "--llama",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="HIDDEN",
+        help="also tiny random Llamas of these hidden sizes (default 8 16 32 64; "
+        "outputs: the first k logits at the last position; needs transformers)",
+    )
     args = ap.parse_args(argv)
     if min(args.qs) < 1 or args.seeds < 1 or min(args.widths) < 1:
         ap.error("--qs, --seeds and --widths must be >= 1")
@@ -287,11 +321,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     t0 = time.perf_counter()
     rows = study(args.widths, qs, args.seeds, tuple(args.kinds))
     if args.llama is not None:
-        rows += study(args.llama or [8, 16, 32, 64], qs, args.seeds, tuple(args.kinds),
-                      family="llama")
+        rows += study(
+            args.llama or [8, 16, 32, 64], qs, args.seeds, tuple(args.kinds), family="llama"
+        )
     print_table(rows, qs)
-    print(f"\n{args.seeds} seeds × max(q)/q disjoint blocks per cell, "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"\n{args.seeds} seeds × max(q)/q disjoint blocks per cell, "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     if not args.no_plot and args.plot_kind in args.kinds:
         plot(rows, qs, args.out, args.plot_kind)
         print(f"wrote {args.out}")

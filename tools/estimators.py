@@ -64,9 +64,16 @@ MUS = [1e-3, 1e-2, 1e-1, 3e-1, 1.0]
 class Analytic:
     """edgezo's estimator on an analytic f: one float32 tensor ``x``, loss f(feed) in float64."""
 
-    def __init__(self, f: Callable[[np.ndarray], float], x0: np.ndarray, estimator: str,
-                 kind: str, seed: int = 0, schedule: LevelSchedule | None = None,
-                 mu_floor: float = 1e-5):
+    def __init__(
+        self,
+        f: Callable[[np.ndarray], float],
+        x0: np.ndarray,
+        estimator: str,
+        kind: str,
+        seed: int = 0,
+        schedule: LevelSchedule | None = None,
+        mu_floor: float = 1e-5,
+    ):
         self.params = FlatParams([TensorSpec("x", (x0.size,))])
         self.params.load({"x": x0.astype(np.float32)})
         self.perturber = Perturber(self.params, Directions(seed, x0.size, kind))
@@ -78,8 +85,9 @@ class Analytic:
         feed = self.params.feed
         e = self.est.estimate(step, mu, self.perturber, lambda: self.f(feed.astype(np.float64)))
         vs = self.perturber.vectors
-        return sum(gi * vs.chunk(u, 0).astype(np.float64) for gi, u in
-                   zip(e.g, e.vectors, strict=True)) / len(e.g)
+        return sum(
+            gi * vs.chunk(u, 0).astype(np.float64) for gi, u in zip(e.g, e.vectors, strict=True)
+        ) / len(e.g)
 
 
 def objectives(dim: int, rng: np.random.Generator):
@@ -113,14 +121,16 @@ def dap_check(draws: int, mu: float = 1e-3) -> dict[str, np.ndarray]:
     x = np.array([0.1, 1.0])
     g = 2 * x.astype(np.float32).astype(np.float64)
     out = {}
-    for label, est, kind in [("central gaussian", "central", "gaussian"),
-                             ("central sphere", "central", "sphere"),
-                             ("onesided sphere", "onesided", "sphere"),
-                             ("dap (z sphere)", "dap", "sphere"),
-                             ("dap (z gaussian)", "dap", "gaussian")]:
+    for label, est, kind in [
+        ("central gaussian", "central", "gaussian"),
+        ("central sphere", "central", "sphere"),
+        ("onesided sphere", "onesided", "sphere"),
+        ("dap (z sphere)", "dap", "sphere"),
+        ("dap (z gaussian)", "dap", "gaussian"),
+    ]:
         a = Analytic(lambda v: float(v @ v), x, est, kind, seed=3)
         errs = np.array([a.gradient(t, mu) - g for t in range(draws)])
-        out[label] = np.mean(errs ** 2, axis=0)
+        out[label] = np.mean(errs**2, axis=0)
     return out
 
 
@@ -135,9 +145,11 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     for name, (f, grad, x0) in objectives(args.dim, rng).items():
         gn = float(np.sum(grad(x0.astype(np.float32).astype(np.float64)) ** 2))
-        print(f"\n{name}, d = {args.dim}, ‖∇f‖² = {gn:.4g}; MSE E‖ĝ − ∇f‖² / ‖∇f‖² over "
-              f"{args.draws} draws (theory at μ → 0: gaussian d+1 = {args.dim + 1}, "
-              f"sphere/rademacher d−1 = {args.dim - 1})")
+        print(
+            f"\n{name}, d = {args.dim}, ‖∇f‖² = {gn:.4g}; MSE E‖ĝ − ∇f‖² / ‖∇f‖² over "
+            f"{args.draws} draws (theory at μ → 0: gaussian d+1 = {args.dim + 1}, "
+            f"sphere/rademacher d−1 = {args.dim - 1})"
+        )
         print(f"{'estimator':<20}" + "".join(f"{'μ=' + format(m, 'g'):>10}" for m in MUS))
         results[name] = {}
         for label, est, kind, sch in CONFIGS:
@@ -171,8 +183,7 @@ def plot(results, dap, out: Path) -> None:
             if off:
                 ax.plot(*zip(*off, strict=True), "^", color=line.get_color(), markersize=10)
         ax.set_ylim(top=top * 1.3)
-        ax.set(title=f"{name} (▲: off the scale)", xlabel="μ (μ₁ for P3/P4)",
-               ylabel="MSE / ‖∇f‖²")
+        ax.set(title=f"{name} (▲: off the scale)", xlabel="μ (μ₁ for P3/P4)", ylabel="MSE / ‖∇f‖²")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     ax = axes[2]

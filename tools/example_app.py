@@ -37,8 +37,9 @@ def main() -> None:
 
     notes = [json.loads(line) for line in default_data()[0].read_text().splitlines() if line]
     bundle = args.bundle or ensure_default_bundle()
-    p = Personalizer(bundle, args.device, args.app_dir, batch_size=4, max_length=64,
-                     eval_batch_size=8)
+    p = Personalizer(
+        bundle, args.device, args.app_dir, batch_size=4, max_length=64, eval_batch_size=8
+    )
     probe = ["I water the basil on the balcony every morning.", "Quarterly revenue rose 4%."]
     print(f"app: loss of two texts before: {[round(x, 3) for x in p.score(probe)]}")
 
@@ -46,8 +47,11 @@ def main() -> None:
 
     def on_progress(pr) -> None:  # called in the worker thread after every step
         left = "" if pr.evaluations_left is None else f", {pr.evaluations_left} evals left"
-        print(f"  [edgezo] step {pr.step}/{pr.steps} loss {pr.loss:.3f} "
-              f"({pr.evaluations} evaluations this session{left})", flush=True)
+        print(
+            f"  [edgezo] step {pr.step}/{pr.steps} loss {pr.loss:.3f} "
+            f"({pr.evaluations} evaluations this session{left})",
+            flush=True,
+        )
         if pr.step >= pr.steps // 2:
             halfway.set()
 
@@ -68,12 +72,16 @@ def main() -> None:
             p.cancel()
         time.sleep(0.25)
     s = p.wait()
-    print(f"app: fit stopped ({s.stop_reason}) at step {s.steps} after {time.time() - t0:.1f} s; "
-          f"main thread did {ticks} ticks meanwhile")
+    print(
+        f"app: fit stopped ({s.stop_reason}) at step {s.steps} after {time.time() - t0:.1f} s; "
+        f"main thread did {ticks} ticks meanwhile"
+    )
     if s.steps < args.steps:
         s = p.fit(notes, steps=args.steps, on_progress=on_progress).wait()
-        print(f"app: second fit: {s.stop_reason} at step {s.steps}; held-out loss "
-              f"{s.heldout_before:.3f} -> {s.heldout_after:.3f}")
+        print(
+            f"app: second fit: {s.stop_reason} at step {s.steps}; held-out loss "
+            f"{s.heldout_before:.3f} -> {s.heldout_after:.3f}"
+        )
     print(f"app: loss of two texts after: {[round(x, 3) for x in p.score(probe)]}")
 
 

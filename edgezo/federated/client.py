@@ -38,20 +38,30 @@ BATCH_INPUTS = ["input_ids", "attention_mask", "labels"]  # a causal_lm bundle's
 def split_examples(examples: list[Example], index: int, count: int) -> list[Example]:
     """Client ``index`` of ``count`` gets examples index, index + count, ... (a fixed rule)."""
     if not 0 <= index < count:
-        raise EdgezoError(f"client index {index} is outside 0..{count - 1}",
-                          "give each client a partition id below the number of clients")
+        raise EdgezoError(
+            f"client index {index} is outside 0..{count - 1}",
+            "give each client a partition id below the number of clients",
+        )
     part = examples[index::count]
     if not part:
-        raise EdgezoError(f"client {index} of {count} gets no examples ({len(examples)} in all)",
-                          "use fewer clients or more data")
+        raise EdgezoError(
+            f"client {index} of {count} gets no examples ({len(examples)} in all)",
+            "use fewer clients or more data",
+        )
     return part
 
 
 class FederationClient:
     """One device of the federation: its bundle, its examples, its copy of the global ledger."""
 
-    def __init__(self, bundle: Bundle, client_id: str, train: list[Example],
-                 state_dir: str | Path | None = None, threads: int = 1):
+    def __init__(
+        self,
+        bundle: Bundle,
+        client_id: str,
+        train: list[Example],
+        state_dir: str | Path | None = None,
+        threads: int = 1,
+    ):
         self.bundle = bundle
         self.id = client_id
         self.train = train
@@ -81,24 +91,38 @@ class FederationClient:
         led = Ledger.read(self.state_dir / "ledger.jsonl", repair=True)
         if led.header.get("bundle") != self.bundle.fingerprint:
             return  # another bundle's state: start over from the server's ledger
-        self._start(EngineSettings.from_dict(led.header["engine"]), led,
-                    str(led.header.get("federation", "")))
+        self._start(
+            EngineSettings.from_dict(led.header["engine"]),
+            led,
+            str(led.header.get("federation", "")),
+        )
         for rec in led.records:
             self.model.apply(rec)
 
-    def _start(self, settings: EngineSettings, ledger: Ledger | None = None,
-               federation: str = "") -> None:
+    def _start(
+        self, settings: EngineSettings, ledger: Ledger | None = None, federation: str = ""
+    ) -> None:
         self.model = GlobalModel(self.bundle, settings)
         self.federation = federation
-        self.runner = LossRunner(self.bundle.model_path, self.model.engine.params, BATCH_INPUTS,
-                                 RuntimeOptions(threads=self.threads))
+        self.runner = LossRunner(
+            self.bundle.model_path,
+            self.model.engine.params,
+            BATCH_INPUTS,
+            RuntimeOptions(threads=self.threads),
+        )
         if ledger is None and self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             path = self.state_dir / "ledger.jsonl"
             path.unlink(missing_ok=True)
-            ledger = Ledger.create(path, {"bundle": self.bundle.fingerprint,
-                                          "engine": settings.to_dict(), "client": self.id,
-                                          "federation": federation})
+            ledger = Ledger.create(
+                path,
+                {
+                    "bundle": self.bundle.fingerprint,
+                    "engine": settings.to_dict(),
+                    "client": self.id,
+                    "federation": federation,
+                },
+            )
         self.ledger = ledger
 
     def _reset(self) -> None:
@@ -106,13 +130,21 @@ class FederationClient:
             self.ledger.close()
         self.model = self.runner = self.ledger = None
 
-    def reply(self, rnd: int, status: str = "ok", reason: str = "", **records: Any
-              ) -> dict[str, Any]:
-        return {"kind": REPLY, "version": VERSION, "bundle": self.bundle.fingerprint,
-                "client": self.id, "round": rnd, "have": self.have,
-                "theta": self.model.digest() if self.model is not None else "",
-                "status": status, "reason": reason,
-                **({"seeds": [], "g": [], "n": [], "loss": 0.0} | records)}
+    def reply(
+        self, rnd: int, status: str = "ok", reason: str = "", **records: Any
+    ) -> dict[str, Any]:
+        return {
+            "kind": REPLY,
+            "version": VERSION,
+            "bundle": self.bundle.fingerprint,
+            "client": self.id,
+            "round": rnd,
+            "have": self.have,
+            "theta": self.model.digest() if self.model is not None else "",
+            "status": status,
+            "reason": reason,
+            **({"seeds": [], "g": [], "n": [], "loss": 0.0} | records),
+        }
 
     def handle(self, ins: Any) -> dict[str, Any]:
         """Answer one instruction (never raises for bad input: it refuses with a reason)."""
@@ -131,23 +163,28 @@ class FederationClient:
 
     def _catch_up(self, ins: dict[str, Any]) -> None:
         if ins["bundle"] != self.bundle.fingerprint:
-            raise Rejected(f"the server's bundle {ins['bundle'][:16]}… is not this client's "
-                           f"{self.bundle.fingerprint[:16]}…")
+            raise Rejected(
+                f"the server's bundle {ins['bundle'][:16]}… is not this client's "
+                f"{self.bundle.fingerprint[:16]}…"
+            )
         try:
             settings = EngineSettings.from_dict(json.loads(ins["engine"]))
         except (ValueError, TypeError, EdgezoError) as e:
             raise Rejected(f"engine settings unreadable: {e}") from None
         if settings.estimator != "central" or settings.q != 1 or settings.optimizer != "sgd":
             raise Rejected("federation engine must be central / q=1 / sgd")
-        if self.model is not None and (self.model.settings != settings
-                                       or self.federation != ins["federation"]):
+        if self.model is not None and (
+            self.model.settings != settings or self.federation != ins["federation"]
+        ):
             self._reset()  # state of another federation (or settings): start this one afresh
         if self.model is None:
             self._start(settings, federation=ins["federation"])
         since, entries = ins["since"], ins["entries"]
         if since > self.have:
-            raise Rejected(f"ledger gap: this client holds {self.have} records, the "
-                           f"instruction starts at {since}")
+            raise Rejected(
+                f"ledger gap: this client holds {self.have} records, the "
+                f"instruction starts at {since}"
+            )
         for i, raw in enumerate(entries):
             step = since + i
             try:
@@ -166,8 +203,10 @@ class FederationClient:
             self.ledger.sync()
         if self.model.digest() != ins["theta"]:
             self._reset()  # something is off with the local copy: rebuild from scratch
-            raise Rejected("tensors replayed from the ledger differ from the server's digest; "
-                           "local state dropped, send the whole ledger next round")
+            raise Rejected(
+                "tensors replayed from the ledger differ from the server's digest; "
+                "local state dropped, send the whole ledger next round"
+            )
 
     def _train(self, ins: dict[str, Any]) -> dict[str, Any]:
         rnd, pool = ins["round"], ins["pool"]
@@ -178,8 +217,9 @@ class FederationClient:
             raise Rejected("lr/mu/local_steps/batch_size out of range")
         eng = self.model.engine
         seed = self.model.settings.seed
-        stream = BatchStream(self.train, bs, self.token % (1 << 63),
-                             self.bundle.manifest.tokenizer.pad_token_id)
+        stream = BatchStream(
+            self.train, bs, self.token % (1 << 63), self.bundle.manifest.tokenizer.pad_token_id
+        )
         theta = eng.params.master.copy()
         seeds, gs, ns, losses = [], [], [], []
         try:

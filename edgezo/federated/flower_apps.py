@@ -34,11 +34,28 @@ from .protocol import FedSettings, parse_drops
 from .server import FederationServer
 
 DEFAULTS: dict[str, Any] = {
-    "bundle": "", "data": "", "eval-data": "", "out": "runs/federate", "client-state": "",
-    "rounds": 5, "local-steps": 4, "lr": 1e-3, "mu": 1e-3, "batch-size": 4, "pool-size": 64,
-    "fraction": 1.0, "min-clients": 1, "seed": 0, "max-length": 64, "round-timeout-s": 600.0,
-    "wait-s": 60.0, "threads": 1, "drop": "", "server-lr": 1.0,
-    "resume": False, "clip": 0.0,
+    "bundle": "",
+    "data": "",
+    "eval-data": "",
+    "out": "runs/federate",
+    "client-state": "",
+    "rounds": 5,
+    "local-steps": 4,
+    "lr": 1e-3,
+    "mu": 1e-3,
+    "batch-size": 4,
+    "pool-size": 64,
+    "fraction": 1.0,
+    "min-clients": 1,
+    "seed": 0,
+    "max-length": 64,
+    "round-timeout-s": 600.0,
+    "wait-s": 60.0,
+    "threads": 1,
+    "drop": "",
+    "server-lr": 1.0,
+    "resume": False,
+    "clip": 0.0,
 }
 RECORD = "edgezo"
 
@@ -47,18 +64,26 @@ def require_flwr():
     try:
         import flwr  # noqa: F401
     except ImportError:
-        raise ConfigError("Flower (flwr) is not installed, so the federation cannot run",
-                          "pip install 'edgezo[federated]'") from None
+        raise ConfigError(
+            "Flower (flwr) is not installed, so the federation cannot run",
+            "pip install 'edgezo[federated]'",
+        ) from None
 
 
 def fed_settings(cfg: dict[str, Any]) -> FedSettings:
-    return FedSettings(seed=int(cfg["seed"]), rounds=int(cfg["rounds"]),
-                       local_steps=int(cfg["local-steps"]), lr=float(cfg["lr"]),
-                       mu=float(cfg["mu"]), batch_size=int(cfg["batch-size"]),
-                       pool_size=int(cfg["pool-size"]), fraction=float(cfg["fraction"]),
-                       min_clients=int(cfg["min-clients"]),
-                       server_lr=float(cfg["server-lr"]),
-                       clip=float(cfg["clip"]) if float(cfg["clip"]) > 0 else None)
+    return FedSettings(
+        seed=int(cfg["seed"]),
+        rounds=int(cfg["rounds"]),
+        local_steps=int(cfg["local-steps"]),
+        lr=float(cfg["lr"]),
+        mu=float(cfg["mu"]),
+        batch_size=int(cfg["batch-size"]),
+        pool_size=int(cfg["pool-size"]),
+        fraction=float(cfg["fraction"]),
+        min_clients=int(cfg["min-clients"]),
+        server_lr=float(cfg["server-lr"]),
+        clip=float(cfg["clip"]) if float(cfg["clip"]) > 0 else None,
+    )
 
 
 def _merged(base: dict[str, Any], *more: Any) -> dict[str, Any]:
@@ -68,8 +93,9 @@ def _merged(base: dict[str, Any], *more: Any) -> dict[str, Any]:
         cfg.update({k: v for k, v in dict(m or {}).items()})
     unknown = sorted(set(cfg) - set(DEFAULTS) - {"partition-id", "num-partitions"})
     if unknown:
-        raise ConfigError(f"unknown federation config keys: {unknown}",
-                          f"use only: {', '.join(sorted(DEFAULTS))}")
+        raise ConfigError(
+            f"unknown federation config keys: {unknown}", f"use only: {', '.join(sorted(DEFAULTS))}"
+        )
     return cfg
 
 
@@ -132,13 +158,16 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
 
     bundle = load_bundle(cfg["bundle"])
     fed = fed_settings(cfg)
-    server = FederationServer(bundle, fed, out / "ledger.jsonl", log=log,
-                              resume=bool(cfg["resume"]))
+    server = FederationServer(
+        bundle, fed, out / "ledger.jsonl", log=log, resume=bool(cfg["resume"])
+    )
     evaluate = None
     if cfg["eval-data"]:
-        evaluate = HeldoutEval(server.model, load_examples(bundle, cfg["eval-data"],
-                                                           int(cfg["max-length"])),
-                               threads=int(cfg["threads"]))
+        evaluate = HeldoutEval(
+            server.model,
+            load_examples(bundle, cfg["eval-data"], int(cfg["max-length"])),
+            threads=int(cfg["threads"]),
+        )
     deadline = time.monotonic() + float(cfg["wait-s"])
     while len(list(grid.get_node_ids())) < fed.min_clients and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -153,20 +182,26 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
         for cid in chosen:
             content = RecordDict({RECORD: ConfigRecord(server.instructions(cid, train))})
             down[cid] = record_bytes(content)
-            msgs.append(Message(content, dst_node_id=int(cid), message_type="train",
-                                group_id=str(server.round)))
+            msgs.append(
+                Message(
+                    content, dst_node_id=int(cid), message_type="train", group_id=str(server.round)
+                )
+            )
         got = []
         for cid, rep in _send_and_receive(grid, chosen, msgs, float(cfg["round-timeout-s"])):
             if rep.has_error():
                 got.append((cid, None, f"client error: {_short(rep.error.reason)}", 0, down[cid]))
             elif str(rep.metadata.src_node_id) != cid:
-                got.append((cid, None, f"reply came from node {rep.metadata.src_node_id}", 0,
-                            down[cid]))
+                got.append(
+                    (cid, None, f"reply came from node {rep.metadata.src_node_id}", 0, down[cid])
+                )
             elif RECORD not in rep.content.config_records:
                 got.append((cid, None, f"malformed: no {RECORD!r} record", 0, down[cid]))
             else:
-                reply = {k: (list(v) if isinstance(v, list) else v)
-                         for k, v in rep.content.config_records[RECORD].items()}
+                reply = {
+                    k: (list(v) if isinstance(v, list) else v)
+                    for k, v in rep.content.config_records[RECORD].items()
+                }
                 got.append((cid, reply, None, record_bytes(rep.content), down[cid]))
         for cid in set(chosen) - {g[0] for g in got}:
             got.append((cid, None, "no reply before the round timeout (dropped)", 0, down[cid]))
@@ -184,8 +219,15 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
             up[sender] = nup
             server.submit(reply, sender=sender)
         rec = server.finish_round()
-        rep = RoundReport(r, rec["status"], rec["clients"], list(server.rejections), up, down,
-                          evaluate() if evaluate else None)
+        rep = RoundReport(
+            r,
+            rec["status"],
+            rec["clients"],
+            list(server.rejections),
+            up,
+            down,
+            evaluate() if evaluate else None,
+        )
         reports.append(rep)
         log(f"edgezo federate: {rep.line()}")
 
@@ -194,8 +236,10 @@ def run_server(grid, cfg: dict[str, Any], ConfigRecord, Message, RecordDict) -> 
     for sender, reply, error, _, _ in exchange(train=False):
         synced[sender] = error if error is not None else server.confirm(reply, sender)
     same = sum(v is None for v in synced.values())
-    log(f"edgezo federate: {same}/{len(synced)} clients hold the server's final tensors bit "
-        "for bit" + "".join(f"; {c}: {why}" for c, why in synced.items() if why))
+    log(
+        f"edgezo federate: {same}/{len(synced)} clients hold the server's final tensors bit "
+        "for bit" + "".join(f"; {c}: {why}" for c, why in synced.items() if why)
+    )
     summary = write_summary(out, server, before, reports, synced)
     server.close()
     return summary
@@ -224,8 +268,9 @@ def make_client_app(config: dict[str, Any] | None = None):
         if (pid, rnd) in parse_drops(cfg["drop"]) and ins.get("local_steps", 0):
             raise RuntimeError(f"simulated dropout of partition {pid} in round {rnd}")
         client = _client(cfg, str(context.node_id), pid, count)
-        reply = client.handle({k: (list(v) if isinstance(v, list) else v)
-                               for k, v in (ins or {}).items()})
+        reply = client.handle(
+            {k: (list(v) if isinstance(v, list) else v) for k, v in (ins or {}).items()}
+        )
         return Message(RecordDict({RECORD: ConfigRecord(reply)}), reply_to=msg)
 
     return app
@@ -239,7 +284,11 @@ def _client(cfg: dict[str, Any], node: str, pid: int, count: int) -> FederationC
         bundle = load_bundle(cfg["bundle"])
         examples = load_examples(bundle, cfg["data"], int(cfg["max-length"]))
         state = Path(cfg["client-state"]) / f"node-{node}" if cfg["client-state"] else None
-        _CLIENTS[key] = FederationClient(bundle, node, split_examples(examples, pid, count),
-                                         state_dir=state, threads=int(cfg["threads"]))
+        _CLIENTS[key] = FederationClient(
+            bundle,
+            node,
+            split_examples(examples, pid, count),
+            state_dir=state,
+            threads=int(cfg["threads"]),
+        )
     return _CLIENTS[key]
-

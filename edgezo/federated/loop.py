@@ -24,20 +24,26 @@ from .server import FederationServer
 
 
 def load_examples(bundle: Bundle, path: str, max_length: int = 64) -> list[Example]:
-    return tokenize(read_jsonl(path), bundle.tokenizer(), bundle.manifest.tokenizer,
-                    max_length, where=path)
+    return tokenize(
+        read_jsonl(path), bundle.tokenizer(), bundle.manifest.tokenizer, max_length, where=path
+    )
 
 
 class HeldoutEval:
     """Mean per-example held-out loss at a :class:`GlobalModel`'s θ."""
 
-    def __init__(self, model: GlobalModel, examples: list[Example], batch_size: int = 16,
-                 threads: int = 1):
+    def __init__(
+        self, model: GlobalModel, examples: list[Example], batch_size: int = 16, threads: int = 1
+    ):
         self.model = model
         self.examples = examples
         self.batch_size = batch_size
-        self.runner = LossRunner(model.bundle.model_path, model.engine.params, BATCH_INPUTS,
-                                 RuntimeOptions(threads=threads))
+        self.runner = LossRunner(
+            model.bundle.model_path,
+            model.engine.params,
+            BATCH_INPUTS,
+            RuntimeOptions(threads=threads),
+        )
 
     def __call__(self) -> float:
         self.model.engine.perturber.at_theta()
@@ -60,26 +66,38 @@ class RoundReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
-        return {"round": self.round, "status": self.status, "accepted": self.accepted,
-                "rejected": [list(x) for x in self.rejected], "up_bytes": self.up_bytes,
-                "down_bytes": self.down_bytes, "heldout": self.heldout}
+        return {
+            "round": self.round,
+            "status": self.status,
+            "accepted": self.accepted,
+            "rejected": [list(x) for x in self.rejected],
+            "up_bytes": self.up_bytes,
+            "down_bytes": self.down_bytes,
+            "heldout": self.heldout,
+        }
 
     def line(self) -> str:
         up = max(self.up_bytes.values()) if self.up_bytes else 0
         down = max(self.down_bytes.values()) if self.down_bytes else 0
         held = "" if self.heldout is None else f"held-out loss {self.heldout:.4f}, "
-        return (f"round {self.round}: {held}{self.accepted} accepted, "
-                f"{len(self.rejected)} rejected; up ≤ {up} B/client, down ≤ {down} B/client")
+        return (
+            f"round {self.round}: {held}{self.accepted} accepted, "
+            f"{len(self.rejected)} rejected; up ≤ {up} B/client, down ≤ {down} B/client"
+        )
 
 
 Tamper = Callable[[int, str, dict[str, Any]], list[Any]]
 
 
-def run_rounds(server: FederationServer, clients: dict[str, FederationClient], rounds: int,
-               evaluate: Callable[[], float] | None = None,
-               drop: Callable[[int, str], bool] | None = None,
-               tamper: Tamper | None = None,
-               log: Callable[[str], None] | None = None) -> list[RoundReport]:
+def run_rounds(
+    server: FederationServer,
+    clients: dict[str, FederationClient],
+    rounds: int,
+    evaluate: Callable[[], float] | None = None,
+    drop: Callable[[int, str], bool] | None = None,
+    tamper: Tamper | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[RoundReport]:
     """``rounds`` rounds; ``drop(r, c)`` makes client c miss round r (no reply), and
     ``tamper(r, c, reply)`` returns the replies the server actually receives (tests)."""
     reports = []
@@ -95,19 +113,27 @@ def run_rounds(server: FederationServer, clients: dict[str, FederationClient], r
             reply = clients[cid].handle(json.loads(json.dumps(ins)))
             wire = json.loads(json.dumps(reply))
             up[cid] = payload_bytes(wire)
-            for msg in (tamper(r, cid, wire) if tamper is not None else [wire]):
+            for msg in tamper(r, cid, wire) if tamper is not None else [wire]:
                 server.submit(msg, sender=cid)
         rec = server.finish_round()
-        rep = RoundReport(r, rec["status"], rec["clients"], list(server.rejections), up, down,
-                          evaluate() if evaluate is not None else None)
+        rep = RoundReport(
+            r,
+            rec["status"],
+            rec["clients"],
+            list(server.rejections),
+            up,
+            down,
+            evaluate() if evaluate is not None else None,
+        )
         reports.append(rep)
         if log is not None:
             log(f"edgezo federate: {rep.line()}")
     return reports
 
 
-def sync_all(server: FederationServer, clients: dict[str, FederationClient]
-             ) -> dict[str, str | None]:
+def sync_all(
+    server: FederationServer, clients: dict[str, FederationClient]
+) -> dict[str, str | None]:
     """Bring every client to the server's θ (catch-up only); per client None if bit-identical,
     else the reason."""
     server.begin_round()
@@ -118,20 +144,33 @@ def sync_all(server: FederationServer, clients: dict[str, FederationClient]
     return out
 
 
-def write_summary(out: Path, server: FederationServer, before: float | None,
-                  reports: list[RoundReport], synced: dict[str, str | None]) -> dict[str, Any]:
+def write_summary(
+    out: Path,
+    server: FederationServer,
+    before: float | None,
+    reports: list[RoundReport],
+    synced: dict[str, str | None],
+) -> dict[str, Any]:
     """``summary.json``, ``metrics.jsonl`` and the final ``trained.safetensors`` in ``out``."""
     from ..checkpoint import save_tensors_atomic
 
-    save_tensors_atomic(out / "trained.safetensors", server.model.engine.params.state_dict(),
-                        metadata={"bundle": server.bundle.fingerprint,
-                                  "step": str(server.ledger_rounds)})
+    save_tensors_atomic(
+        out / "trained.safetensors",
+        server.model.engine.params.state_dict(),
+        metadata={"bundle": server.bundle.fingerprint, "step": str(server.ledger_rounds)},
+    )
     rows = [r.row() for r in reports]
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:  # a resumed run appends
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    summary = {"rounds": server.ledger_rounds, "heldout_before": before,
-               "heldout": [r["heldout"] for r in rows], "history": rows, "synced": synced,
-               "digest": server.model.digest(), "settings": server.fed.to_dict()}
+    summary = {
+        "rounds": server.ledger_rounds,
+        "heldout_before": before,
+        "heldout": [r["heldout"] for r in rows],
+        "history": rows,
+        "synced": synced,
+        "digest": server.model.digest(),
+        "settings": server.fed.to_dict(),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

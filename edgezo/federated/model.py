@@ -29,10 +29,12 @@ def engine_settings(fed: FedSettings) -> EngineSettings:
 
 def check_entry(record: Any, step: int) -> dict[str, Any]:
     """A global ledger record's shape; ``CheckpointError`` when it cannot be applied."""
+
     def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"global ledger record {step}: {why}",
-                               "catch up from the server's ledger again (it was altered in "
-                               "transit or on disk)")
+        return CheckpointError(
+            f"global ledger record {step}: {why}",
+            "catch up from the server's ledger again (it was altered in transit or on disk)",
+        )
 
     if not isinstance(record, dict) or record.get("step") != step:
         raise bad(f"expected step {step}, got {getattr(record, 'get', lambda k: None)('step')}")

@@ -90,8 +90,9 @@ class FedSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"unknown federation settings: {unknown}",
-                              f"use only: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown federation settings: {unknown}", f"use only: {', '.join(sorted(known))}"
+            )
         return cls(**d)
 
 
@@ -134,8 +135,9 @@ def parse_drops(spec: str) -> set[tuple[int, int]]:
         try:
             out.add((int(pid), int(rnd)))
         except ValueError:
-            raise ConfigError(f"drop spec {part!r} is not PARTITION@ROUND",
-                              "write e.g. --drop 2@1,0@3") from None
+            raise ConfigError(
+                f"drop spec {part!r} is not PARTITION@ROUND", "write e.g. --drop 2@1,0@3"
+            ) from None
     return out
 
 
@@ -169,8 +171,10 @@ def check_reply_shape(msg: Any) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise Rejected(f"malformed: a reply must be a record of fields, not {type(msg).__name__}")
     if msg.get("kind") != REPLY or msg.get("version") != VERSION:
-        raise Rejected(f"malformed: kind/version {msg.get('kind')!r}/{msg.get('version')!r}, "
-                       f"expected {REPLY!r}/{VERSION}")
+        raise Rejected(
+            f"malformed: kind/version {msg.get('kind')!r}/{msg.get('version')!r}, "
+            f"expected {REPLY!r}/{VERSION}"
+        )
     for key in ("bundle", "client", "theta", "status", "reason"):
         _need(msg, key, str)
     for key in ("round", "have"):
@@ -206,6 +210,8 @@ def check_train_shape(msg: Any) -> dict[str, Any]:
         raise Rejected("malformed instruction: entries must be JSON strings")
     _int_list(msg, "pool")
     if msg["since"] + len(entries) != msg["round"]:
-        raise Rejected(f"malformed instruction: entries {msg['since']}..+{len(entries)} do not "
-                       f"end at round {msg['round']}")
+        raise Rejected(
+            f"malformed instruction: entries {msg['since']}..+{len(entries)} do not "
+            f"end at round {msg['round']}"
+        )
     return msg

@@ -42,26 +42,39 @@ from .protocol import (
 class FederationServer:
     """Holds the global ledger (a file) and θ replayed from it."""
 
-    def __init__(self, bundle: Bundle, fed: FedSettings, ledger_path: str | Path,
-                 log: Callable[[str], None] = print, resume: bool = False):
+    def __init__(
+        self,
+        bundle: Bundle,
+        fed: FedSettings,
+        ledger_path: str | Path,
+        log: Callable[[str], None] = print,
+        resume: bool = False,
+    ):
         self.bundle = bundle
         self.fed = fed
         self.log = log
         self.model = GlobalModel(bundle, engine_settings(fed))
         path = Path(ledger_path)
-        header = {"bundle": bundle.fingerprint, "bundle_path": str(bundle.path),
-                  "federation_id": uuid.uuid4().hex,
-                  "engine": self.model.settings.to_dict(), "federation": fed.to_dict()}
+        header = {
+            "bundle": bundle.fingerprint,
+            "bundle_path": str(bundle.path),
+            "federation_id": uuid.uuid4().hex,
+            "engine": self.model.settings.to_dict(),
+            "federation": fed.to_dict(),
+        }
         if resume and path.exists():
             self.ledger = Ledger.read(path, repair=True)
             if self.ledger.header.get("bundle") != bundle.fingerprint:
                 raise CheckpointError(
                     f"{path} belongs to bundle {self.ledger.header.get('bundle')}, not "
-                    f"{bundle.fingerprint}", "resume with the bundle the federation started on")
+                    f"{bundle.fingerprint}",
+                    "resume with the bundle the federation started on",
+                )
             if self.ledger.header.get("engine") != self.model.settings.to_dict():
                 raise CheckpointError(
                     f"{path} was written with other seed/direction settings",
-                    "resume with the settings the federation started with (see its header)")
+                    "resume with the settings the federation started with (see its header)",
+                )
             for rec in self.ledger.records:
                 self.model.apply(rec)
         else:
@@ -95,8 +108,9 @@ class FederationServer:
         k = max(self.fed.min_clients, math.ceil(self.fed.fraction * len(clients)))
         if k >= len(clients):
             return clients
-        rng = np.random.Generator(np.random.Philox(key=[self.fed.seed, self.round],
-                                                    counter=[0, 0, 0, 0x5A3]))
+        rng = np.random.Generator(
+            np.random.Philox(key=[self.fed.seed, self.round], counter=[0, 0, 0, 0x5A3])
+        )
         return sorted(clients[i] for i in rng.choice(len(clients), size=k, replace=False))
 
     def instructions(self, client: str, train: bool = True) -> dict[str, Any]:
@@ -106,14 +120,22 @@ class FederationServer:
         """
         since = min(self.have.get(client, 0), self.round)
         f = self.fed
-        return {"kind": TRAIN, "version": VERSION, "bundle": self.bundle.fingerprint,
-                "engine": json.dumps(self.model.settings.to_dict(), sort_keys=True),
-                "federation": self.federation_id,
-                "round": self.round, "since": since,
-                "entries": [encode_entry(r) for r in self.ledger.records[since:]],
-                "theta": self._digest, "pool": list(self.pool) if train else [],
-                "local_steps": f.local_steps if train else 0,
-                "lr": f.lr, "mu": f.mu, "batch_size": f.batch_size}
+        return {
+            "kind": TRAIN,
+            "version": VERSION,
+            "bundle": self.bundle.fingerprint,
+            "engine": json.dumps(self.model.settings.to_dict(), sort_keys=True),
+            "federation": self.federation_id,
+            "round": self.round,
+            "since": since,
+            "entries": [encode_entry(r) for r in self.ledger.records[since:]],
+            "theta": self._digest,
+            "pool": list(self.pool) if train else [],
+            "local_steps": f.local_steps if train else 0,
+            "lr": f.lr,
+            "mu": f.mu,
+            "batch_size": f.batch_size,
+        }
 
     def confirm(self, reply: Any, sender: str | None = None) -> str | None:
         """Check a catch-up-only reply: None if the client holds θ bit for bit, else why not."""
@@ -125,8 +147,10 @@ class FederationServer:
                 raise Rejected(f"client refused: {msg['reason']}")
             self.have[msg["client"]] = min(max(0, msg["have"]), self.ledger_rounds)
             if msg["have"] != self.ledger_rounds or msg["theta"] != self._digest:
-                raise Rejected(f"client at {msg['have']} records, digest {msg['theta'][:12]}; "
-                               f"server at {self.ledger_rounds}, {self._digest[:12]}")
+                raise Rejected(
+                    f"client at {msg['have']} records, digest {msg['theta'][:12]}; "
+                    f"server at {self.ledger_rounds}, {self._digest[:12]}"
+                )
         except Rejected as e:
             return e.reason
         return None
@@ -152,23 +176,28 @@ class FederationServer:
         if sender is not None and client != sender:
             raise Rejected(f"reply names client {client!r} but came from {sender!r}")
         if msg["bundle"] != self.bundle.fingerprint:
-            raise Rejected(f"bundle fingerprint {msg['bundle'][:16]}… differs from the "
-                           f"server's {self.bundle.fingerprint[:16]}… (another bundle)")
+            raise Rejected(
+                f"bundle fingerprint {msg['bundle'][:16]}… differs from the "
+                f"server's {self.bundle.fingerprint[:16]}… (another bundle)"
+            )
         if 0 <= msg["have"] <= self.ledger_rounds:
             self.have[client] = msg["have"]  # what to send it next time, even if refused
         if msg["status"] == "refused":
             raise Rejected(f"client refused the round: {msg['reason']}")
         if msg["round"] != self.round:
-            raise Rejected(f"reply for round {msg['round']} during round {self.round} "
-                           "(stale or replayed message)")
+            raise Rejected(
+                f"reply for round {msg['round']} during round {self.round} "
+                "(stale or replayed message)"
+            )
         if client in self._accepted:
             raise Rejected("a reply from this client was already accepted this round (replayed)")
         if msg["have"] != self.round:
-            raise Rejected(f"ledger gap: client holds {msg['have']} records, round is "
-                           f"{self.round}")
+            raise Rejected(f"ledger gap: client holds {msg['have']} records, round is {self.round}")
         if msg["theta"] != self._digest:
-            raise Rejected("the client's replayed tensors differ from the server's (digest "
-                           f"{msg['theta'][:12]} vs {self._digest[:12]})")
+            raise Rejected(
+                "the client's replayed tensors differ from the server's (digest "
+                f"{msg['theta'][:12]} vs {self._digest[:12]})"
+            )
         if not msg["seeds"]:
             raise Rejected("no records")
         if len(msg["seeds"]) > self.fed.local_steps:
@@ -200,13 +229,21 @@ class FederationServer:
             seeds = sorted(terms)
             g = [math.fsum(terms[k]) for k in seeds]
         else:
-            self.log(f"edgezo federate: round {self.round}: {len(acc)} accepted replies, fewer "
-                     f"than min_clients={self.fed.min_clients}: θ unchanged")
-        record = {"step": self.round, "round": self.round, "status": status,
-                  "lr": self.fed.lr * self.fed.server_lr,
-                  "seeds": seeds, "g": g, "clients": len(acc) if status == "ok" else 0,
-                  "examples": examples if status == "ok" else 0,
-                  "rejected": len(self.rejections)}
+            self.log(
+                f"edgezo federate: round {self.round}: {len(acc)} accepted replies, fewer "
+                f"than min_clients={self.fed.min_clients}: θ unchanged"
+            )
+        record = {
+            "step": self.round,
+            "round": self.round,
+            "status": status,
+            "lr": self.fed.lr * self.fed.server_lr,
+            "seeds": seeds,
+            "g": g,
+            "clients": len(acc) if status == "ok" else 0,
+            "examples": examples if status == "ok" else 0,
+            "rejected": len(self.rejections),
+        }
         check_entry(record, self.ledger_rounds)  # nothing is written unless it applies
         self.ledger.append(record)
         self.ledger.sync()  # durable before any client is told about it
