@@ -88,7 +88,7 @@ class Personalizer:
         self._scorer: Any = None
 
     def _device_arg(self, profile: Any) -> str | None:
-        from .profiles import DeviceProfile
+        from .device.profiles import DeviceProfile
 
         if profile is None or isinstance(profile, (str, os.PathLike)):
             return None if profile is None else str(profile)
@@ -102,7 +102,7 @@ class Personalizer:
             return str(path)
         raise EdgezoError(
             f"profile must be a name, a path or a DeviceProfile, got {profile!r}",
-            "pass e.g. 'laptop-cpu' or edgezo.profiles.load_profile(...)",
+            "pass e.g. 'laptop-cpu' or edgezo.device.resolve.load_profile(...)",
         )
 
     # -- training ----------------------------------------------------------------------------
@@ -236,10 +236,10 @@ class Personalizer:
             )
         if self._scorer is None:
             from .bundle import load_bundle
-            from .params import FlatParams
-            from .profiles import load_profile
+            from .device.resolve import load_profile
             from .runner import LossRunner, RuntimeOptions
             from .train import BATCH_INPUTS
+            from .zo.params import FlatParams
 
             b = load_bundle(self.bundle)
             params = FlatParams(b.manifest.trainable)

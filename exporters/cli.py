@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgezo.cli_tasks import task_kwargs, task_options
+from edgezo.cli.tasks import task_kwargs, task_options
 from edgezo.errors import EdgezoError
 
 from .architectures import MODES

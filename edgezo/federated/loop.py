@@ -152,7 +152,7 @@ def write_summary(
     synced: dict[str, str | None],
 ) -> dict[str, Any]:
     """``summary.json``, ``metrics.jsonl`` and the final ``trained.safetensors`` in ``out``."""
-    from ..checkpoint import save_tensors_atomic
+    from ..zo.checkpoint import save_tensors_atomic
 
     save_tensors_atomic(
         out / "trained.safetensors",

@@ -6,7 +6,7 @@ belongs to, such that the gradient estimate is ĝ = (1/q) Σ_i g_i u_i. For most
 u_i = z(step, i); DAP's is its aligned direction. It never touches θ: the optimiser does.
 
 Every random choice (P3/P4's level and coin, DAP's sign) comes from
-:func:`edgezo.directions.uniform`, keyed by (seed, step, stream, i). During replay ``evaluate``
+:func:`edgezo.zo.directions.uniform`, keyed by (seed, step, stream, i). During replay ``evaluate``
 returns the losses recorded in the ledger, so the estimator's arithmetic (and, in place, the
 perturbation sequence) is exactly that of the original run.
 
@@ -39,7 +39,7 @@ from typing import Any
 from .directions import uniform
 from .perturb import Perturber, Vector, plain
 
-# streams of edgezo.directions.uniform (part of the run's definition — never change them)
+# streams of edgezo.zo.directions.uniform (part of the run's definition — never change them)
 STREAM_LEVEL, STREAM_COIN, STREAM_SIGN = 1, 2, 3
 MAX_LEVEL = 100_000
 FLOAT32_MAX = 3.4028234663852886e38

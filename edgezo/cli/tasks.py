@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import click
 
-from .bundle import TASKS
-from .data import label_names
-from .errors import EdgezoError
+from ..bundle import TASKS
+from ..data import label_names
+from ..errors import EdgezoError
 
 
 def task_kwargs(

@@ -11,10 +11,10 @@ import sys
 
 import click
 
-from .cli_devices import devices
-from .cli_federate import federate
-from .cli_tasks import task_kwargs, task_options
-from .errors import EdgezoError
+from ..errors import EdgezoError
+from .devices import devices
+from .federate import federate
+from .tasks import task_kwargs, task_options
 
 
 def friendly_errors(fn):
@@ -215,9 +215,9 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
     session budgets; a run that spends a budget stops with a checkpoint: continue it with
     --resume --out DIR in the next session.
     """
-    from .config import FinetuneConfig
-    from .configio import parse_overrides
-    from .train import finetune as run
+    from ..config import FinetuneConfig
+    from ..configio import parse_overrides
+    from ..train import finetune as run
 
     values = {k: v for k, v in flags.items() if v is not None}
     values.update(parse_overrides(overrides))
@@ -271,10 +271,10 @@ def plan(
     not fit. Exit status 1 when it does not fit."""
     import json
 
-    from .bundle import load_bundle
-    from .defaults import ensure_default_bundle
-    from .plan import make_plan, run_settings
-    from .profiles import load_profile
+    from ..bundle import load_bundle
+    from ..defaults import ensure_default_bundle
+    from ..device.plan import make_plan, run_settings
+    from ..device.resolve import load_profile
 
     profile = load_profile(device)
     b = load_bundle(bundle or ensure_default_bundle(click.echo))
@@ -320,7 +320,7 @@ def plan(
 def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
     """Mean per-example loss of a bundle (optionally with trained tensors) on a data file;
     classification bundles also report accuracy."""
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     result = evaluate(
         bundle=bundle,
@@ -395,8 +395,8 @@ def generate_cmd(
     """Continue --prompt with the personalised tensors (no KV cache: for short continuations)."""
     import numpy as np
 
-    from .generate import TextGenerator, resolve
-    from .runner import RuntimeOptions
+    from ..generate import TextGenerator, resolve
+    from ..runner import RuntimeOptions
 
     b, tensors = resolve(bundle, tensors, run_dir)
     gen = TextGenerator(b, RuntimeOptions(provider=provider))
@@ -440,16 +440,14 @@ def replay(run_dir, bundle, out, upto, check):
 
     import numpy as np
 
-    from .bundle import load_bundle
-    from .checkpoint import save_tensors_atomic
-    from .ledger import Ledger
-    from .replay import replay as do_replay
+    from ..bundle import load_bundle
+    from ..zo.checkpoint import save_tensors_atomic
+    from ..zo.ledger import Ledger
 
-    ledger_path = Path(run_dir) / "ledger.jsonl"
-    header = Ledger.read(ledger_path).header
-    b = load_bundle(bundle or header["bundle_path"])
-    engine = do_replay(b, ledger_path, upto=upto)
-    steps = len(Ledger.read(ledger_path).records) if upto is None else upto
+    ledger = Ledger.read(Path(run_dir) / "ledger.jsonl")
+    b = load_bundle(bundle or ledger.header["bundle_path"])
+    engine = b.replay(ledger, upto=upto)
+    steps = len(ledger.records) if upto is None else upto
     save_tensors_atomic(
         out, engine.params.state_dict(), metadata={"bundle": b.fingerprint, "step": str(steps)}
     )

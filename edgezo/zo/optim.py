@@ -1,7 +1,7 @@
 """Update rules applied to the flat master from projected gradients, and learning-rate schedules.
 
 The estimate is ĝ = (1/q) Σ_i g_i u_i, with g_i the (optionally clipped) projected gradients
-and u_i the vectors the estimator names (:class:`edgezo.perturb.Vector`, regenerated chunk by
+and u_i the vectors the estimator names (:class:`edgezo.zo.perturb.Vector`, regenerated chunk by
 chunk, never stored). Each rule then moves θ ← θ ⊕ δ, where ⊕ is + on ordinary tensors and
 θ·exp(δ) on tensors marked positive (the multiplicative, log-space update of papers.md §4).
 
@@ -12,7 +12,7 @@ chunk, never stored). Each rule then moves θ ← θ ⊕ δ, where ⊕ is + on o
 
 Decoupled weight decay θ ← θ(1 − ηλ) touches ordinary tensors only (a scale has no natural
 zero to decay to). All arithmetic is float32 elementwise with float32-cast coefficients, in a
-fixed order: identical on every machine, and identical when :mod:`edgezo.replay` redoes it.
+fixed order: identical on every machine, and identical when :mod:`edgezo.zo.replay` redoes it.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 LEDGER_VERSION = 1
 #: group commit: every append is flushed to the OS at once (a killed process loses nothing);

@@ -13,7 +13,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .ledger import _fsync_dir
 
 
