@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from . import atomic
 from .errors import EdgezoError
 
 ProgressCallback = Callable[["Progress"], None]
@@ -136,12 +137,14 @@ class Personalizer:
         if self.running:
             raise EdgezoError("a fit is already running", "wait(), or cancel() it first")
         rows = list(examples)
-        tmp = self.data_path.with_suffix(".jsonl.tmp")
-        tmp.write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-        )
-        read_jsonl(tmp)  # raises a DataError naming the bad example (line = index + 1)
-        os.replace(tmp, self.data_path)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        check = self.data_path.with_suffix(".jsonl.check")
+        check.write_text(text, encoding="utf-8")
+        try:
+            read_jsonl(check)  # raises a DataError naming the bad example (line = index + 1)
+        finally:
+            check.unlink(missing_ok=True)
+        atomic.write_text(self.data_path, text)
         values = {
             **self.config,
             "bundle": self.bundle,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import atomic
 from .errors import BundleError
 from .zo.params import TensorSpec
 
@@ -194,11 +195,7 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest, files: list[st
         name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
         for name in files
     }
-    path = folder / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(folder / MANIFEST, json.dumps(manifest.to_json(), indent=2) + "\n")
 
 
 @dataclass

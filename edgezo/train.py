@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import prefix_cache
+from . import atomic, prefix_cache
 from .autotune import PROBE_BATCHES, autotune, worst_case_evaluations
 from .bundle import Bundle, load_bundle
 from .config import FinetuneConfig, recipe_key
@@ -196,9 +196,7 @@ def prepare(cfg: FinetuneConfig, resume: bool, log) -> tuple[FinetuneConfig, Run
             f"continue it with --resume --out {out}, or choose another --out",
         )
     out.mkdir(parents=True, exist_ok=True)
-    tmp = run.config.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, run.config)
+    atomic.write_text(run.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return cfg, run
 
 
@@ -548,9 +546,7 @@ def finetune(
         heldout_accuracy_before=acc_before,
         heldout_accuracy_after=extra.get("heldout_accuracy"),
     )
-    tmp = run.summary.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-    os.replace(tmp, run.summary)
+    atomic.write_text(run.summary, json.dumps(summary.to_dict(), indent=2) + "\n")
     log(
         f"edgezo: held-out loss {before:.4f} -> {after:.4f} "
         f"({'-' if after <= before else '+'}{abs(before - after) / before:.1%}){_acc(extra)} "
@@ -615,12 +611,9 @@ def run_autotune(
         f"edgezo: autotune: lr {cfg.lr:.3g}, μ {cfg.mu:g} ({result.evaluations} forward "
         f"evaluations, {result.seconds:.0f} s)"
     )
-    tmp = run.path / "autotune.json.tmp"
-    tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    os.replace(tmp, run.path / "autotune.json")
-    tmp = run.config.with_suffix(".yaml.tmp")  # a resumed run keeps the chosen values
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, run.config)
+    atomic.write_text(run.path / "autotune.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    # a resumed run keeps the chosen values
+    atomic.write_text(run.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run.metric(
         kind="autotune", lr=cfg.lr, mu=cfg.mu, evaluations=result.evaluations, trials=result.trials
     )
