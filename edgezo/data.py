@@ -11,8 +11,9 @@ Each line is a JSON object, one of:
 other kind (label lines for a language-model bundle, label-less lines for a classifier).
 
 Examples are truncated to ``max_length`` tokens and padded (right) to the longest in their
-batch. The order of batches is a pure function of (seed, step), so a resumed run sees exactly
-the batches the uninterrupted one would have seen.
+batch. The order of batches is a pure function of (seed, step) — :func:`shuffled`, its own
+Philox stream, sorted from raw bits — so a resumed or replayed run sees exactly the batches the
+uninterrupted one saw, on any machine and numpy version.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Manifest, TokenizerSpec
+from .configio import show
 from .errors import DataError
 
 IGNORE = -100
@@ -42,46 +44,100 @@ class Example:
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs; every malformed line is reported with its number."""
+    """(line number, record) pairs; every malformed line is reported with its number (and
+    column), whatever the file holds: other encodings, broken JSON, deep nesting, wrong types."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist", "check the path given to --data")
     records: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
-            if not raw.strip():
+            text = _decode_line(raw, path, n)
+            if not text.strip():
                 continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{n} is not valid JSON ({e.msg})",
-                    'write one JSON object per line, e.g. {"text": "..."}',
-                ) from None
-            if not isinstance(rec, dict):
-                raise DataError(
-                    f"{path}:{n} is a JSON {type(rec).__name__}, not an object",
-                    'write one JSON object per line, e.g. {"text": "..."}',
-                )
-            if "text" in rec:
-                if not isinstance(rec["text"], str):
-                    raise DataError(f'{path}:{n}: "text" must be a string', "fix that line")
-            elif "prompt" in rec and "completion" in rec:
-                if not (isinstance(rec["prompt"], str) and isinstance(rec["completion"], str)):
-                    raise DataError(
-                        f'{path}:{n}: "prompt" and "completion" must be strings',
-                        "fix that line",
-                    )
-            else:
-                raise DataError(
-                    f'{path}:{n} has neither "text" nor "prompt"+"completion" '
-                    f"(keys: {', '.join(map(str, rec)) or 'none'})",
-                    'each line needs {"text": ...} or {"prompt": ..., "completion": ...}',
-                )
+            rec = _parse_line(text, path, n)
+            _check_record(rec, path, n)
             records.append((n, rec))
     if not records:
         raise DataError(f"data file {path} holds no examples", "add JSONL lines to it")
     return records
+
+
+ONE_OBJECT = 'write one JSON object per line, e.g. {"text": "..."}'
+
+
+def _decode_line(raw: bytes, path: Path, n: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM at the start is fine
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}:{n}: byte {e.start + 1} of the line is not UTF-8 (0x{raw[e.start]:02x}): "
+            "the file is in another encoding, or not text",
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or drop that line",
+        ) from None
+
+
+#: json.JSONDecodeError messages that deserve a hint
+_JSON_HINTS = {
+    "Invalid control character at": (
+        "a string holds a raw control character (a tab or a line break?): write it as \\t or "
+        "\\n, and keep each record on one line"
+    ),
+    "Unterminated string starting at": (
+        'a string is not closed by a " on this line: keep each record on one line, and write '
+        'a " inside a string as \\"'
+    ),
+    "Invalid \\escape": 'a backslash starts no valid escape: write a backslash as "\\\\"',
+}
+
+
+def _parse_line(text: str, path: Path, n: int) -> dict:
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = (
+            f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
+        )
+        raise DataError(
+            f"{path}:{n} is not valid JSON: {where}", _JSON_HINTS.get(e.msg, ONE_OBJECT)
+        ) from None
+    except RecursionError:
+        raise DataError(
+            f"{path}:{n} nests its JSON too deeply to read",
+            'write flat records, e.g. {"text": "..."}',
+        ) from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}:{n} is a JSON {_json_type(rec)}, not an object", ONE_OBJECT)
+    return rec
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _check_record(rec: dict, path: Path, n: int) -> None:
+    """The fields a record may carry have the right types."""
+    if "text" in rec:
+        if not isinstance(rec["text"], str):
+            raise DataError(
+                f'{path}:{n}: "text" must be a string, got a JSON {_json_type(rec["text"])}',
+                'write {"text": "..."} (quote the text)',
+            )
+    elif "prompt" in rec and "completion" in rec:
+        for key in ("prompt", "completion"):
+            if not isinstance(rec[key], str):
+                raise DataError(
+                    f'{path}:{n}: "prompt" and "completion" must be strings, "{key}" is a '
+                    f"JSON {_json_type(rec[key])}",
+                    'write {"prompt": "...", "completion": "..."}',
+                )
+    else:
+        keys = ", ".join(show(k) for k in list(rec)[:10]) or "none"
+        raise DataError(
+            f'{path}:{n} has neither "text" nor "prompt"+"completion" (keys: {keys})',
+            'each line needs {"text": ...} or {"prompt": ..., "completion": ...}',
+        )
 
 
 def tokenize(
@@ -269,6 +325,33 @@ def _prompt_example(
     return Example(tuple(ids), tuple(labels), n, target)
 
 
+# -- data order: its own counter-based stream, shuffled from raw bits ---------------------------
+
+#: Philox key word 1 of the data-order streams: the top bit set, which no direction's or
+#: estimator draw's key (seed, step) has (steps stay below 2**63), then the purpose in bits
+#: 56-62 and the epoch below. A separate key makes the stream independent of every direction.
+_DATA_STREAM = 1 << 63
+EPOCH_ORDER = 0  # purpose: the order of the examples in epoch e
+HOLDOUT_SPLIT = 1  # purpose: which examples are held out
+_MASK64 = (1 << 64) - 1
+
+
+def shuffled(n: int, seed: int, purpose: int, epoch: int) -> np.ndarray:
+    """A permutation of ``range(n)``, a pure function of (seed, purpose, epoch) on every machine
+    and numpy version.
+
+    Each index gets one raw 64-bit word of Philox with key (seed, 2**63 | purpose << 56 |
+    epoch) at counter 0 — raw Philox output is covered by numpy's stream-stability promise,
+    ``Generator.permutation`` is not — and the indices are sorted by their words (a stable
+    sort: ties, about n²/2**65 likely, keep index order).
+    """
+    if not 0 <= epoch < 1 << 56 or not 0 <= purpose < 1 << 7:
+        raise ValueError(f"data-order epoch {epoch} / purpose {purpose} out of range")
+    key = np.array([seed & _MASK64, _DATA_STREAM | purpose << 56 | epoch], dtype=np.uint64)
+    words = np.random.Philox(key=key, counter=np.zeros(4, dtype=np.uint64)).random_raw(n)
+    return np.argsort(np.asarray(words, dtype=np.uint64), kind="stable")
+
+
 def split_holdout(
     examples: list[Example], fraction: float, seed: int, where: str = "data"
 ) -> tuple[list[Example], list[Example]]:
@@ -281,7 +364,7 @@ def split_holdout(
             "and keep some for training",
             "add examples, pass a separate --eval-data file, or change holdout_fraction",
         )
-    perm = np.random.Generator(np.random.Philox(key=[seed, 0xE7A1])).permutation(n)
+    perm = shuffled(n, seed, HOLDOUT_SPLIT, 0)
     held = sorted(perm[:k].tolist())
     held_set = set(held)
     return [examples[i] for i in range(n) if i not in held_set], [examples[i] for i in held]
@@ -303,8 +386,7 @@ class BatchStream:
         if epoch not in self._perms:
             if len(self._perms) > 4:
                 self._perms.clear()
-            rng = np.random.Generator(np.random.Philox(key=[self.seed, epoch + 1]))
-            self._perms[epoch] = rng.permutation(len(self.examples))
+            self._perms[epoch] = shuffled(len(self.examples), self.seed, EPOCH_ORDER, epoch)
         return self._perms[epoch]
 
     def indices(self, step: int) -> list[int]:

@@ -12,6 +12,8 @@ class EdgezoError(Exception):
     def __init__(self, what: str, fix: str | None = None):
         self.what = what
         self.fix = fix
+        #: the individual problems (``edgezo.configio.Problem``) when the error lists several
+        self.problems: list = []
         super().__init__(what if not fix else f"{what}\n  fix: {fix}")
 
 
@@ -29,3 +31,8 @@ class ConfigError(EdgezoError):
 
 class CheckpointError(EdgezoError):
     """A checkpoint or ledger does not belong to the run it is used with."""
+
+
+class EdgezoWarning(UserWarning):
+    """Something works but deserves a note: e.g. a file written by an older edgezo that
+    carries no checksum, loaded without verifying it."""

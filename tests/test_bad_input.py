@@ -148,3 +148,200 @@ def test_checkpoint_of_another_bundle(make_bundle, good_data, tmp_path):
 def test_resume_without_a_run(make_bundle, good_data, tmp_path):
     r = cli(*finetune_args(make_bundle("lora"), good_data, tmp_path / "empty", "--resume"))
     assert r.returncode == 2 and "holds no run" in r.stderr
+
+
+# -- configs and overrides -------------------------------------------------------------------
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from edgezo.cli.main import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=True)
+
+
+def refused(r, *needles):
+    """Exit 2, one error with a fix, no traceback, and each needle in the message."""
+    assert isinstance(r.exception, SystemExit) and r.exit_code == 2, (r.exception, r.output)
+    assert r.stderr.count("error:") == 1 and "fix:" in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def test_common_names_suggest_the_field(make_bundle, good_data, tmp_path):
+    args = finetune_args(make_bundle("lora"), good_data, tmp_path / "o")
+    refused(invoke(*args, "learning_rate=0.01"), "unknown key 'learning_rate' (did you mean 'lr'?)")
+    refused(invoke(*args, "num_steps=3"), "(did you mean 'steps'?)")
+    refused(invoke(*args, "epsilon=1e-3"), "(did you mean 'mu'?)")
+
+
+def test_every_problem_is_listed_at_once(make_bundle, good_data, tmp_path):
+    r = invoke(
+        *finetune_args(make_bundle("lora"), good_data, tmp_path / "o"),
+        "learning_rate=0.01",
+        "q=many",
+        "estimator=spsa",
+    )
+    refused(r, "3 problems", "learning_rate", "q must be an integer", "estimator must be one of")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("data=@x", "data file @x does not exist"),
+        ("seed=!!python/object/apply:os.system ['echo pwned']", "seed must be an integer"),
+        ("lr=*alias", "lr must be a number"),
+        ("lr=.nan", "lr must be a finite number"),
+        ("out=runs/a: b", ""),  # a mapping in YAML: kept as the string given
+    ],
+)
+def test_yaml_special_override_values(make_bundle, good_data, tmp_path, override, needle):
+    from edgezo.configio import parse_overrides
+
+    key, value = override.split("=", 1)
+    if not needle:
+        assert parse_overrides([override]) == {key: value}
+        return
+    args = [a for a in finetune_args(make_bundle("lora"), good_data, tmp_path / "o")]
+    if key == "data":
+        args = args[:3] + args[5:]  # drop --data: the override gives it
+    refused(invoke(*args, override), needle)
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "is empty"),
+        (b"# only a comment\n", "is empty"),
+        (b"steps: 3\nlr: \xe9\n", "not UTF-8"),
+    ],
+)
+def test_config_files_empty_or_not_utf8(make_bundle, good_data, tmp_path, content, needle):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_bytes(content)
+    args = finetune_args(make_bundle("lora"), good_data, tmp_path / "o")
+    refused(invoke(*args, "--config", str(cfg)), needle)
+
+
+# -- runs: killed, corrupted, foreign, older -------------------------------------------------
+
+
+@pytest.fixture
+def done_run(make_bundle, good_data, tmp_path):
+    out = tmp_path / "run"
+    r = invoke(*finetune_args(make_bundle("lora"), good_data, out, "checkpoint_every=2"))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_resumed_run_with_an_emptied_config_is_refused(done_run, make_bundle, good_data):
+    (done_run / "config.yaml").write_text("")
+    before = files(done_run)
+    refused(invoke("finetune", "--resume", "--out", str(done_run), "--no-progress"), "is empty")
+    assert files(done_run) == before
+
+
+def test_a_ledger_line_from_another_run_stops_the_resume(
+    done_run, make_bundle, good_data, tmp_path
+):
+    other = tmp_path / "other"
+    args = finetune_args(make_bundle("lora"), good_data, other, "--steps", "4", "seed=5")
+    assert invoke(*args).exit_code == 0
+    foreign = (other / "ledger.jsonl").read_text().splitlines()[4]  # its step 3
+    with open(done_run / "ledger.jsonl", "a") as f:
+        f.write(foreign + "\n")
+    before = files(done_run)
+    r = invoke("finetune", "--resume", "--out", str(done_run), "--steps", "5", "--no-progress")
+    refused(r, "ledger.jsonl:5 does not follow the lines before it")
+    assert files(done_run) == before
+
+
+def test_a_bit_flip_in_trained_tensors_is_an_error(done_run, good_data):
+    f = done_run / "trained.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-3] ^= 0x04
+    f.write_bytes(bytes(raw))
+    refused(
+        invoke("eval", "--run", str(done_run), "--data", str(good_data)),
+        "does not match the checksum",
+        "edgezo replay",
+    )
+
+
+def test_identical_runs_write_identical_trained_tensors(done_run, make_bundle, good_data, tmp_path):
+    again = tmp_path / "again"
+    assert (
+        invoke(
+            *finetune_args(make_bundle("lora"), good_data, again, "checkpoint_every=2")
+        ).exit_code
+        == 0
+    )
+    for name in ("trained.safetensors", "checkpoint.safetensors"):
+        assert (again / name).read_bytes() == (done_run / name).read_bytes(), name
+
+
+def killed(run):
+    """What a SIGKILL after a checkpoint leaves: no trained tensors, no summary."""
+    (run / "trained.safetensors").unlink()
+    (run / "summary.json").unlink()
+    return run
+
+
+def test_replay_check_on_a_killed_run_compares_with_its_checkpoint(done_run, tmp_path):
+    r = invoke("replay", "--run", str(killed(done_run)), "--out", str(tmp_path / "t"), "--check")
+    assert r.exit_code == 0, r.output
+    assert "bit-identical to the run's checkpoint at step 3" in r.output
+
+
+def test_replay_check_with_nothing_to_compare(done_run, tmp_path):
+    (killed(done_run) / "checkpoint.safetensors").unlink()
+    r = invoke("replay", "--run", str(done_run), "--out", str(tmp_path / "t"), "--check")
+    refused(r, "no trained.safetensors and no checkpoint", "--resume")
+
+
+def test_replay_check_catches_a_changed_checkpoint(done_run, tmp_path):
+    import numpy as np
+
+    from edgezo.zo.checkpoint import load_tensors, save_tensors_atomic
+
+    ckpt = killed(done_run) / "checkpoint.safetensors"
+    t, meta = load_tensors(ckpt)
+    t["master"] = t["master"] + np.float32(1e-3)  # rewritten with a valid checksum
+    save_tensors_atomic(ckpt, t, meta)
+    r = invoke("replay", "--run", str(done_run), "--out", str(tmp_path / "t"), "--check")
+    assert r.exit_code == 1 and "DIFFERS from the run's checkpoint" in r.output
+
+
+def test_eval_on_a_killed_run_says_what_to_do(done_run, good_data):
+    r = invoke("eval", "--run", str(killed(done_run)), "--data", str(good_data))
+    refused(r, "has no trained.safetensors yet", "--resume", "edgezo replay")
+
+
+def test_a_run_of_an_older_edgezo_replays_but_does_not_resume(done_run, tmp_path):
+    """edgezo 0.1 recorded a fingerprint of the files alone and wrote unchained ledgers."""
+    import json
+
+    from edgezo.bundle import legacy_fingerprint_of, load_bundle
+
+    ledger = done_run / "ledger.jsonl"
+    lines = [json.loads(x) for x in ledger.read_text().splitlines()]
+    b = load_bundle(lines[0]["bundle_path"])
+    lines[0].update(version=1, bundle=legacy_fingerprint_of(b.manifest))
+    for rec in lines[1:]:
+        rec.pop("chain")
+    ledger.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    from edgezo.errors import EdgezoWarning
+
+    with pytest.warns(EdgezoWarning, match="older edgezo"):  # the note
+        r = invoke("replay", "--run", str(done_run), "--out", str(tmp_path / "t"), "--check")
+    assert r.exit_code == 0 and "bit-identical" in r.output, r.output
+    before = files(done_run)
+    r = invoke("finetune", "--resume", "--out", str(done_run), "--steps", "5", "--no-progress")
+    refused(r, "written by an older edgezo", "edgezo replay")
+    assert files(done_run) == before

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,3 +101,34 @@ def test_batch_stream_is_a_pure_function_of_step(tmp_path, tok):
     # every epoch is a permutation: the first 7 positions cover all examples once
     flat = [i for b in seq for i in b]
     assert sorted(flat[:7]) == list(range(7))
+
+
+@pytest.mark.parametrize(
+    "raw,match,fix",
+    [
+        (b'{"text": "caf\xe9"}\n', r"d\.jsonl:2: byte 14 of the line is not UTF-8", "UTF-8"),
+        (
+            b'{"text": "a\tb"}\n',
+            r"d\.jsonl:2 is not valid JSON: Invalid control character at column 12",
+            r"\\t",
+        ),
+        (b'{"text": "open\n', r"d\.jsonl:2 is not valid JSON: .* column \d+", "one line"),
+        (b'{"text": "x", }\n', r"d\.jsonl:2 is not valid JSON: .* at column 15", "one JSON object"),
+        (b"[" * 100_000 + b"\n", r"d\.jsonl:2 nests its JSON too deeply", "flat"),
+        (b'"just a string"\n', r"d\.jsonl:2 is a JSON string, not an object", "one JSON object"),
+        (b'{"text": null}\n', r'd\.jsonl:2: "text" must be a string, got a JSON null', "quote"),
+        (b'{"prompt": 3, "completion": "x"}\n', r'"prompt" is a JSON number', "prompt"),
+    ],
+)
+def test_every_bad_line_names_line_column_and_fix(tmp_path, raw, match, fix):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "fine"}\n' + raw)
+    with pytest.raises(DataError, match=match) as e:
+        read_jsonl(p)
+    assert re.search(fix, e.value.fix), e.value.fix
+
+
+def test_a_utf8_bom_is_fine(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "bom"}\n')
+    assert read_jsonl(p) == [(1, {"text": "bom"})]

@@ -156,8 +156,11 @@ def test_cached_lm_run_follows_the_full_graph_run(last1, memo_data, tmp_path):
     a = Ledger.read(Path(cached.out) / "ledger.jsonl").records
     b = Ledger.read(Path(full.out) / "ledger.jsonl").records
     assert len(a) == len(b) == 12
-    for x, y in zip(a, b, strict=True):  # the same losses up to float32 summation order
-        np.testing.assert_allclose(x["losses"], y["losses"], rtol=0, atol=2e-4)
+    # the same θ: the same losses up to float32 summation order; the two trajectories then
+    # drift apart (each step amplifies a difference about 2x: 5e-7 at step 0, 2.5e-4 at 11)
+    np.testing.assert_allclose(a[0]["losses"], b[0]["losses"], rtol=0, atol=1e-5)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x["losses"], y["losses"], rtol=0, atol=1e-3)
     assert cached.heldout_before == pytest.approx(full.heldout_before, abs=1e-5)
     assert cached.heldout_after == pytest.approx(full.heldout_after, abs=1e-3)
     assert cached.heldout_after < cached.heldout_before  # and it learns

@@ -320,8 +320,22 @@ def plan(
 def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
     """Mean per-example loss of a bundle (optionally with trained tensors) on a data file;
     classification bundles also report accuracy."""
+    from pathlib import Path
+
     from ..evaluate import evaluate
 
+    if run_dir is not None and tensors is None and not (Path(run_dir) / "ledger.jsonl").is_file():
+        raise EdgezoError(
+            f"--run {run_dir} holds no run (no ledger.jsonl)", "pass the folder of a run"
+        )
+    if run_dir is not None and tensors is None:
+        trained = Path(run_dir) / "trained.safetensors"
+        if not trained.is_file():
+            raise EdgezoError(
+                f"run {run_dir} has no {trained.name} yet: it was stopped before it finished",
+                f"continue it (edgezo finetune --resume --out {run_dir}), or rebuild its tensors "
+                f"so far (edgezo replay --run {run_dir} --out T.safetensors) and pass --tensors T",
+            )
     result = evaluate(
         bundle=bundle,
         data=data,
@@ -441,10 +455,12 @@ def replay(run_dir, bundle, out, upto, check):
     import numpy as np
 
     from ..bundle import load_bundle
-    from ..zo.checkpoint import save_tensors_atomic
+    from ..errors import BundleError
+    from ..zo.checkpoint import load_checkpoint, load_tensors, save_tensors_atomic
     from ..zo.ledger import Ledger
 
-    ledger = Ledger.read(Path(run_dir) / "ledger.jsonl")
+    run = Path(run_dir)
+    ledger = Ledger.read(run / "ledger.jsonl")
     b = load_bundle(bundle or ledger.header["bundle_path"])
     engine = b.replay(ledger, upto=upto)
     steps = len(ledger.records) if upto is None else upto
@@ -452,19 +468,39 @@ def replay(run_dir, bundle, out, upto, check):
         out, engine.params.state_dict(), metadata={"bundle": b.fingerprint, "step": str(steps)}
     )
     click.echo(f"replayed {steps} steps -> {out}")
-    if check:
-        from safetensors.numpy import load_file
-
-        trained = load_file(str(Path(run_dir) / "trained.safetensors"))
+    if not check:
+        return
+    trained, ckpt = run / "trained.safetensors", run / "checkpoint.safetensors"
+    if trained.is_file():
+        fix = f"rebuild it: edgezo replay --run {run} --out {trained}"
+        theirs, meta = load_tensors(trained, "trained tensors", fix, BundleError)
+        if meta.get("step", str(steps)) != str(steps):
+            raise EdgezoError(
+                f"{trained} holds the tensors after step {meta['step']}, the replay stopped "
+                f"at {steps}",
+                f"compare the same step: --upto {meta['step']}, or drop --upto",
+            )
+        if not b.recorded_by(meta.get("bundle", b.fingerprint), str(trained)):
+            raise EdgezoError(f"{trained} was trained on another bundle", fix)
         mine = engine.params.state_dict()
-        same = all(np.array_equal(trained[k], mine[k]) for k in mine)
-        click.echo(
-            "bit-identical to the run's trained tensors"
-            if same
-            else "DIFFERS from the run's trained tensors"
+        same = set(theirs) == set(mine) and all(np.array_equal(theirs[k], mine[k]) for k in mine)
+        what = "the run's trained tensors"
+    elif ckpt.is_file():  # a run killed or stopped before its end
+        theirs, at = load_checkpoint(ckpt, b.fingerprint)
+        if at != steps:
+            engine = b.replay(ledger, upto=at)
+        mine = {"master": engine.params.master, **engine.optimizer.state()}
+        same = all(np.array_equal(theirs[k], mine.get(k)) for k in theirs)
+        what = f"the run's checkpoint at step {at} (θ and optimiser state; no {trained.name} yet)"
+    else:
+        raise EdgezoError(
+            f"{run} has no {trained.name} and no checkpoint to compare with (the run stopped "
+            "before its first checkpoint)",
+            f"drop --check, or continue the run first: edgezo finetune --resume --out {run}",
         )
-        if not same:
-            sys.exit(1)
+    click.echo(f"bit-identical to {what}" if same else f"DIFFERS from {what}")
+    if not same:
+        sys.exit(1)
 
 
 main.add_command(devices)

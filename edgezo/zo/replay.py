@@ -3,14 +3,27 @@ forward pass: :func:`apply` redoes recorded steps (and rollbacks) on an engine."
 
 from __future__ import annotations
 
+import re
+
 from ..errors import CheckpointError
 from .engine import ZOEngine
 from .ledger import Ledger
 
+_LEGACY = re.compile(r"[0-9a-f]{16}")  # an edgezo 0.1 bundle fingerprint (edgezo.bundle)
+
 
 def check_ledger_fingerprint(ledger: Ledger, fingerprint: str, where: str) -> None:
     """The ledger must have been written for the bundle ``fingerprint`` (found at ``where``)."""
-    if ledger.header.get("bundle") != fingerprint:
+    recorded = ledger.header.get("bundle")
+    if recorded != fingerprint and _LEGACY.fullmatch(str(recorded)):
+        raise CheckpointError(
+            f"ledger {ledger.path} was written by an older edgezo (bundle fingerprint "
+            f"{recorded}, which did not cover the manifest; its data order differed too): "
+            "this edgezo cannot continue it",
+            "keep its result: `edgezo replay --run RUN --out T.safetensors` rebuilds its "
+            "tensors (replay accepts older ledgers); or start a new run with another --out",
+        )
+    if recorded != fingerprint:
         raise CheckpointError(
             f"ledger {ledger.path} was written for bundle {ledger.header.get('bundle')}, "
             f"not for {where} ({fingerprint})",
