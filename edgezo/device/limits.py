@@ -88,10 +88,17 @@ class SessionLimits:
 
 
 def session_limits(
-    cfg: FinetuneConfig, bundle: Bundle, optim_buffers: int, inplace: bool, evals_per_step: int
+    cfg: FinetuneConfig,
+    bundle: Bundle,
+    optim_buffers: int,
+    inplace: bool,
+    evals_per_step: float,
+    profile: DeviceProfile | None = None,
 ) -> SessionLimits:
-    """Apply ``cfg.device``'s profile (if any) to ``cfg``: runtime options, caps, budgets."""
-    profile = load_profile(cfg.device) if cfg.device else None
+    """Apply a device profile (``profile``, else ``cfg.device``'s, if any) to ``cfg``: runtime
+    options, caps, budgets."""
+    if profile is None and cfg.device:
+        profile = load_profile(cfg.device)
     notes: list[str] = []
     eval_budget = cfg.eval_budget or (profile.eval_budget if profile else None)
     time_budget = cfg.time_budget_s or (profile.time_budget_s if profile else None)
