@@ -61,6 +61,10 @@ ROLES = ("lora_a", "lora_b", "norm", "bias", "dense", "embedding", "scale", "hea
 #: ``prompt_classification``: a causal LM graph scored on one label word per class after a
 #: prompt template (the manifest's ``prompt``), MeZO-style.
 TASKS = ("causal_lm", "classification", "prompt_classification")
+#: which tensors a bundle exposes as trainable graph inputs (the manifest's ``trainable_mode``):
+#: LoRA adapters, norm weights and biases, every weight, int4 quantisation scales, a
+#: classification head
+TRAINABLE_MODES = ("lora", "norms", "full", "scales", "head")
 DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
 #: architecture entries the runtime reads as sizes (each optional; null allowed)
 ARCH_SIZES = (

@@ -6,31 +6,15 @@ imports the exporters (torch, transformers) only when it runs.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
 
 from ..errors import EdgezoError
 from .devices import devices
+from .errors import friendly_errors
+from .export import export
 from .federate import federate
-from .tasks import task_kwargs, task_options
-
-
-def friendly_errors(fn):
-    """Print an EdgezoError as a message and its fix, exit 2, no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgezoError as e:
-            click.echo(f"error: {e.what}", err=True)
-            if e.fix:
-                click.echo(f"  fix: {e.fix}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,85 +23,9 @@ def main() -> None:
     """edgezo: private on-device fine-tuning with forward passes only (zeroth-order)."""
 
 
-# -- export (desktop) -------------------------------------------------------------------------
+# -- export and compare (desktop) ---------------------------------------------------------
 
-
-@main.command()
-@click.option("--model", required=True, help="Hugging Face model folder, or a .gguf file")
-@click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder")
-@click.option("--out", required=True, type=click.Path(), help="bundle folder to write")
-@click.option(
-    "--mode",
-    type=click.Choice(["lora", "norms", "full", "head"]),
-    default=None,
-    help="which tensors become trainable graph inputs [default: lora; head for "
-    "--task classification]",
-)
-@click.option("--lora-rank", default=8, show_default=True)
-@click.option("--lora-alpha", default=16.0, show_default=True)
-@click.option("--lora-targets", default=None, help="comma-separated module names (q_proj,v_proj)")
-@click.option(
-    "--lora-layers",
-    default=None,
-    help="blocks that get adapters: all, last:N, A-B or a comma list [default: all]; "
-    "with last:N the blocks before them are a frozen prefix that training caches",
-)
-@click.option(
-    "--lora-freeze-a",
-    is_flag=True,
-    help="train LoRA B only; A stays its seeded random value (LoRA-FA)",
-)
-@click.option("--seed", default=0, show_default=True, help="LoRA initialisation seed")
-@click.option("--overwrite", is_flag=True, help="replace an existing bundle folder")
-@task_options
-@friendly_errors
-def export(
-    model,
-    gguf_file,
-    out,
-    mode,
-    lora_rank,
-    lora_alpha,
-    lora_targets,
-    lora_layers,
-    lora_freeze_a,
-    seed,
-    overwrite,
-    task,
-    labels,
-    labels_from,
-    head_init,
-    template,
-    label_words,
-):
-    """Export a model into a bundle (needs the export extra: torch, transformers, onnx):
-    a causal LM, an encoder classifier (--task classification --labels a,b) or a causal LM
-    scored on label words (--task prompt_classification)."""
-    try:
-        from exporters import export_bundle
-    except ImportError as e:
-        raise EdgezoError(
-            f"the exporter cannot be imported ({e})",
-            "install the export side: pip install torch==2.13.0 -e '.[export]'",
-        ) from None
-    targets = [t.strip() for t in lora_targets.split(",")] if lora_targets else None
-    path = export_bundle(
-        model,
-        out,
-        task=task,
-        mode=mode,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_targets=targets,
-        lora_layers=lora_layers,
-        lora_freeze_a=lora_freeze_a,
-        seed=seed,
-        overwrite=overwrite,
-        progress=click.echo,
-        **({"gguf_file": gguf_file} if gguf_file else {}),
-        **task_kwargs(task, labels, labels_from, head_init, template, label_words),
-    )
-    click.echo(f"bundle written: {path}")
+main.add_command(export)
 
 
 @main.command(
@@ -166,13 +74,14 @@ def compare(ctx):
     "--lr",
     type=float,
     default=None,
-    help="default: chosen by a short learning-rate race (autotune=false: per mode)",
+    help="default: the recipe's measured rate for the bundle's mode (modes without one: a "
+    "short learning-rate race at the start, lr_race)",
 )
 @click.option(
     "--mu",
     type=float,
     default=None,
-    help="default: the mode's, checked against noise and curvature (autotune)",
+    help="default: the recipe's, checked at the start against float32 noise (autotune)",
 )
 @click.option("--q", type=int, default=None, help="directions per step")
 @click.option("--seed", type=int, default=None)

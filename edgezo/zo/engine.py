@@ -118,23 +118,12 @@ class ZOEngine:
         cost), the projected gradients, and the estimator's extra fields (P3/P4's levels and
         ``mu_floor_hits``, DAP's signs).
         """
-        fuse = self.params.inplace and getattr(self.optimizer, "fuses_restore", False)
-        self.perturber.defer_reset = fuse
-        try:
-            est = self.estimator.estimate(step, mu, self.perturber, evaluate)
-        finally:
-            self.perturber.defer_reset = False
+        est = self.estimator.estimate(step, mu, self.perturber, evaluate)
         status = "ok" if est.finite else "skipped"
-        if fuse:
-            pending = self.perturber.take_pending()
-            if status == "ok":
-                self.optimizer.update(est.vectors, est.g, lr, pending=pending)
-            elif pending is not None:
-                self.perturber.vectors.move(
-                    pending[0], -pending[1], self.params.master, self.params.master
-                )
-        elif status == "ok":
-            self.optimizer.update(est.vectors, est.g, lr)
+        if status == "ok":
+            self.optimizer.update(est.vectors, est.g, lr, displacement=est.displacement)
+        else:
+            self.optimizer.settle(est.displacement)  # θ back where it was, no update
         return {
             "step": step,
             "lr": lr,

@@ -3,7 +3,8 @@
 An estimator evaluates the loss at a few perturbed points (through a :class:`Perturber` and an
 ``evaluate()`` callable) and returns, per direction i, a scalar g_i and the vector u_i it
 belongs to, such that the gradient estimate is ĝ = (1/q) Σ_i g_i u_i. For most estimators
-u_i = z(step, i); DAP's is its aligned direction. It never touches θ: the optimiser does.
+u_i = z(step, i); DAP's is its aligned direction. It never updates θ: the optimiser does. In
+place, it leaves θ at its last evaluated point and says so (``Estimate.displacement``).
 
 Every random choice (P3/P4's level and coin, DAP's sign) comes from
 :func:`edgezo.zo.directions.uniform`, keyed by (seed, step, stream, i). During replay ``evaluate``
@@ -37,7 +38,7 @@ from functools import cached_property
 from typing import Any
 
 from .directions import uniform
-from .perturb import Perturber, Vector, plain
+from .perturb import Displacement, Perturber, Vector, plain
 
 # streams of edgezo.zo.directions.uniform (part of the run's definition — never change them)
 STREAM_LEVEL, STREAM_COIN, STREAM_SIGN = 1, 2, 3
@@ -51,6 +52,8 @@ class Estimate:
     losses: list[float]  # every evaluation's mean loss, in evaluation order
     vectors: list[Vector] = field(default_factory=list)  # u_i the update moves along
     info: dict[str, Any] = field(default_factory=dict)  # extra ledger fields (JSON values)
+    #: in place, θ is left at the last evaluated point θ ⊕ c·u: the optimiser undoes it
+    displacement: Displacement | None = None
 
     @property
     def finite(self) -> bool:
@@ -92,8 +95,7 @@ class CentralTwoPoint:
             losses += [plus, minus]
             g.append((plus - minus) / (2.0 * mu))
             us.append(u)
-        perturber.reset()
-        return Estimate(g, losses, us)
+        return Estimate(g, losses, us, displacement=perturber.release())
 
 
 class OneSided:
@@ -123,8 +125,7 @@ class OneSided:
             losses.append(f)
             g.append((f - base) / mu)
             us.append(u)
-        perturber.reset()
-        return Estimate(g, losses, us)
+        return Estimate(g, losses, us, displacement=perturber.release())
 
 
 class DAP:
@@ -172,8 +173,8 @@ class DAP:
             us.append(u)
             xis.append(xi)
             aligned.append(sum(1 for k in u.extra[0][2] if k != 0.0) if u.extra else 0)
-        perturber.reset()
-        return Estimate(g, losses, us, {"xi": xis, "aligned_tensors": aligned})
+        info = {"xi": xis, "aligned_tensors": aligned}
+        return Estimate(g, losses, us, info, displacement=perturber.release())
 
     @classmethod
     def aligned(cls, perturber: Perturber, z: Vector, v: Vector, gp: float, xi: float) -> Vector:
@@ -209,6 +210,10 @@ def _hurwitz_tail(s: float, n: int, k: int = 12) -> float:
     return head + tail
 
 
+#: P3/P4 level distributions
+SCHEDULES = ("geometric", "zipf")
+
+
 @dataclass(frozen=True)
 class LevelSchedule:
     """μ_n = μ₁·P(N ≥ n) and p_n = P(N = n), the variance-optimal pairing (papers.md §3).
@@ -226,7 +231,7 @@ class LevelSchedule:
             raise ValueError(f"level_ratio must be in (0, 1), got {self.ratio}")
         if self.kind == "zipf" and not self.zipf_s > 1.0:
             raise ValueError(f"zipf_s must be > 1, got {self.zipf_s}")
-        if self.kind not in ("geometric", "zipf"):
+        if self.kind not in SCHEDULES:
             raise ValueError(f"level_schedule must be geometric or zipf, got {self.kind!r}")
 
     def tail(self, n: int) -> float:
@@ -312,11 +317,10 @@ class _MultiLevel:
             us.append(u)
             levels.append(n)
             branches.append(branch)
-        perturber.reset()
         info: dict[str, Any] = {"levels": levels, "mu_floor_hits": hits_total}
         if self.name == "p3":
             info["branches"] = branches
-        return Estimate(g, losses, us, info)
+        return Estimate(g, losses, us, info, displacement=perturber.release())
 
 
 class P4(_MultiLevel):
