@@ -247,15 +247,10 @@ def test_no_progress_warning(lora_bundle, data, tmp_path):
     assert len(warnings) == 1 and "try a larger lr" in warnings[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.py: a plateau decided at the held-out evaluation where the session's budget "
-    "stops the run lowers lr_scale in memory (and metrics.jsonl) only; the resumed run reads "
-    "the rate from the last ledger step (ledger_lr_scale), one halving short. The data order "
-    "of issue 15 puts this test's budget stop on such an evaluation (step 20).",
-)
 def test_plateau_lowers_the_lr_and_a_resumed_run_keeps_it(lora_bundle, data, tmp_path):
-    kw = dict(steps=40, eval_every=2, lr=1e-2)
+    # the plateau rule alone: with this data order the run also diverges once (a rollback
+    # halves lr too), which the rollback tests cover
+    kw = dict(steps=40, eval_every=2, lr=1e-2, divergence_tolerance=1.0)
     finetune(cfg(lora_bundle, data, tmp_path / "ref", **kw), log=quiet, progress=False)
     metrics = [json.loads(x) for x in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]
     plateaus = [m for m in metrics if m["kind"] == "plateau"]

@@ -87,6 +87,9 @@ records = st.one_of(
     st.fixed_dictionaries({"text": json_values}),
     st.fixed_dictionaries({"prompt": json_values, "completion": json_values}),
     st.dictionaries(st.sampled_from(["text", "prompt", "completion", "label", "x"]), json_values),
+    st.dictionaries(
+        st.sampled_from(["step", "losses", "g", "lr", "mu", "heldout", "status"]), json_values
+    ),
     json_values,
 )
 
@@ -222,9 +225,11 @@ def read_and_replay(path: Path) -> None:
     engine = ZOEngine(
         SPECS, lambda: {"w": np.ones(6, np.float32)}, EngineSettings.from_dict(led.header["engine"])
     )
+    from edgezo.guard import GuardSettings, HeldoutGuard
     from edgezo.zo.replay import replay
 
     replay(engine, led)
+    HeldoutGuard.from_ledger(GuardSettings(eval_every=1), 1.0, led.records)
 
 
 @PROFILE

@@ -122,6 +122,7 @@ def unchained(tmp_path, records, header=HEADER):
         ({"status": "rollback", "to": 4, "lr_scale": 0.5}, r"rolls back to 4"),
         ({"status": "rollback", "to": 0, "lr_scale": float("inf")}, r"lr_scale inf"),
         ({"status": "ok", "losses": []}, "without losses"),
+        ({"heldout": "low"}, r"v1\.jsonl:3 has heldout 'low', not a number"),
     ],
 )
 def test_records_lacking_what_replay_reads(tmp_path, edit, match):
@@ -154,6 +155,10 @@ def test_a_version_1_ledger_still_reads_and_stays_version_1(tmp_path):
         (
             {**HEADER, "kind": "edgezo-ledger", "version": 2, "engine": {"seed": -1}},
             "seed is -1",
+        ),
+        (
+            {**HEADER, "kind": "edgezo-ledger", "version": 2, "heldout_before": None},
+            "heldout_before None",
         ),
         (
             {**HEADER, "kind": "edgezo-ledger", "version": 2, "engine": {"seed": 0, "q": "2"}},

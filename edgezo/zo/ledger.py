@@ -242,6 +242,9 @@ def _header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         raise bad("has no bundle fingerprint (a string under 'bundle')")
     if "federation" not in header and not isinstance(header.get("bundle_path"), str):
         raise bad("has no bundle_path (a string)")
+    for name in ("heldout_before", "heldout_accuracy_before"):
+        if name in header and not _number(header[name]):
+            raise bad(f"has {name} {header[name]!r}, not a number")
     engine = header.get("engine")
     if not isinstance(engine, dict):
         raise bad("has no engine settings (a mapping under 'engine')")
@@ -318,6 +321,9 @@ def _check_record(path: Path, i: int, rec: dict[str, Any], k: int, run: bool) ->
             "order, or a line written by another run",
             RESTORE,
         )
+    for name in ("heldout", "heldout_accuracy"):  # a held-out evaluation after the step
+        if name in rec and not _number(rec[name]):
+            raise bad(f"has {name} {rec[name]!r}, not a number")
     status = rec.get("status")
     if status not in STATUSES and run:
         raise bad(f"has status {status!r}, not one of {', '.join(STATUSES)}")
