@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from . import atomic
 from .errors import EdgezoError
 
 ProgressCallback = Callable[["Progress"], None]
@@ -88,7 +89,7 @@ class Personalizer:
         self._scorer: Any = None
 
     def _device_arg(self, profile: Any) -> str | None:
-        from .profiles import DeviceProfile
+        from .device.profiles import DeviceProfile
 
         if profile is None or isinstance(profile, (str, os.PathLike)):
             return None if profile is None else str(profile)
@@ -102,7 +103,7 @@ class Personalizer:
             return str(path)
         raise EdgezoError(
             f"profile must be a name, a path or a DeviceProfile, got {profile!r}",
-            "pass e.g. 'laptop-cpu' or edgezo.profiles.load_profile(...)",
+            "pass e.g. 'laptop-cpu' or edgezo.device.resolve.load_profile(...)",
         )
 
     # -- training ----------------------------------------------------------------------------
@@ -136,12 +137,14 @@ class Personalizer:
         if self.running:
             raise EdgezoError("a fit is already running", "wait(), or cancel() it first")
         rows = list(examples)
-        tmp = self.data_path.with_suffix(".jsonl.tmp")
-        tmp.write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-        )
-        read_jsonl(tmp)  # raises a DataError naming the bad example (line = index + 1)
-        os.replace(tmp, self.data_path)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        check = self.data_path.with_suffix(".jsonl.check")
+        check.write_text(text, encoding="utf-8")
+        try:
+            read_jsonl(check)  # raises a DataError naming the bad example (line = index + 1)
+        finally:
+            check.unlink(missing_ok=True)
+        atomic.write_text(self.data_path, text)
         values = {
             **self.config,
             "bundle": self.bundle,
@@ -236,10 +239,10 @@ class Personalizer:
             )
         if self._scorer is None:
             from .bundle import load_bundle
-            from .params import FlatParams
-            from .profiles import load_profile
+            from .device.resolve import load_profile
             from .runner import LossRunner, RuntimeOptions
             from .train import BATCH_INPUTS
+            from .zo.params import FlatParams
 
             b = load_bundle(self.bundle)
             params = FlatParams(b.manifest.trainable)

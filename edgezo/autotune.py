@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine import ZOEngine
-from .perturb import plain
+from .zo.engine import ZOEngine
+from .zo.perturb import plain
 
 NOISE = 2e-6  # relative size of float32 noise in a mean loss over a batch
 MU_TRIES = 3

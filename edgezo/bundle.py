@@ -20,11 +20,17 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import atomic
 from .errors import BundleError
+from .zo.params import TensorSpec
+
+if TYPE_CHECKING:
+    from .zo.engine import EngineSettings, ZOEngine
+    from .zo.ledger import Ledger
 
 FORMAT = "edgezo-bundle"
 FORMAT_VERSION = 1
@@ -36,22 +42,11 @@ ROLES = ("lora_a", "lora_b", "norm", "bias", "dense", "embedding", "scale", "hea
 #: ``prompt_classification``: a causal LM graph scored on one label word per class after a
 #: prompt template (the manifest's ``prompt``), MeZO-style.
 TASKS = ("causal_lm", "classification", "prompt_classification")
+#: which tensors a bundle exposes as trainable graph inputs (the manifest's ``trainable_mode``):
+#: LoRA adapters, norm weights and biases, every weight, int4 quantisation scales, a
+#: classification head
+TRAINABLE_MODES = ("lora", "norms", "full", "scales", "head")
 DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One trainable tensor: a graph input of the model and a slice of the flat master."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-    role: str = "dense"
-    positive: bool = False
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
 
 @dataclass(frozen=True)
@@ -204,11 +199,7 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest, files: list[st
         name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
         for name in files
     }
-    path = folder / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(folder / MANIFEST, json.dumps(manifest.to_json(), indent=2) + "\n")
 
 
 @dataclass
@@ -229,6 +220,22 @@ class Bundle:
         for name in sorted(self.manifest.files):
             h.update(f"{name}:{self.manifest.files[name]['sha256']}\n".encode())
         return h.hexdigest()[:16]
+
+    def engine(self, settings: EngineSettings) -> ZOEngine:
+        """A ZO engine over this bundle's trainable tensors, at their initial values."""
+        from .zo.engine import ZOEngine
+
+        return ZOEngine(self.manifest.trainable, self.initial_trainable, settings, str(self.path))
+
+    def replay(self, ledger: Ledger, upto: int | None = None, progress=None) -> ZOEngine:
+        """The engine after replaying ``upto`` steps (all by default) of a run's ledger, which
+        must have been written for this bundle."""
+        from .zo.engine import EngineSettings
+        from .zo.replay import check_ledger_fingerprint, replay
+
+        check_ledger_fingerprint(ledger, self.fingerprint, str(self.path))
+        engine = self.engine(EngineSettings.from_dict(ledger.header["engine"]))
+        return replay(engine, ledger, upto, progress)
 
     def initial_trainable(self) -> dict[str, np.ndarray]:
         """Initial trainable values from ``trainable.safetensors``, checked against the manifest."""

@@ -6,41 +6,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .configio import from_dict, load_yaml
-from .directions import KINDS
 from .errors import ConfigError
+from .zo.directions import KINDS
 
-# Per trainable-mode defaults for the learning rate, the perturbation size μ and momentum.
-# LoRA (r=8 on q/v of SmolLM2-135M, 460,800 values), measured on the sample notes, batch 8:
-# lr 1e-3 with momentum 0.9 diverges after ~50 steps (held-out 5.43 -> 16.5 at step 100),
-# 3e-4 lowers the held-out loss steadily (5.43 -> 5.35 at step 150), 1e-4 barely moves it.
-# Norms reuse LoRA's values (not yet tuned). Full parameters use MeZO's values (papers.md §1)
-# and plain ZO-SGD: a momentum buffer would double the memory of θ.
-# A mode may also set the recipe (steps, q, estimator, optimizer); what it does not name
-# falls back to RECIPE_DEFAULTS.
-# Head (a zero-initialised classifier over a frozen, cached encoder — all-MiniLM-L6-v2 on the
-# 5-topic sample, 1,925 values): one-sided q=8 with Adam reaches 88-90% held-out accuracy in
-# 2000-3000 steps; each step costs a head's arithmetic only (edgezo.stages), so steps are many.
-# LoRA: tools/convergence.py on the sample notes (SmolLM2-135M, batch 8, seeds 0 and 1):
-# one-sided q=4 on sphere directions, momentum 0.9, lr 1e-3 passed the MeZO recipe's
-# 300-evaluation held-out loss within 30 evaluations on both seeds (central q=1, lr 3e-4: ~40
-# training evaluations plus its lr race; MeZO: 300). No lr race by default: on this model it
-# cost 77-97 forward evaluations (a third of a 160 s session) and chose 1e-4-3.3e-4, 3-10x
-# below this measured rate (tools/quality.py: held-out 5.4335 -> 5.4211 in 160 s with the
-# race, see the README); pass lr_race=true to run it on another model.
-# LoRA-FA (lora_fa; B trained, A frozen), first measured with r=8 on q/v of SmolLM2's last two
-# blocks (12,288 values, a cached 28-block prefix) on the sample notes with a 160 s session
-# (2 threads, edgezo finetune --time-budget 160, held-out 5.4335 at step 0). Batch 8: lr 1e-2
-# 5.35 after 100 steps, 3e-2 5.40, 1e-1 5.33, 3e-1 5.19, 1 5.34 (unsteady); at lr 3e-1 the
-# session ends at 5.0707 (244 steps). Batch 4 (half the cost a step): 5.0432 with the plateau
-# rule (plateau_factor, one halving at step 300; 511 steps); q=8: 5.0802; q=2: 5.1850; lr 5e-1:
-# 5.2093; lr 2e-1: slower (5.159 at step 200 vs 5.129). Training A as well (unfrozen LoRA on the
-# same blocks) diverges at any lr fast enough to matter (3e-2: 5.34 at step 50, 14.2 at step
-# 100): ZO noise swamps A, whose scale is ~1/sqrt(576). The default bundle is now r=8 on v_proj
-# of the last four blocks (6,144 values, a cached 26-block prefix; q_proj added nothing on two
-# blocks: v alone 5.0384): lr 3e-1 4.9735 after 503 steps, 2e-1 4.9305 after 500 steps (no
-# halving); on six blocks (9,216 values) lr 3e-1 5.1001 (379 steps), 1.5e-1 4.9391 (404 steps);
-# on eight, lr 3e-1 5.1816 (331 steps).
+# Per trainable-mode recipes: lr, perturbation size μ, momentum and what else a mode sets;
+# what it does not name falls back to RECIPE_DEFAULTS. Each value's measurement:
+# docs/benchmarks/recipes.md.
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # LoRA on every block: reached MeZO's 300-evaluation loss in 30-35 evaluations
     "lora": {
         "lr": 1e-3,
         "mu": 1e-2,
@@ -51,8 +24,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 100,
         "lr_race": False,
     },
-    # LoRA-FA (B only; A frozen) on the last blocks with a cached frozen prefix — the default
-    # bundle (measurements in the comment above)
+    # LoRA-FA (B only; A frozen) on the last blocks with a cached frozen prefix: the default
     "lora_fa": {
         "lr": 2e-1,
         "mu": 1e-2,
@@ -65,8 +37,9 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_batch_size": 4,
         "lr_race": False,
     },
-    "norms": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},
-    "full": {"lr": 1e-6, "mu": 1e-3, "momentum": 0.0},
+    "norms": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},  # LoRA's values, not tuned yet
+    "full": {"lr": 1e-6, "mu": 1e-3, "momentum": 0.0},  # MeZO's; no buffer beside θ
+    # a zero head over a cached encoder: Adam, q=8; 88-90% accuracy in 2,000-3,000 cheap steps
     "head": {
         "lr": 1e-2,
         "mu": 1e-3,

@@ -36,7 +36,7 @@ class Example:
     labels: tuple[int, ...]
     line: int  # 1-based line in its file, for messages
     target: int | None = None  # class id (classification tasks)
-    # the example's rows of a bundle's cached frozen prefix (edgezo.stages); batches are then
+    # the example's rows of a bundle's cached frozen prefix (edgezo.prefix_cache); batches are then
     # these rows + labels instead of tokens
     features: dict[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
@@ -125,7 +125,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
     ``labels`` is ``[batch, sequence]`` (token targets), or ``[batch]`` class ids for
     encoder-classification examples (whose token ``labels`` are empty).
     """
-    if examples[0].features is not None:  # cached prefix rows (edgezo.stages)
+    if examples[0].features is not None:  # cached prefix rows (edgezo.prefix_cache)
         rows = {k: pad_rows([e.features[k] for e in examples]) for k in examples[0].features}
         return {**_collate_tokens(examples, pad_id), **rows}
     return _collate_tokens(examples, pad_id)

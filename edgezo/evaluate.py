@@ -21,8 +21,8 @@ import numpy as np
 from .bundle import Manifest, load_bundle
 from .data import IGNORE, Example, collate, eval_batches, read_jsonl, tokenize_for
 from .defaults import ensure_default_bundle
-from .params import FlatParams
 from .runner import LossRunner, RuntimeOptions
+from .zo.params import FlatParams
 
 BATCH_INPUTS = ["input_ids", "attention_mask", "labels"]
 
@@ -71,7 +71,7 @@ def evaluate(
     """{"loss", "perplexity", "accuracy", "examples", "task"} of a bundle on ``data``
     (``accuracy`` is None for a causal LM, ``perplexity`` None for classification)."""
     if run_dir is not None:
-        from .ledger import Ledger
+        from .zo.ledger import Ledger
 
         run = Path(run_dir)
         bundle = bundle or Ledger.read(run / "ledger.jsonl").header["bundle_path"]

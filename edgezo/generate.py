@@ -25,8 +25,8 @@ import numpy as np
 
 from .bundle import Bundle, load_bundle
 from .errors import BundleError, ConfigError
-from .params import FlatParams
 from .runner import LossRunner, RuntimeOptions
+from .zo.params import FlatParams
 
 BATCH_INPUTS = ["input_ids", "attention_mask", "labels"]
 IGNORE = -100
@@ -174,7 +174,7 @@ def resolve(
 ) -> tuple[Bundle, str | None]:
     """The bundle and tensors file of ``bundle``/``tensors``, or of a run folder."""
     if run_dir is not None:
-        from .ledger import Ledger
+        from .zo.ledger import Ledger
 
         run = Path(run_dir)
         bundle = bundle or Ledger.read(run / "ledger.jsonl").header["bundle_path"]

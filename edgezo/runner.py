@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError, ConfigError
-from .params import FlatParams
+from .zo.params import FlatParams
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

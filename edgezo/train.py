@@ -28,23 +28,23 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import stages
+from . import atomic, prefix_cache
 from .autotune import PROBE_BATCHES, autotune, worst_case_evaluations
 from .bundle import Bundle, load_bundle
-from .checkpoint import load_checkpoint, save_tensors_atomic
 from .config import FinetuneConfig, recipe_key
 from .data import BatchStream, Example, read_jsonl, split_holdout, tokenize_for
 from .defaults import default_data, ensure_default_bundle
-from .engine import EngineSettings, ZOEngine, choose_inplace
+from .device.limits import session_limits
+from .device.plan import optimizer_buffers
+from .device.resolve import load_profile
 from .errors import CheckpointError
 from .evaluate import score
-from .ledger import Ledger
-from .limits import session_limits
-from .optim import Schedule
-from .plan import optimizer_buffers
-from .profiles import load_profile
-from .replay import apply, check_ledger_bundle, is_rollback, rollback_record
 from .runner import LossRunner
+from .zo.checkpoint import load_checkpoint, save_tensors_atomic
+from .zo.engine import EngineSettings, ZOEngine, choose_inplace
+from .zo.ledger import Ledger
+from .zo.optim import Schedule
+from .zo.replay import apply, check_ledger_fingerprint, is_rollback, rollback_record
 
 BATCH_INPUTS = ["input_ids", "attention_mask", "labels"]
 MIN_PROGRESS = 1e-3  # a held-out loss counts as progress when 0.1% below the best so far
@@ -196,9 +196,7 @@ def prepare(cfg: FinetuneConfig, resume: bool, log) -> tuple[FinetuneConfig, Run
             f"continue it with --resume --out {out}, or choose another --out",
         )
     out.mkdir(parents=True, exist_ok=True)
-    tmp = run.config.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, run.config)
+    atomic.write_text(run.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return cfg, run
 
 
@@ -256,7 +254,7 @@ def finetune(
         zipf_s=cfg.zipf_s,
         mu_floor=cfg.mu_floor,
     )
-    engine = ZOEngine(bundle, settings)
+    engine = bundle.engine(settings)
     per_step = engine.estimator.evals_per_step
     limits = session_limits(
         cfg, bundle, optimizer_buffers(cfg.optimizer, cfg.momentum), settings.inplace, per_step
@@ -264,10 +262,10 @@ def finetune(
     budget = limits.budget
     prefix_calls = 0
     runner = None
-    if cfg.cache_prefix and stages.available(bundle):
+    if cfg.cache_prefix and prefix_cache.available(bundle):
         t_cache = time.perf_counter()
         try:
-            (train, held), prefix_calls = stages.cache_rows(
+            (train, held), prefix_calls = prefix_cache.cache_rows(
                 bundle,
                 [train, held],
                 cfg.eval_batch_size,
@@ -275,7 +273,7 @@ def finetune(
                 limits.runtime,
                 max_mb=cfg.cache_prefix_mb,
             )
-        except stages.CacheTooLarge as e:
+        except prefix_cache.CacheTooLarge as e:
             prefix_calls = e.forward_calls
             log(
                 f"edgezo: not caching the frozen prefix: its rows for {len(train) + len(held)} "
@@ -285,16 +283,16 @@ def finetune(
         else:
             stream = BatchStream(train, cfg.batch_size, cfg.seed, pad_id)
             runner = LossRunner(
-                stages.suffix_path(bundle),
+                prefix_cache.suffix_path(bundle),
                 engine.params,
-                stages.suffix_inputs(bundle),
+                prefix_cache.suffix_inputs(bundle),
                 limits.runtime,
             )
             log(
                 f"edgezo: frozen prefix computed once for {len(train) + len(held)} examples "
                 f"({prefix_calls} forward calls, {time.perf_counter() - t_cache:.1f} s, "
-                f"{stages.rows_mb([train, held]):,.0f} MiB of rows); every ZO evaluation "
-                f"runs {stages.suffix_path(bundle).name} only"
+                f"{prefix_cache.rows_mb([train, held]):,.0f} MiB of rows); every ZO evaluation "
+                f"runs {prefix_cache.suffix_path(bundle).name} only"
             )
     if runner is None:
         runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, limits.runtime)
@@ -302,7 +300,7 @@ def finetune(
     # ledger: new, or reopened and caught up (checkpoint + replay of the records after it)
     if resume:
         ledger = Ledger.read(run.ledger, repair=True)
-        check_ledger_bundle(ledger, bundle)
+        check_ledger_fingerprint(ledger, bundle.fingerprint, str(bundle.path))
         if EngineSettings.from_dict(ledger.header["engine"]) != settings:
             raise CheckpointError(
                 f"{run.ledger} was written with other engine settings than {run.config}",
@@ -548,9 +546,7 @@ def finetune(
         heldout_accuracy_before=acc_before,
         heldout_accuracy_after=extra.get("heldout_accuracy"),
     )
-    tmp = run.summary.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-    os.replace(tmp, run.summary)
+    atomic.write_text(run.summary, json.dumps(summary.to_dict(), indent=2) + "\n")
     log(
         f"edgezo: held-out loss {before:.4f} -> {after:.4f} "
         f"({'-' if after <= before else '+'}{abs(before - after) / before:.1%}){_acc(extra)} "
@@ -615,12 +611,9 @@ def run_autotune(
         f"edgezo: autotune: lr {cfg.lr:.3g}, μ {cfg.mu:g} ({result.evaluations} forward "
         f"evaluations, {result.seconds:.0f} s)"
     )
-    tmp = run.path / "autotune.json.tmp"
-    tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    os.replace(tmp, run.path / "autotune.json")
-    tmp = run.config.with_suffix(".yaml.tmp")  # a resumed run keeps the chosen values
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, run.config)
+    atomic.write_text(run.path / "autotune.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    # a resumed run keeps the chosen values
+    atomic.write_text(run.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run.metric(
         kind="autotune", lr=cfg.lr, mu=cfg.mu, evaluations=result.evaluations, trials=result.trials
     )

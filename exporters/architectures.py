@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from edgezo.bundle import TRAINABLE_MODES
 from edgezo.errors import EdgezoError
 
 
@@ -74,7 +75,7 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 #: Trainable modes (see ``exporters/trainables.py``); ``scales`` (the int4 quantisation scales)
 #: needs ``quantize="int4"`` (see ``exporters/quantize.py``); ``head`` (the classifier alone) is
 #: for encoder classification.
-MODES = ("lora", "norms", "full", "scales", "head")
+MODES = TRAINABLE_MODES  # the bundle contract names them
 
 _REGISTRY: dict[str, Architecture] = {}
 

@@ -15,7 +15,7 @@ is only written when it is exact for per-example caching — every cached tensor
 ``[batch, ...]`` and an axis changes with the padded length only by being that length (with
 right padding and causal or masked attention an example's row is the same however its batch
 was padded) — and when the suffix then reproduces the full graph's loss on a padded batch from
-rows cached one example at a time and zero-padded again. The runtime (``edgezo.stages``)
+rows cached one example at a time and zero-padded again. The runtime (``edgezo.prefix_cache``)
 computes each example's rows once per run and trains on the suffix.
 
 ``model.onnx`` stays in the bundle unchanged: evaluation, generation and ``compare`` use it.

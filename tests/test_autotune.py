@@ -11,11 +11,11 @@ from safetensors.numpy import load_file
 from edgezo import autotune as at
 from edgezo.bundle import load_bundle
 from edgezo.config import MODE_DEFAULTS, FinetuneConfig
-from edgezo.engine import EngineSettings, ZOEngine
 from edgezo.errors import ConfigError
-from edgezo.ledger import Ledger
-from edgezo.replay import apply
 from edgezo.train import finetune
+from edgezo.zo.engine import EngineSettings
+from edgezo.zo.ledger import Ledger
+from edgezo.zo.replay import apply
 
 
 def quiet(*a, **k):
@@ -76,7 +76,7 @@ def test_run_without_hyperparameters_tunes_within_its_bound_and_replays(
     assert any("autotune: lr" in line for line in lines)
     # θ after the run is exactly the ledger replayed on the bundle: the trials left no trace
     bundle = load_bundle(lora_bundle)
-    engine = ZOEngine(bundle, EngineSettings.from_dict(ledger.header["engine"]))
+    engine = bundle.engine(EngineSettings.from_dict(ledger.header["engine"]))
     apply(engine, ledger.records, ledger.records)
     trained = load_file(str(run / "trained.safetensors"))
     replayed = engine.params.state_dict()
@@ -103,7 +103,7 @@ def test_tuning_counts_against_the_evaluation_budget(lora_bundle, data, tmp_path
 
 
 def engine_for(bundle_path, seed=0):
-    return ZOEngine(load_bundle(bundle_path), EngineSettings(seed=seed))
+    return load_bundle(bundle_path).engine(EngineSettings(seed=seed))
 
 
 def fake_loss(engine, target):
@@ -132,7 +132,7 @@ def test_race_moves_away_from_a_far_too_small_or_large_default(lora_bundle):
 
 
 def test_race_leaves_theta_and_optimizer_state_untouched(lora_bundle):
-    engine = ZOEngine(load_bundle(lora_bundle), EngineSettings(seed=0, optimizer="adam"))
+    engine = load_bundle(lora_bundle).engine(EngineSettings(seed=0, optimizer="adam"))
     theta0 = engine.params.master.copy()
     loss = fake_loss(engine, engine.params.master + 0.1)
     at.select_lr(engine, 1e-3, 1e-3, 3, lambda t: loss, loss, 1, quiet)

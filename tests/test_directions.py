@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgezo.directions import CHUNK, Directions
+from edgezo.zo.directions import CHUNK, Directions
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sphere"])
@@ -81,7 +81,7 @@ def test_sphere_golden_values_constant_norm_and_gaussian_shape():
 
 
 def test_sphere_small_and_chunked_paths_agree(monkeypatch):
-    import edgezo.directions as d
+    import edgezo.zo.directions as d
 
     for dim in (100, 20_000):
         a = Directions(seed=4, dim=dim, kind="sphere").full(3, 1)
@@ -92,7 +92,7 @@ def test_sphere_small_and_chunked_paths_agree(monkeypatch):
 
 
 def test_counter_based_uniform_is_pinned():
-    from edgezo.directions import uniform
+    from edgezo.zo.directions import uniform
 
     assert [uniform(0, 0, 1, 0), uniform(1, 2, 3, 4)] == GOLDEN_UNIFORM
     u = [uniform(5, t, 1, 0) for t in range(2000)]

@@ -5,8 +5,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from edgezo.bundle import Bundle, Manifest, TensorSpec
-from edgezo.engine import EngineSettings, ZOEngine
 from edgezo.errors import CheckpointError
+from edgezo.zo.engine import EngineSettings
 
 SPECS = [TensorSpec("a", (3, 4)), TensorSpec("b", (5,))]
 
@@ -31,7 +31,7 @@ TARGET = np.linspace(-1, 1, 17).astype(np.float32)
 
 
 def run(bundle, settings, steps=60, lr=0.02, mu=1e-3):
-    eng = ZOEngine(bundle, settings)
+    eng = bundle.engine(settings)
     feed = eng.params.feed
 
     def loss():
@@ -71,7 +71,7 @@ def test_descends_and_replays_bit_exactly(bundle, inplace, momentum, q, directio
     assert final < 0.5 * start
     again, _, _ = run(bundle, s, lr=lr)
     assert np.array_equal(again.params.master, eng.params.master)  # same seed, same bits
-    rep = ZOEngine(bundle, s)
+    rep = bundle.engine(s)
     for r in records:
         rep.replay(r)
     rep.perturber.at_theta()
@@ -85,7 +85,7 @@ def test_other_seed_other_result(bundle):
 
 
 def test_non_finite_loss_skips_the_update(bundle):
-    eng = ZOEngine(bundle, EngineSettings(seed=0))
+    eng = bundle.engine(EngineSettings(seed=0))
     before = eng.params.master.copy()
     rec = eng.step(0, 0.1, 1e-3, lambda: float("nan"))
     assert rec["status"] == "skipped"
@@ -93,7 +93,7 @@ def test_non_finite_loss_skips_the_update(bundle):
 
 
 def test_inplace_restores_theta_within_float_error(bundle):
-    eng = ZOEngine(bundle, EngineSettings(seed=0, inplace=True))
+    eng = bundle.engine(EngineSettings(seed=0, inplace=True))
     before = eng.params.master.copy()
     eng.step(0, 0.0, 1e-2, lambda: 1.0)  # lr 0: only perturb and restore
     np.testing.assert_allclose(eng.params.master, before, atol=1e-6)
@@ -102,7 +102,7 @@ def test_inplace_restores_theta_within_float_error(bundle):
 def test_tampered_record_is_detected(bundle):
     _, records, _ = run(bundle, EngineSettings(seed=3), steps=2)
     bad = dict(records[1], g=[records[1]["g"][0] + 1.0])
-    rep = ZOEngine(bundle, EngineSettings(seed=3))
+    rep = bundle.engine(EngineSettings(seed=3))
     rep.replay(records[0])
     with pytest.raises(CheckpointError, match="differ from those recomputed"):
         rep.replay(bad)
@@ -115,7 +115,7 @@ def test_fused_inplace_update_matches_copy_mode(bundle):
     copy, _, _ = run(bundle, EngineSettings(seed=4, inplace=False), steps=20)
     fused, _, _ = run(bundle, EngineSettings(seed=4, inplace=True), steps=20)
     np.testing.assert_allclose(fused.params.master, copy.params.master, atol=5e-4)
-    eng = ZOEngine(bundle, EngineSettings(seed=4, inplace=True))
+    eng = bundle.engine(EngineSettings(seed=4, inplace=True))
     before = eng.params.master.copy()
     assert eng.step(0, 0.1, 1e-2, lambda: float("inf"))["status"] == "skipped"
     np.testing.assert_allclose(eng.params.master, before, atol=1e-6)

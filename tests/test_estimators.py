@@ -9,11 +9,11 @@ from safetensors.numpy import save_file
 
 from edgezo.bundle import Bundle, Manifest, TensorSpec
 from edgezo.config import FinetuneConfig
-from edgezo.engine import EngineSettings, ZOEngine
 from edgezo.errors import ConfigError
-from edgezo.estimators import DAP, ESTIMATORS, LevelSchedule
-from edgezo.optim import OPTIMIZERS
-from edgezo.perturb import Vector, plain
+from edgezo.zo.engine import EngineSettings
+from edgezo.zo.estimators import DAP, ESTIMATORS, LevelSchedule
+from edgezo.zo.optim import OPTIMIZERS
+from edgezo.zo.perturb import Vector, plain
 
 ESTS = sorted(ESTIMATORS)
 OPTS = sorted(OPTIMIZERS)
@@ -48,7 +48,7 @@ def objective(eng):
 
 
 def train(bundle, s, steps=60, lr=0.02, mu=1e-2):
-    eng = ZOEngine(bundle, s)
+    eng = bundle.engine(s)
     f = objective(eng)
     records = [eng.step(t, lr, mu, f) for t in range(steps)]
     eng.perturber.at_theta()
@@ -73,12 +73,12 @@ def test_descends_and_replays_bit_exactly(bundle, est, opt, kind, inplace):
         mu_floor=1e-5,
     )
     eng, records, final = train(bundle, s, lr=LR[opt])
-    start = ZOEngine(bundle, s)
+    start = bundle.engine(s)
     start.perturber.at_theta()
     assert final < 0.5 * objective(start)()
     assert np.all(eng.params.master[12:] > 0)
     assert sum(len(r["losses"]) for r in records) > 0
-    rep = ZOEngine(bundle, s)
+    rep = bundle.engine(s)
     for r in records:
         rep.replay(r)
     assert np.array_equal(rep.params.master, eng.params.master)
@@ -148,8 +148,8 @@ def test_multilevel_is_unbiased_where_one_sided_is_not(tmp_path, est, schedule):
     mu, n = 0.5, 600
 
     def errors(name):
-        eng = ZOEngine(
-            b, EngineSettings(seed=7, estimator=name, level_schedule=schedule, mu_floor=1e-4)
+        eng = b.engine(
+            EngineSettings(seed=7, estimator=name, level_schedule=schedule, mu_floor=1e-4)
         )
         feed, x = eng.params.feed, eng.params.master.astype(np.float64)
         grad = 2 * w * (x - t)
@@ -177,7 +177,7 @@ def test_level_schedules_pair_mu_with_probability():
 
 def test_dap_aligned_direction_has_unit_component_along_the_pilot(tmp_path):
     b = make_bundle(tmp_path, [TensorSpec("a", (30,)), TensorSpec("b", (7, 3))])
-    eng = ZOEngine(b, EngineSettings(seed=2, direction="gaussian", estimator="dap"))
+    eng = b.engine(EngineSettings(seed=2, direction="gaussian", estimator="dap"))
     vs = eng.perturber.vectors
     v = Vector(4, 1, kind="sphere")
     for gp, xi in [(0.7, 1.0), (-2.5, -1.0), (3.0, -1.0)]:

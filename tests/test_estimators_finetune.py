@@ -9,8 +9,8 @@ from safetensors.numpy import load_file
 
 from edgezo.bundle import load_bundle
 from edgezo.config import FinetuneConfig
-from edgezo.replay import replay
 from edgezo.train import finetune
+from edgezo.zo.ledger import Ledger
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_finetune_then_replay_bit_exactly(make_bundle, tmp_path, kw):
     assert summary.train_evaluations == sum(len(r["losses"]) for r in records)
     if kw["estimator"] in ("p3", "p4"):
         assert all("mu_floor_hits" in r and "levels" in r for r in records)
-    engine = replay(load_bundle(bundle), tmp_path / "run" / "ledger.jsonl")
+    engine = load_bundle(bundle).replay(Ledger.read(tmp_path / "run" / "ledger.jsonl"))
     trained = load_file(str(tmp_path / "run" / "trained.safetensors"))
     for name, t in engine.params.state_dict().items():
         assert np.array_equal(t, trained[name]), name

@@ -509,3 +509,45 @@ def test_cli_exports_and_reports_errors(tiny_hf_dir, tmp_path):
 
 
 # -- the real model --------------------------------------------------------------------------
+
+
+def test_both_export_entry_points_are_one_command_with_every_option():
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from edgezo.cli import main as edgezo_main
+    from edgezo.cli.export import export
+    from exporters.cli import main as exporters_main
+
+    assert exporters_main is export
+    out = CliRunner().invoke(edgezo_main, ["export", "--help"]).output
+    for option in (
+        "--quantize",
+        "--block-size",
+        "--accuracy-level",
+        "--quant-rtol",
+        "--tolerance",
+        "--external-data",
+        "--lora-layers",
+        "--lora-freeze-a",
+        "scales",
+    ):
+        assert option in out, option
+    # `python -m exporters.cli` runs the command (it once did nothing and exited 0)
+    r = subprocess.run(
+        [sys.executable, "-m", "exporters.cli", "--out", "x"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "--model" in r.stderr
+
+
+def test_export_accepts_the_packaged_model_by_short_name(monkeypatch, tmp_path):
+    import exporters.default as default
+    from edgezo.cli import export as cli_export
+
+    gguf = tmp_path / "m.gguf"
+    monkeypatch.setattr(default, "smollm2_gguf", lambda: gguf)
+    monkeypatch.chdir(tmp_path)
+    assert cli_export._resolve_model("smollm2") == str(gguf)
+    assert cli_export._resolve_model("path/to/model") == "path/to/model"

@@ -30,7 +30,7 @@ from edgezo.federated.loop import (
 )
 from edgezo.federated.model import GlobalModel
 from edgezo.federated.protocol import parse_drops, round_pool
-from edgezo.ledger import Ledger
+from edgezo.zo.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 FED = FedSettings(

@@ -157,7 +157,7 @@ def test_kill_and_resume_is_bit_identical(lora_bundle, data, tmp_path):
 
 def test_runtime_never_imports_torch(lora_bundle, data, tmp_path):
     code = (
-        "import sys, edgezo, edgezo.cli, edgezo.train, edgezo.evaluate, edgezo.replay\n"
+        "import sys, edgezo, edgezo.cli, edgezo.train, edgezo.evaluate, edgezo.zo.replay\n"
         "from edgezo.config import FinetuneConfig\n"
         "from edgezo.train import finetune\n"
         f"finetune(FinetuneConfig(bundle={str(lora_bundle)!r}, data={str(data[0])!r}, "
@@ -180,7 +180,7 @@ def test_eval_command_scores_trained_tensors(lora_bundle, data, tmp_path):
 
 
 def test_divergence_rolls_back_through_the_ledger(lora_bundle, data, tmp_path):
-    from edgezo.ledger import Ledger
+    from edgezo.zo.ledger import Ledger
 
     # a hair-trigger guard (any rise of the held-out loss counts as divergence) exercises the
     # mechanism on the tiny model: roll back to the best point, halve lr, give up after
@@ -283,8 +283,8 @@ def test_plateau_lowers_the_lr_and_a_resumed_run_keeps_it(lora_bundle, data, tmp
 
 
 def test_ledger_lr_scale():
-    from edgezo.optim import Schedule
     from edgezo.train import ledger_lr_scale
+    from edgezo.zo.optim import Schedule
 
     sched = Schedule("constant", 0.2, 100, 0)
     step = lambda i, lr: {"step": i, "lr": lr, "status": "ok"}  # noqa: E731

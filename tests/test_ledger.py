@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from edgezo.checkpoint import load_checkpoint, save_tensors_atomic
 from edgezo.errors import CheckpointError
-from edgezo.ledger import Ledger
+from edgezo.zo.checkpoint import load_checkpoint, save_tensors_atomic
+from edgezo.zo.ledger import Ledger
 
 
 def rec(step):
@@ -79,7 +79,7 @@ def test_checkpoint_belongs_to_its_bundle(tmp_path):
 
 
 def test_appends_are_visible_at_once_and_fsynced_in_groups(tmp_path, monkeypatch):
-    import edgezo.ledger as ledger_mod
+    import edgezo.zo.ledger as ledger_mod
 
     calls = []
     real = os.fsync

@@ -12,9 +12,9 @@ from safetensors.numpy import load_file
 
 from edgezo.bundle import load_bundle
 from edgezo.config import FinetuneConfig
+from edgezo.device.plan import estimate, make_plan
+from edgezo.device.resolve import load_profile
 from edgezo.errors import ConfigError
-from edgezo.plan import estimate, make_plan
-from edgezo.profiles import load_profile
 from edgezo.runner import choose_provider
 from edgezo.train import finetune
 
@@ -243,9 +243,9 @@ def test_micro_batching_gives_the_same_step(bundle, data, tmp_path):
     of the float32 loss, ~1e-5 relative in the projected gradient. So: losses to 1e-6, the
     trained update to 1e-3 of its size — and bit-identical only where the losses are."""
     from edgezo.data import BatchStream, read_jsonl, tokenize
-    from edgezo.params import FlatParams
     from edgezo.runner import LossRunner, RuntimeOptions
     from edgezo.train import BATCH_INPUTS
+    from edgezo.zo.params import FlatParams
 
     b = load_bundle(bundle)
     params = FlatParams(b.manifest.trainable)

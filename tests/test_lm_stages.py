@@ -12,15 +12,15 @@ import pytest
 pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from edgezo import stages  # noqa: E402
+from edgezo import prefix_cache  # noqa: E402
 from edgezo.bundle import load_bundle  # noqa: E402
 from edgezo.config import FinetuneConfig  # noqa: E402
 from edgezo.data import collate, pad_rows, read_jsonl, tokenize_for  # noqa: E402
 from edgezo.errors import EdgezoError  # noqa: E402
-from edgezo.ledger import Ledger  # noqa: E402
-from edgezo.params import FlatParams  # noqa: E402
 from edgezo.runner import LossRunner, RuntimeOptions  # noqa: E402
 from edgezo.train import finetune  # noqa: E402
+from edgezo.zo.ledger import Ledger  # noqa: E402
+from edgezo.zo.params import FlatParams  # noqa: E402
 from exporters.lora import layer_index, resolve_layers  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def test_suffix_on_cached_rows_equals_the_full_graph(last1, memo_data):
     examples = tokenize_for(b.manifest, read_jsonl(memo_data[0]), b.tokenizer(), 32)[:7]
     pad = b.manifest.tokenizer.pad_token_id
     opts = RuntimeOptions(threads=1)
-    (rows,), calls = stages.cache_rows(b, [examples], 3, pad, opts)
+    (rows,), calls = prefix_cache.cache_rows(b, [examples], 3, pad, opts)
     assert calls == 3 and len(rows) == len(examples)
     name = next(n for n, a in b.manifest.stages["cached_sequence_axes"].items() if a == [1])
     assert all(r.features[name].shape[0] == len(r.input_ids) for r in rows)  # own length
@@ -108,7 +108,7 @@ def test_suffix_on_cached_rows_equals_the_full_graph(last1, memo_data):
         }
     )
     full = LossRunner(b.model_path, params, ["input_ids", "attention_mask", "labels"], opts)
-    suffix = LossRunner(stages.suffix_path(b), params, stages.suffix_inputs(b), opts)
+    suffix = LossRunner(prefix_cache.suffix_path(b), params, prefix_cache.suffix_inputs(b), opts)
     # batches of other compositions than the caching chunks: rows are re-padded per batch
     for chunk in (rows[:4], rows[2:7], rows[5:6]):
         tokens = [e for e in examples if any(e.line == r.line for r in chunk)]

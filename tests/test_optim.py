@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgezo.engine import EngineSettings, ZOEngine
+from edgezo.zo.engine import EngineSettings
 from tests.test_estimators import make_bundle, objective
 
 
@@ -15,11 +15,11 @@ def test_state_resumes_bit_exactly_and_is_counted(tmp_path, opt, momentum, buffe
     s = EngineSettings(
         seed=0, optimizer=opt, momentum=momentum, estimator="onesided", direction="sphere"
     )
-    full = ZOEngine(b, s)
+    full = b.engine(s)
     f = objective(full)
     for t in range(12):
         full.step(t, 0.01, 1e-2, f)
-    first = ZOEngine(b, s)
+    first = b.engine(s)
     f = objective(first)
     for t in range(6):
         first.step(t, 0.01, 1e-2, f)
@@ -27,7 +27,7 @@ def test_state_resumes_bit_exactly_and_is_counted(tmp_path, opt, momentum, buffe
         "master": first.params.master.copy(),
         **{k: v.copy() for k, v in first.optimizer.state().items()},
     }
-    resumed = ZOEngine(b, s)
+    resumed = b.engine(s)
     resumed.params.master[:] = saved["master"]
     resumed.optimizer.load_state(saved)
     f = objective(resumed)
@@ -41,7 +41,7 @@ def test_state_resumes_bit_exactly_and_is_counted(tmp_path, opt, momentum, buffe
 
 def test_weight_decay_spares_positive_tensors(tmp_path):
     b = make_bundle(tmp_path)
-    eng = ZOEngine(b, EngineSettings(seed=0, weight_decay=0.5))
+    eng = b.engine(EngineSettings(seed=0, weight_decay=0.5))
     before = eng.params.master.copy()
     eng.optimizer.update([], [], lr=1.0)  # no directions: only the decay
     np.testing.assert_array_equal(eng.params.master[:12], before[:12] * np.float32(0.5))
@@ -49,10 +49,10 @@ def test_weight_decay_spares_positive_tensors(tmp_path):
 
 
 def test_adam_state_survives_an_atomic_checkpoint(tmp_path):
-    from edgezo.checkpoint import load_checkpoint, save_tensors_atomic
+    from edgezo.zo.checkpoint import load_checkpoint, save_tensors_atomic
 
     b = make_bundle(tmp_path)
-    eng = ZOEngine(b, EngineSettings(seed=0, optimizer="adam"))
+    eng = b.engine(EngineSettings(seed=0, optimizer="adam"))
     f = objective(eng)
     for t in range(3):
         eng.step(t, 0.01, 1e-2, f)
@@ -63,7 +63,7 @@ def test_adam_state_survives_an_atomic_checkpoint(tmp_path):
         metadata={"bundle": "fp", "step": "3"},
     )
     tensors, step = load_checkpoint(path, "fp")
-    other = ZOEngine(b, EngineSettings(seed=0, optimizer="adam"))
+    other = b.engine(EngineSettings(seed=0, optimizer="adam"))
     other.optimizer.load_state(tensors)
     assert step == 3 and int(other.optimizer.t[0]) == 3
     assert np.array_equal(other.optimizer.m, eng.optimizer.m)

@@ -11,16 +11,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from edgezo import cli_devices, detect
-from edgezo.detect import GpuInfo, MachineInfo, detect_machine, suggest_profile
+from edgezo.cli import devices as cli_devices
+from edgezo.device import detect
+from edgezo.device.detect import GpuInfo, MachineInfo, detect_machine, suggest_profile
+from edgezo.device.profiles import DEVICES_DIR_ENV, DeviceProfile, list_profiles, profiles_dir
+from edgezo.device.resolve import load_profile
 from edgezo.errors import ConfigError
-from edgezo.profiles import (
-    DEVICES_DIR_ENV,
-    DeviceProfile,
-    list_profiles,
-    load_profile,
-    profiles_dir,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = REPO / "devices"
@@ -617,8 +613,8 @@ def test_cli_detect_prints_the_machine_and_the_reason(
 
 def test_runtime_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, edgezo.profiles, edgezo.detect, edgezo.cli_devices\n"
-        "edgezo.detect.detect_machine()\n"
+        "import sys, edgezo.device.profiles, edgezo.device.detect, edgezo.cli.devices\n"
+        "edgezo.device.detect.detect_machine()\n"
         "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

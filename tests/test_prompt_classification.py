@@ -17,9 +17,9 @@ from edgezo.config import FinetuneConfig  # noqa: E402
 from edgezo.data import IGNORE, collate, read_jsonl, tokenize_for  # noqa: E402
 from edgezo.errors import DataError, EdgezoError  # noqa: E402
 from edgezo.evaluate import BATCH_INPUTS, score  # noqa: E402
-from edgezo.params import FlatParams  # noqa: E402
 from edgezo.runner import LossRunner  # noqa: E402
 from edgezo.train import finetune  # noqa: E402
+from edgezo.zo.params import FlatParams  # noqa: E402
 from exporters import export_bundle  # noqa: E402
 
 LABELS = ["vowel", "digit"]

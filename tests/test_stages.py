@@ -12,11 +12,11 @@ import pytest
 pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from edgezo import stages  # noqa: E402
+from edgezo import prefix_cache  # noqa: E402
 from edgezo.bundle import load_bundle  # noqa: E402
 from edgezo.config import FinetuneConfig  # noqa: E402
-from edgezo.ledger import Ledger  # noqa: E402
 from edgezo.train import finetune  # noqa: E402
+from edgezo.zo.ledger import Ledger  # noqa: E402
 from exporters import export_bundle  # noqa: E402
 from exporters.stages import find_cut  # noqa: E402
 
@@ -116,7 +116,7 @@ def test_cache_rows_attach_one_row_per_example(bundles, data):
 
     b = load_bundle(bundles["head"])
     examples = tokenize_for(b.manifest, read_jsonl(data[1]), b.tokenizer(), 32)
-    (rows,), calls = stages.cache_rows(b, [examples], 5, 0, RuntimeOptions(threads=1))
+    (rows,), calls = prefix_cache.cache_rows(b, [examples], 5, 0, RuntimeOptions(threads=1))
     assert calls == 3 and len(rows) == len(examples)
     name = b.manifest.stages["cached"][0]
     assert all(r.features[name].shape == (32,) for r in rows)  # tiny BERT: hidden 32
@@ -147,9 +147,9 @@ def test_single_class_training_data_is_warned_about(bundles, data, tmp_path):
 
 
 def test_plan_dry_run_and_generate_know_a_classifier(bundles):
+    from edgezo.device.plan import _probe
     from edgezo.errors import BundleError
     from edgezo.generate import require_generation
-    from edgezo.plan import _probe
 
     probe = _probe(str(bundles["head"]), True, 1, [[2, 8]], False)
     assert probe["forward_peaks"] and probe["forward_peaks"][0] > 0

@@ -53,10 +53,10 @@ from edgezo.bundle import load_bundle
 from edgezo.config import MODE_DEFAULTS, recipe_key
 from edgezo.data import BatchStream, read_jsonl, tokenize
 from edgezo.defaults import default_data
-from edgezo.directions import KINDS, Directions
-from edgezo.params import FlatParams
 from edgezo.runner import LossRunner, RuntimeOptions
 from edgezo.train import BATCH_INPUTS
+from edgezo.zo.directions import KINDS, Directions
+from edgezo.zo.params import FlatParams
 
 COLUMNS = (
     "q",

@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-from edgezo.directions import KINDS, Directions
+from edgezo.zo.directions import KINDS, Directions
 
 
 def _time(fn) -> tuple[float, float]:

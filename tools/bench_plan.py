@@ -15,7 +15,7 @@ Usage::
     python tools/bench_plan.py --bundle /tmp/smol-lora[,/tmp/smol-lora-int4] \
         --cases 4x64,16x64,16x128
 
-The dry run measures at most ``edgezo.plan.CALIBRATION_TOKENS`` (1024) tokens: 16×128 is
+The dry run measures at most ``edgezo.device.plan.CALIBRATION_TOKENS`` (1024) tokens: 16×128 is
 estimated from a forward at 8×128, scaled. Without an int4 bundle in --bundle the int4 rows
 say so instead of inventing numbers. The children never import torch.
 """
@@ -62,8 +62,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgezo.bundle import load_bundle
-    from edgezo.plan import make_plan, precision_of, run_settings
-    from edgezo.profiles import load_profile
+    from edgezo.device.plan import make_plan, precision_of, run_settings
+    from edgezo.device.resolve import load_profile
 
     bundles = [load_bundle(b) for b in args.bundle.split(",")]
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]

@@ -45,10 +45,10 @@ def _vocab(bundle) -> int:
 def child(args: argparse.Namespace) -> dict:
     """Runs in a fresh process: 'infer' (forwards only) or 'finetune' (ZO steps)."""
     from edgezo.bundle import load_bundle
-    from edgezo.engine import EngineSettings, ZOEngine, choose_inplace
-    from edgezo.params import FlatParams
     from edgezo.runner import LossRunner, RuntimeOptions
     from edgezo.train import BATCH_INPUTS
+    from edgezo.zo.engine import EngineSettings, choose_inplace
+    from edgezo.zo.params import FlatParams
 
     bundle = load_bundle(args.bundle, verify=False)
     batch = _batch(_vocab(bundle), args.batch, args.seq)
@@ -74,7 +74,7 @@ def child(args: argparse.Namespace) -> dict:
             momentum=args.momentum,
             inplace=choose_inplace(args.perturbation, trainable_bytes),
         )
-        engine = ZOEngine(bundle, settings)
+        engine = bundle.engine(settings)
         runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, opts)
         runner.losses(batch)  # warm-up
         engine.step(0, 1e-6, 1e-3, lambda: runner.mean_loss(batch))

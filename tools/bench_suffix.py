@@ -17,19 +17,19 @@ import time
 import click
 import numpy as np
 
-from edgezo import stages
+from edgezo import prefix_cache
 from edgezo.bundle import load_bundle
 from edgezo.data import collate, read_jsonl, tokenize_for
 from edgezo.defaults import asset
 from edgezo.errors import EdgezoError
-from edgezo.params import FlatParams
 from edgezo.runner import LossRunner, RuntimeOptions
+from edgezo.zo.params import FlatParams
 
 
 def suffix_runner(path: str, data: str, batch_size: int, batches: int, threads: int):
     """(runner, its batches) for a bundle whose suffix exists."""
     bundle = load_bundle(path)
-    if not stages.available(bundle):
+    if not prefix_cache.available(bundle):
         raise EdgezoError(
             f"bundle {path} has no frozen-prefix suffix",
             "export it with --lora-layers last:N (or a head-mode classifier)",
@@ -39,10 +39,12 @@ def suffix_runner(path: str, data: str, batch_size: int, batches: int, threads: 
         : batch_size * batches
     ]
     opts = RuntimeOptions(threads=threads)
-    (rows,), _ = stages.cache_rows(bundle, [examples], 16, pad, opts)
+    (rows,), _ = prefix_cache.cache_rows(bundle, [examples], 16, pad, opts)
     params = FlatParams(list(bundle.manifest.trainable))
     params.load(bundle.initial_trainable())
-    runner = LossRunner(stages.suffix_path(bundle), params, stages.suffix_inputs(bundle), opts)
+    runner = LossRunner(
+        prefix_cache.suffix_path(bundle), params, prefix_cache.suffix_inputs(bundle), opts
+    )
     return runner, [
         collate(rows[i * batch_size : (i + 1) * batch_size], pad)
         for i in range(len(rows) // batch_size)

@@ -116,7 +116,7 @@ EVAL_EVERY_EVALS = 30
 
 
 def evals_per_step(cfg: FinetuneConfig) -> float:
-    """Expected training forward evaluations per step (edgezo.estimators' table)."""
+    """Expected training forward evaluations per step (edgezo.zo.estimators' table)."""
     q = cfg.q
     return {
         "central": 2 * q,

@@ -4,7 +4,7 @@ One ZO-SGD step moves the outputs on a probe set by −η K̂ ∇_out L with K̂
 empirical NTK K = J Jᵀ seen through the q random directions Z (d × q). J is the (N·k) × d
 Jacobian of the N probe inputs' k outputs. This tool computes J exactly (``torch.func.jacrev``)
 for small MLPs of several widths, draws Z with edgezo's own direction generator
-(:class:`edgezo.directions.Directions`, all three kinds), and reports the relative Frobenius
+(:class:`edgezo.zo.directions.Directions`, all three kinds), and reports the relative Frobenius
 error of K̂ as q grows, for two output sizes N·k; RMS over seeds and over the disjoint
 q-blocks of each draw (max(q)/q independent estimates per seed).
 
@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, jacrev
 
-from edgezo.directions import KINDS, Directions
+from edgezo.zo.directions import KINDS, Directions
 
 IN_DIM = 16
 K_OUT = 4  # outputs per probe input

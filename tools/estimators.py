@@ -7,8 +7,8 @@ Mean squared error E‖ĝ − ∇f‖² of each estimator against the exact grad
 
 plus DAP's per-coordinate check on f(x) = x₁² + x₂² at x = (0.1, 1) (papers.md §2).
 
-The estimators are edgezo's (:mod:`edgezo.estimators`), driven through the runtime's
-:class:`~edgezo.params.FlatParams`, :class:`~edgezo.perturb.Perturber` and direction generator
+The estimators are edgezo's (:mod:`edgezo.zo.estimators`), driven through the runtime's
+:class:`~edgezo.zo.params.FlatParams`, :class:`~edgezo.zo.perturb.Perturber` and direction generator
 — only the loss is analytic (:class:`Analytic`, a dozen lines). The perturbed point is
 therefore float32, as on a device; the loss is evaluated in float64. Each draw is one step
 (a fresh direction, level and coin), q = 1.
@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 
 from edgezo.bundle import TensorSpec
-from edgezo.directions import Directions
-from edgezo.estimators import ESTIMATORS, LevelSchedule
-from edgezo.params import FlatParams
-from edgezo.perturb import Perturber
+from edgezo.zo.directions import Directions
+from edgezo.zo.estimators import ESTIMATORS, LevelSchedule
+from edgezo.zo.params import FlatParams
+from edgezo.zo.perturb import Perturber
 
 # (label, estimator, direction kind, level schedule)
 CONFIGS = [

@@ -46,7 +46,7 @@ for the ZO runs (``steps`` = 10**6; the default schedule is constant).
 **Held-out points**: at ``--points`` equally spaced clock times T_k = k·budget/points (and 0),
 each method is scored at its state after the last step that ended by T_k. Backprop scores
 that state at once with its clock paused; a ZO run is scored afterwards by replaying its ledger
-to that step (``edgezo.replay.apply``, bit-exact), so nothing interferes with the run.
+to that step (``edgezo.zo.replay.apply``, bit-exact), so nothing interferes with the run.
 
 The fraction of backprop's held-out improvement a ZO run achieved is
 (L₀ − L(T)) / (L₀,bp − L_bp(T)) at the budget T (LM, loss) and
@@ -90,7 +90,7 @@ for _p in (ROOT, ROOT / "tools"):  # `python tools/quality.py` from anywhere; be
 
 from bench_step import peak_rss_mb  # noqa: E402  (VmHWM of this process)
 
-from edgezo.plan import _reset_peak as reset_peak_rss  # noqa: E402  (clear_refs 5)
+from edgezo.device.plan import _reset_peak as reset_peak_rss  # noqa: E402  (clear_refs 5)
 
 #: MeZO's recipe (papers.md §1; the issue's measurement), as FinetuneConfig overrides.
 MEZO = {
@@ -418,11 +418,11 @@ def run_zo(
 ) -> MethodResult:
     """One ``finetune`` run on the training clock, then its held-out points by ledger replay."""
     from edgezo.config import FinetuneConfig
-    from edgezo.engine import EngineSettings, ZOEngine
-    from edgezo.ledger import Ledger
-    from edgezo.replay import apply
     from edgezo.runner import LossRunner, RuntimeOptions
     from edgezo.train import BATCH_INPUTS, finetune
+    from edgezo.zo.engine import EngineSettings
+    from edgezo.zo.ledger import Ledger
+    from edgezo.zo.replay import apply
 
     run_dir = out / "runs" / f"{task.name}-{method}"
     if run_dir.exists():
@@ -478,7 +478,7 @@ def run_zo(
     res.excluded_s = wall - clock.clock
     # held-out points: replay the ledger to each scored state (bit-exact, no forwards)
     ledger = Ledger.read(run_dir / "ledger.jsonl")
-    engine = ZOEngine(task.bundle, EngineSettings.from_dict(ledger.header["engine"]))
+    engine = task.bundle.engine(EngineSettings.from_dict(ledger.header["engine"]))
     runner = LossRunner(
         task.bundle.model_path, engine.params, BATCH_INPUTS, RuntimeOptions(threads=threads)
     )

@@ -24,11 +24,11 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..data import BatchStream, Example
-from ..directions import uniform
-from ..engine import EngineSettings
 from ..errors import EdgezoError
-from ..ledger import Ledger
 from ..runner import LossRunner, RuntimeOptions
+from ..zo.directions import uniform
+from ..zo.engine import EngineSettings
+from ..zo.ledger import Ledger
 from .model import GlobalModel, check_entry
 from .protocol import REPLY, VERSION, Rejected, check_train_shape, client_token
 

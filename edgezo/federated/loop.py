@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import atomic
 from ..bundle import Bundle
 from ..data import Example, eval_batches, read_jsonl, tokenize
 from ..runner import LossRunner, RuntimeOptions
@@ -152,7 +153,7 @@ def write_summary(
     synced: dict[str, str | None],
 ) -> dict[str, Any]:
     """``summary.json``, ``metrics.jsonl`` and the final ``trained.safetensors`` in ``out``."""
-    from ..checkpoint import save_tensors_atomic
+    from ..zo.checkpoint import save_tensors_atomic
 
     save_tensors_atomic(
         out / "trained.safetensors",
@@ -171,7 +172,7 @@ def write_summary(
         "digest": server.model.digest(),
         "settings": server.fed.to_dict(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -16,9 +16,9 @@ import math
 from typing import Any
 
 from ..bundle import Bundle
-from ..engine import EngineSettings, ZOEngine
 from ..errors import CheckpointError
-from ..perturb import plain
+from ..zo.engine import EngineSettings
+from ..zo.perturb import plain
 from .protocol import FedSettings, theta_digest
 
 
@@ -58,7 +58,7 @@ class GlobalModel:
     def __init__(self, bundle: Bundle, settings: EngineSettings):
         self.bundle = bundle
         self.settings = settings
-        self.engine = ZOEngine(bundle, self.settings)
+        self.engine = bundle.engine(self.settings)
         self.records: list[dict[str, Any]] = []
 
     @property

@@ -25,8 +25,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import CheckpointError
-from ..estimators import FLOAT32_MAX
-from ..ledger import Ledger
+from ..zo.estimators import FLOAT32_MAX
+from ..zo.ledger import Ledger
 from .model import GlobalModel, check_entry, engine_settings
 from .protocol import (
     TRAIN,

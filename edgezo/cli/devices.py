@@ -11,8 +11,9 @@ from typing import IO, Any
 import click
 import yaml
 
-from .errors import EdgezoError
-from .profiles import DeviceProfile, list_profiles, load_profile
+from ..device.profiles import DeviceProfile, list_profiles
+from ..device.resolve import load_profile
+from ..errors import EdgezoError
 
 
 class _UserError(click.ClickException):
@@ -93,7 +94,7 @@ def _show(name: str) -> str:
 
 
 def _detect_report() -> str:
-    from .detect import detect_machine, suggest_profile
+    from ..device.detect import detect_machine, suggest_profile
 
     info = detect_machine()
     rows = info.describe()

@@ -1,7 +1,7 @@
 """Update rules applied to the flat master from projected gradients, and learning-rate schedules.
 
 The estimate is ĝ = (1/q) Σ_i g_i u_i, with g_i the (optionally clipped) projected gradients
-and u_i the vectors the estimator names (:class:`edgezo.perturb.Vector`, regenerated chunk by
+and u_i the vectors the estimator names (:class:`edgezo.zo.perturb.Vector`, regenerated chunk by
 chunk, never stored). Each rule then moves θ ← θ ⊕ δ, where ⊕ is + on ordinary tensors and
 θ·exp(δ) on tensors marked positive (the multiplicative, log-space update of papers.md §4).
 
@@ -12,7 +12,7 @@ chunk, never stored). Each rule then moves θ ← θ ⊕ δ, where ⊕ is + on o
 
 Decoupled weight decay θ ← θ(1 − ηλ) touches ordinary tensors only (a scale has no natural
 zero to decay to). All arithmetic is float32 elementwise with float32-cast coefficients, in a
-fixed order: identical on every machine, and identical when :mod:`edgezo.replay` redoes it.
+fixed order: identical on every machine, and identical when :mod:`edgezo.zo.replay` redoes it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from .directions import CHUNK
 from .params import FlatParams
-from .perturb import Vector, VectorSource
+from .perturb import Displacement, Vector, VectorSource
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,12 @@ class _Base:
         self.vectors = vectors
         self.weight_decay = weight_decay
         self.clip = clip
+
+    def settle(self, displacement: Displacement | None) -> None:
+        """Undo an estimator's in-place displacement: θ ← θ ⊕ (−c)·u."""
+        if displacement is not None:
+            u, c = displacement
+            self.vectors.move(u, -c, self.params.master, self.params.master)
 
     def clipped(self, g: list[float]) -> list[float]:
         if self.clip is None:
@@ -119,38 +125,34 @@ class ZOSGD(_Base):
         self.momentum = momentum
         self.buf = np.zeros(params.dim, dtype=np.float32) if momentum > 0 else None
 
-    @property
-    def fuses_restore(self) -> bool:
-        """Plain ZO-SGD can fold an in-place restore into its update pass."""
-        return self.buf is None and not self.weight_decay
-
     def update(
         self,
         us: list[Vector],
         g: list[float],
         lr: float,
-        pending: tuple[Vector, float] | None = None,
+        displacement: Displacement | None = None,
     ) -> None:
-        """θ ← θ − η·(1/q)Σ g_i u_i; ``pending`` = (u, c): θ is displaced by c·u, undo it too.
+        """θ ← θ − η·(1/q)Σ g_i u_i, after undoing ``displacement`` (θ ⊕ c·u in place).
 
-        The pending restore is folded into the move along the same u (one pass instead of
-        two); training and replay both take this path, so replay stays bit-exact.
+        Plain ZO-SGD (no momentum, no weight decay) folds the undo into its move along the same
+        u: one pass over θ instead of two. Training and replay both take this path, so replay
+        stays bit-exact.
         """
         theta = self.params.master
         gs = self.clipped(g)
         q = len(gs)
-        if pending is not None and not self.fuses_restore:
-            raise ValueError("only plain ZO-SGD takes a pending restore")
+        if self.buf is not None or self.weight_decay:
+            self.settle(displacement)
+            displacement = None
         self._decay(lr)
         if self.buf is None:
             for u, gi in zip(us, gs, strict=True):
                 coef = -lr * gi / q
-                if pending is not None and pending[0] == u:
-                    coef -= pending[1]
-                    pending = None
+                if displacement is not None and displacement[0] == u:
+                    coef -= displacement[1]
+                    displacement = None
                 self.vectors.move(u, coef, theta, theta)
-            if pending is not None:
-                self.vectors.move(pending[0], -pending[1], theta, theta)
+            self.settle(displacement)
             return
         self.buf *= np.float32(self.momentum)
         for u, gi in zip(us, gs, strict=True):
@@ -176,11 +178,14 @@ class ZOSign(ZOSGD):
 
     name = "sign"
 
-    @property
-    def fuses_restore(self) -> bool:
-        return False
-
-    def update(self, us: list[Vector], g: list[float], lr: float) -> None:
+    def update(
+        self,
+        us: list[Vector],
+        g: list[float],
+        lr: float,
+        displacement: Displacement | None = None,
+    ) -> None:
+        self.settle(displacement)
         theta = self.params.master
         gs = self.clipped(g)
         self._decay(lr)
@@ -219,7 +224,14 @@ class ZOAdam(_Base):
         self.v = np.zeros(params.dim, dtype=np.float32)
         self.t = np.zeros(1, dtype=np.int64)  # updates applied (skipped steps do not count)
 
-    def update(self, us: list[Vector], g: list[float], lr: float) -> None:
+    def update(
+        self,
+        us: list[Vector],
+        g: list[float],
+        lr: float,
+        displacement: Displacement | None = None,
+    ) -> None:
+        self.settle(displacement)
         theta = self.params.master
         gs = self.clipped(g)
         self._decay(lr)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .profiles import DeviceProfile, list_profiles
 
 #: Files naming the board, relative to ``root``; the first readable one wins.

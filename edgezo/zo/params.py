@@ -16,15 +16,36 @@ is clipped to [smallest normal, largest] float32 so an underflowing exp cannot r
 With ``inplace=True`` the two are the same buffer (MeZO's memory: nothing beyond inference).
 Perturbations are then applied to θ itself and undone by the opposite step; in fp32 this leaves
 ≈1e-7 relative error per step. Runs stay deterministic and replay bit-exactly, because replay
-performs the very same arithmetic (see ``edgezo.replay``).
+performs the very same arithmetic (see ``edgezo.zo.replay``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .bundle import TensorSpec
-from .errors import CheckpointError
+from ..errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One trainable tensor: a graph input of the model and a slice of the flat master.
+
+    ``role`` (``lora_a``, ``lora_b``, ``norm``, ``bias``, ``dense``, ``embedding``, ``scale``,
+    ``head``) tells what the tensor is; ``positive`` tensors are moved multiplicatively.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    role: str = "dense"
+    positive: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
 
 _TINY = np.float32(np.finfo(np.float32).tiny)
 _HUGE = np.float32(np.finfo(np.float32).max)

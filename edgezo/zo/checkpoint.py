@@ -6,28 +6,21 @@ torn one, whatever moment the process is killed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .errors import CheckpointError
-from .ledger import _fsync_dir
+from .. import atomic
+from ..errors import CheckpointError
 
 
 def save_tensors_atomic(
     path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
 ) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    return atomic.write_with(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
 
 
 def load_checkpoint(path: str | Path, fingerprint: str) -> tuple[dict[str, np.ndarray], int]:

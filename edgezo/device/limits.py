@@ -15,11 +15,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .bundle import Bundle
-from .config import FinetuneConfig
-from .errors import ConfigError
-from .profiles import DeviceProfile, load_profile
-from .runner import RuntimeOptions
+from ..bundle import Bundle
+from ..config import FinetuneConfig
+from ..errors import ConfigError
+from ..runner import RuntimeOptions
+from .profiles import DeviceProfile
+from .resolve import load_profile
 
 DEFAULT_CHECKPOINT_EVERY = 25
 

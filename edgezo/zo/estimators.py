@@ -3,10 +3,11 @@
 An estimator evaluates the loss at a few perturbed points (through a :class:`Perturber` and an
 ``evaluate()`` callable) and returns, per direction i, a scalar g_i and the vector u_i it
 belongs to, such that the gradient estimate is ĝ = (1/q) Σ_i g_i u_i. For most estimators
-u_i = z(step, i); DAP's is its aligned direction. It never touches θ: the optimiser does.
+u_i = z(step, i); DAP's is its aligned direction. It never updates θ: the optimiser does. In
+place, it leaves θ at its last evaluated point and says so (``Estimate.displacement``).
 
 Every random choice (P3/P4's level and coin, DAP's sign) comes from
-:func:`edgezo.directions.uniform`, keyed by (seed, step, stream, i). During replay ``evaluate``
+:func:`edgezo.zo.directions.uniform`, keyed by (seed, step, stream, i). During replay ``evaluate``
 returns the losses recorded in the ledger, so the estimator's arithmetic (and, in place, the
 perturbation sequence) is exactly that of the original run.
 
@@ -37,9 +38,9 @@ from functools import cached_property
 from typing import Any
 
 from .directions import uniform
-from .perturb import Perturber, Vector, plain
+from .perturb import Displacement, Perturber, Vector, plain
 
-# streams of edgezo.directions.uniform (part of the run's definition — never change them)
+# streams of edgezo.zo.directions.uniform (part of the run's definition — never change them)
 STREAM_LEVEL, STREAM_COIN, STREAM_SIGN = 1, 2, 3
 MAX_LEVEL = 100_000
 FLOAT32_MAX = 3.4028234663852886e38
@@ -51,6 +52,8 @@ class Estimate:
     losses: list[float]  # every evaluation's mean loss, in evaluation order
     vectors: list[Vector] = field(default_factory=list)  # u_i the update moves along
     info: dict[str, Any] = field(default_factory=dict)  # extra ledger fields (JSON values)
+    #: in place, θ is left at the last evaluated point θ ⊕ c·u: the optimiser undoes it
+    displacement: Displacement | None = None
 
     @property
     def finite(self) -> bool:
@@ -92,8 +95,7 @@ class CentralTwoPoint:
             losses += [plus, minus]
             g.append((plus - minus) / (2.0 * mu))
             us.append(u)
-        perturber.reset()
-        return Estimate(g, losses, us)
+        return Estimate(g, losses, us, displacement=perturber.release())
 
 
 class OneSided:
@@ -123,8 +125,7 @@ class OneSided:
             losses.append(f)
             g.append((f - base) / mu)
             us.append(u)
-        perturber.reset()
-        return Estimate(g, losses, us)
+        return Estimate(g, losses, us, displacement=perturber.release())
 
 
 class DAP:
@@ -172,8 +173,8 @@ class DAP:
             us.append(u)
             xis.append(xi)
             aligned.append(sum(1 for k in u.extra[0][2] if k != 0.0) if u.extra else 0)
-        perturber.reset()
-        return Estimate(g, losses, us, {"xi": xis, "aligned_tensors": aligned})
+        info = {"xi": xis, "aligned_tensors": aligned}
+        return Estimate(g, losses, us, info, displacement=perturber.release())
 
     @classmethod
     def aligned(cls, perturber: Perturber, z: Vector, v: Vector, gp: float, xi: float) -> Vector:
@@ -312,11 +313,10 @@ class _MultiLevel:
             us.append(u)
             levels.append(n)
             branches.append(branch)
-        perturber.reset()
         info: dict[str, Any] = {"levels": levels, "mu_floor_hits": hits_total}
         if self.name == "p3":
             info["branches"] = branches
-        return Estimate(g, losses, us, info)
+        return Estimate(g, losses, us, info, displacement=perturber.release())
 
 
 class P4(_MultiLevel):

@@ -4,7 +4,7 @@ A profile is one YAML file in ``devices/`` (``devices/jetson-orin-nano.yaml``) t
 validated :class:`DeviceProfile`: the memory budget for the edgezo process, the ONNX Runtime
 execution providers in order of preference, threads, batch and sequence caps, the preferred
 bundle precision and the per-session budgets (forward evaluations, wall-clock seconds). Its
-``detect`` hints let :mod:`edgezo.detect` suggest it for the machine it runs on.
+``detect`` hints let :mod:`edgezo.device.detect` suggest it for the machine it runs on.
 
 ``--device`` accepts a profile name, a path to your own YAML file, or a family (``jetson``):
 :func:`load_profile` resolves all three. Loading goes through :func:`edgezo.configio.from_dict`,
@@ -22,13 +22,10 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from .configio import from_dict, load_yaml
-from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .detect import MachineInfo
+from ..configio import from_dict, load_yaml
+from ..errors import ConfigError
 
 #: Environment variable naming a folder of profiles to use instead of the shipped ``devices/``.
 DEVICES_DIR_ENV = "EDGEZO_DEVICES_DIR"
@@ -77,7 +74,7 @@ _SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 @dataclass(frozen=True)
 class DetectHints:
-    """How :func:`edgezo.detect.suggest_profile` recognises a machine this profile suits.
+    """How :func:`edgezo.device.detect.suggest_profile` recognises a machine this profile suits.
 
     A profile matches a machine when every hint it sets holds; a profile that sets none is
     only ever used by name.
@@ -445,7 +442,7 @@ def profiles_dir() -> Path:
                 "point it at a folder of device profile YAML files, or unset it",
             )
         return p
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the edgezo package
     candidates = []
     if (here.parent / "pyproject.toml").is_file():  # source checkout / editable install
         candidates.append(here.parent / "devices")
@@ -500,78 +497,3 @@ def families(profiles: list[DeviceProfile]) -> dict[str, list[DeviceProfile]]:
     for p in sorted(profiles, key=lambda p: (p.memory_budget_mb, p.name)):
         out.setdefault(p.family, []).append(p)
     return out
-
-
-def _looks_like_path(s: str) -> bool:
-    return s.endswith((".yaml", ".yml")) or "/" in s or os.sep in s
-
-
-def load_profile(
-    name_or_path: str,
-    *,
-    directory: str | os.PathLike | None = None,
-    machine: MachineInfo | None = None,
-) -> DeviceProfile:
-    """Resolve ``--device``: a profile name, a path to a YAML file, or a family.
-
-    - ``jetson-orin-nano`` loads ``devices/jetson-orin-nano.yaml``;
-    - ``./my-board.yaml`` loads that file;
-    - a family such as ``jetson`` resolves to the profile :func:`edgezo.detect.suggest_profile`
-      picks for this machine when it is of that family (``machine`` defaults to
-      :func:`edgezo.detect.detect_machine`); a family with a single profile resolves to it;
-      otherwise a :class:`ConfigError` lists the profiles it could mean.
-
-    An unknown name raises a :class:`ConfigError` listing the known names and families.
-    """
-    s = str(name_or_path).strip()
-    if _looks_like_path(s):
-        path = Path(s).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"device profile file {path} does not exist",
-                "check the path, or pass a profile name (edgezo devices lists them)",
-            )
-        return load_profile_file(path)
-    d = Path(directory) if directory is not None else profiles_dir()
-    if (d / f"{s}.yaml").is_file():
-        profile = load_profile_file(d / f"{s}.yaml")
-        if profile.name != s:
-            raise ConfigError(
-                f"{d / f'{s}.yaml'}: name is {profile.name!r} but the file is {s}.yaml",
-                f"rename the file to {profile.name}.yaml or set name: {s}",
-            )
-        return profile
-
-    profiles = list_profiles(d)
-    groups = families(profiles)
-    if s in groups:
-        return _resolve_family(s, groups[s], machine)
-
-    known = [p.name for p in profiles]
-    close = difflib.get_close_matches(s, known + list(groups), n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"unknown device {s!r}{hint}; known devices: {', '.join(known)}; "
-        f"families: {', '.join(sorted(groups))}",
-        "pass one of these names, a family, or a path to your own YAML "
-        "(see devices/README.md); `edgezo devices --detect` suggests one for this machine",
-    )
-
-
-def _resolve_family(
-    family: str, members: list[DeviceProfile], machine: MachineInfo | None
-) -> DeviceProfile:
-    if len(members) == 1:
-        return members[0]
-    from .detect import detect_machine, suggest_profile
-
-    info = machine if machine is not None else detect_machine()
-    if info.family == family:
-        profile, _ = suggest_profile(info, members)
-        return profile
-    found = f"it looks like a {info.family}" if info.family else "its family is unknown"
-    raise ConfigError(
-        f"device family {family!r} could mean {len(members)} profiles, and this machine was "
-        f"not detected as one ({found})",
-        "pick one: " + ", ".join(f"--device {p.name}" for p in members),
-    )

@@ -24,8 +24,8 @@ import numpy as np
 
 from .bundle import Bundle
 from .data import Example, collate
-from .params import FlatParams
 from .runner import LossRunner, RuntimeOptions
+from .zo.params import FlatParams
 
 TEXT_INPUTS = ["input_ids", "attention_mask"]
 

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..atomic import fsync_dir
+from ..errors import CheckpointError
 
 LEDGER_VERSION = 1
 #: group commit: every append is flushed to the OS at once (a killed process loses nothing);
@@ -27,19 +28,6 @@ LEDGER_VERSION = 1
 #: and on close — so a power cut loses at most this much of the newest steps, and a
 #: checkpoint is never ahead of the durable ledger.
 SYNC_INTERVAL_S = 0.25
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Ledger:
@@ -63,7 +51,7 @@ class Ledger:
             f.write(json.dumps(header) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return cls(path, header, [])
 
     @classmethod

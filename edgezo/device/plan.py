@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import Bundle
+from ..bundle import Bundle
 
 MIB = 2**20
 #: Resident memory of a run's process before any model is loaded (Python, numpy, onnxruntime,
@@ -126,7 +126,7 @@ def activation_bytes(arch: dict[str, Any], batch: int, seq: int) -> float:
 
 
 def optimizer_buffers(optimizer: str, momentum: float) -> int:
-    """θ-sized float32 buffers the update rule keeps (edgezo.optim)."""
+    """θ-sized float32 buffers the update rule keeps (edgezo.zo.optim)."""
     return 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
 
 
@@ -170,9 +170,9 @@ def _probe(
     ``shapes`` (increasing), recording the high-water mark of each."""
     import numpy as np
 
-    from .bundle import load_bundle
-    from .params import FlatParams
-    from .runner import LossRunner, RuntimeOptions
+    from ..bundle import load_bundle
+    from ..runner import LossRunner, RuntimeOptions
+    from ..zo.params import FlatParams
 
     base, _ = _rss_bytes()
     bundle = load_bundle(bundle_path)
@@ -229,7 +229,7 @@ def calibrate(
 
     None where that is not possible (no /proc high-water-mark reset, the child failed)."""
     code = (
-        "import json, sys; from edgezo.plan import _probe; "
+        "import json, sys; from edgezo.device.plan import _probe; "
         "print(json.dumps(_probe(*json.loads(sys.argv[1]))))"
     )
     args = json.dumps([str(bundle.path), cpu_arena, threads, [list(shape)] * 2, inplace])
@@ -360,7 +360,7 @@ def make_plan(
     inplace: bool = False,
     dry_run: bool = True,
 ) -> MemoryPlan:
-    """The plan for ``bundle`` on ``profile`` (a :class:`edgezo.profiles.DeviceProfile`)."""
+    """The plan for ``bundle`` on ``profile`` (a :class:`edgezo.device.profiles.DeviceProfile`)."""
     mb = micro_batch or default_micro_batch(batch_size, profile.max_batch_size)
     cal = None
     if dry_run:
@@ -401,8 +401,8 @@ def run_settings(
     bundle: Bundle, momentum: float | None, perturbation: str = "auto", optimizer: str = "sgd"
 ) -> tuple[int, bool]:
     """(optimiser buffers, inplace) a run with these config values would use."""
-    from .config import MODE_DEFAULTS
-    from .engine import choose_inplace
+    from ..config import MODE_DEFAULTS
+    from ..zo.engine import choose_inplace
 
     mode = bundle.manifest.trainable_mode
     if momentum is None:

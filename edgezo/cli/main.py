@@ -6,31 +6,15 @@ imports the exporters (torch, transformers) only when it runs.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
 
-from .cli_devices import devices
-from .cli_federate import federate
-from .cli_tasks import task_kwargs, task_options
-from .errors import EdgezoError
-
-
-def friendly_errors(fn):
-    """Print an EdgezoError as a message and its fix, exit 2, no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgezoError as e:
-            click.echo(f"error: {e.what}", err=True)
-            if e.fix:
-                click.echo(f"  fix: {e.fix}", err=True)
-            sys.exit(2)
-
-    return wrapper
+from ..errors import EdgezoError
+from .devices import devices
+from .errors import friendly_errors
+from .export import export
+from .federate import federate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,85 +23,9 @@ def main() -> None:
     """edgezo: private on-device fine-tuning with forward passes only (zeroth-order)."""
 
 
-# -- export (desktop) -------------------------------------------------------------------------
+# -- export and compare (desktop) ---------------------------------------------------------
 
-
-@main.command()
-@click.option("--model", required=True, help="Hugging Face model folder, or a .gguf file")
-@click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder")
-@click.option("--out", required=True, type=click.Path(), help="bundle folder to write")
-@click.option(
-    "--mode",
-    type=click.Choice(["lora", "norms", "full", "head"]),
-    default=None,
-    help="which tensors become trainable graph inputs [default: lora; head for "
-    "--task classification]",
-)
-@click.option("--lora-rank", default=8, show_default=True)
-@click.option("--lora-alpha", default=16.0, show_default=True)
-@click.option("--lora-targets", default=None, help="comma-separated module names (q_proj,v_proj)")
-@click.option(
-    "--lora-layers",
-    default=None,
-    help="blocks that get adapters: all, last:N, A-B or a comma list [default: all]; "
-    "with last:N the blocks before them are a frozen prefix that training caches",
-)
-@click.option(
-    "--lora-freeze-a",
-    is_flag=True,
-    help="train LoRA B only; A stays its seeded random value (LoRA-FA)",
-)
-@click.option("--seed", default=0, show_default=True, help="LoRA initialisation seed")
-@click.option("--overwrite", is_flag=True, help="replace an existing bundle folder")
-@task_options
-@friendly_errors
-def export(
-    model,
-    gguf_file,
-    out,
-    mode,
-    lora_rank,
-    lora_alpha,
-    lora_targets,
-    lora_layers,
-    lora_freeze_a,
-    seed,
-    overwrite,
-    task,
-    labels,
-    labels_from,
-    head_init,
-    template,
-    label_words,
-):
-    """Export a model into a bundle (needs the export extra: torch, transformers, onnx):
-    a causal LM, an encoder classifier (--task classification --labels a,b) or a causal LM
-    scored on label words (--task prompt_classification)."""
-    try:
-        from exporters import export_bundle
-    except ImportError as e:
-        raise EdgezoError(
-            f"the exporter cannot be imported ({e})",
-            "install the export side: pip install torch==2.13.0 -e '.[export]'",
-        ) from None
-    targets = [t.strip() for t in lora_targets.split(",")] if lora_targets else None
-    path = export_bundle(
-        model,
-        out,
-        task=task,
-        mode=mode,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_targets=targets,
-        lora_layers=lora_layers,
-        lora_freeze_a=lora_freeze_a,
-        seed=seed,
-        overwrite=overwrite,
-        progress=click.echo,
-        **({"gguf_file": gguf_file} if gguf_file else {}),
-        **task_kwargs(task, labels, labels_from, head_init, template, label_words),
-    )
-    click.echo(f"bundle written: {path}")
+main.add_command(export)
 
 
 @main.command(
@@ -215,9 +123,9 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
     session budgets; a run that spends a budget stops with a checkpoint: continue it with
     --resume --out DIR in the next session.
     """
-    from .config import FinetuneConfig
-    from .configio import parse_overrides
-    from .train import finetune as run
+    from ..config import FinetuneConfig
+    from ..configio import parse_overrides
+    from ..train import finetune as run
 
     values = {k: v for k, v in flags.items() if v is not None}
     values.update(parse_overrides(overrides))
@@ -271,10 +179,10 @@ def plan(
     not fit. Exit status 1 when it does not fit."""
     import json
 
-    from .bundle import load_bundle
-    from .defaults import ensure_default_bundle
-    from .plan import make_plan, run_settings
-    from .profiles import load_profile
+    from ..bundle import load_bundle
+    from ..defaults import ensure_default_bundle
+    from ..device.plan import make_plan, run_settings
+    from ..device.resolve import load_profile
 
     profile = load_profile(device)
     b = load_bundle(bundle or ensure_default_bundle(click.echo))
@@ -320,7 +228,7 @@ def plan(
 def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
     """Mean per-example loss of a bundle (optionally with trained tensors) on a data file;
     classification bundles also report accuracy."""
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     result = evaluate(
         bundle=bundle,
@@ -395,8 +303,8 @@ def generate_cmd(
     """Continue --prompt with the personalised tensors (no KV cache: for short continuations)."""
     import numpy as np
 
-    from .generate import TextGenerator, resolve
-    from .runner import RuntimeOptions
+    from ..generate import TextGenerator, resolve
+    from ..runner import RuntimeOptions
 
     b, tensors = resolve(bundle, tensors, run_dir)
     gen = TextGenerator(b, RuntimeOptions(provider=provider))
@@ -440,16 +348,14 @@ def replay(run_dir, bundle, out, upto, check):
 
     import numpy as np
 
-    from .bundle import load_bundle
-    from .checkpoint import save_tensors_atomic
-    from .ledger import Ledger
-    from .replay import replay as do_replay
+    from ..bundle import load_bundle
+    from ..zo.checkpoint import save_tensors_atomic
+    from ..zo.ledger import Ledger
 
-    ledger_path = Path(run_dir) / "ledger.jsonl"
-    header = Ledger.read(ledger_path).header
-    b = load_bundle(bundle or header["bundle_path"])
-    engine = do_replay(b, ledger_path, upto=upto)
-    steps = len(Ledger.read(ledger_path).records) if upto is None else upto
+    ledger = Ledger.read(Path(run_dir) / "ledger.jsonl")
+    b = load_bundle(bundle or ledger.header["bundle_path"])
+    engine = b.replay(ledger, upto=upto)
+    steps = len(ledger.records) if upto is None else upto
     save_tensors_atomic(
         out, engine.params.state_dict(), metadata={"bundle": b.fingerprint, "step": str(steps)}
     )

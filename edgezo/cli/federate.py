@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 FLWR_APP = """\
 # A Flower app that runs edgezo's seed federation (written by `edgezo federate --write-flwr-app`).
@@ -141,10 +141,10 @@ def federate(
     app_dir,
 ):
     """Personalise a bundle with N clients that exchange only seeds and scalars (FedKSeed)."""
-    from .bundle import load_bundle
-    from .config import MODE_DEFAULTS, recipe_key
-    from .defaults import default_data, ensure_default_bundle
-    from .federated.loop import fedavg_bytes
+    from ..bundle import load_bundle
+    from ..config import MODE_DEFAULTS, recipe_key
+    from ..defaults import default_data, ensure_default_bundle
+    from ..federated.loop import fedavg_bytes
 
     b = load_bundle(bundle or ensure_default_bundle(click.echo))
     if b.manifest.task != "causal_lm":
@@ -205,7 +205,7 @@ def federate(
         "resume": resume,
         "clip": clip,
     }
-    from .federated.flower_apps import fed_settings
+    from ..federated.flower_apps import fed_settings
 
     fed_settings({**cfg})  # every setting checked before anything starts
     if app_dir is not None:
@@ -246,7 +246,7 @@ def federate(
 
 
 def _run_flower(cfg: dict, clients: int) -> None:
-    from .federated.flower_apps import make_client_app, make_server_app, require_flwr
+    from ..federated.flower_apps import make_client_app, make_server_app, require_flwr
 
     require_flwr()
     from flwr.simulation import run_simulation
@@ -265,11 +265,11 @@ def _run_flower(cfg: dict, clients: int) -> None:
 
 
 def _run_local(bundle, cfg: dict, clients: int) -> None:
-    from .federated.client import FederationClient, split_examples
-    from .federated.flower_apps import fed_settings
-    from .federated.loop import HeldoutEval, load_examples, run_rounds, sync_all, write_summary
-    from .federated.protocol import parse_drops
-    from .federated.server import FederationServer
+    from ..federated.client import FederationClient, split_examples
+    from ..federated.flower_apps import fed_settings
+    from ..federated.loop import HeldoutEval, load_examples, run_rounds, sync_all, write_summary
+    from ..federated.protocol import parse_drops
+    from ..federated.server import FederationServer
 
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)

@@ -7,16 +7,17 @@ path, and a replayed θ equals the trained θ bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .bundle import Bundle
+import numpy as np
+
+from ..errors import CheckpointError
 from .directions import Directions
-from .errors import CheckpointError
 from .estimators import ESTIMATORS, LevelSchedule
 from .optim import OPTIMIZERS
-from .params import FlatParams
+from .params import FlatParams, TensorSpec
 from .perturb import Perturber
 
 INPLACE_THRESHOLD_BYTES = 64 << 20
@@ -66,12 +67,32 @@ def choose_inplace(mode: str, trainable_bytes: int) -> bool:
     return mode == "inplace"
 
 
+#: the initial trainable values, loaded on demand (a rollback rebuilds the state from them)
+InitialValues = Callable[[], Mapping[str, np.ndarray]]
+
+
 class ZOEngine:
-    def __init__(self, bundle: Bundle, settings: EngineSettings):
-        self.bundle = bundle
+    """θ (flat float32), directions, estimator and optimiser of one run.
+
+    The core knows no bundle: it is handed the trainable tensors' ``specs`` and ``initial``, a
+    function returning their starting values (called again when a rollback rebuilds an
+    earlier state, so a full-parameter θ is not kept twice in memory). ``where`` names their
+    source in error messages. The runtime builds one with :meth:`edgezo.bundle.Bundle.engine`.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[TensorSpec],
+        initial: InitialValues,
+        settings: EngineSettings,
+        where: str = "initial tensors",
+    ):
+        self.specs = list(specs)
+        self.initial = initial
+        self.where = where
         self.settings = settings
-        self.params = FlatParams(bundle.manifest.trainable, inplace=settings.inplace)
-        self.params.load(bundle.initial_trainable(), where=str(bundle.path))
+        self.params = FlatParams(self.specs, inplace=settings.inplace)
+        self.params.load(dict(initial()), where=where)
         self.dirs = Directions(settings.seed, self.params.dim, settings.direction)
         self.perturber = Perturber(self.params, self.dirs)
         schedule = LevelSchedule(settings.level_schedule, settings.level_ratio, settings.zipf_s)
@@ -97,23 +118,12 @@ class ZOEngine:
         cost), the projected gradients, and the estimator's extra fields (P3/P4's levels and
         ``mu_floor_hits``, DAP's signs).
         """
-        fuse = self.params.inplace and getattr(self.optimizer, "fuses_restore", False)
-        self.perturber.defer_reset = fuse
-        try:
-            est = self.estimator.estimate(step, mu, self.perturber, evaluate)
-        finally:
-            self.perturber.defer_reset = False
+        est = self.estimator.estimate(step, mu, self.perturber, evaluate)
         status = "ok" if est.finite else "skipped"
-        if fuse:
-            pending = self.perturber.take_pending()
-            if status == "ok":
-                self.optimizer.update(est.vectors, est.g, lr, pending=pending)
-            elif pending is not None:
-                self.perturber.vectors.move(
-                    pending[0], -pending[1], self.params.master, self.params.master
-                )
-        elif status == "ok":
-            self.optimizer.update(est.vectors, est.g, lr)
+        if status == "ok":
+            self.optimizer.update(est.vectors, est.g, lr, displacement=est.displacement)
+        else:
+            self.optimizer.settle(est.displacement)  # θ back where it was, no update
         return {
             "step": step,
             "lr": lr,
@@ -123,6 +133,10 @@ class ZOEngine:
             "status": status,
             **est.info,
         }
+
+    def fresh(self) -> ZOEngine:
+        """A new engine at the initial values with the same settings (rollback, replay)."""
+        return ZOEngine(self.specs, self.initial, self.settings, self.where)
 
     def replay(self, record: dict[str, Any]) -> None:
         """Redo a recorded step from its losses; the projected gradients must agree."""

@@ -1,20 +1,19 @@
-"""Rebuild trained tensors from a bundle and a ledger, bit for bit, without a forward pass."""
+"""Rebuild trained tensors from the initial values and a ledger, bit for bit, without a
+forward pass: :func:`apply` redoes recorded steps (and rollbacks) on an engine."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .bundle import Bundle
-from .engine import EngineSettings, ZOEngine
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .engine import ZOEngine
 from .ledger import Ledger
 
 
-def check_ledger_bundle(ledger: Ledger, bundle: Bundle) -> None:
-    if ledger.header.get("bundle") != bundle.fingerprint:
+def check_ledger_fingerprint(ledger: Ledger, fingerprint: str, where: str) -> None:
+    """The ledger must have been written for the bundle ``fingerprint`` (found at ``where``)."""
+    if ledger.header.get("bundle") != fingerprint:
         raise CheckpointError(
             f"ledger {ledger.path} was written for bundle {ledger.header.get('bundle')}, "
-            f"not for {bundle.path} ({bundle.fingerprint})",
+            f"not for {where} ({fingerprint})",
             "replay it on the bundle the run used (its path is in the ledger header)",
         )
 
@@ -55,7 +54,7 @@ def apply(engine: ZOEngine, records: list[dict], history: list[dict], progress=N
                     f"ledger step {rec['step']}: rollback to {rec['to']} is out of range",
                     "the ledger was edited; restore the run folder from a backup",
                 )
-            target = ZOEngine(engine.bundle, engine.settings)
+            target = engine.fresh()
             apply(target, history[: rec["to"]], history)
             copy_state(target, engine)
         else:
@@ -64,13 +63,8 @@ def apply(engine: ZOEngine, records: list[dict], history: list[dict], progress=N
             progress(rec["step"])
 
 
-def replay(
-    bundle: Bundle, ledger_path: str | Path, upto: int | None = None, progress=None
-) -> ZOEngine:
-    """The engine after replaying ``upto`` steps (all by default) of the ledger."""
-    ledger = Ledger.read(ledger_path)
-    check_ledger_bundle(ledger, bundle)
-    engine = ZOEngine(bundle, EngineSettings.from_dict(ledger.header["engine"]))
+def replay(engine: ZOEngine, ledger: Ledger, upto: int | None = None, progress=None) -> ZOEngine:
+    """``engine`` (at the initial values) after replaying ``upto`` steps (all by default)."""
     records = ledger.records if upto is None else ledger.records[:upto]
     apply(engine, records, ledger.records, progress)
     return engine

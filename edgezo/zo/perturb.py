@@ -9,8 +9,11 @@ in replay.
 ``Perturber.to(u, c)`` makes ONNX Runtime's next run see θ ⊕ c·u, where ⊕ is + on ordinary
 tensors and θ·exp(c·u) on tensors marked positive (:meth:`FlatParams.move`). With a separate
 feed buffer (the default) this writes feed from the untouched master. In place
-(``FlatParams.inplace``), θ itself is moved by the difference from where it stands, and
-``reset()`` moves it back; replay makes the same calls, so the arithmetic is identical.
+(``FlatParams.inplace``), θ itself is moved by the difference from where it stands. An
+estimator ends with ``release()``: in place it leaves θ displaced and returns the
+:data:`Displacement` (u, c), which the optimiser undoes — folded into its own pass over u where
+it can (plain ZO-SGD), saving one pass over θ per step. Replay makes the same calls, so the
+arithmetic is identical.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class Vector:
     index: int
     kind: str | None = None
     extra: tuple[tuple[str, int, tuple[float, ...]], ...] = ()
+
+
+#: θ ⊕ c·u stands in place of θ: (u, c). Whoever holds one must undo it (optimisers do).
+Displacement = tuple[Vector, float]
 
 
 def plain(step: int, index: int) -> Vector:
@@ -114,11 +121,8 @@ class Perturber:
         self.params = params
         self.dirs = directions
         self.vectors = VectorSource(params, directions)
-        self._at: tuple[Vector, float] | None = None  # (u, c) currently applied
+        self._at: Displacement | None = None  # (u, c) currently applied
         self._feed_stale = False
-        # In place, the engine may defer the estimator's final reset() and fold the restore
-        # into the update's pass over the same direction (one pass over θ fewer per step).
-        self.defer_reset = False
 
     def to(self, u: Vector, c: float) -> None:
         """Make the next run evaluate θ ⊕ c·u."""
@@ -135,19 +139,18 @@ class Perturber:
         self._at = (u, c)
 
     def reset(self) -> None:
-        """Leave the perturbed point: θ is restored (in place); the feed is refreshed lazily.
-
-        With ``defer_reset`` (in place only) θ stays displaced; :meth:`take_pending` hands the
-        displacement to the optimiser, which must undo it.
-        """
-        if self.defer_reset and self.params.inplace:
-            return
+        """Leave the perturbed point: θ is restored (in place); the feed is refreshed lazily."""
         self._restore()
 
-    def take_pending(self) -> tuple[Vector, float] | None:
-        """The (u, c) θ is displaced by, now owned by the caller (deferred reset)."""
-        pending, self._at = self._at, None
-        return pending
+    def release(self) -> Displacement | None:
+        """Leave the perturbed point *without* restoring θ: in place, θ stays displaced by the
+        returned (u, c), now owned by the caller, who must undo it; with a feed buffer θ was
+        never moved, the feed is refreshed lazily, and the result is None."""
+        if not self.params.inplace:
+            self._restore()
+            return None
+        held, self._at = self._at, None
+        return held
 
     def _restore(self) -> None:
         p = self.params

