@@ -11,7 +11,7 @@ bits, the value table for the indices) and computes, per trainable tensor,
 ``out = θ + (z · float32(c))``: the same two float32 roundings as the host's ``v *= c;
 out = x + v``, so the result equals the host path bit for bit (a test checks it on the CPU
 provider; ``tools/gpu_check.py`` on CUDA). Directions stay regenerable anywhere: z is still the
-counter-based generator's (``edgezo.directions``), only expanded elsewhere.
+counter-based generator's (``edgezo.zo.directions``), only expanded elsewhere.
 
 Two sets of device buffers, A and B, hold θ and the perturbed feed; an update writes
 θ + c·z into the feed set and the two swap roles, so θ is never perturbed in place (the
@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from .directions import Directions
 from .errors import ConfigError
-from .params import FlatParams
-from .perturb import Vector, VectorSource
+from .zo.directions import Directions
+from .zo.params import FlatParams
+from .zo.perturb import Displacement, Vector, VectorSource
 
 if TYPE_CHECKING:
-    from .engine import ZOEngine
     from .runner import LossRunner, RuntimeOptions
+    from .zo.engine import ZOEngine
 
 DEVICE_TYPES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
 _CACHED_DIRECTIONS = 8  # raw directions kept on the device (≥ the q of a step)
@@ -271,14 +271,13 @@ class DeviceParams:
 
 
 class DevicePerturber:
-    """The :class:`edgezo.perturb.Perturber` interface over :class:`DeviceParams`."""
+    """The :class:`edgezo.zo.perturb.Perturber` interface over :class:`DeviceParams`."""
 
     def __init__(self, device: DeviceParams, vectors: VectorSource):
         self.device = device
         self.vectors = vectors
         self.params = vectors.params
         self.dirs = vectors.dirs
-        self.defer_reset = False  # never deferred: θ is not perturbed in place
 
     def to(self, u: Vector, c: float) -> None:
         self.device.perturb(u, c)
@@ -286,7 +285,8 @@ class DevicePerturber:
     def reset(self) -> None:
         """Nothing to undo: θ was not touched (the next ``to``/``at_theta`` picks the set)."""
 
-    def take_pending(self) -> None:
+    def release(self) -> None:
+        """Like :meth:`reset`: θ is never displaced, so there is no displacement to hand on."""
         return None
 
     def at_theta(self) -> None:
@@ -307,11 +307,23 @@ class DeviceSGD:
         self.host = host
         self.device = device
 
-    def update(self, us: list[Vector], g: list[float], lr: float) -> None:
+    def update(
+        self,
+        us: list[Vector],
+        g: list[float],
+        lr: float,
+        displacement: Displacement | None = None,
+    ) -> None:
+        self.settle(displacement)
         gs = self.host.clipped(g)
         q = len(gs)
         for u, gi in zip(us, gs, strict=True):
             self.device.move_theta(u, -lr * gi / q)
+
+    def settle(self, displacement: Displacement | None) -> None:
+        """θ on the device is never displaced (:meth:`DevicePerturber.release` gives None)."""
+        if displacement is not None:
+            raise ValueError("a device perturbation never leaves θ displaced")
 
     def state(self) -> dict[str, np.ndarray]:
         return {}

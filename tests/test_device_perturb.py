@@ -6,13 +6,12 @@ import pytest
 
 from edgezo.bundle import load_bundle
 from edgezo.device_perturb import _pm1_rows, attach, build_apply_graph
-from edgezo.directions import CHUNK, Directions
-from edgezo.engine import EngineSettings, ZOEngine
 from edgezo.errors import ConfigError
-from edgezo.params import FlatParams
-from edgezo.replay import replay
 from edgezo.runner import LossRunner, RuntimeOptions
 from edgezo.train import BATCH_INPUTS
+from edgezo.zo.directions import CHUNK, Directions
+from edgezo.zo.engine import EngineSettings
+from edgezo.zo.params import FlatParams
 
 pytest.importorskip("onnx")
 
@@ -29,11 +28,11 @@ def _batch(bundle, rows=4, seq=12, seed=0):
 def _pair(path, settings, threads=1):
     """(host engine + runner, device engine + runner) over the same bundle and settings."""
     bundle = load_bundle(path)
-    host = ZOEngine(bundle, settings)
+    host = bundle.engine(settings)
     host_runner = LossRunner(
         bundle.model_path, host.params, BATCH_INPUTS, RuntimeOptions(threads=threads)
     )
-    dev = ZOEngine(bundle, settings)
+    dev = bundle.engine(settings)
     opts = RuntimeOptions(threads=threads, device_perturbation=True)
     dev_runner = LossRunner(bundle.model_path, dev.params, BATCH_INPUTS, opts)
     state = attach(dev, dev_runner)
@@ -72,7 +71,7 @@ def test_device_steps_equal_host_steps_bit_for_bit(make_bundle, direction, estim
 
 def test_device_run_replays_on_the_host(make_bundle, tmp_path):
     """The ledger of a device run rebuilds its θ on the host (replay's promise holds)."""
-    from edgezo.ledger import Ledger
+    from edgezo.zo.ledger import Ledger
 
     settings = EngineSettings(seed=5)
     bundle, _, (dev, dr), state = _pair(make_bundle("lora"), settings)
@@ -83,7 +82,7 @@ def test_device_run_replays_on_the_host(make_bundle, tmp_path):
         ledger.append(dev.step(step, 5e-2, 1e-2, lambda: dr.mean_loss(batch)))
     ledger.close()
     state.pull()
-    rebuilt = replay(bundle, tmp_path / "ledger.jsonl")
+    rebuilt = bundle.replay(Ledger.read(tmp_path / "ledger.jsonl"))
     assert np.array_equal(rebuilt.params.master.view(np.uint32), dev.params.master.view(np.uint32))
 
 
@@ -147,7 +146,7 @@ def test_pm1_rows_match_unpackbits():
 )
 def test_unsupported_settings_are_refused(make_bundle, change, match):
     bundle = load_bundle(make_bundle("lora"))
-    engine = ZOEngine(bundle, EngineSettings(seed=0, **change))
+    engine = bundle.engine(EngineSettings(seed=0, **change))
     runner = LossRunner(
         bundle.model_path, engine.params, BATCH_INPUTS, RuntimeOptions(device_perturbation=True)
     )
@@ -157,7 +156,7 @@ def test_unsupported_settings_are_refused(make_bundle, change, match):
 
 def test_a_runner_without_engine_or_option_says_what_to_do(make_bundle):
     bundle = load_bundle(make_bundle("lora"))
-    engine = ZOEngine(bundle, EngineSettings(seed=0))
+    engine = bundle.engine(EngineSettings(seed=0))
     runner = LossRunner(
         bundle.model_path, engine.params, BATCH_INPUTS, RuntimeOptions(device_perturbation=True)
     )
