@@ -47,6 +47,8 @@ class RuntimeOptions:
     micro_batch: int | None = None  # most rows per forward call; None: the whole batch
     #: keep θ on the provider's device and perturb it there (edgezo.device_perturb.attach)
     device_perturbation: bool = False
+    #: extra CUDA provider options as (key, value) pairs, e.g. (("use_tf32", "0"),)
+    cuda_options: tuple[tuple[str, str], ...] = ()
 
 
 def choose_provider(
@@ -122,6 +124,7 @@ class LossRunner:
             }
             if options.gpu_mem_limit_mb:
                 cuda_opts["gpu_mem_limit"] = int(options.gpu_mem_limit_mb) << 20
+            cuda_opts.update(dict(options.cuda_options))
             providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
         elif self.provider != "CPUExecutionProvider":  # another of a profile's providers
             providers = [self.provider, "CPUExecutionProvider"]
