@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .configio import from_dict, load_yaml
 from .errors import ConfigError
 from .zo.directions import KINDS
+from .zo.estimators import ESTIMATORS, SCHEDULES
+from .zo.optim import OPTIMIZERS, SCHEDULE_KINDS
+
+# the choices of the registry-backed fields, from the registries themselves
+DIRECTIONS = KINDS
+ESTIMATOR_NAMES = tuple(ESTIMATORS)
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 
 # Per trainable-mode recipes: lr, perturbation size μ, momentum and what else a mode sets;
 # what it does not name falls back to RECIPE_DEFAULTS. Each value's measurement:
@@ -96,18 +104,18 @@ class FinetuneConfig:
     lr: float | None = _f(None, "learning rate; default per trainable mode (MODE_DEFAULTS)")
     mu: float | None = _f(None, "perturbation size μ; default per trainable mode")
     q: int | None = _f(None, "random directions per step; default per mode (1; lora: 4; head: 8)")
-    direction: Literal["rademacher", "gaussian", "sphere"] | None = _f(
+    direction: Literal[DIRECTIONS] | None = _f(
         None,
         "direction distribution (sphere: uniform on the radius-√d sphere); default per "
         "mode (rademacher; lora: sphere)",
     )
-    estimator: Literal["central", "onesided", "dap", "p3", "p4"] | None = _f(
+    estimator: Literal[ESTIMATOR_NAMES] | None = _f(
         None,
         "gradient estimator: central two-point (2q forwards), onesided (q+1), "
         "dap: directionally aligned (2q+1), p3/p4: unbiased multi-level (papers.md §3); "
         "default per mode (central; lora, head: onesided)",
     )
-    optimizer: Literal["sgd", "adam", "sign"] | None = _f(
+    optimizer: Literal[OPTIMIZER_NAMES] | None = _f(
         None,
         "update rule: sgd (with momentum), adam (two flat buffers of θ's size), sign; "
         "default per mode (sgd; head: adam)",
@@ -115,7 +123,7 @@ class FinetuneConfig:
     adam_beta1: float = _f(0.9, "Adam's first-moment decay β₁")
     adam_beta2: float = _f(0.999, "Adam's second-moment decay β₂")
     adam_eps: float = _f(1e-8, "Adam's ε")
-    level_schedule: Literal["geometric", "zipf"] = _f(
+    level_schedule: Literal[SCHEDULES] = _f(
         "geometric", "p3/p4 level distribution: geometric (μ_n = μ·c^(n-1)) or zipf"
     )
     level_ratio: float = _f(0.5, "p3/p4 geometric ratio c in (0, 1)")
@@ -130,7 +138,7 @@ class FinetuneConfig:
     )
     weight_decay: float = _f(0.0, "decoupled weight decay λ")
     clip: float | None = _f(None, "clip each projected gradient to [-clip, clip]")
-    schedule: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule")
+    schedule: Literal[SCHEDULE_KINDS] = _f("constant", "learning-rate schedule")
     warmup_steps: int = _f(0, "linear warm-up steps")
     seed: int = _f(0, "run seed: directions and data order")
     eval_every: int = _f(50, "held-out evaluation every N steps (0: only before and after)")
@@ -139,9 +147,16 @@ class FinetuneConfig:
     )
     plateau_factor: float = _f(
         0.5,
-        "multiply the learning rate by this when a held-out evaluation (eval_every), after "
-        "the run has improved, is no lower than every earlier one and than the previous one: "
-        "a constant-lr ZO run stalls at a noise floor set by lr; 1 turns it off",
+        "multiply the learning rate by this when the run, after improving, stalls: "
+        "plateau_patience held-out evaluations in a row without progress, the last no lower "
+        "than the one before (a constant-lr ZO run stalls at a noise floor set by lr); 1: off",
+    )
+    plateau_patience: int = _f(
+        2, "held-out evaluations in a row without progress before the learning rate is decayed"
+    )
+    plateau_max_decays: int = _f(4, "most plateau decays of the learning rate in a run")
+    plateau_min_lr_ratio: float = _f(
+        0.05, "plateau decays stop before the learning rate falls below this x the configured one"
     )
     max_rollbacks: int = _f(3, "rollbacks (each halves the learning rate) before giving up")
     eval_batch_size: int | None = _f(
@@ -203,80 +218,15 @@ class FinetuneConfig:
     )
 
     def __post_init__(self) -> None:
-        problems = []
-        positive_ints = (
-            "steps",
-            "batch_size",
-            "q",
-            "eval_batch_size",
-            "checkpoint_every",
-            "micro_batch_size",
-            "eval_budget",
-            "autotune_steps",
-        )
-        for name in positive_ints:
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            problems.append(f"time_budget_s must be > 0 (or null), got {self.time_budget_s}")
-        if self.divergence_tolerance < 0:
-            problems.append(f"divergence_tolerance must be >= 0, got {self.divergence_tolerance}")
-        if not self.cache_prefix_mb > 0:
-            problems.append(
-                f"cache_prefix_mb must be > 0 (cache_prefix=false turns the cache "
-                f"off), got {self.cache_prefix_mb}"
-            )
-        if not 0.0 < self.plateau_factor <= 1.0:
-            problems.append(f"plateau_factor must be in (0, 1] (1: off), got {self.plateau_factor}")
-        if self.max_rollbacks < 0:
-            problems.append(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
-        for name in ("eval_every", "warmup_steps", "seed", "threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_length < 2:
-            problems.append(f"max_length must be >= 2, got {self.max_length}")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.mu is not None and self.mu <= 0:
-            problems.append(f"mu must be > 0, got {self.mu}")
-        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
-            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.clip is not None and self.clip <= 0:
-            problems.append(f"clip must be > 0 (or null for no clipping), got {self.clip}")
-        if not 0.0 < self.holdout_fraction < 1.0:
-            problems.append(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        if self.direction is not None and self.direction not in KINDS:
-            problems.append(f"direction must be one of {KINDS}")
-        if self.optimizer == "adam" and self.momentum:
-            problems.append(
-                f"momentum ({self.momentum}) is for optimizer sgd or sign; adam "
-                "uses adam_beta1 — drop momentum or set it to 0"
-            )
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.adam_eps <= 0:
-            problems.append(f"adam_eps must be > 0, got {self.adam_eps}")
-        if not 0.0 < self.level_ratio < 1.0:
-            problems.append(
-                f"level_ratio must be in (0, 1) so that μ_n = μ·c^(n-1) decreases "
-                f"to 0 and stays positive, got {self.level_ratio}"
-            )
-        if not self.zipf_s > 1.0:
-            problems.append(f"zipf_s must be > 1 (ζ(s) diverges otherwise), got {self.zipf_s}")
-        if self.mu_floor <= 0:
-            problems.append(f"mu_floor must be > 0, got {self.mu_floor}")
-        elif (
-            self.estimator in ("p3", "p4")
-            and self.mu is not None
-            and self.mu > 0
-            and self.mu_floor >= self.mu
-        ):
-            problems.append(f"mu_floor ({self.mu_floor}) must be below mu ({self.mu})")
+        problems = [p for p in (rule(self) for rule in _RULES) if p]
         if problems:
-            raise ConfigError("; ".join(problems), "fix the fields named above")
+            raise ConfigError(
+                "the finetune config has "
+                + (f"{len(problems)} problems: " if len(problems) > 1 else "a problem: ")
+                + "; ".join(problems),
+                "set each field named to a value in the range it says (every field: edgezo "
+                "finetune --help and docs/reference/config.md)",
+            )
 
     @classmethod
     def load(
@@ -307,3 +257,91 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# -- validation: one rule per line, each naming its field, its range and the bad value ------
+
+
+def _range(name: str, ok, what: str):
+    """A rule: the field ``name`` (when set) must satisfy ``ok``; ``what`` says the range."""
+
+    def rule(cfg: FinetuneConfig) -> str | None:
+        v = getattr(cfg, name)
+        if v is None:
+            return None
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{name} must be a finite number ({what}), got {v}"
+        return None if ok(v) else f"{name} must be {what}, got {v!r}"
+
+    return rule
+
+
+def _rule(check, message: str):
+    """A cross-field rule: ``check(cfg)`` true means a problem, described by ``message``."""
+
+    def rule(cfg: FinetuneConfig) -> str | None:
+        return message.format(c=cfg) if check(cfg) else None
+
+    return rule
+
+
+_RULES = [
+    *(
+        _range(n, lambda v: v >= 1, ">= 1")
+        for n in (
+            "steps",
+            "batch_size",
+            "q",
+            "eval_batch_size",
+            "checkpoint_every",
+            "micro_batch_size",
+            "eval_budget",
+            "autotune_steps",
+            "plateau_patience",
+        )
+    ),
+    *(
+        _range(n, lambda v: v >= 0, ">= 0")
+        for n in (
+            "eval_every",
+            "warmup_steps",
+            "seed",
+            "threads",
+            "max_rollbacks",
+            "plateau_max_decays",
+            "divergence_tolerance",
+            "weight_decay",
+        )
+    ),
+    _range("max_length", lambda v: v >= 2, ">= 2"),
+    _range("lr", lambda v: v > 0, "> 0, e.g. 1e-3"),
+    _range("mu", lambda v: v > 0, "> 0, e.g. 1e-2"),
+    _range("momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    _range("clip", lambda v: v > 0, "> 0 (or null for no clipping)"),
+    _range("holdout_fraction", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    _range("time_budget_s", lambda v: v > 0, "> 0 seconds (or null)"),
+    _range("cache_prefix_mb", lambda v: v > 0, "> 0 (cache_prefix=false turns the cache off)"),
+    _range("plateau_factor", lambda v: 0.0 < v <= 1.0, "in (0, 1] (1: off)"),
+    _range("plateau_min_lr_ratio", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    _range("adam_beta1", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    _range("adam_beta2", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    _range("adam_eps", lambda v: v > 0, "> 0"),
+    _range("level_ratio", lambda v: 0.0 < v < 1.0, "in (0, 1) so that μ_n = μ·c^(n-1) decreases"),
+    _range("zipf_s", lambda v: v > 1.0, "> 1 (ζ(s) diverges otherwise)"),
+    _range("mu_floor", lambda v: v > 0, "> 0"),
+    _rule(
+        lambda c: c.optimizer == "adam" and bool(c.momentum),
+        "momentum ({c.momentum}) is for optimizer sgd or sign; adam uses adam_beta1 — drop "
+        "momentum or set it to 0",
+    ),
+    _rule(
+        lambda c: (
+            c.estimator in ("p3", "p4")
+            and c.mu is not None
+            and math.isfinite(c.mu)
+            and math.isfinite(c.mu_floor)
+            and 0 < c.mu <= c.mu_floor
+        ),
+        "mu_floor ({c.mu_floor}) must be below mu ({c.mu}) for estimator {c.estimator}",
+    ),
+]

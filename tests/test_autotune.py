@@ -172,9 +172,10 @@ def test_autotune_steps_must_be_positive():
 def test_a_run_never_ends_on_a_diverged_theta(lora_bundle, data, tmp_path, monkeypatch):
     # the only guarded evaluation is the last step's, and it counts as diverged: θ must be
     # rolled back to the start instead of being saved as the run's result
-    import edgezo.train as train
+    from edgezo.guard import HeldoutGuard
 
-    monkeypatch.setattr(train, "diverged", lambda loss, best, tol: True)
+    observe = HeldoutGuard.observe  # every held-out loss seen as non-finite: diverged
+    monkeypatch.setattr(HeldoutGuard, "observe", lambda g, step, loss: observe(g, step, np.inf))
     s = finetune(
         cfg(lora_bundle, data, tmp_path / "a", lr=3e-3, mu=1e-2, steps=6, eval_every=6),
         log=quiet,

@@ -213,13 +213,6 @@ def test_divergence_rolls_back_through_the_ledger(lora_bundle, data, tmp_path):
     assert r.returncode == 0 and "bit-identical" in r.stdout, r.stdout + r.stderr
 
 
-def test_divergence_check():
-    from edgezo.train import diverged
-
-    assert diverged(float("nan"), 2.0, 0.1) and diverged(2.3, 2.0, 0.1)
-    assert not diverged(2.1, 2.0, 0.1) and not diverged(9.0, 2.0, 0.0)
-
-
 def test_rollbacks_survive_a_budget_stop_and_resume(lora_bundle, data, tmp_path):
     kw = dict(steps=40, eval_every=2, divergence_tolerance=1e-9, max_rollbacks=50)
     ref = finetune(cfg(lora_bundle, data, tmp_path / "ref", **kw), log=quiet, progress=False)
@@ -227,10 +220,14 @@ def test_rollbacks_survive_a_budget_stop_and_resume(lora_bundle, data, tmp_path)
         cfg(lora_bundle, data, tmp_path / "cut", eval_budget=30, **kw), log=quiet, progress=False
     )
     assert first.stop_reason == "eval_budget"
-    done = finetune(
-        cfg(lora_bundle, data, tmp_path / "cut", **kw), resume=True, log=quiet, progress=False
-    )
-    assert done.steps == ref.steps
+    # the stored budget is kept: each resumed session gets another 30 evaluations
+    sessions, done = 1, first
+    while done.stop_reason == "eval_budget":
+        done = finetune(
+            cfg(lora_bundle, data, tmp_path / "cut", **kw), resume=True, log=quiet, progress=False
+        )
+        sessions += 1
+    assert done.steps == ref.steps and sessions >= 3 and done.session.index == sessions - 1
     a = load_file(str(tmp_path / "ref/trained.safetensors"))
     b = load_file(str(tmp_path / "cut/trained.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -260,7 +257,8 @@ def test_plateau_lowers_the_lr_and_a_resumed_run_keeps_it(lora_bundle, data, tmp
     first = plateaus[0]["step"]  # steps < first ran at lr; the next at lr x plateau_factor
     assert {m["lr"] for m in steps if m["step"] < first} == {1e-2}
     assert steps[first]["lr"] == 1e-2 * 0.5
-    assert min(m["lr"] for m in steps) == 1e-2 * plateaus[-1]["lr_scale"]
+    ran = [m for m in plateaus if m["step"] < 40]  # a decay at the last step has no step after
+    assert min(m["lr"] for m in steps) == 1e-2 * ran[-1]["lr_scale"]
     # a run stopped by its budget and resumed continues at the lowered rate: the same bits
     cut = finetune(
         cfg(lora_bundle, data, tmp_path / "cut", eval_budget=2 * (first + 4), **kw),
@@ -283,7 +281,7 @@ def test_plateau_lowers_the_lr_and_a_resumed_run_keeps_it(lora_bundle, data, tmp
 
 
 def test_ledger_lr_scale():
-    from edgezo.train import ledger_lr_scale
+    from edgezo.session import ledger_lr_scale
     from edgezo.zo.optim import Schedule
 
     sched = Schedule("constant", 0.2, 100, 0)

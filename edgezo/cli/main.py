@@ -74,13 +74,14 @@ def compare(ctx):
     "--lr",
     type=float,
     default=None,
-    help="default: chosen by a short learning-rate race (autotune=false: per mode)",
+    help="default: the recipe's measured rate for the bundle's mode (modes without one: a "
+    "short learning-rate race at the start, lr_race)",
 )
 @click.option(
     "--mu",
     type=float,
     default=None,
-    help="default: the mode's, checked against noise and curvature (autotune)",
+    help="default: the recipe's, checked at the start against float32 noise (autotune)",
 )
 @click.option("--q", type=int, default=None, help="directions per step")
 @click.option("--seed", type=int, default=None)

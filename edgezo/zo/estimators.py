@@ -210,6 +210,10 @@ def _hurwitz_tail(s: float, n: int, k: int = 12) -> float:
     return head + tail
 
 
+#: P3/P4 level distributions
+SCHEDULES = ("geometric", "zipf")
+
+
 @dataclass(frozen=True)
 class LevelSchedule:
     """μ_n = μ₁·P(N ≥ n) and p_n = P(N = n), the variance-optimal pairing (papers.md §3).
@@ -227,7 +231,7 @@ class LevelSchedule:
             raise ValueError(f"level_ratio must be in (0, 1), got {self.ratio}")
         if self.kind == "zipf" and not self.zipf_s > 1.0:
             raise ValueError(f"zipf_s must be > 1, got {self.zipf_s}")
-        if self.kind not in ("geometric", "zipf"):
+        if self.kind not in SCHEDULES:
             raise ValueError(f"level_schedule must be geometric or zipf, got {self.kind!r}")
 
     def tail(self, n: int) -> float:

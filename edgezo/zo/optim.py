@@ -26,6 +26,9 @@ from .directions import CHUNK
 from .params import FlatParams
 from .perturb import Displacement, Vector, VectorSource
 
+#: learning-rate schedule shapes
+SCHEDULE_KINDS = ("constant", "linear", "cosine")
+
 
 @dataclass(frozen=True)
 class Schedule:
