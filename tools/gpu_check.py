@@ -49,6 +49,7 @@ TARGETS = {
 DRY = "CPU DRY RUN (the CPU provider stands in for CUDA)"
 ORT_WHEEL = "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl"
 GGUF_WHEEL = "gguf-0.19.0-py3-none-any.whl"
+FALLBACK = "cuda-removed-payloads.xz"
 
 
 # -- environment of the stage processes ------------------------------------------------------
@@ -370,7 +371,13 @@ def _meta(results: Path, dry: bool, argv: list[str], extra: dict | None = None) 
 def cmd_setup(args) -> None:
     """Call 1 on the GPU machine: onnxruntime-gpu (lean) + gguf into /tmp, then a smoke test."""
     t = time.perf_counter()
-    pack.install_ort(Path(args.part), SITE)
+    pack.stash(Path(args.part), STORE)  # p1 (or, with --restore, the last fallback part)
+    pack.install_ort(STORE, SITE)
+    if args.restore:  # the fallback: the exact library of the wheel (parts f1..f3 stashed)
+        f = json.loads((STORE / "fallback.json").read_text())
+        payloads = pack.assemble(STORE, f["name"], f["bytes"], f["sha256"])
+        pack.restore_cuda_library(SITE / pack.CUDA_SO, payloads)
+        print("gpu_check: CUDA library restored to the wheel's (every architecture)")
     print(f"gpu_check: onnxruntime-gpu unpacked into {SITE} in {time.perf_counter() - t:.0f} s")
     code = (
         "import gpu_check_stages as s, json; "
@@ -507,10 +514,10 @@ def build_tiny_set(work: Path) -> dict[str, Path]:
     }
     out = {"hf": hf}
     for name, kw in jobs.items():
-        if not (work / name / "manifest.json").exists():
+        if not _current(work / name):
             export_causal_lm(hf, work / name, progress=None, overwrite=True, **kw)
         out[name] = work / name
-    if not (work / "lora-all-fp16" / "manifest.json").exists():
+    if not _current(work / "lora-all-fp16"):
         pack.make_fp16_bundle(work / "lora-all", work / "lora-all-fp16")
     out["lora-all-fp16"] = work / "lora-all-fp16"
     return out
@@ -547,8 +554,16 @@ def cmd_pack(args) -> None:
                 ],
                 check=True,
             )
-    fallback = cache / "cuda-removed-payloads.xz" if args.fallback else None
+    fallback = cache / FALLBACK if args.fallback else None
     ort_info = pack.pack_ort(cache / ORT_WHEEL, parts[0], 90, fallback)
+    if fallback is not None:  # f1..f3: the zeroed payloads, in case the driver refuses p1's
+        size = fallback.stat().st_size
+        fparts = [out / f"f{k}" for k in (1, 2, 3)]
+        pack.split(fallback, [size // 3, size // 3, -1], fparts)
+        (fparts[-1] / "fallback.json").write_text(
+            json.dumps({"name": FALLBACK, "bytes": size, "sha256": pack.sha256(fallback)})
+        )
+        parts += fparts
     shutil.copyfile(cache / GGUF_WHEEL, parts[0] / GGUF_WHEEL)
     # bundles (exported here once, cached)
     bundles = export_bundles(cache / "bundles")
@@ -604,13 +619,25 @@ def export_bundles(root: Path) -> dict[str, Path]:
     }
     out = {}
     for name, kw in jobs.items():
-        if not (root / name / "manifest.json").exists():
+        if not _current(root / name):
             export_causal_lm(g.parent, root / name, gguf_file=g.name, seed=0, overwrite=True, **kw)
         out[name] = root / name
-    if not (root / "lora-all-fp16" / "manifest.json").exists():
+    if not _current(root / "lora-all-fp16"):
         pack.make_fp16_bundle(root / "lora-all", root / "lora-all-fp16")
     out["lora-all-fp16"] = root / "lora-all-fp16"
     return out
+
+
+def _current(folder: Path) -> bool:
+    """A cached bundle this edgezo reads (an older bundle format is exported again)."""
+    from edgezo.bundle import load_bundle
+    from edgezo.errors import EdgezoError
+
+    try:
+        load_bundle(folder, verify=False)
+    except EdgezoError:
+        return False
+    return True
 
 
 def add_hf_reference(recipe, gguf_path: Path, stage: Path) -> None:
@@ -632,11 +659,21 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("pack", help="desktop: build the carried parts into .gpu/")
     a.add_argument("--out", default=".gpu")
-    a.add_argument("--cache", default="/work/gpu-cache", help="wheels and exported bundles")
+    a.add_argument(
+        "--cache",
+        default=str(Path.home() / ".cache" / "edgezo" / "gpu-check"),
+        help="wheels and exported bundles (kept between packs)",
+    )
     a.add_argument("--fallback", action="store_true", help="also write the zeroed CUDA payloads")
     for name in ("setup", "stash"):
         s = sub.add_parser(name)
         s.add_argument("--part", required=True)
+        if name == "setup":
+            s.add_argument(
+                "--restore",
+                action="store_true",
+                help="fallback: put back the CUDA payloads of the stashed f parts",
+            )
     r = sub.add_parser("run", help="rebuild the bundles and run the stages")
     r.add_argument("--part", default=None, help="a carried part to stash first")
     r.add_argument("--out", default=None, help="where the report goes ($OUT)")
