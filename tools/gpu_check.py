@@ -108,6 +108,8 @@ def summarize(report: dict) -> dict:
         out["targets"].append({"what": what, "value": value, "limit": limit, "met": ok})
 
     for name, row in (st.get("parity") or {}).get("loss", {}).items():
+        if "heldout_abs_diff" not in row.get("default_options", {}):
+            continue
         d = row["default_options"]["heldout_abs_diff"]
         target(f"held-out loss |GPU - CPU|, {name}", d, TARGETS["heldout_abs_diff"], d <= 1e-3)
     timing = (st.get("timing") or {}).get("runs", [])
@@ -241,7 +243,9 @@ def render(report: dict) -> str:
         ]
         for name, row in parity["loss"].items():
             for label, v in row.items():
-                if isinstance(v, dict):
+                if isinstance(v, dict) and "error" in v:
+                    lines.append(f"| {name} | {label} | error: {v['error'][:100]} ||||")
+                elif isinstance(v, dict):
                     lines.append(
                         f"| {name} | {label} | {row['heldout_cpu']:.6f} | {v['heldout_gpu']:.6f} | "
                         f"{v['heldout_abs_diff']:.2e} | {v['per_example_max_abs_diff']:.2e} |"
@@ -277,12 +281,21 @@ def render(report: dict) -> str:
 
 
 def write_report(results: Path, outs: list[Path]) -> dict:
+    """Both files into each of ``outs``; a figure the report cannot read costs its table, never
+    the raw results (the JSON is written first)."""
     report = load_results(results)
-    report["summary"] = summarize(report)
+    try:
+        report["summary"] = summarize(report)
+    except Exception as e:  # noqa: BLE001 - keep the raw results whatever happens
+        report["summary"] = {"targets": [], "error": f"{type(e).__name__}: {e}"}
     for out in outs:
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "gpu_check.md").write_text(render(report))
+        try:
+            md = render(report)
+        except Exception as e:  # noqa: BLE001
+            md = f"# edgezo GPU check\n\nnot rendered ({e}); the figures are in gpu_check.json\n"
+        (out / "gpu_check.md").write_text(md)
     return report
 
 

@@ -274,7 +274,11 @@ def stage_parity(ctx: Ctx) -> dict:
         if ctx.provider == "cuda":
             variants["tf32_off"] = {"cuda_options": (("use_tf32", "0"),)}
         for label, kw in variants.items():
-            gpu, runner = _per_example(bundle, ctx, ctx.provider, held, **kw)
+            try:
+                gpu, runner = _per_example(bundle, ctx, ctx.provider, held, **kw)
+            except Exception as e:  # noqa: BLE001 - e.g. an option this build lacks
+                row[label] = {"error": f"{type(e).__name__}: {e}"}
+                continue
             row[label] = {
                 "heldout_gpu": float(gpu.mean()),
                 "heldout_abs_diff": abs(float(gpu.mean() - cpu.mean())),
@@ -341,7 +345,11 @@ def training_parity(ctx: Ctx) -> dict:
             [replayed.params.state_dict()[k].ravel() for k in sorted(runs["gpu"]["theta"])]
         )
         led = {
-            k: [r["losses"] for r in Ledger.read(tmp / d / "ledger.jsonl").records]
+            k: [
+                r["losses"]
+                for r in Ledger.read(tmp / d / "ledger.jsonl").records
+                if "losses" in r and r.get("g")
+            ]
             for k, d in (("cpu", "cpu"), ("gpu", "gpu"))
         }
         step_loss = np.abs(np.array(led["gpu"]) - np.array(led["cpu"]))
