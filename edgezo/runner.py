@@ -6,7 +6,13 @@ all it takes for the next run to see it (no copies, no per-run feed dictionary o
 tensors).
 
 CUDA provider: every trainable input is a device buffer bound once; before each run the feed
-buffer is copied to the device (``update_inplace``), one host-to-device copy per tensor.
+buffer is copied to the device (:meth:`LossRunner.upload_feed`, one host-to-device copy per
+tensor).
+
+``RuntimeOptions.device_perturbation``: θ itself lives in device buffers and is perturbed and
+updated there by a small graph (:mod:`edgezo.device_perturb`, attached to the ZO engine); only
+a direction's raw bits cross to the device. On the CPU provider the "device" is host memory
+owned by ONNX Runtime (the same code path, used to test it).
 
 Micro-batching (``RuntimeOptions.micro_batch``): a batch with more rows than that is run as
 consecutive slices of its rows, and the per-example losses are concatenated. The loss of a
@@ -39,6 +45,10 @@ class RuntimeOptions:
     #: None) the first available one is used, falling back with a note
     providers: tuple[str, ...] = ()
     micro_batch: int | None = None  # most rows per forward call; None: the whole batch
+    #: keep θ on the provider's device and perturb it there (edgezo.device_perturb.attach)
+    device_perturbation: bool = False
+    #: extra CUDA provider options as (key, value) pairs, e.g. (("use_tf32", "0"),)
+    cuda_options: tuple[tuple[str, str], ...] = ()
 
 
 def choose_provider(
@@ -114,6 +124,7 @@ class LossRunner:
             }
             if options.gpu_mem_limit_mb:
                 cuda_opts["gpu_mem_limit"] = int(options.gpu_mem_limit_mb) << 20
+            cuda_opts.update(dict(options.cuda_options))
             providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
         elif self.provider != "CPUExecutionProvider":  # another of a profile's providers
             providers = [self.provider, "CPUExecutionProvider"]
@@ -136,27 +147,58 @@ class LossRunner:
         self.evaluations = 0  # loss evaluations for training steps
         self.eval_evaluations = 0  # loss evaluations for held-out evaluation
         self.forward_calls = 0  # session runs (a micro-batched evaluation makes several)
-        self.io = self.session.io_binding()
         self._device_values: list[tuple[ort.OrtValue, np.ndarray]] = []
-        self._bound: list[ort.OrtValue] = []
-        on_cuda = self.provider == "CUDAExecutionProvider"
-        for name, view in params.feed_views().items():
-            if on_cuda:
-                ov = ort.OrtValue.ortvalue_from_numpy(view, "cuda", options.device_id)
-                self._device_values.append((ov, view))
-            else:
-                ov = ort.OrtValue.ortvalue_from_numpy(view)  # shares the numpy memory
-            self._bound.append(ov)
-            self.io.bind_ortvalue_input(name, ov)
+        self.device = None  # DeviceParams when θ lives on the device
+        names = list(params.feed_views())
+        if options.device_perturbation:
+            from .device_perturb import DeviceParams
+
+            self.device = DeviceParams(params, self.provider, options)
+            self._sets_io = [self._bind(names, values) for values in self.device.sets]
+        else:
+            on_cuda = self.provider == "CUDAExecutionProvider"
+            bound = []
+            for view in params.feed_views().values():
+                if on_cuda:
+                    ov = ort.OrtValue.ortvalue_from_numpy(view, "cuda", options.device_id)
+                    self._device_values.append((ov, view))
+                else:
+                    ov = ort.OrtValue.ortvalue_from_numpy(view)  # shares the numpy memory
+                bound.append(ov)
+            self._bound = bound
+            self.io = self._bind(names, bound)
+
+    def _bind(self, names: list[str], values: list[ort.OrtValue]) -> ort.IOBinding:
+        io = self.session.io_binding()
+        for name, ov in zip(names, values, strict=True):
+            io.bind_ortvalue_input(name, ov)
+        return io
+
+    def upload_feed(self) -> None:
+        """CUDA (host perturbation): copy ``params.feed`` to the bound device buffers."""
+        for ov, view in self._device_values:
+            ov.update_inplace(view)
+
+    def _training_io(self) -> ort.IOBinding:
+        """The binding of the loss session whose trainable inputs hold the point to evaluate."""
+        if self.device is None:
+            self.upload_feed()
+            return self.io
+        if self.device.dirs is None:
+            raise ConfigError(
+                "this runner keeps θ on the device but no ZO engine is attached to it",
+                "call edgezo.device_perturb.attach(engine, runner) first",
+            )
+        return self._sets_io[self.device.reading]
 
     def losses(self, batch: dict[str, np.ndarray], heldout: bool = False) -> np.ndarray:
-        """Per-example losses (float32 [batch]) at the current ``params.feed``.
+        """Per-example losses (float32 [batch]) at the current ``params.feed`` (with device
+        perturbation: at the point the attached engine set on the device).
 
         ``heldout`` counts the call as evaluation rather than training work. A batch of more
         rows than ``options.micro_batch`` runs as several forward calls on slices of its rows.
         """
-        for ov, view in self._device_values:
-            ov.update_inplace(view)
+        io = self._training_io()
         if heldout:
             self.eval_evaluations += 1
         else:
@@ -166,11 +208,11 @@ class LossRunner:
         parts = []
         for a in range(0, rows, micro):
             for name in self.batch_inputs:
-                self.io.bind_cpu_input(name, np.ascontiguousarray(batch[name][a : a + micro]))
-            self.io.bind_output("loss")
-            self.session.run_with_iobinding(self.io)
+                io.bind_cpu_input(name, np.ascontiguousarray(batch[name][a : a + micro]))
+            io.bind_output("loss")
+            self.session.run_with_iobinding(io)
             self.forward_calls += 1
-            parts.append(self.io.copy_outputs_to_cpu()[0])
+            parts.append(io.copy_outputs_to_cpu()[0])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def next_logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -202,12 +244,10 @@ class LossRunner:
                 f"(outputs: {', '.join(sorted(known))})",
                 "re-export the bundle with `edgezo export` of this edgezo version",
             )
-        for ov, view in self._device_values:
-            ov.update_inplace(view)
+        self._training_io()  # uploads the feed / checks the device state
         self.eval_evaluations += int(heldout)
-        io = self.session.io_binding()
-        for name, ov in zip(self.params.feed_views(), self._bound, strict=True):
-            io.bind_ortvalue_input(name, ov)
+        values = self._bound if self.device is None else self.device.sets[self.device.reading]
+        io = self._bind(list(self.params.feed_views()), values)
         rows = len(batch[self.batch_inputs[0]])
         micro = self.options.micro_batch or rows
         parts: list[list[np.ndarray]] = []

@@ -159,6 +159,43 @@ class Directions:
             e = min(self.dim, s + CHUNK)
             yield s, e, self.chunk(step, index, c, out=self._scratch[: e - s])
 
+    def packed_bits(self, step: int, index: int) -> np.ndarray:
+        """The raw form of a ``rademacher`` direction: ``ceil(dim / 8)`` bytes, value ``j`` is
+        ``+1`` where bit ``j % 8`` (little-endian) of byte ``j // 8`` is set, else ``-1``.
+
+        The same bits :meth:`chunk` expands (a full chunk is a whole number of bytes), so a
+        device can expand them into bitwise the same direction (``edgezo.device_perturb``).
+        """
+        if self.kind != "rademacher":
+            raise ValueError(f"packed_bits is the raw form of rademacher, not {self.kind}")
+        parts = []
+        for c in range(self.nchunks):
+            n = min(self.dim, (c + 1) * CHUNK) - c * CHUNK
+            words = _raw_bits(self.seed, step, index, c, (n + 63) // 64)
+            parts.append(words.view(np.uint8)[: (n + 7) // 8])
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+    def table_indices(self, step: int, index: int) -> np.ndarray:
+        """The raw form of a ``gaussian``/``sphere`` direction: one uint16 per value, the entry
+        of :meth:`value_table` it takes (the bits :meth:`chunk` looks up)."""
+        if self.kind == "rademacher":
+            raise ValueError("table_indices is the raw form of gaussian and sphere directions")
+        out = np.empty(self.dim, dtype=np.uint16)
+        for c in range(self.nchunks):
+            s = c * CHUNK
+            e = min(self.dim, s + CHUNK)
+            out[s:e] = self._table_bits(step, index, c, e - s)
+        return out
+
+    def value_table(self, step: int, index: int) -> np.ndarray:
+        """The 65,536 float32 values :meth:`table_indices` index: the Gaussian table, times
+        this key's float32 scale for ``sphere`` (the same products as :meth:`chunk`)."""
+        if self.kind == "gaussian":
+            return _gaussian_table()
+        if self.kind == "sphere":
+            return _gaussian_table() * self.sphere_scale(step, index)
+        raise ValueError("value_table belongs to gaussian and sphere directions")
+
     def full(self, step: int, index: int) -> np.ndarray:
         """The whole direction as a new array (tests and small dims; large d: use chunks)."""
         z = np.empty(self.dim, dtype=np.float32)
