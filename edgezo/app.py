@@ -239,6 +239,7 @@ class Personalizer:
             )
         if self._scorer is None:
             from .bundle import load_bundle
+            from .device.limits import runtime_options
             from .device.resolve import load_profile
             from .runner import LossRunner, RuntimeOptions
             from .train import BATCH_INPUTS
@@ -255,15 +256,7 @@ class Personalizer:
                 params.load(b.initial_trainable(), where=str(b.path))
             opts = RuntimeOptions()
             if self.device is not None:
-                p = load_profile(self.device)
-                opts = RuntimeOptions(
-                    provider=None,
-                    providers=p.providers,
-                    threads=p.threads,
-                    cpu_arena=p.cpu_arena,
-                    gpu_mem_limit_mb=p.gpu_memory_mb,
-                    micro_batch=p.max_batch_size,
-                )
+                opts = runtime_options(load_profile(self.device))
             self._scorer = (b, LossRunner(b.model_path, params, BATCH_INPUTS, opts))
         return self._scorer
 

@@ -283,3 +283,31 @@ def test_cli_export_with_labels_from_file(tiny_bert_dir, tmp_path):
         ],
     )
     assert r.exit_code == 2 and "needs the label set" in r.output
+
+
+def test_the_plateau_rule_keeps_a_fast_head_run_learning(cls_bundle, tmp_path):
+    # a head run makes hundreds of cheap steps between held-out evaluations and soon stalls;
+    # the plateau rule once halved its learning rate at nearly every evaluation (to 2.6e-87):
+    # now it waits for its patience, decays a bounded number of times and stops at a floor
+    bundle = cls_bundle("head")
+    train = toy_data(tmp_path / "train.jsonl", 60, seed=0)
+    held = toy_data(tmp_path / "held.jsonl", 30, seed=1)
+    cfg = FinetuneConfig(
+        bundle=str(bundle),
+        data=str(train),
+        eval_data=str(held),
+        out=str(tmp_path / "run"),
+        steps=1500,
+        batch_size=8,
+        lr=0.05,
+        mu=1e-3,
+        eval_every=10,
+        checkpoint_every=500,
+    )
+    s = finetune(cfg, log=lambda _line: None, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    decays = [r for r in rows if r["kind"] == "plateau"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert len(evals) > 100 and len(decays) == s.lr_decays <= cfg.plateau_max_decays
+    assert s.lr_last >= cfg.lr * cfg.plateau_min_lr_ratio
+    assert s.heldout_accuracy_after >= 0.9

@@ -154,15 +154,33 @@ def session_limits(
             f"as {calls} forward calls of at most {micro} examples; the effective "
             "batch and the ZO step are unchanged"
         )
-    runtime = RuntimeOptions(
-        provider=cfg.provider,  # an explicit --provider wins; None: the profile's order
-        providers=profile.providers,
-        threads=profile.threads if cfg.threads is None else cfg.threads,
-        cpu_arena=profile.cpu_arena,
-        gpu_mem_limit_mb=profile.gpu_memory_mb,
-        micro_batch=micro,
+    runtime = runtime_options(
+        profile, provider=cfg.provider, threads=cfg.threads, micro_batch=micro
     )
     return SessionLimits(profile, runtime, budget, every, notes)
+
+
+def runtime_options(
+    profile: DeviceProfile,
+    *,
+    provider: str | None = None,
+    threads: int | None = None,
+    micro_batch: int | None = None,
+) -> RuntimeOptions:
+    """The ONNX Runtime options a device profile defines — the one place they are made.
+
+    Providers in the profile's order (an explicit ``provider`` wins), its threads (unless
+    ``threads`` is given), CPU arena and GPU memory cap; ``micro_batch`` defaults to the
+    profile's ``max_batch_size``.
+    """
+    return RuntimeOptions(
+        provider=provider,  # None: the first available of the profile's providers
+        providers=profile.providers,
+        threads=profile.threads if threads is None else threads,
+        cpu_arena=profile.cpu_arena,
+        gpu_mem_limit_mb=profile.gpu_memory_mb,
+        micro_batch=profile.max_batch_size if micro_batch is None else micro_batch,
+    )
 
 
 def fit_micro_batch(
