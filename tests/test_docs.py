@@ -90,7 +90,11 @@ def test_every_named_path_exists(page: Path) -> None:
             if not _PATH.match(tok) or tok.startswith(OUTPUTS):
                 continue
             found = list(REPO.glob(tok)) if "*" in tok else [REPO / tok]
-            if not found or not all(p.exists() for p in found):
+            if found and all(p.exists() for p in found):
+                continue
+            module, _, name = tok.rpartition(".")  # tools/x.func: a name in tools/x.py
+            source = REPO / f"{module}.py"
+            if not (source.is_file() and _defines(source.read_text(), name)):
                 missing.append(tok)
     assert not missing, f"{_rel(page)} names paths that do not exist: {sorted(set(missing))}"
 
@@ -165,6 +169,12 @@ def test_the_generated_recipe_table_lists_every_mode() -> None:
 
 
 BENCHMARKS = sorted((DOCS / "benchmarks").glob("*.md"))
+#: a commit hash: backticked, or bare when it holds a letter and a digit (not a plain number)
+_COMMIT = re.compile(r"`([0-9a-f]{7,40})`|\b((?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40})\b")
+
+
+def _commits(text: str) -> set[str]:
+    return {a or b for a, b in _COMMIT.findall(text)}
 
 
 @pytest.mark.parametrize("page", BENCHMARKS, ids=_rel)
@@ -172,7 +182,7 @@ def test_benchmark_pages_say_when_where_what_and_how(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
     assert re.search(r"\b20\d\d\b", text), "a date"
     assert re.search(r"machine", text, re.I), "the machine"
-    assert re.search(r"commit", text, re.I) and re.search(r"`[0-9a-f]{7,40}`", text), "a commit"
+    assert re.search(r"commit", text, re.I) and _commits(text), "a commit"
     assert re.search(r"`(?:python|edgezo) [^`]+`", text), "the command"
 
 
@@ -180,7 +190,7 @@ def test_benchmark_commits_exist() -> None:
     git = subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True)
     if git.returncode != 0:
         pytest.skip("not a git checkout")
-    cited = {h for p in BENCHMARKS for h in re.findall(r"`([0-9a-f]{7,40})`", p.read_text())}
+    cited = set().union(*(_commits(p.read_text()) for p in BENCHMARKS))
     unknown = [
         h
         for h in sorted(cited)
