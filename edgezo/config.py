@@ -112,7 +112,8 @@ class FinetuneConfig:
     estimator: Literal[ESTIMATOR_NAMES] | None = _f(
         None,
         "gradient estimator: central two-point (2q forwards), onesided (q+1), "
-        "dap: directionally aligned (2q+1), p3/p4: unbiased multi-level (papers.md §3); "
+        "dap: directionally aligned (2q+1), p3/p4: unbiased multi-level "
+        "(docs/concepts/literature.md §3); "
         "default per mode (central; lora, head: onesided)",
     )
     optimizer: Literal[OPTIMIZER_NAMES] | None = _f(

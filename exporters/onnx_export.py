@@ -2,7 +2,7 @@
 
 The legacy TorchScript exporter (``dynamo=False``) is used: it keeps our input names and is
 fast (measured on 2 CPU cores: the tiny test Llama in 0.3-0.8 s against ~10 s with
-``dynamo=True``; SmolLM2-135M in ~15 s including the tidying below, FACTS.md gives ~35 s for
+``dynamo=True``; SmolLM2-135M in ~15 s including the tidying below, a prototype ~35 s with
 dynamo). Its constant folding stores every Linear weight pre-transposed, which duplicates a tied
 embedding/LM head (+108 MiB for SmolLM2); :func:`dedupe_tied_head` turns the copy back into a
 ``Transpose`` of the embedding, which ONNX Runtime folds at session start (no run-time cost

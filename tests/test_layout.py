@@ -1,4 +1,4 @@
-"""The package layout keeps its dependency rules (DESIGN.md, "Layout").
+"""The package layout keeps its dependency rules (docs/concepts/architecture.md).
 
 - ``edgezo/zo/`` — the ZO core — is numpy only: no onnxruntime, and none of the runtime's
   modules (only ``edgezo.errors`` and ``edgezo.atomic``, the bottom layer every part may

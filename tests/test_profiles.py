@@ -20,6 +20,7 @@ from edgezo.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = REPO / "devices"
+DEVICES_GUIDE = REPO / "docs" / "guides" / "devices.md"
 SHIPPED = sorted(DEVICES.glob("*.yaml"))
 EXPECTED = {
     "laptop-cpu",
@@ -85,13 +86,13 @@ def test_the_expected_profiles_ship() -> None:
 
 
 def test_readme_table_lists_every_profile() -> None:
-    readme = (DEVICES / "README.md").read_text()
+    readme = DEVICES_GUIDE.read_text()
     for path in SHIPPED:
-        assert f"| `{path.stem}` |" in readme, f"add {path.stem} to devices/README.md"
+        assert f"| `{path.stem}` |" in readme, f"add {path.stem} to docs/guides/devices.md"
 
 
 def test_readme_example_profile_loads(tmp_path: Path) -> None:
-    readme = (DEVICES / "README.md").read_text()
+    readme = DEVICES_GUIDE.read_text()
     block = re.search(r"```yaml\n(# my-board.yaml\n.*?)```", readme, re.S)
     assert block
     path = tmp_path / "my-board.yaml"

@@ -1,8 +1,8 @@
 """Suggest q (directions per step) for a bundle from measured loss-change agreement.
 
-The runtime-only side of the kernel view (papers.md §5): no Jacobian, no torch — edgezo's
-direction generator, flat parameters and ONNX Runtime loss runner only. At the bundle's θ, for
-each of ``--trials`` fixed batch pairs (A for the estimate, B held out):
+The runtime-only side of the kernel view (docs/concepts/literature.md §5): no Jacobian, no
+torch — edgezo's direction generator, flat parameters and ONNX Runtime loss runner only. At
+the bundle's θ, for each of ``--trials`` fixed batch pairs (A for the estimate, B held out):
 
 1. central projected gradients g_i = (f_A(θ+μz_i) − f_A(θ−μz_i)) / 2μ, i < max(q)
    (2·max(q) forwards);

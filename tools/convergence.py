@@ -52,7 +52,8 @@ from edgezo.defaults import default_data, ensure_default_bundle
 from edgezo.train import finetune
 
 # name -> FinetuneConfig overrides. "default" is whatever `edgezo finetune` does with no
-# hyperparameters (it follows edgezo/config.py); "mezo" is MeZO's recipe (papers.md §1).
+# hyperparameters (it follows edgezo/config.py); "mezo" is MeZO's recipe
+# (docs/concepts/literature.md §1).
 CONFIGS: dict[str, dict[str, Any]] = {
     "mezo": dict(
         direction="gaussian",

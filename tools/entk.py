@@ -1,4 +1,6 @@
-"""eNTK fidelity of zeroth-order steps: ‖J Z Zᵀ Jᵀ/q − J Jᵀ‖_F / ‖J Jᵀ‖_F vs q (papers.md §5).
+"""eNTK fidelity of zeroth-order steps: ‖J Z Zᵀ Jᵀ/q − J Jᵀ‖_F / ‖J Jᵀ‖_F vs q.
+
+The kernel view of ZO learning: docs/concepts/literature.md §5.
 
 One ZO-SGD step moves the outputs on a probe set by −η K̂ ∇_out L with K̂ = J Z Zᵀ Jᵀ / q, the
 empirical NTK K = J Jᵀ seen through the q random directions Z (d × q). J is the (N·k) × d

@@ -1,11 +1,14 @@
-"""The synthetic study of the unbiased-ZO paper (papers.md §2–3) with edgezo's own estimators.
+"""The synthetic study of the unbiased-ZO paper with edgezo's own estimators.
+
+The methods: docs/concepts/literature.md §2–3.
 
 Mean squared error E‖ĝ − ∇f‖² of each estimator against the exact gradient, across μ, on
 
 - a quadratic f(x) = xᵀAᵀAx (A a fixed random d×d matrix), and
 - a logistic loss f(w) = mean log(1 + exp(−y·Xw)) on fixed random data,
 
-plus DAP's per-coordinate check on f(x) = x₁² + x₂² at x = (0.1, 1) (papers.md §2).
+plus DAP's per-coordinate check on f(x) = x₁² + x₂² at x = (0.1, 1)
+(docs/concepts/literature.md §2).
 
 The estimators are edgezo's (:mod:`edgezo.zo.estimators`), driven through the runtime's
 :class:`~edgezo.zo.params.FlatParams`, :class:`~edgezo.zo.perturb.Perturber` and direction generator

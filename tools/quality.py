@@ -92,7 +92,8 @@ from bench_step import peak_rss_mb  # noqa: E402  (VmHWM of this process)
 
 from edgezo.device.plan import _reset_peak as reset_peak_rss  # noqa: E402  (clear_refs 5)
 
-#: MeZO's recipe (papers.md §1; the issue's measurement), as FinetuneConfig overrides.
+#: MeZO's recipe (docs/concepts/literature.md §1; the issue's measurement), as FinetuneConfig
+#: overrides.
 MEZO = {
     "direction": "gaussian",
     "q": 1,

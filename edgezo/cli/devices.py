@@ -1,6 +1,6 @@
 """``edgezo devices``: list the device profiles, show one, or detect this machine.
 
-Registered on the main ``edgezo`` group by ``edgezo/cli.py``; usable on its own as a click
+Registered on the main ``edgezo`` group by ``edgezo/cli/main.py``; usable on its own as a click
 command (``devices.main()``).
 """
 
@@ -128,7 +128,7 @@ def devices(detect_: bool, show: str | None) -> None:
     """List the device profiles: memory, providers, precision and session budgets.
 
     Pass a profile to any run with --device NAME, a family (--device jetson picks the board it
-    detects) or a path to your own YAML file (see devices/README.md).
+    detects) or a path to your own YAML file (see docs/guides/devices.md).
     """
     try:
         if show:

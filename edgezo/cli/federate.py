@@ -23,7 +23,7 @@ FLWR_APP = """\
 #              --superlink 127.0.0.1:8000 --port 909N --node-config "partition-id=N
 #              num-partitions={clients}"; a [superlink.NAME] connection with
 #              address = "127.0.0.1:8000" and insecure = true in $FLWR_HOME/config.toml;
-#              then flwr run {dir} NAME --stream (README: "Federated personalisation")
+#              then flwr run {dir} NAME --stream (edgezo: docs/guides/federation.md)
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -157,7 +157,7 @@ def federate(
     if lr is None:  # clients take plain central ZO-SGD steps: momentum's effective rate
         lr = (
             3e-3
-            if key == "lora"  # measured (README, federated)
+            if key == "lora"  # measured: docs/benchmarks/federation.md
             # LoRA-FA: the single-device rate, without momentum's amplification (not yet
             # measured for federation; pass --lr to choose)
             else mode["lr"]
@@ -165,7 +165,8 @@ def federate(
             else mode["lr"] / (1.0 - mode["momentum"])
         )
     mu = mode["mu"] if mu is None else mu
-    if server_lr is None:  # measured: the mean moves no further than one client (README)
+    # measured: the mean moves no further than one client (docs/benchmarks/federation.md)
+    if server_lr is None:
         server_lr = float(max(1, round(clients * fraction)))
     if data is None:
         sample, sample_eval = default_data()

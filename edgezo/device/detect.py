@@ -11,7 +11,7 @@ Probes, each optional and each injectable so tests can fake any machine:
 - ONNX Runtime's ``get_available_providers()``.
 
 :func:`detect_machine` gathers a :class:`MachineInfo`; :func:`suggest_profile` picks a profile
-and says why. How profiles are matched is in ``devices/README.md``.
+and says why. How profiles are matched is in ``docs/guides/devices.md``.
 """
 
 from __future__ import annotations

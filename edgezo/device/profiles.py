@@ -214,7 +214,7 @@ class DeviceProfile:
     )
     detect: DetectHints = field(
         default_factory=DetectHints,
-        metadata={"help": "hints for `edgezo devices --detect` (see devices/README.md)"},
+        metadata={"help": "hints for `edgezo devices --detect` (see docs/guides/devices.md)"},
     )
     source: Path | None = field(
         default=None,

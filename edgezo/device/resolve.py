@@ -70,7 +70,7 @@ def load_profile(
         f"unknown device {s!r}{hint}; known devices: {', '.join(known)}; "
         f"families: {', '.join(sorted(groups))}",
         "pass one of these names, a family, or a path to your own YAML "
-        "(see devices/README.md); `edgezo devices --detect` suggests one for this machine",
+        "(see docs/guides/devices.md); `edgezo devices --detect` suggests one for this machine",
     )
 
 

@@ -25,8 +25,9 @@ p3         coin: 2·D(μ₁) or 2·(D(μ_{n+1}) − D(μ_n)) / p_n       ≈ 1 +
 most a step can cost (for hard budgets); the ledger records every evaluation's loss, so the
 actual count of each step is ``len(record["losses"])``.
 
-D(μ) = (f(θ + μz) − f(θ)) / μ. P3 and P4 (papers.md §3) are unbiased for the directional
-derivative; their μ_n are clamped at ``mu_floor`` and each clamp is counted in the record.
+D(μ) = (f(θ + μz) − f(θ)) / μ. P3 and P4 (docs/concepts/literature.md §3) are unbiased for the
+directional derivative; their μ_n are clamped at ``mu_floor`` and each clamp is counted in the
+record.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class OneSided:
 
 
 class DAP:
-    """Directionally aligned perturbations (Ma & Huang, ICLR 2025; papers.md §2).
+    """Directionally aligned perturbations (Ma & Huang, ICLR 2025; docs/concepts/literature.md §2).
 
     Per direction i: a pilot one-sided estimate g̃ = D_v(μ)·v from a sphere direction v (index
     q + i); then, on every tensor T whose pilot is non-negligible, the aligned direction
@@ -216,7 +217,8 @@ SCHEDULES = ("geometric", "zipf")
 
 @dataclass(frozen=True)
 class LevelSchedule:
-    """μ_n = μ₁·P(N ≥ n) and p_n = P(N = n), the variance-optimal pairing (papers.md §3).
+    """μ_n = μ₁·P(N ≥ n) and p_n = P(N = n), the variance-optimal pairing
+    (docs/concepts/literature.md §3).
 
     geometric: P(N = n) = (1 − c) c^{n−1}, μ_n = μ₁ c^{n−1};
     zipf:      P(N = n) = n^{−s} / ζ(s),    μ_n = μ₁ Σ_{j≥n} j^{−s} / ζ(s).

@@ -3,7 +3,8 @@
 The estimate is ĝ = (1/q) Σ_i g_i u_i, with g_i the (optionally clipped) projected gradients
 and u_i the vectors the estimator names (:class:`edgezo.zo.perturb.Vector`, regenerated chunk by
 chunk, never stored). Each rule then moves θ ← θ ⊕ δ, where ⊕ is + on ordinary tensors and
-θ·exp(δ) on tensors marked positive (the multiplicative, log-space update of papers.md §4).
+θ·exp(δ) on tensors marked positive (the multiplicative, log-space update of
+docs/concepts/literature.md §4).
 
 - ``sgd``: δ = −η ĝ (no buffer); with momentum β, m = β m + ĝ and δ = −η m (one flat buffer).
 - ``adam``: m = β₁m + (1 − β₁)ĝ, v = β₂v + (1 − β₂)ĝ², δ = −η m̂ / (√v̂ + ε) with bias

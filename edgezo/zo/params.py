@@ -10,8 +10,9 @@ Two buffers of the same layout exist:
 Tensors marked ``positive`` in the manifest (e.g. quantisation scales) live on the positive
 orthant and are moved multiplicatively: where an additive tensor goes x → x + v, a positive one
 goes x → x·exp(v) (:meth:`FlatParams.move`). Perturbations and updates are then steps in
-log-space, so no step, however large, can make a scale ≤ 0 (papers.md §4, HoZO); the result
-is clipped to [smallest normal, largest] float32 so an underflowing exp cannot reach 0 either.
+log-space, so no step, however large, can make a scale ≤ 0 (docs/concepts/literature.md §4,
+HoZO); the result is clipped to [smallest normal, largest] float32 so an underflowing exp
+cannot reach 0 either.
 
 With ``inplace=True`` the two are the same buffer (MeZO's memory: nothing beyond inference).
 Perturbations are then applied to θ itself and undone by the opposite step; in fp32 this leaves
