@@ -76,7 +76,11 @@ def test_device_run_replays_on_the_host(make_bundle, tmp_path):
     settings = EngineSettings(seed=5)
     bundle, _, (dev, dr), state = _pair(make_bundle("lora"), settings)
     batch = _batch(bundle, seed=1)
-    header = {"bundle": bundle.fingerprint, "engine": settings.to_dict()}
+    header = {
+        "bundle": bundle.fingerprint,
+        "bundle_path": str(bundle.path),
+        "engine": settings.to_dict(),
+    }
     ledger = Ledger.create(tmp_path / "ledger.jsonl", header)
     for step in range(5):
         ledger.append(dev.step(step, 5e-2, 1e-2, lambda: dr.mean_loss(batch)))
