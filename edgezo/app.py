@@ -248,12 +248,9 @@ class Personalizer:
             b = load_bundle(self.bundle)
             params = FlatParams(b.manifest.trainable)
             trained = self.run_dir / "trained.safetensors"
-            if trained.is_file():
-                from safetensors.numpy import load_file
-
-                params.load(load_file(str(trained)), where=str(trained))
-            else:
-                params.load(b.initial_trainable(), where=str(b.path))
+            # checked: this bundle's, its shapes, its checksum
+            values = b.trainable_values(trained if trained.is_file() else None)
+            params.load(values, where=str(trained if trained.is_file() else b.path))
             opts = RuntimeOptions()
             if self.device is not None:
                 opts = runtime_options(load_profile(self.device))

@@ -72,7 +72,18 @@ class TuneResult:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON values: a non-finite float (no probe measured) becomes null."""
+        return _finite(asdict(self))
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def worst_case_evaluations(
@@ -124,10 +135,13 @@ def check_mu(
             f"{c:.3g}, RMS over {len(us)} directions); trying μ {new:g}"
         )
         mu = new
-    else:  # no try settled it: a μ above the noise is usable, a curvature-bound one is not
+    else:  # no try settled it: keep a μ that was measured, never the next untried one
         last = tries[-1]
-        mu = (
-            mu if not (curvature and last["second_order"] > last["first_order"]) else tries[0]["mu"]
+        bound = curvature and last["second_order"] > last["first_order"]
+        mu = tries[0]["mu"] if bound else last["mu"]
+        log(
+            f"edgezo: autotune: μ not settled in {MU_TRIES} tries; using μ {mu:g} (measured "
+            "above); pass mu= to choose it"
         )
     return mu, tries, evals
 

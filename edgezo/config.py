@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .configio import from_dict, load_yaml
+from .configio import Problems, from_dict, load_yaml
 from .errors import ConfigError
 from .zo.directions import KINDS
 from .zo.estimators import ESTIMATORS, SCHEDULES
@@ -219,15 +219,11 @@ class FinetuneConfig:
     )
 
     def __post_init__(self) -> None:
-        problems = [p for p in (rule(self) for rule in _RULES) if p]
+        problems = Problems()
+        for rule in _RULES:
+            rule(self, problems)
         if problems:
-            raise ConfigError(
-                "the finetune config has "
-                + (f"{len(problems)} problems: " if len(problems) > 1 else "a problem: ")
-                + "; ".join(problems),
-                "set each field named to a value in the range it says (every field: edgezo "
-                "finetune --help and docs/reference/config.md)",
-            )
+            raise problems.error()  # from_dict names the file and merges its own problems
 
     @classmethod
     def load(
@@ -265,23 +261,26 @@ class FinetuneConfig:
 
 def _range(name: str, ok, what: str):
     """A rule: the field ``name`` (when set) must satisfy ``ok``; ``what`` says the range."""
+    fix = f"set {name} {what.split(',')[0]} (or leave it out for the default)"
 
-    def rule(cfg: FinetuneConfig) -> str | None:
+    def rule(cfg: FinetuneConfig, problems: Problems) -> None:
         v = getattr(cfg, name)
         if v is None:
-            return None
+            return
         if isinstance(v, float) and not math.isfinite(v):
-            return f"{name} must be a finite number ({what}), got {v}"
-        return None if ok(v) else f"{name} must be {what}, got {v!r}"
+            problems.add(name, f"must be a finite number ({what}), got {v}", fix)
+        elif not ok(v):
+            problems.add(name, f"must be {what}, got {v!r}", fix)
 
     return rule
 
 
-def _rule(check, message: str):
-    """A cross-field rule: ``check(cfg)`` true means a problem, described by ``message``."""
+def _rule(name: str, check, what: str, fix: str):
+    """A cross-field rule on ``name``: ``check(cfg)`` true means ``what`` (formatted with c)."""
 
-    def rule(cfg: FinetuneConfig) -> str | None:
-        return message.format(c=cfg) if check(cfg) else None
+    def rule(cfg: FinetuneConfig, problems: Problems) -> None:
+        if check(cfg):
+            problems.add(name, what.format(c=cfg), fix.format(c=cfg))
 
     return rule
 
@@ -331,11 +330,13 @@ _RULES = [
     _range("zipf_s", lambda v: v > 1.0, "> 1 (ζ(s) diverges otherwise)"),
     _range("mu_floor", lambda v: v > 0, "> 0"),
     _rule(
+        "momentum",
         lambda c: c.optimizer == "adam" and bool(c.momentum),
-        "momentum ({c.momentum}) is for optimizer sgd or sign; adam uses adam_beta1 — drop "
-        "momentum or set it to 0",
+        "({c.momentum}) is for optimizer sgd or sign; adam uses adam_beta1",
+        "drop momentum or set it to 0",
     ),
     _rule(
+        "mu_floor",
         lambda c: (
             c.estimator in ("p3", "p4")
             and c.mu is not None
@@ -343,6 +344,7 @@ _RULES = [
             and math.isfinite(c.mu_floor)
             and 0 < c.mu <= c.mu_floor
         ),
-        "mu_floor ({c.mu_floor}) must be below mu ({c.mu}) for estimator {c.estimator}",
+        "({c.mu_floor}) must be below mu ({c.mu}) for estimator {c.estimator}",
+        "lower mu_floor (e.g. mu_floor={c.mu}/100) or raise mu",
     ),
 ]

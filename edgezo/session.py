@@ -117,7 +117,11 @@ class Session:
         first, so a checkpoint is never ahead of it."""
         self.ledger.sync()
         tensors = {"master": self.engine.params.master, **self.engine.optimizer.state()}
-        meta = {"bundle": self.bundle.fingerprint, "step": str(len(self.ledger.records))}
+        step = len(self.ledger.records)
+        meta = {"bundle": self.bundle.fingerprint, "step": str(step)}
+        chain = self.ledger.chain_at(step)
+        if chain is not None:  # binds the checkpoint to this ledger's history
+            meta["ledger_chain"] = chain
         save_tensors_atomic(self.run.checkpoint, tensors, metadata=meta)
 
 
@@ -369,7 +373,7 @@ def _resume(s: Session, settings: EngineSettings, guard_settings: GuardSettings)
         )
     step = 0
     if run.checkpoint.is_file():
-        tensors, step = load_checkpoint(run.checkpoint, bundle.fingerprint)
+        tensors, step = load_checkpoint(run.checkpoint, bundle.fingerprint, ledger)
         if step > len(ledger.records):
             raise CheckpointError(
                 f"{run.checkpoint} is at step {step} but the ledger ends at {len(ledger.records)}",

@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from edgezo.config import FinetuneConfig
-from edgezo.errors import ConfigError, DataError
+from edgezo.errors import CheckpointError, ConfigError, DataError
 from edgezo.train import finetune
 
 #: the recipe these tests pin, as CLI arguments (the stored config must carry all of it)
@@ -222,3 +222,29 @@ def test_a_run_whose_every_step_is_skipped_does_not_report_completed(
         progress=False,
     )
     assert s.stop_reason == "non_finite" and s.steps == 10
+
+
+def test_a_checkpoint_from_another_run_is_refused(lora_bundle, memo_data, tmp_path):
+    def run(out, data, **kw):
+        cfg = FinetuneConfig(
+            bundle=str(lora_bundle),
+            data=str(data),
+            eval_data=str(memo_data[1]),
+            out=str(out),
+            steps=10,
+            lr=3e-3,
+            mu=1e-2,
+            max_length=32,
+            eval_every=0,
+            checkpoint_every=5,
+            **kw,
+        )
+        return finetune(cfg, log=lambda *a: None, progress=False)
+
+    run(tmp_path / "a", memo_data[0], eval_budget=12)  # stops at step 5 with a checkpoint
+    run(tmp_path / "b", memo_data[1], eval_budget=12)  # same settings, other data
+    (tmp_path / "b/checkpoint.safetensors").write_bytes(
+        (tmp_path / "a/checkpoint.safetensors").read_bytes()
+    )
+    with pytest.raises(CheckpointError, match="was not written by the run whose ledger"):
+        finetune(FinetuneConfig(out=str(tmp_path / "b")), resume=True, log=lambda *a: None)

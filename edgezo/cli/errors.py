@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 import click
 
-from ..errors import EdgezoError
+from ..errors import EdgezoError, EdgezoWarning
 
 
 def report(e: EdgezoError) -> None:
@@ -41,3 +42,20 @@ def run(fn, interrupted: str = "interrupted") -> object:
     except KeyboardInterrupt:
         click.echo(interrupted, err=True)
         sys.exit(130)
+
+
+def notes_as_lines() -> None:
+    """Format edgezo's warnings (an old file without a checksum, ...) as ``note: ...`` lines
+    instead of Python's file:line format; other warnings keep theirs. Only the format changes,
+    so a caller that records warnings (a test, an embedding app) still receives them."""
+    original = warnings.formatwarning
+    if getattr(original, "_edgezo", False):
+        return
+
+    def fmt(message, category, filename, lineno, line=None):
+        if issubclass(category, EdgezoWarning):
+            return f"note: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    fmt._edgezo = True
+    warnings.formatwarning = fmt

@@ -71,7 +71,8 @@ def _toml_value(v) -> str:
     "--lr",
     type=float,
     default=None,
-    help="default: 3e-3 for LoRA (measured); other modes: their lr/(1-momentum)",
+    help="default: 3e-3 for LoRA (measured); LoRA-FA: its single-device rate (not measured "
+    "for federation); other modes: their lr/(1-momentum)",
 )
 @click.option("--mu", type=float, default=None, help="default: per trainable mode")
 @click.option(

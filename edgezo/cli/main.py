@@ -12,7 +12,7 @@ import click
 
 from ..errors import EdgezoError
 from .devices import devices
-from .errors import friendly_errors
+from .errors import friendly_errors, notes_as_lines
 from .export import export
 from .federate import federate
 
@@ -21,6 +21,7 @@ from .federate import federate
 @click.version_option(package_name="edgezo")
 def main() -> None:
     """edgezo: private on-device fine-tuning with forward passes only (zeroth-order)."""
+    notes_as_lines()
 
 
 # -- export and compare (desktop) ---------------------------------------------------------
@@ -74,8 +75,8 @@ def compare(ctx):
     "--lr",
     type=float,
     default=None,
-    help="default: the recipe's measured rate for the bundle's mode (modes without one: a "
-    "short learning-rate race at the start, lr_race)",
+    help="default: the recipe's rate for the bundle's mode; where the recipe sets lr_race "
+    "(norms, head), a short learning-rate race at the start chooses it",
 )
 @click.option(
     "--mu",

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import atomic
 from ..errors import CheckpointError, EdgezoError, EdgezoWarning
+from .ledger import Ledger
 
 CHECKSUM = "sha256"
 _CHECKSUM_TAG = b"edgezo-tensors/1\n"
@@ -145,8 +146,11 @@ def load_tensors(
     return tensors, meta
 
 
-def load_checkpoint(path: str | Path, fingerprint: str) -> tuple[dict[str, np.ndarray], int]:
-    """Tensors and step of a checkpoint, which must belong to the bundle ``fingerprint``."""
+def load_checkpoint(
+    path: str | Path, fingerprint: str, ledger: Ledger | None = None
+) -> tuple[dict[str, np.ndarray], int]:
+    """Tensors and step of a checkpoint, which must belong to the bundle ``fingerprint`` and,
+    given its run's ``ledger``, to that ledger (its chain value at the checkpoint's step)."""
     path = Path(path)
     tensors, meta = load_tensors(path, "checkpoint", REBUILD)
     if meta.get("bundle") != fingerprint:
@@ -166,5 +170,12 @@ def load_checkpoint(path: str | Path, fingerprint: str) -> tuple[dict[str, np.nd
         if k.startswith("optim.") and v.shape != master.shape and v.size != 1:
             raise CheckpointError(
                 f"checkpoint {path}: {k} has shape {v.shape}, θ has {master.shape}", REBUILD
+            )
+    if ledger is not None and "ledger_chain" in meta and int(step) <= len(ledger.records):
+        if meta["ledger_chain"] != ledger.chain_at(int(step)):
+            raise CheckpointError(
+                f"checkpoint {path} (step {step}) was not written by the run whose ledger is "
+                f"{ledger.path}: their histories differ",
+                "delete the checkpoint: --resume then rebuilds the state from the ledger",
             )
     return tensors, int(step)
