@@ -39,7 +39,7 @@ class RuntimeOptions:
     provider: str | None = "cpu"  # cpu | cuda; None: the first available of ``providers``
     threads: int = 0  # 0: ONNX Runtime's default (all physical cores)
     cpu_arena: bool = True
-    gpu_mem_limit_mb: int | None = None
+    gpu_mem_limit_mb: int | None = None  # used where provider_options has no entry (API use)
     device_id: int = 0
     #: a device profile's providers in order of preference; when set (and ``provider`` is
     #: None) the first available one is used, falling back with a note
@@ -49,6 +49,37 @@ class RuntimeOptions:
     device_perturbation: bool = False
     #: extra CUDA provider options as (key, value) pairs, e.g. (("use_tf32", "0"),)
     cuda_options: tuple[tuple[str, str], ...] = ()
+    #: options per provider, ((provider, ((key, value), ...)), ...): a profile's provider_options
+    provider_options: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+
+
+#: providers that take a device_id
+_GPU_PROVIDERS = (
+    "CUDAExecutionProvider",
+    "ROCMExecutionProvider",
+    "MIGraphXExecutionProvider",
+    "TensorrtExecutionProvider",
+)
+
+
+def provider_list(provider: str, options: RuntimeOptions) -> list:
+    """ONNX Runtime's ``providers`` argument: the chosen provider with its options (device,
+    the profile's options incl. its memory cap), then the CPU provider for the ops it lacks."""
+    if provider == "CPUExecutionProvider":
+        return ["CPUExecutionProvider"]
+    profile = dict(options.provider_options)
+    opts: dict[str, str | int] = {}
+    if provider in _GPU_PROVIDERS:
+        opts["device_id"] = options.device_id
+    if provider in profile:
+        opts.update(dict(profile[provider]))
+    elif provider in ("CUDAExecutionProvider", "ROCMExecutionProvider"):  # no profile
+        opts["arena_extend_strategy"] = "kSameAsRequested"
+        if options.gpu_mem_limit_mb:
+            opts["gpu_mem_limit"] = int(options.gpu_mem_limit_mb) << 20
+    if provider == "CUDAExecutionProvider":
+        opts.update(dict(options.cuda_options))
+    return [(provider, opts) if opts else provider, "CPUExecutionProvider"]
 
 
 def choose_provider(
@@ -116,18 +147,7 @@ class LossRunner:
         so.inter_op_num_threads = 1
         so.enable_cpu_mem_arena = options.cpu_arena
         so.log_severity_level = 3
-        providers: list = ["CPUExecutionProvider"]
-        if self.provider == "CUDAExecutionProvider":
-            cuda_opts: dict = {
-                "device_id": options.device_id,
-                "arena_extend_strategy": "kSameAsRequested",
-            }
-            if options.gpu_mem_limit_mb:
-                cuda_opts["gpu_mem_limit"] = int(options.gpu_mem_limit_mb) << 20
-            cuda_opts.update(dict(options.cuda_options))
-            providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
-        elif self.provider != "CPUExecutionProvider":  # another of a profile's providers
-            providers = [self.provider, "CPUExecutionProvider"]
+        providers = provider_list(self.provider, options)
         try:
             self.session = ort.InferenceSession(str(model_path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types

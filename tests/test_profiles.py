@@ -238,9 +238,64 @@ def test_override_errors_name_the_field() -> None:
 
 
 def test_provider_options_carry_the_gpu_limit() -> None:
-    opts = dict(load_profile("laptop-gpu").provider_options())
+    opts = load_profile("laptop-gpu").session_options()
     assert opts["CUDAExecutionProvider"]["gpu_mem_limit"] == str(6500 * 2**20)
     assert opts["CPUExecutionProvider"] == {}
+
+
+def test_a_profiles_provider_options_reach_the_session(tmp_path: Path) -> None:
+    """Every provider gets its options from the profile, in one place (runtime_options)."""
+    from edgezo.device.limits import runtime_options
+    from edgezo.runner import provider_list
+
+    write_profile(
+        tmp_path,
+        minimal(
+            providers=[
+                "TensorrtExecutionProvider",
+                "CUDAExecutionProvider",
+                "CPUExecutionProvider",
+            ],
+            gpu_memory_mb=2048,
+            provider_options={
+                "TensorrtExecutionProvider": {"trt_fp16_enable": True},
+                "CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"},
+            },
+        ),
+    )
+    opts = runtime_options(load_profile("my-board", directory=tmp_path))
+    trt = dict(provider_list("TensorrtExecutionProvider", opts)[:1])["TensorrtExecutionProvider"]
+    assert trt == {
+        "device_id": 0,
+        "trt_max_workspace_size": str(2048 * 2**20),
+        "trt_fp16_enable": "1",
+    }
+    cuda = dict(provider_list("CUDAExecutionProvider", opts)[:1])["CUDAExecutionProvider"]
+    assert cuda["gpu_mem_limit"] == str(2048 * 2**20)
+    assert cuda["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert provider_list("CPUExecutionProvider", opts) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"OpenVINOExecutionProvider": {"x": 1}}, "which providers does not list"),
+        ({"CUDAExecutionProvider": {"gpu_mem_limit": 1}}, "use gpu_memory_mb"),
+        ({"CUDAExecutionProvider": {"x": [1]}}, "string or number value"),
+        ({"CUDAExecutionProvider": 3}, "must be a mapping"),
+    ],
+)
+def test_bad_provider_options_are_refused(tmp_path: Path, options, message) -> None:
+    write_profile(
+        tmp_path,
+        minimal(
+            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            gpu_memory_mb=1024,
+            provider_options=options,
+        ),
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_profile("my-board", directory=tmp_path)
 
 
 def test_name_must_match_file_name(tmp_path: Path) -> None:

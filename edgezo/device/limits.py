@@ -170,7 +170,8 @@ def runtime_options(
     """The ONNX Runtime options a device profile defines — the one place they are made.
 
     Providers in the profile's order (an explicit ``provider`` wins), its threads (unless
-    ``threads`` is given), CPU arena and GPU memory cap; ``micro_batch`` defaults to the
+    ``threads`` is given), CPU arena, each provider's options (GPU memory cap, the profile's
+    ``provider_options``); ``micro_batch`` defaults to the
     profile's ``max_batch_size``.
     """
     return RuntimeOptions(
@@ -179,6 +180,9 @@ def runtime_options(
         threads=profile.threads if threads is None else threads,
         cpu_arena=profile.cpu_arena,
         gpu_mem_limit_mb=profile.gpu_memory_mb,
+        provider_options=tuple(
+            (p, tuple(sorted(o.items()))) for p, o in profile.session_options().items()
+        ),
         micro_batch=profile.max_batch_size if micro_batch is None else micro_batch,
     )
 

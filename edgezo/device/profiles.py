@@ -152,6 +152,40 @@ class DetectHints:
         return out
 
 
+def _check_provider_options(bad, options, providers: list) -> None:
+    """provider_options: a mapping from a listed provider to scalar option values."""
+    if not isinstance(options, dict):
+        bad(
+            f"provider_options is {type(options).__name__}, not a mapping",
+            "write it as {ProviderName: {option: value}}",
+        )
+        return
+    for name, opts in options.items():
+        if name not in providers:
+            bad(
+                f"provider_options names {name!r}, which providers does not list",
+                f"use one of {', '.join(map(str, providers))}, or add {name} to providers",
+            )
+        if not isinstance(opts, dict):
+            bad(
+                f"provider_options.{name} is {type(opts).__name__}, not a mapping",
+                "write it as {option: value}",
+            )
+            continue
+        for k, v in opts.items():
+            if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)):
+                bad(
+                    f"provider_options.{name}.{k} is {v!r}; options are names with a "
+                    "string or number value",
+                    "write the value as ONNX Runtime documents it, e.g. '1' or HEURISTIC",
+                )
+            elif k in ("gpu_mem_limit", "trt_max_workspace_size", "device_id"):
+                bad(
+                    f"provider_options.{name}.{k} is set by edgezo",
+                    "use gpu_memory_mb for the memory limit (device_id comes from the runtime)",
+                )
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """The caps and budgets of one device class; one YAML file in ``devices/``."""
@@ -178,6 +212,14 @@ class DeviceProfile:
         metadata={
             "help": "MiB the GPU provider may allocate (its arena limit); null for CPU-only. On "
             "unified memory this is a share of memory_budget_mb"
+        },
+    )
+    provider_options: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "options per execution provider, as ONNX Runtime names them, e.g. "
+            "{CUDAExecutionProvider: {cudnn_conv_algo_search: HEURISTIC}}; each key must be one "
+            "of providers. gpu_memory_mb already sets the CUDA/ROCm arena limit"
         },
     )
     unified_memory: bool = field(
@@ -239,6 +281,8 @@ class DeviceProfile:
             object.__setattr__(self, "detect", hints)
         if isinstance(self.providers, list):
             object.__setattr__(self, "providers", tuple(self.providers))
+        if self.provider_options is None:
+            object.__setattr__(self, "provider_options", {})
 
         if not isinstance(self.name, str) or not _SLUG.match(self.name):
             bad(
@@ -286,6 +330,7 @@ class DeviceProfile:
                 f"providers ends with {providers[-1]!r}, not CPUExecutionProvider",
                 "add CPUExecutionProvider last: it runs the ops other providers lack",
             )
+        _check_provider_options(bad, self.provider_options, providers)
         gpu = [p for p in providers if p in GPU_PROVIDERS]
         unknown = [p for p in providers if p not in KNOWN_PROVIDERS]
         if gpu and self.gpu_memory_mb is None:
@@ -384,13 +429,11 @@ class DeviceProfile:
         object.__setattr__(out, "source", self.source)
         return out
 
-    def provider_options(self) -> list[tuple[str, dict[str, str]]]:
-        """``(provider, options)`` pairs for ``onnxruntime.InferenceSession(providers=...)``.
-
-        GPU providers get their memory limit from ``gpu_memory_mb`` and an arena that grows only
-        by what is requested, so the cap holds.
-        """
-        out: list[tuple[str, dict[str, str]]] = []
+    def session_options(self) -> dict[str, dict[str, str]]:
+        """Each listed provider's ONNX Runtime options: the memory cap ``gpu_memory_mb`` sets
+        (an arena that grows only by what is requested, so the cap holds), then the profile's
+        own ``provider_options``. The one place a profile becomes provider options."""
+        out: dict[str, dict[str, str]] = {}
         for p in self.providers:
             opts: dict[str, str] = {}
             if p in ("CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider"):
@@ -399,7 +442,9 @@ class DeviceProfile:
                 opts["arena_extend_strategy"] = "kSameAsRequested"
             elif p == "TensorrtExecutionProvider" and self.gpu_memory_mb is not None:
                 opts["trt_max_workspace_size"] = str(self.gpu_memory_mb * 2**20)
-            out.append((p, opts))
+            for k, v in (self.provider_options.get(p) or {}).items():
+                opts[k] = str(int(v)) if isinstance(v, bool) else str(v)
+            out[p] = opts
         return out
 
 
