@@ -47,6 +47,8 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "norms": {"lr": 3e-4, "mu": 1e-2, "momentum": 0.9},  # LoRA's values, not tuned yet
     "full": {"lr": 1e-6, "mu": 1e-3, "momentum": 0.0},  # MeZO's; no buffer beside θ
+    # int4 quantisation scales (4.2M values on SmolLM2): central q=1, plain SGD; 1e-2 diverged
+    "scales": {"lr": 3e-3, "mu": 1e-3, "momentum": 0.0, "lr_race": False},
     # a zero head over a cached encoder: Adam, q=8; 88-90% accuracy in 2,000-3,000 cheap steps
     "head": {
         "lr": 1e-2,

@@ -49,6 +49,27 @@ from .validate import (
     validation_point,
 )
 
+#: the LoRA layout the default recipe (MODE_DEFAULTS["lora_fa"]) was measured on: LoRA-FA on
+#: the value projection of the last four blocks, so the blocks before are a cached frozen
+#: prefix (docs/benchmarks/recipes.md)
+MEASURED_LAYOUT = {"targets": ("v_proj",), "last": 4, "freeze_a": True}
+
+
+def measured_layout(model, arch) -> tuple[tuple[str, ...], str, bool]:
+    """(targets, layers, freeze_a) of :data:`MEASURED_LAYOUT` for ``model``: the architecture's
+    targets where it has no ``v_proj`` (GPT-2's fused ``c_attn``), every block where it has no
+    more than four."""
+    wanted = MEASURED_LAYOUT["targets"]
+    targets = wanted if set(wanted) <= set(arch.lora_targets) else arch.lora_targets
+    blocks = {
+        layer_index(name)
+        for name, _ in model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets and layer_index(name) is not None
+    }
+    last = MEASURED_LAYOUT["last"]
+    layers = f"last:{last}" if len(blocks) > last else "all"
+    return tuple(targets), layers, bool(MEASURED_LAYOUT["freeze_a"])
+
 
 def export_causal_lm(
     model: str | Path,
@@ -59,6 +80,7 @@ def export_causal_lm(
     lora_targets: list[str] | tuple[str, ...] | None = None,
     lora_layers: str | None = None,
     lora_freeze_a: bool = False,
+    lora_layout: str | None = None,
     gguf_file: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -88,6 +110,9 @@ def export_causal_lm(
             a comma list (``exporters.lora.resolve_layers``). Adapters on the last blocks
             only leave a frozen prefix that the runtime caches (``exporters/stages.py``).
         lora_freeze_a: train LoRA ``B`` only; ``A`` is a frozen initializer (LoRA-FA).
+        lora_layout: ``"measured"`` replaces the three above by the layout the default recipe
+            was measured on (:data:`MEASURED_LAYOUT`), fitted to the model's blocks; what
+            ``edgezo export --mode lora`` does when no placement option is given.
         gguf_file: name of a GGUF file inside the ``model`` folder.
         seed: seeds the LoRA ``A`` initialisation and the validation batches (an explicit
             generator; global random state is not touched).
@@ -158,6 +183,15 @@ def export_causal_lm(
     generator = torch.Generator().manual_seed(seed)
     lora = None
     if mode == "lora":
+        if lora_layout == "measured":
+            lora_targets, lora_layers, lora_freeze_a = measured_layout(loaded.model, loaded.arch)
+            say(
+                f"LoRA layout: {'LoRA-FA ' if lora_freeze_a else ''}r={lora_rank} on "
+                f"{','.join(lora_targets)} of blocks {lora_layers} (the default recipe's; "
+                "--lora-layers all for every block)"
+            )
+        elif lora_layout is not None:
+            raise EdgezoError(f"unknown LoRA layout {lora_layout!r}", "pass measured or None")
         targets = tuple(lora_targets) if lora_targets else loaded.arch.lora_targets
         lora = LoraSettings(
             rank=lora_rank,

@@ -236,6 +236,45 @@ def test_edgezo_export_places_adapters(tiny_hf_dir, tmp_path):
     assert {s.role for s in m.trainable} == {"lora_b"} and m.stages
 
 
+def test_edgezo_export_without_placement_gives_the_measured_layout(tiny_hf_dir, tmp_path):
+    """A plain ``edgezo export`` makes the layout the default recipe was measured on."""
+    from click.testing import CliRunner
+
+    from edgezo.cli import main
+
+    out = tmp_path / "plain"
+    r = CliRunner().invoke(main, ["export", "--model", str(tiny_hf_dir), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "LoRA layout: LoRA-FA r=8 on v_proj of blocks all" in r.output
+    m = load_bundle(out).manifest
+    assert m.lora["freeze_a"] is True and m.lora["targets"] == ["v_proj"]
+    assert m.lora["layers"] == [0, 1]  # a two-block model: every block
+    assert {s.role for s in m.trainable} == {"lora_b"}
+
+
+def test_the_measured_layout_fits_the_model():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from exporters.architectures import get_architecture
+    from exporters.export import measured_layout
+
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(cfg)
+    assert measured_layout(model, get_architecture("llama")) == (("v_proj",), "last:4", True)
+    gpt2 = get_architecture("gpt2")  # no v_proj: its own fused target
+    assert measured_layout(model, gpt2)[0] == gpt2.lora_targets
+
+
 def test_placement_options_are_refused_for_an_encoder(tiny_bert_dir, tmp_path):
     from exporters import export_bundle
 

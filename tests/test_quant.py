@@ -201,3 +201,23 @@ def test_cli_quantize(tiny_hf_dir, tmp_path):
     assert q["scheme"] == "int4" and q["block_size"] == 64
     bad = CliRunner().invoke(main, [*args[:3], str(tmp_path / "x"), "--mode", "scales"])
     assert bad.exit_code == 2 and "fix:" in bad.output
+
+
+def test_a_scales_bundle_finetunes_on_its_measured_recipe(make_bundle, memo_data, tmp_path):
+    """No lr, μ or momentum to guess: the ``scales`` recipe fills them (docs/benchmarks)."""
+    from edgezo.config import FinetuneConfig
+    from edgezo.train import finetune
+
+    cfg = FinetuneConfig(
+        bundle=str(make_bundle("scales", quantize="int4")),
+        data=str(memo_data[0]),
+        eval_data=str(memo_data[1]),
+        out=str(tmp_path / "run"),
+        steps=3,
+        max_length=32,
+        eval_every=0,
+    )
+    s = finetune(cfg, log=lambda *a: None, progress=False)
+    assert s.steps == 3 and s.stop_reason == "completed"
+    used = FinetuneConfig.load(str(tmp_path / "run" / "config.yaml"))
+    assert (used.lr, used.momentum, used.estimator, used.q) == (3e-3, 0.0, "central", 1)

@@ -176,8 +176,10 @@ def _resolve_model(model: str) -> str:
 @click.option(
     "--lora-layers",
     default=None,
-    help="Blocks that get adapters: all, last:N, A-B or a comma list [default: all]. "
-    "With last:N the blocks before them are a frozen prefix that training caches.",
+    help="Blocks that get adapters: all, last:N, A-B or a comma list. With last:N the blocks "
+    "before them are a frozen prefix that training caches. [default: all; for --task causal_lm "
+    "with none of --lora-targets/--lora-layers/--lora-freeze-a, the layout the default recipe "
+    "was measured on: LoRA-FA on v_proj of the last 4 blocks]",
 )
 @click.option(
     "--lora-freeze-a",
@@ -284,6 +286,11 @@ def export(
                 "--quantize is not supported for --task classification yet",
                 "export the classifier in fp32 (drop --quantize)",
             )
+        measured = (
+            task == "causal_lm"
+            and mode in (None, "lora")
+            and not (lora_targets or lora_layers or lora_freeze_a)
+        )
         return export_bundle(
             _resolve_model(model),
             out,
@@ -295,6 +302,7 @@ def export(
             lora_targets=lora_targets,
             lora_layers=lora_layers,
             lora_freeze_a=lora_freeze_a,
+            **({"lora_layout": "measured"} if measured else {}),
             **({"gguf_file": gguf_file} if gguf_file else {}),
             seed=seed,
             overwrite=overwrite,
