@@ -111,10 +111,13 @@ def theta_digest(master: np.ndarray) -> str:
 
 def round_pool(seed: int, rnd: int, size: int) -> list[int]:
     """The round's candidate seeds: ``size`` distinct keys drawn from (S, round), sorted."""
-    rng = np.random.Generator(np.random.Philox(key=[seed, rnd], counter=[0, 0, 0, 0xFED5EED]))
+    # raw Philox words (covered by numpy's stream-stability promise; Generator.integers is
+    # not), each reduced to its low 31 bits: exact, as SEED_SPACE is a power of two
+    bits = np.random.Philox(key=[seed, rnd], counter=[0, 0, 0, 0xFED5EED])
     picks: set[int] = set()
     while len(picks) < size:
-        picks.update(int(x) for x in rng.integers(0, SEED_SPACE, size=size - len(picks)))
+        words = bits.random_raw(size - len(picks))
+        picks.update(int(x) for x in np.asarray(words, dtype=np.uint64) % SEED_SPACE)
     return sorted(picks)
 
 

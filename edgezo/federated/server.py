@@ -108,10 +108,11 @@ class FederationServer:
         k = max(self.fed.min_clients, math.ceil(self.fed.fraction * len(clients)))
         if k >= len(clients):
             return clients
-        rng = np.random.Generator(
-            np.random.Philox(key=[self.fed.seed, self.round], counter=[0, 0, 0, 0x5A3])
-        )
-        return sorted(clients[i] for i in rng.choice(len(clients), size=k, replace=False))
+        # a raw-bit shuffle (stable across numpy versions, unlike Generator.choice): each
+        # client gets one Philox word, the k smallest words are sampled
+        bits = np.random.Philox(key=[self.fed.seed, self.round], counter=[0, 0, 0, 0x5A3])
+        words = np.asarray(bits.random_raw(len(clients)), dtype=np.uint64)
+        return sorted(clients[i] for i in np.argsort(words, kind="stable")[:k])
 
     def instructions(self, client: str, train: bool = True) -> dict[str, Any]:
         """The round's instruction for ``client``: the records it lacks, the pool, θ's digest.
