@@ -114,6 +114,7 @@ class FinetuneConfig:
     estimator: Literal[ESTIMATOR_NAMES] | None = _f(
         None,
         "gradient estimator: central two-point (2q forwards), onesided (q+1), "
+        "fzoo: onesided normalised by the spread of the q probe losses (q+1; §7), "
         "dap: directionally aligned (2q+1), p3/p4: unbiased multi-level "
         "(docs/concepts/literature.md §3); "
         "default per mode (central; lora, head: onesided)",

@@ -28,6 +28,7 @@ from edgezo.zo.ledger import Ledger
             lr=1e-3,
         ),
         dict(estimator="p3", optimizer="sgd", direction="rademacher", mu_floor=5e-3, lr=3e-3),
+        dict(estimator="fzoo", optimizer="sgd", direction="sphere", q=3, momentum=0.9, lr=1e-2),
     ],
 )
 def test_finetune_then_replay_bit_exactly(make_bundle, tmp_path, kw):

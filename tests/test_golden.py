@@ -118,11 +118,20 @@ GOLDEN = {
     ("p4", "sign", "rademacher"): "0224a1854d02443a",
     ("p4", "sign", "gaussian"): "500d9eb22c6c9480",
     ("p4", "sign", "sphere"): "d53d1a0f8fd7b0c1",
+    ("fzoo", "sgd", "rademacher"): "4120ea59f47ec1ca",
+    ("fzoo", "sgd", "gaussian"): "c4674e3070bc1828",
+    ("fzoo", "sgd", "sphere"): "362ee298bd324075",
+    ("fzoo", "adam", "rademacher"): "27d5b586be5be612",
+    ("fzoo", "adam", "gaussian"): "381bc943a3fda83e",
+    ("fzoo", "adam", "sphere"): "74dda6e3f3326099",
+    ("fzoo", "sign", "rademacher"): "72fabe5ea880b4b9",
+    ("fzoo", "sign", "gaussian"): "75bd1eee36f60522",
+    ("fzoo", "sign", "sphere"): "a36a617572418078",
 }
 
 
 def combos():
-    for est in ("central", "onesided", "dap", "p3", "p4"):
+    for est in ("central", "onesided", "dap", "p3", "p4", "fzoo"):
         for opt in OPTIMIZERS:
             for direction in ("rademacher", "gaussian", "sphere"):
                 yield est, opt, direction

@@ -16,6 +16,7 @@ name       projected gradient per direction                     forwards per ste
 =========  ===================================================  =====================
 central    (f(θ+μz) − f(θ−μz)) / 2μ                             2q
 onesided   (f(θ+μz) − f(θ)) / μ, one shared f(θ)                q + 1
+fzoo       (f(θ+μz) − f(θ)) / σ, σ = RMS of the q differences  q + 1
 dap        one-sided along z′ aligned with a sphere pilot       2q + 1
 p4         D(μ₁) + (D(μ_{n+1}) − D(μ_n)) / p_n, n ~ schedule    ≈ 1 + q(3 − p₁)
 p3         coin: 2·D(μ₁) or 2·(D(μ_{n+1}) − D(μ_n)) / p_n       ≈ 1 + 1.5q
@@ -127,6 +128,50 @@ class OneSided:
             g.append((f - base) / mu)
             us.append(u)
         return Estimate(g, losses, us, displacement=perturber.release())
+
+
+class Normalized:
+    """FZOO-style one-sided steps normalised by the spread of the probe losses (§7):
+    g_i = (f(θ + μz_i) − f(θ)) / σ, σ = √(mean_i (f(θ + μz_i) − f(θ))²); q + 1 forwards.
+
+    (f_i − f_0) ≈ μ z_i·∇f and σ ≈ μ‖∇f‖ for unit-variance directions, so g_i ≈ z_i·∇f / ‖∇f‖:
+    the step's size no longer follows the gradient's norm (large early, tiny on a plateau), and
+    with plain SGD ``lr`` is about the length of a step in θ. The spread is taken about f(θ),
+    not about the probes' own mean as in FZOO: with few probes their mean-centred spread can be
+    ~0 while f_i − f_0 is not (two probes that agree), which makes a step unbounded; about f(θ),
+    |g_i| ≤ √q always (q = 1: g = ±1, a step along ±z by the sign of the difference). σ = 0
+    (every probe equal to f(θ)) gives g = 0, counted as ``flat`` in the record.
+    """
+
+    name = "fzoo"
+
+    def __init__(self, q: int = 4, **_: Any):
+        self.q = q
+
+    @property
+    def evals_per_step(self) -> float:
+        return self.q + 1
+
+    max_evals_per_step = evals_per_step
+
+    def estimate(
+        self, step: int, mu: float, perturber: Perturber, evaluate: Callable[[], float]
+    ) -> Estimate:
+        perturber.at_theta()
+        base = evaluate()
+        diffs, losses, us = [], [base], []
+        for i in range(self.q):
+            u = plain(step, i)
+            perturber.to(u, mu)
+            f = evaluate()
+            losses.append(f)
+            diffs.append(f - base)
+            us.append(u)
+        sigma = math.sqrt(math.fsum(d * d for d in diffs) / self.q)
+        flat = not (sigma > 0 and math.isfinite(sigma))
+        g = [0.0] * self.q if flat else [d / sigma for d in diffs]
+        info = {"sigma": sigma if math.isfinite(sigma) else None, **({"flat": 1} if flat else {})}
+        return Estimate(g, losses, us, info=info, displacement=perturber.release())
 
 
 class DAP:
@@ -367,4 +412,11 @@ class P3(_MultiLevel):
         return 1 + 2 * self.q
 
 
-ESTIMATORS = {"central": CentralTwoPoint, "onesided": OneSided, "dap": DAP, "p3": P3, "p4": P4}
+ESTIMATORS = {
+    "central": CentralTwoPoint,
+    "onesided": OneSided,
+    "fzoo": Normalized,
+    "dap": DAP,
+    "p3": P3,
+    "p4": P4,
+}
