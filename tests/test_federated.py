@@ -481,3 +481,18 @@ def test_flower_simulation_three_clients_with_a_dropout(make_bundle, tmp_path):
     led = Ledger.read(tmp_path / "run" / "ledger.jsonl")
     assert [r["clients"] for r in led.records] == [3, 2, 3]
     assert all(math.isfinite(g) for r in led.records for g in r["g"])
+
+
+def test_default_client_rates_follow_the_measurements():
+    from edgezo.cli.federate import LORA_FA_ROUND_RATE, default_client_lr
+    from edgezo.config import MODE_DEFAULTS
+
+    # LoRA-FA: the measured global step per round, whatever the server lr
+    for server_lr in (1.0, 3.0, 5.0):
+        lr = default_client_lr("lora_fa", MODE_DEFAULTS["lora_fa"], server_lr)
+        assert lr * server_lr == pytest.approx(LORA_FA_ROUND_RATE)
+    assert default_client_lr("lora", MODE_DEFAULTS["lora"], 3.0) == 3e-3
+    norms = MODE_DEFAULTS["norms"]
+    assert default_client_lr("norms", norms, 3.0) == pytest.approx(
+        norms["lr"] / (1 - norms["momentum"])
+    )
