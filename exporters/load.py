@@ -17,7 +17,7 @@ import torch
 from edgezo.bundle import TokenizerSpec
 from edgezo.errors import EdgezoError
 
-from .architectures import Architecture, get_architecture
+from .architectures import Architecture, check_config, get_architecture
 
 
 @dataclass
@@ -249,6 +249,7 @@ def _config_for(folder: Path, gguf_file: str | None, task: str) -> tuple[Any, st
     if arch.task != task:
         what, fix = _WRONG_TASK[task]
         raise EdgezoError(f"{folder} is a {model_type} model ({arch.family} family), {what}", fix)
+    check_config(arch, config, str(folder / gguf_file) if gguf_file else str(folder))
     return config, model_type, arch
 
 

@@ -58,6 +58,94 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 256,
         "tie_word_embeddings": True,
     },
+    # Llama 3.1/3.2 RoPE scaling (wavelength bands); "model_type" picks the config class when
+    # the key is not one. original_max_position_embeddings 64 puts the 4 frequencies of a
+    # head_dim 8 in every band (kept, smoothed, scaled)
+    "llama3": {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+    "qwen3": {  # per-head q/k RMSNorms
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+    "phi3": {  # fused qkv_proj / gate_up_proj; partial rotary as Phi-4-mini
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "original_max_position_embeddings": 256,
+        "partial_rotary_factor": 0.75,
+        "tie_word_embeddings": True,
+    },
+    "smollm3": {  # no RoPE in every 2nd layer here (every 4th in SmolLM3-3B)
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "no_rope_layer_interval": 2,
+        "tie_word_embeddings": True,
+    },
+    # sliding-window (4 tokens: the test sequences are longer) and global layers; soft-capping
+    # small enough to bend the tiny model's scores and logits
+    "gemma2": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "query_pre_attn_scalar": 8,
+        "attn_logit_softcapping": 1.0,
+        "final_logit_softcapping": 2.0,
+        "tie_word_embeddings": True,
+    },
+    # Gemma 3 text: sliding and global layers with their own RoPE (global: linearly scaled, as
+    # the 4B+ models), q/k norms, pre/post norms, sqrt(hidden) embedding scale, tied head
+    "gemma3_text": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+        },
+        "query_pre_attn_scalar": 8,
+        "tie_word_embeddings": True,
+    },
     # an encoder (task classification): built by build_tiny_encoder, without a classifier,
     # like the sentence-transformers all-MiniLM-L6-v2
     "bert": {
@@ -86,17 +174,24 @@ def build_tiny_tokenizer():
     return tok
 
 
+def tiny_model_type(key: str) -> str:
+    """The Hugging Face ``model_type`` of a ``TINY_CONFIGS`` entry."""
+    return str(TINY_CONFIGS[key].get("model_type", key))
+
+
 def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0):
-    """A tiny random causal LM of ``model_type`` initialised from an explicit generator."""
+    """A tiny random causal LM of a ``TINY_CONFIGS`` entry, initialised from an explicit
+    generator."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    settings = dict(TINY_CONFIGS[model_type])
     config = AutoConfig.for_model(
-        model_type,
+        settings.pop("model_type", model_type),
         vocab_size=vocab_size,
         pad_token_id=0,
         eos_token_id=1,
-        **{"bos_token_id": None, **TINY_CONFIGS[model_type]},
+        **{"bos_token_id": None, **settings},
     )
     with torch.random.fork_rng(devices=[]):  # from_config draws from the global generator
         model = AutoModelForCausalLM.from_config(config)
