@@ -124,6 +124,8 @@ def load_causal_lm(
 
     folder, gguf_file = resolve_source(model, gguf_file)
     config, model_type, arch = _config_for(folder, gguf_file, "causal_lm")
+    if gguf_file:
+        check_gguf_types(folder / gguf_file, model_type)
     kw: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -251,6 +253,32 @@ def _config_for(folder: Path, gguf_file: str | None, task: str) -> tuple[Any, st
         raise EdgezoError(f"{folder} is a {model_type} model ({arch.family} family), {what}", fix)
     check_config(arch, config, str(folder / gguf_file) if gguf_file else str(folder))
     return config, model_type, arch
+
+
+def check_gguf_types(path: Path, model_type: str) -> None:
+    """Refuse a GGUF file holding a tensor type that cannot be dequantised (before the weights
+    are read): each distinct type is tried on one zero block with the ``gguf`` package's own
+    dequantiser, which transformers uses to load the file."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGUFReader, quants
+
+    plain = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
+    first: dict[Any, str] = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        first.setdefault(tensor.tensor_type, tensor.name)
+    for kind, name in first.items():
+        if kind.name in plain:
+            continue
+        _, block_bytes = GGML_QUANT_SIZES[kind]
+        try:
+            quants.dequantize(np.zeros((1, block_bytes), dtype=np.uint8), kind)
+        except NotImplementedError:
+            raise EdgezoError(
+                f"{path} ({model_type}): tensor {name} is stored as {kind.name}, a GGUF "
+                "quantisation type the gguf package cannot dequantise",
+                "re-quantise the model with llama.cpp's llama-quantize to a supported type "
+                "(Q8_0, Q4_K_M, Q4_0, Q6_K ...), or export from the Hugging Face folder",
+            ) from None
 
 
 def _fast_tokenizer(folder: Path, source: str, kw: dict[str, Any]) -> Any:
