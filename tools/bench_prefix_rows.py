@@ -202,15 +202,17 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print()
     print(
-        "| examples | rows (MiB) | prefix once (s) | step, rows in RAM (s) | step, rows on disk (s) "
-        "| disk/RAM | peak RSS RAM (MB) | peak RSS disk (MB) | disk: anon / file-backed at end (MB) |"
+        "| examples | rows (MiB) | prefix once (s) | step, rows in RAM (s) "
+        "| step, rows on disk (s) | disk/RAM | peak RSS RAM (MB) | peak RSS disk (MB) "
+        "| disk: anon / file-backed at end (MB) |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in table:
         print(
-            f"| {r['examples']:,} | {r['rows_mb']:,.0f} | {r['prefix_s']:.0f} | {r['step_ram_s']:.3f} "
-            f"| {r['step_disk_s']:.3f} | {r['step_ratio']:.2f} | {r['peak_rss_ram_mb']:,.0f} "
-            f"| {r['peak_rss_disk_mb']:,.0f} | {r['anon_disk_mb']:,.0f} / {r['file_disk_mb']:,.0f} |"
+            f"| {r['examples']:,} | {r['rows_mb']:,.0f} | {r['prefix_s']:.0f} "
+            f"| {r['step_ram_s']:.3f} | {r['step_disk_s']:.3f} | {r['step_ratio']:.2f} "
+            f"| {r['peak_rss_ram_mb']:,.0f} | {r['peak_rss_disk_mb']:,.0f} "
+            f"| {r['anon_disk_mb']:,.0f} / {r['file_disk_mb']:,.0f} |"
         )
 
 
