@@ -18,6 +18,10 @@ its peak RSS (``VmHWM``) and its resident anonymous / file-backed memory at the 
 pages are the OS page cache of the mapping: reclaimable, unlike anonymous memory).
 
 python tools/bench_prefix_rows.py --bundle BUNDLE [--sizes 300,3000,10000 --steps 12 --batch 4]
+
+``--plan-check N``: instead, ``edgezo plan``'s estimate (dry run, ``--data``) against the
+measured peak RSS (``ru_maxrss``) of real ``finetune`` runs over N examples (+ 60 held-out),
+rows in memory and rows on disk, on the laptop-cpu profile with 2 threads.
 """
 
 from __future__ import annotations
@@ -150,6 +154,85 @@ def run_child(args: argparse.Namespace, role: str, data: Path, rows: Path, seed:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+PLAN_CHILD = r"""
+import json, resource, sys
+from edgezo.config import FinetuneConfig
+from edgezo.train import finetune
+s = finetune(FinetuneConfig(**json.loads(sys.argv[1])), log=lambda *a, **k: None, progress=False)
+print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "prefix_calls": s.prefix_forward_calls}))
+"""
+
+
+def plan_check(args: argparse.Namespace, n: int) -> None:
+    import yaml
+
+    from edgezo.bundle import load_bundle
+    from edgezo.data import read_jsonl, tokenize_for
+    from edgezo.device.plan import make_plan, run_settings
+    from edgezo.device.resolve import load_profile
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    train, held = make_data(n, work), make_data(60, work)
+    bundle = load_bundle(args.bundle)
+    profile = load_profile("laptop-cpu").with_overrides(
+        {"threads": args.threads, "eval_budget": None, "time_budget_s": None}
+    )
+    prof_file = work / "profile.yaml"
+    prof_file.write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False))
+    examples = [
+        e
+        for f in (train, held)
+        for e in tokenize_for(bundle.manifest, read_jsonl(f), bundle.tokenizer(), 64)
+    ]
+    lengths = [len(e.input_ids) for e in examples]
+    buffers, inplace = run_settings(bundle, None)
+    print(
+        f"bundle {args.bundle}: {n} + 60 examples, {sum(lengths):,} tokens; laptop-cpu, "
+        f"{args.threads} threads, batch {args.batch}x64, 3 ZO steps"
+    )
+    for cap, where in ((1e6, "memory"), (1.0, "disk")):
+        plan = make_plan(
+            bundle,
+            profile,
+            batch_size=args.batch,
+            max_length=64,
+            optim_buffers=buffers,
+            inplace=inplace,
+            dry_run=True,
+            data_lengths=lengths,
+            cache_prefix_mb=cap,
+        )
+        kw = dict(
+            bundle=args.bundle,
+            data=str(train),
+            eval_data=str(held),
+            out=str(work / f"plan-run-{n}-{where}"),
+            steps=3,
+            batch_size=args.batch,
+            max_length=64,
+            eval_every=0,
+            device=str(prof_file),
+            cache_prefix_mb=cap,
+            lr=1e-4,
+            mu=1e-3,
+        )
+        import shutil
+
+        shutil.rmtree(kw["out"], ignore_errors=True)
+        r = subprocess.run(
+            [sys.executable, "-c", PLAN_CHILD, json.dumps(kw)], capture_output=True, text=True
+        )
+        if r.returncode != 0:
+            sys.exit(f"run failed:\n{r.stderr[-2000:]}")
+        measured = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
+        print(
+            f"  rows in {where:6}: rows {plan.prefix_rows_mb:,.0f} MiB, plan {plan.peak_mb:,.0f} "
+            f"MiB, measured {measured:,.0f} MiB, error {(plan.peak_mb - measured) / measured:+.1%}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True)
@@ -159,6 +242,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--work", default="/tmp/edgezo-prefix-rows")
+    p.add_argument("--plan-check", type=int, default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rows", default=None, help=argparse.SUPPRESS)
@@ -166,6 +250,9 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)))
+        return
+    if args.plan_check:
+        plan_check(args, args.plan_check)
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -221,12 +221,13 @@ def runtime(bundle: Path) -> dict:
 
 def plans(bundle_path: Path) -> dict:
     from edgezo.bundle import load_bundle
-    from edgezo.device.plan import make_plan, prefix_row_bytes, run_settings
+    from edgezo.device.plan import make_plan, prefix_row_bytes, prefix_row_widths, run_settings
     from edgezo.device.resolve import load_profile
 
     b = load_bundle(bundle_path, verify=False)
     buffers, inplace = run_settings(b, None)
-    out = {"prefix_bytes_per_example": prefix_row_bytes(b, SEQ, 1)}
+    widths = prefix_row_widths(b, 2)
+    out = {"prefix_bytes_per_example": prefix_row_bytes(widths, [SEQ]) if widths else None}
     for dev in DEVICES:
         p = make_plan(
             b,

@@ -204,7 +204,7 @@ def plan(
     profile = load_profile(device)
     b = load_bundle(bundle or ensure_default_bundle(click.echo))
     buffers, inplace = run_settings(b, momentum, perturbation, optimizer)
-    data_tokens = None
+    lengths = None
     if data_files:
         from ..config import FinetuneConfig
         from ..data import read_jsonl, tokenize_for
@@ -214,7 +214,7 @@ def plan(
             for f in data_files
             for e in tokenize_for(b.manifest, read_jsonl(f), b.tokenizer(), max_length)
         ]
-        data_tokens = (sum(len(e.input_ids) for e in examples), len(examples))
+        lengths = [len(e.input_ids) for e in examples]
         if cache_prefix_mb is None:
             cache_prefix_mb = FinetuneConfig.__dataclass_fields__["cache_prefix_mb"].default
     result = make_plan(
@@ -226,7 +226,7 @@ def plan(
         optim_buffers=buffers,
         inplace=inplace,
         dry_run=not no_dry_run,
-        data_tokens=data_tokens,
+        data_lengths=lengths,
         cache_prefix_mb=cache_prefix_mb,
     )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())

@@ -138,26 +138,42 @@ def activation_bytes(arch: dict[str, Any], batch: int, seq: int) -> float:
     return 4.0 * (logits + layer)
 
 
-def prefix_row_bytes(bundle: Bundle, tokens: int, examples: int) -> float | None:
-    """Bytes of the frozen-prefix rows of ``examples`` examples holding ``tokens`` tokens in
-    all (float32, ``stages.cached_shapes``: a ``sequence`` axis counts per token, otherwise
-    per example); None without a split."""
+def prefix_row_widths(bundle: Bundle, threads: int = 1) -> dict[str, tuple[int, int, int]]:
+    """Per cached tensor of a frozen-prefix split: (values per sequence position, sequence
+    axes, bytes per value), read off one prefix forward of a 1 × 8 batch (the graph's cached
+    shapes can be symbolic: heads, or a [sequence × sequence] mask). Empty without a split."""
+    import numpy as np
+
+    from ..runner import LossRunner, RuntimeOptions
+    from ..zo.params import FlatParams
+
     st = bundle.manifest.stages
     if not st:
-        return None
+        return {}
+    probe = 8
+    runner = LossRunner(
+        bundle.path / st["prefix"],
+        FlatParams([]),
+        ["input_ids", "attention_mask"],
+        RuntimeOptions(threads=threads),
+    )
+    ids = np.arange(3, 3 + probe, dtype=np.int64)[None, :]
+    names = list(st["cached"])
+    values = runner.outputs({"input_ids": ids, "attention_mask": np.ones_like(ids)}, names)
     axes = st.get("cached_sequence_axes") or {}
+    out = {}
+    for n, v in zip(names, values, strict=True):
+        seq_axes = list(axes.get(n, ()))
+        fixed = int(np.prod([d for k, d in enumerate(v.shape) if k and k not in seq_axes]))
+        out[n] = (fixed, len(seq_axes), int(v.dtype.itemsize))
+    return out
+
+
+def prefix_row_bytes(widths: dict[str, tuple[int, int, int]], lengths: list[int]) -> float:
+    """Bytes the cache holds for examples of ``lengths`` tokens (rows at their own length)."""
     total = 0.0
-    for name, shape in (st.get("cached_shapes") or {}).items():
-        if not shape:
-            return None
-        width = 1
-        for k, d in enumerate(shape[1:], start=1):
-            if k in axes.get(name, ()):
-                continue
-            if not isinstance(d, int):
-                return None
-            width *= d
-        total += 4.0 * width * (tokens if axes.get(name) else examples)
+    for fixed, seq_axes, itemsize in widths.values():
+        total += sum(float(fixed) * itemsize * float(n) ** seq_axes for n in lengths)
     return total
 
 
@@ -296,13 +312,14 @@ def estimate(
     inplace: bool,
     cpu_arena: bool = True,
     calibration: dict[str, Any] | None = None,
-    data_tokens: tuple[int, int] | None = None,
+    prefix_rows: float | None = None,
     cache_prefix_mb: float | None = None,
 ) -> MemoryPlan:
     """Peak resident memory of fine-tuning ``bundle`` at micro-batch × max_length, in MiB.
 
-    ``data_tokens`` (tokens, examples) of the training + held-out data: with a frozen-prefix
-    split, their cached rows count in memory when within ``cache_prefix_mb`` (None: no cap)."""
+    ``prefix_rows``: bytes of the training + held-out data's frozen-prefix rows
+    (:func:`prefix_row_bytes`); they count in memory when within ``cache_prefix_mb`` (None:
+    no cap), else they are on disk."""
     arch = bundle.manifest.architecture
     dim = bundle.manifest.trainable_size
     buffers = 4 * dim * (1 if inplace else 2) + SCRATCH_BYTES * min(1.0, dim / (1 << 20))
@@ -326,7 +343,7 @@ def estimate(
     parts["trainable buffers"] = buffers
     parts["optimiser state"] = optim
     parts[f"activations {micro_batch}x{max_length}"] = act
-    rows = prefix_row_bytes(bundle, *data_tokens) if data_tokens else None
+    rows = prefix_rows
     where = None
     if rows is not None:
         where = "memory" if cache_prefix_mb is None or rows / MIB <= cache_prefix_mb else "disk"
@@ -409,12 +426,16 @@ def make_plan(
     optim_buffers: int = 0,
     inplace: bool = False,
     dry_run: bool = True,
-    data_tokens: tuple[int, int] | None = None,
+    data_lengths: list[int] | None = None,
     cache_prefix_mb: float | None = None,
 ) -> MemoryPlan:
     """The plan for ``bundle`` on ``profile`` (a :class:`edgezo.device.profiles.DeviceProfile`);
-    ``data_tokens`` (tokens, examples) and ``cache_prefix_mb`` as for :func:`estimate`."""
+    ``data_lengths``: the token count of every training and held-out example, whose
+    frozen-prefix rows are counted (``cache_prefix_mb`` as for :func:`estimate`)."""
     mb = micro_batch or default_micro_batch(batch_size, profile.max_batch_size)
+    rows = None
+    if data_lengths and bundle.manifest.stages:
+        rows = prefix_row_bytes(prefix_row_widths(bundle, profile.threads or 1), data_lengths)
     cal = None
     if dry_run:
         cal = calibrate(
@@ -437,7 +458,7 @@ def make_plan(
             inplace=inplace,
             cpu_arena=profile.cpu_arena,
             calibration=cal,
-            data_tokens=data_tokens,
+            prefix_rows=rows,
             cache_prefix_mb=cache_prefix_mb,
         )
 
