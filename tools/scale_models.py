@@ -130,31 +130,35 @@ RECIPE = {"lora_targets": ["v_proj"], "lora_layers": "last:4", "lora_freeze_a": 
 BATCH, SEQ = 4, 64
 
 
-def parameter_count(cfg: dict) -> int:
-    """Parameters of a Llama-shaped decoder with a tied head (norms included)."""
-    h, i, n, v = (
-        cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+def _config(name: str):
+    from transformers import AutoConfig
+
+    cfg = dict(CONFIGS[name])
+    return AutoConfig.for_model(
+        cfg.pop("model_type"), pad_token_id=0, eos_token_id=1, bos_token_id=None, **cfg
     )
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    per_layer = h * q * 2 + h * kv * 2 + 3 * h * i + 4 * h
-    return v * h + n * per_layer + h
+
+
+def parameter_count(name: str) -> int:
+    """Parameters of ``name`` (tied head once), counted on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config(name))
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_folder(name: str, folder: Path, seed: int = 0) -> Path:
     """A Hugging Face folder of ``name``'s configuration with random weights (fp32)."""
     import torch
     from tokenizers import Tokenizer, models
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     if (folder / "config.json").is_file():
         return folder
-    cfg = dict(CONFIGS[name])
-    config = AutoConfig.for_model(
-        cfg.pop("model_type"), pad_token_id=0, eos_token_id=1, bos_token_id=None, **cfg
-    )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(_config(name), dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
@@ -257,7 +261,7 @@ def main() -> None:
     work = Path(args.work)
     rows = []
     for name in args.models.split(","):
-        n = parameter_count(CONFIGS[name])
+        n = parameter_count(name)
         need_gb = n * 4 * 2.5 / 2**30
         if need_gb > args.max_export_gb:
             rows.append(
