@@ -126,6 +126,7 @@ def load_causal_lm(
     config, model_type, arch = _config_for(folder, gguf_file, "causal_lm")
     if gguf_file:
         check_gguf_types(folder / gguf_file, model_type)
+    check_export_memory(config, str(folder / gguf_file) if gguf_file else str(folder))
     kw: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -253,6 +254,48 @@ def _config_for(folder: Path, gguf_file: str | None, task: str) -> tuple[Any, st
         raise EdgezoError(f"{folder} is a {model_type} model ({arch.family} family), {what}", fix)
     check_config(arch, config, str(folder / gguf_file) if gguf_file else str(folder))
     return config, model_type, arch
+
+
+#: peak RSS of an export over the model's fp32 bytes (the fp32 model, the traced graph's
+#: folded copy of its weights, the saved file read back; measured: tools/scale_models.py)
+EXPORT_MEMORY_FACTOR = 2.5
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of this machine (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_export_memory(config: Any, source: str) -> None:
+    """Refuse, before any weight is read, a model whose export would not fit this machine's
+    available memory: its parameters (counted on the meta device) as fp32, times
+    :data:`EXPORT_MEMORY_FACTOR`."""
+    from transformers import AutoModelForCausalLM
+
+    available = available_memory_bytes()
+    if available is None:
+        return
+    try:
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config)
+    except Exception:  # a config transformers cannot instantiate fails later, with its message
+        return
+    params = sum(p.numel() for p in shell.parameters())
+    need = params * 4 * EXPORT_MEMORY_FACTOR
+    if need > available:
+        raise EdgezoError(
+            f"{source} ({config.model_type}, {params / 1e9:.2f}B parameters) needs about "
+            f"{need / 2**30:.1f} GiB to export (fp32 weights x {EXPORT_MEMORY_FACTOR:g}); this "
+            f"machine has {available / 2**30:.1f} GiB available",
+            "export on a machine with more memory (the bundle then runs here: an int4 bundle "
+            "of it needs far less), free memory, or export a smaller model",
+        )
 
 
 def check_gguf_types(path: Path, model_type: str) -> None:

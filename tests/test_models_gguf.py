@@ -114,3 +114,15 @@ def test_uncovered_config_fields_are_refused(tmp_path, key, overrides, field, va
     assert field in text and (value is None or repr(value) in text)
     assert key in text  # the model (its model_type)
     assert "exporters/architectures.py" in e.value.fix or "config.json" in e.value.fix
+
+
+def test_a_model_too_large_to_export_here_is_refused(tmp_path, monkeypatch):
+    from exporters import load
+
+    folder = _saved(tmp_path, "qwen3")
+    monkeypatch.setattr(load, "available_memory_bytes", lambda: 1000)  # a 1 kB machine
+    with pytest.raises(EdgezoError) as e:
+        export_causal_lm(folder, tmp_path / "out", progress=None)
+    text = str(e.value)
+    assert "qwen3" in text and "GiB to export" in text and "available" in text
+    assert "more memory" in e.value.fix and not (tmp_path / "out").exists()
