@@ -183,25 +183,6 @@ def _rope_types(config: Any) -> list[tuple[str, str]]:
     return found
 
 
-#: RoPE types whose table switches at a length (``original_max_position_embeddings``): the
-#: traced graph holds the short table, valid up to that length (Phi-3-128k, Phi-4-mini)
-LENGTH_SWITCHED_ROPE = ("longrope",)
-
-
-def traced_positions(config: Any) -> int | None:
-    """The longest sequence the traced graph is exact for: ``original_max_position_embeddings``
-    with a length-switched RoPE (:data:`LENGTH_SWITCHED_ROPE`), else the model's own limit."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if any(kind in LENGTH_SWITCHED_ROPE for _, kind in _rope_types(config)):
-        params = getattr(config, "rope_parameters", None) or {}
-        original = params.get("original_max_position_embeddings") or getattr(
-            config, "original_max_position_embeddings", None
-        )
-        if original:
-            limit = min(int(original), int(limit)) if limit else int(original)
-    return int(limit) if limit else None
-
-
 def check_config(arch: Architecture, config: Any, source: str) -> None:
     """Refuse a config whose fields the description does not cover (before any weight is
     read): an unknown RoPE type, attention layer type, or logit soft-capping."""
@@ -317,9 +298,9 @@ PHI3 = register(
         lora_targets=("qkv_proj",),
         norm_modules=_DECODER_NORMS,
         embedding_modules=("model.embed_tokens",),
-        # longrope (Phi-4-mini, Phi-3-128k): the short-factor table, exact up to
-        # original_max_position_embeddings, which the manifest records as the limit
-        rope_types=(*STATIC_ROPE, *LENGTH_SWITCHED_ROPE),
+        # not longrope (Phi-4-mini, Phi-3-128k): its table switches at a length, and the
+        # tracer cannot export transformers' in-place switch (aten::copy); refused
+        rope_types=STATIC_ROPE,
     )
 )
 

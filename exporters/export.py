@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from edgezo.bundle import TASKS, Manifest, write_manifest
 from edgezo.errors import EdgezoError
 
-from .architectures import MODES, config_sizes, traced_positions
+from .architectures import MODES, config_sizes
 from .bundle_writer import check_destination, staged_bundle
 from .classification import check_labels
 from .deps import versions
@@ -424,8 +424,7 @@ def _architecture_dict(loaded: LoadedModel, num_parameters: int) -> dict:
         "vocab_size": loaded.vocab_size,
         "hidden_size": sizes["hidden_size"],
         "num_layers": sizes["num_layers"],
-        # the traced graph's limit (a length-switched RoPE: its original context)
-        "max_position_embeddings": traced_positions(cfg),
+        "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
     }
 

@@ -100,28 +100,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "partial_rotary_factor": 0.75,
         "tie_word_embeddings": True,
     },
-    # Phi-4-mini: longrope (short factors up to original_max_position_embeddings, which the
-    # tests' sequences stay under; the manifest records it as the limit)
-    "phi4mini": {
-        "model_type": "phi3",
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 256,
-        "original_max_position_embeddings": 64,
-        "partial_rotary_factor": 0.75,
-        "rope_parameters": {
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "short_factor": [1.0, 1.5, 2.0],
-            "long_factor": [4.0, 6.0, 8.0],
-            "partial_rotary_factor": 0.75,
-            "original_max_position_embeddings": 64,
-        },
-        "tie_word_embeddings": True,
-    },
     "smollm3": {  # no RoPE in every 2nd layer here (every 4th in SmolLM3-3B)
         "hidden_size": 32,
         "num_hidden_layers": 2,

@@ -96,6 +96,22 @@ def _saved(tmp_path, key: str, **overrides):
             "rope_parameters.rope_type",
             "dynamic",
         ),
+        # Phi-4-mini's longrope switches tables at a length, in place (not exportable)
+        (
+            "phi3",
+            {
+                "rope_parameters": {
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "short_factor": [1.0] * 3,
+                    "long_factor": [2.0] * 3,
+                    "partial_rotary_factor": 0.75,
+                },
+                "original_max_position_embeddings": 64,
+            },
+            "rope_parameters.rope_type",
+            "longrope",
+        ),
         (
             "gemma3_text",
             {"layer_types": ["chunked_attention", "full_attention"]},
