@@ -212,8 +212,9 @@ class FinetuneConfig:
     )
     cache_prefix_mb: float = _f(
         1024.0,
-        "most MiB the cached prefix rows of the training and held-out data may take; "
-        "a larger cache is not built and the run evaluates the full graph",
+        "most MiB the cached prefix rows of the training and held-out data may take in "
+        "memory; a larger cache is written to prefix_rows.bin in the run folder and "
+        "memory-mapped (read per batch)",
     )
     perturbation: Literal["auto", "copy", "inplace"] = _f(
         "auto",

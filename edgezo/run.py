@@ -41,6 +41,8 @@ RUN_FILES = (
     "trained.safetensors",
     "summary.json",
     "autotune.json",
+    "prefix_rows.bin",  # frozen-prefix rows past cache_prefix_mb (edgezo.prefix_cache)
+    "prefix_rows.json",
 )
 #: engine settings a resumed run cannot change: the ledger's steps were computed with them
 ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineSettings) if f.name != "inplace")

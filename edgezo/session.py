@@ -224,10 +224,12 @@ def build_runner(
     held: list[Example],
     limits: SessionLimits,
     log,
+    folder: Path | None = None,
 ) -> tuple[LossRunner, list[Example], list[Example], int]:
     """The loss runner: the bundle's suffix over cached prefix rows when the bundle has a
-    frozen-prefix split and the rows fit ``cache_prefix_mb``, else the full graph. Returns the
-    runner, the (possibly cached) examples and the prefix's forward calls."""
+    frozen-prefix split (rows in memory when they fit ``cache_prefix_mb``, else memory-mapped
+    from the run ``folder``), else the full graph. Returns the runner, the (possibly cached)
+    examples and the prefix's forward calls."""
     pad_id = bundle.manifest.tokenizer.pad_token_id
     calls = 0
     if cfg.cache_prefix and prefix_cache.available(bundle):
@@ -240,6 +242,7 @@ def build_runner(
                 pad_id,
                 limits.runtime,
                 max_mb=cfg.cache_prefix_mb,
+                folder=folder,
             )
         except prefix_cache.CacheTooLarge as e:
             log(
@@ -253,11 +256,17 @@ def build_runner(
             runner = LossRunner(
                 suffix, engine.params, prefix_cache.suffix_inputs(bundle), limits.runtime
             )
+            where = (
+                f"on disk, memory-mapped from {prefix_cache.ROWS_FILE} (past "
+                f"cache_prefix_mb={cfg.cache_prefix_mb:g})"
+                if prefix_cache.on_disk([c_train, c_held])
+                else "in memory"
+            )
             log(
                 f"edgezo: frozen prefix computed once for {len(train) + len(held)} examples "
                 f"({calls} forward calls, {time.perf_counter() - t:.1f} s, "
-                f"{prefix_cache.rows_mb([c_train, c_held]):,.0f} MiB of rows); every ZO "
-                f"evaluation runs {suffix.name} only"
+                f"{prefix_cache.rows_mb([c_train, c_held]):,.0f} MiB of rows {where}); every "
+                f"ZO evaluation runs {suffix.name} only"
             )
             return runner, c_train, c_held, calls
     runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, limits.runtime)
@@ -303,7 +312,9 @@ def _setup(cfg: FinetuneConfig, run: RunFolder, starting: bool, t0: float, log) 
     per_step = engine.estimator.evals_per_step
     buffers = optimizer_buffers(cfg.optimizer, cfg.momentum)
     limits = session_limits(cfg, bundle, buffers, settings.inplace, per_step, profile)
-    runner, train, held, prefix_calls = build_runner(cfg, bundle, engine, train, held, limits, log)
+    runner, train, held, prefix_calls = build_runner(
+        cfg, bundle, engine, train, held, limits, log, folder=run.path
+    )
     stream = BatchStream(train, cfg.batch_size, cfg.seed, bundle.manifest.tokenizer.pad_token_id)
     guard_settings = GuardSettings.of(cfg)
     s = Session(

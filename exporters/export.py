@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from edgezo.bundle import TASKS, Manifest, write_manifest
 from edgezo.errors import EdgezoError
 
-from .architectures import MODES
+from .architectures import MODES, config_sizes
 from .bundle_writer import check_destination, staged_bundle
 from .classification import check_labels
 from .deps import versions
@@ -449,14 +449,15 @@ def _prompt_info(loaded: LoadedModel, template: str, words: list[str]) -> dict:
 
 def _architecture_dict(loaded: LoadedModel, num_parameters: int) -> dict:
     cfg = loaded.model.config
+    sizes = config_sizes(loaded.arch, cfg)  # optimum's normalised attribute names
     return {
         "family": loaded.arch.family,
         "model_type": loaded.model_type,
         "num_parameters": num_parameters,
         "source": loaded.source,
         "vocab_size": loaded.vocab_size,
-        "hidden_size": getattr(cfg, "hidden_size", None),
-        "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": sizes["hidden_size"],
+        "num_layers": sizes["num_layers"],
         "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
     }

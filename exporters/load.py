@@ -17,7 +17,7 @@ import torch
 from edgezo.bundle import TokenizerSpec
 from edgezo.errors import EdgezoError
 
-from .architectures import Architecture, get_architecture
+from .architectures import Architecture, check_config, get_architecture
 
 
 @dataclass
@@ -124,6 +124,9 @@ def load_causal_lm(
 
     folder, gguf_file = resolve_source(model, gguf_file)
     config, model_type, arch = _config_for(folder, gguf_file, "causal_lm")
+    if gguf_file:
+        check_gguf_types(folder / gguf_file, model_type)
+    check_export_memory(config, str(folder / gguf_file) if gguf_file else str(folder))
     kw: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -249,7 +252,78 @@ def _config_for(folder: Path, gguf_file: str | None, task: str) -> tuple[Any, st
     if arch.task != task:
         what, fix = _WRONG_TASK[task]
         raise EdgezoError(f"{folder} is a {model_type} model ({arch.family} family), {what}", fix)
+    check_config(arch, config, str(folder / gguf_file) if gguf_file else str(folder))
     return config, model_type, arch
+
+
+#: a lower bound of an export's peak RSS over the model's fp32 bytes (the fp32 model, the traced
+#: graph's folded copy of its weights, the saved file read back): the check refuses only what
+#: cannot fit. Measured: 6.1x for Gemma 3 270M, whose 262k-vocabulary logits in the validation
+#: batches add to it (docs/benchmarks/scale.md)
+EXPORT_MEMORY_FACTOR = 2.5
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of this machine (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_export_memory(config: Any, source: str) -> None:
+    """Refuse, before any weight is read, a model whose export would not fit this machine's
+    available memory: its parameters (counted on the meta device) as fp32, times
+    :data:`EXPORT_MEMORY_FACTOR`."""
+    from transformers import AutoModelForCausalLM
+
+    available = available_memory_bytes()
+    if available is None:
+        return
+    try:
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config)
+    except Exception:  # a config transformers cannot instantiate fails later, with its message
+        return
+    params = sum(p.numel() for p in shell.parameters())
+    need = params * 4 * EXPORT_MEMORY_FACTOR
+    if need > available:
+        raise EdgezoError(
+            f"{source} ({config.model_type}, {params / 1e9:.2f}B parameters) needs about "
+            f"{need / 2**30:.1f} GiB to export (fp32 weights x {EXPORT_MEMORY_FACTOR:g}); this "
+            f"machine has {available / 2**30:.1f} GiB available",
+            "export on a machine with more memory (the bundle then runs here: an int4 bundle "
+            "of it needs far less), free memory, or export a smaller model",
+        )
+
+
+def check_gguf_types(path: Path, model_type: str) -> None:
+    """Refuse a GGUF file holding a tensor type that cannot be dequantised (before the weights
+    are read): each distinct type is tried on one zero block with the ``gguf`` package's own
+    dequantiser, which transformers uses to load the file."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGUFReader, quants
+
+    plain = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
+    first: dict[Any, str] = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        first.setdefault(tensor.tensor_type, tensor.name)
+    for kind, name in first.items():
+        if kind.name in plain:
+            continue
+        _, block_bytes = GGML_QUANT_SIZES[kind]
+        try:
+            quants.dequantize(np.zeros((1, block_bytes), dtype=np.uint8), kind)
+        except NotImplementedError:
+            raise EdgezoError(
+                f"{path} ({model_type}): tensor {name} is stored as {kind.name}, a GGUF "
+                "quantisation type the gguf package cannot dequantise",
+                "re-quantise the model with llama.cpp's llama-quantize to a supported type "
+                "(Q8_0, Q4_K_M, Q4_0, Q6_K ...), or export from the Hugging Face folder",
+            ) from None
 
 
 def _fast_tokenizer(folder: Path, source: str, kw: dict[str, Any]) -> Any:

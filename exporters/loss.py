@@ -128,12 +128,42 @@ def _head_bypassed(model: nn.Module, head: nn.Module) -> Iterator[None]:
         setattr(model, names[0], head)
 
 
+@contextmanager
+def _config_unset(model: nn.Module, field: str) -> Iterator[None]:
+    """``model.config.<field>`` set to None for the duration (when the config has it)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, field, None) is None:
+        yield
+        return
+    value = getattr(config, field)
+    setattr(config, field, None)
+    try:
+        yield
+    finally:
+        setattr(config, field, value)
+
+
+class SoftCappedHead(nn.Module):
+    """``cap · tanh(head(x) / cap)``: a head whose logits the model soft-caps (Gemma 2's
+    ``final_logit_softcapping``), which a wrapper reading the head itself must apply too."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        super().__init__()
+        self.head = head
+        self.cap = float(cap)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(x) / self.cap) * self.cap
+
+
 class CausalLMLossGraph(_SubstitutedGraph):
     """``forward(input_ids, attention_mask, labels, trainables) -> (loss [batch],
     next_logits [batch, vocab])``.
 
     ``trainables`` is a list of tensors in the order of ``names`` (state-dict keys of
-    ``model``); they replace the model's parameters for the call.
+    ``model``); they replace the model's parameters for the call. The model's own forward runs
+    with its head bypassed, so what its forward does to the logits after the head (a config's
+    ``final_logit_softcapping``) is applied here, once for every family.
     """
 
     extra_output = "next_logits"
@@ -141,6 +171,8 @@ class CausalLMLossGraph(_SubstitutedGraph):
     def __init__(self, model: nn.Module, names: Sequence[str], pass_position_ids: bool = True):
         super().__init__(model, names)
         self.pass_position_ids = pass_position_ids
+        cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        self.logit_softcap = float(cap) if cap else None
 
     def forward(
         self,
@@ -154,10 +186,16 @@ class CausalLMLossGraph(_SubstitutedGraph):
             kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         head = self.model.get_output_embeddings()
         with self._substituted(trainables):
-            with _head_bypassed(self.model, head):
+            with (
+                _head_bypassed(self.model, head),
+                _config_unset(self.model, "final_logit_softcapping"),
+            ):
                 # the model's own forward (its ONNX node names stay /model/model/layers.N/...),
-                # returning the hidden states its head would have read
+                # returning the hidden states its head would have read (not soft-capped: the
+                # cap belongs to the logits, applied below)
                 hidden = self.model(**kw).logits
+            if self.logit_softcap is not None:
+                head = SoftCappedHead(head, self.logit_softcap)
             return causal_lm_outputs(hidden, head, labels, attention_mask)
 
 

@@ -58,6 +58,94 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 256,
         "tie_word_embeddings": True,
     },
+    # Llama 3.1/3.2 RoPE scaling (wavelength bands); "model_type" picks the config class when
+    # the key is not one. original_max_position_embeddings 64 puts the 4 frequencies of a
+    # head_dim 8 in every band (kept, smoothed, scaled)
+    "llama3": {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+    "qwen3": {  # per-head q/k RMSNorms
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+    "phi3": {  # fused qkv_proj / gate_up_proj; partial rotary as Phi-4-mini
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "original_max_position_embeddings": 256,
+        "partial_rotary_factor": 0.75,
+        "tie_word_embeddings": True,
+    },
+    "smollm3": {  # no RoPE in every 2nd layer here (every 4th in SmolLM3-3B)
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "no_rope_layer_interval": 2,
+        "tie_word_embeddings": True,
+    },
+    # sliding-window (4 tokens: the test sequences are longer) and global layers; soft-capping
+    # small enough to bend the tiny model's scores and logits
+    "gemma2": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "query_pre_attn_scalar": 8,
+        "attn_logit_softcapping": 1.0,
+        "final_logit_softcapping": 2.0,
+        "tie_word_embeddings": True,
+    },
+    # Gemma 3 text: sliding and global layers with their own RoPE (global: linearly scaled, as
+    # the 4B+ models), q/k norms, pre/post norms, sqrt(hidden) embedding scale, tied head
+    "gemma3_text": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+        },
+        "query_pre_attn_scalar": 8,
+        "tie_word_embeddings": True,
+    },
     # an encoder (task classification): built by build_tiny_encoder, without a classifier,
     # like the sentence-transformers all-MiniLM-L6-v2
     "bert": {
@@ -86,17 +174,27 @@ def build_tiny_tokenizer():
     return tok
 
 
+def tiny_model_type(key: str) -> str:
+    """The Hugging Face ``model_type`` of a ``TINY_CONFIGS`` entry."""
+    return str(TINY_CONFIGS[key].get("model_type", key))
+
+
 def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0):
-    """A tiny random causal LM of ``model_type`` initialised from an explicit generator."""
+    """A tiny random causal LM of a ``TINY_CONFIGS`` entry, initialised from an explicit
+    generator."""
+    settings = dict(TINY_CONFIGS[model_type])
+    return build_tiny_model_from(
+        settings.pop("model_type", model_type), {"vocab_size": vocab_size, **settings}, seed
+    )
+
+
+def build_tiny_model_from(model_type: str, settings: dict[str, Any], seed: int = 0):
+    """A tiny random causal LM of ``model_type`` with config ``settings`` (pad 0, eos 1)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size,
-        pad_token_id=0,
-        eos_token_id=1,
-        **{"bos_token_id": None, **TINY_CONFIGS[model_type]},
+        model_type, pad_token_id=0, eos_token_id=1, **{"bos_token_id": None, **settings}
     )
     with torch.random.fork_rng(devices=[]):  # from_config draws from the global generator
         model = AutoModelForCausalLM.from_config(config)
@@ -220,3 +318,126 @@ def memo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     held = d / "held.jsonl"
     held.write_text("".join(json.dumps({"text": t}) + "\n" for t in MEMO))
     return train, held
+
+
+#: Gemma 3 tensor names of llama.cpp's GGUF files (``gguf`` package: MODEL_ARCH.GEMMA3)
+TINY_GGUF_CHARS = "abcdefghijklmnopqrstuvwxyz.,!?'"
+
+
+def quantize_q4_k(data):
+    """``data [rows, k·256]`` float32 as GGUF Q4_K blocks (uint8 ``[rows, k·144]``): per 256
+    values an fp16 scale and min, 8 sub-blocks of 32 with 6-bit scales/mins, 4-bit values. A
+    plain min/max fit (llama.cpp searches better ones); the ``gguf`` package reads it back but
+    cannot write Q4_K."""
+    import numpy as np
+
+    rows, cols = data.shape
+    x = data.reshape(-1, 8, 32).astype(np.float32)
+    lo = np.minimum(x.min(axis=2), 0.0)
+    scale = (x.max(axis=2) - lo) / 15.0
+    mins = -lo
+    d = np.maximum(scale.max(axis=1, keepdims=True) / 63.0, 1e-12)
+    dmin = np.maximum(mins.max(axis=1, keepdims=True) / 63.0, 1e-12)
+    sc = np.clip(np.rint(scale / d), 0, 63).astype(np.uint8)
+    mn = np.clip(np.rint(mins / dmin), 0, 63).astype(np.uint8)
+    eff = (d * sc)[..., None]
+    q = np.where(eff > 0, np.rint((x + (dmin * mn)[..., None]) / np.where(eff > 0, eff, 1)), 0)
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    packed = np.zeros((x.shape[0], 12), dtype=np.uint8)
+    packed[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = (mn[:, 0:4] & 63) | ((mn[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:8] & 0xF) | ((mn[:, 4:8] & 0xF) << 4)
+    nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # pairs of sub-blocks
+    blocks = np.concatenate(
+        [
+            d.astype(np.float16).view(np.uint8),
+            dmin.astype(np.float16).view(np.uint8),
+            packed,
+            nibbles,
+        ],
+        axis=1,
+    )
+    return blocks.reshape(rows, cols // 256 * 144)
+
+
+def tiny_gemma3_for_gguf(seed: int = 0, hidden: int = 32):
+    """(model, config settings, vocabulary) of the tiny Gemma 3 that
+    :func:`write_tiny_gemma3_gguf` writes (the GGUF carries the sliding window, not the layer
+    pattern or per-type RoPE, which transformers derives from its defaults)."""
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *TINY_GGUF_CHARS]
+    cfg = {**TINY_CONFIGS["gemma3_text"]}
+    if hidden != 32:
+        cfg.update(hidden_size=hidden, intermediate_size=hidden, head_dim=hidden // 4)
+    cfg.pop("layer_types")
+    cfg.pop("rope_parameters")
+    model = build_tiny_model_from(
+        "gemma3_text", {**cfg, "vocab_size": len(vocab), "bos_token_id": 2}, seed
+    )
+    return model, cfg, vocab
+
+
+def write_tiny_gemma3_gguf(
+    path: Path, qtype: str = "Q8_0", seed: int = 0, hidden: int = 32
+) -> Path:
+    """A tiny random Gemma 3 (``gemma3_text``: 2 layers) written as llama.cpp writes one:
+    ``gemma3.*`` metadata, a sentencepiece vocabulary (``▁`` + characters), norm weights stored
+    as ``1 + w`` (F32), the 2-D weights as ``qtype``: ``Q8_0``, ``Q4_0``, ``Q5_0`` (the
+    ``gguf`` package's quantisers), ``Q4_K_M`` (:func:`quantize_q4_k` where a row holds whole
+    256-blocks, as llama.cpp, Q8_0 elsewhere; llama.cpp's Q4_K_M also puts some tensors in
+    Q6_K, which nothing here can write), or ``Q8_1`` (zero bytes: a type the gguf package
+    cannot dequantise). ``hidden`` 256 gives Q4_K rows. Returns ``path``."""
+    import gguf
+    import numpy as np
+    import torch
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    model, cfg, vocab = tiny_gemma3_for_gguf(seed, hidden)
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_name("tiny-gemma3")
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_key_length(cfg["head_dim"])
+    writer.add_value_length(cfg["head_dim"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_sliding_window(cfg["sliding_window"])
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(vocab)
+    writer.add_token_scores([-float(i) for i in range(len(vocab))])
+    writer.add_token_types([3, 3, 3, 2] + [1] * (len(vocab) - 4))
+    writer.add_pad_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_bos_token_id(2)
+    writer.add_unk_token_id(3)
+    writer.add_add_bos_token(True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, cfg["num_hidden_layers"])
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied: a GGUF without output.weight is read as tied
+        base = name.removesuffix(".weight")
+        gname = names.get_name(base)
+        if gname is None:
+            raise KeyError(f"no GGUF name for {name}")
+        data = p.detach().to(torch.float32).numpy()
+        if "norm" in base:  # llama.cpp stores Gemma norms as 1 + w (transformers subtracts 1)
+            writer.add_tensor(f"{gname}.weight", (data + 1.0).astype(np.float32))
+            continue
+        if qtype == "Q4_K_M" and data.shape[-1] % 256 == 0:
+            qt, q = GGMLQuantizationType.Q4_K, quantize_q4_k(data)
+        elif qtype == "Q8_1":
+            qt = GGMLQuantizationType.Q8_1
+            block_elems, block_bytes = GGML_QUANT_SIZES[qt]
+            q = np.zeros((data.shape[0], data.shape[1] // block_elems * block_bytes), np.uint8)
+        else:
+            qt = GGMLQuantizationType["Q8_0" if qtype == "Q4_K_M" else qtype]
+            q = gguf.quants.quantize(data, qt)
+        writer.add_tensor(f"{gname}.weight", q, raw_shape=q.shape, raw_dtype=qt)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

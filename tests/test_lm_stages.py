@@ -4,6 +4,7 @@ follows the same losses as training on the full graph."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -127,13 +128,13 @@ def test_pad_rows_zero_pads_every_axis():
     assert same.shape == (2, 2, 3)
 
 
-def run(bundle, data, out, **kw):
+def run(bundle, data, out, log=lambda *a: None, resume=False, **kw):
+    kw = {"steps": 12, **kw}
     cfg = FinetuneConfig(
         bundle=str(bundle),
         data=str(data[0]),
         eval_data=str(data[1]),
         out=str(out),
-        steps=12,
         batch_size=4,
         lr=0.01,
         mu=1e-2,
@@ -146,7 +147,7 @@ def run(bundle, data, out, **kw):
         seed=0,
         **kw,
     )
-    return finetune(cfg, log=lambda *a: None, progress=False)
+    return finetune(cfg, log=log, progress=False, resume=resume)
 
 
 def test_cached_lm_run_follows_the_full_graph_run(last1, memo_data, tmp_path):
@@ -166,25 +167,63 @@ def test_cached_lm_run_follows_the_full_graph_run(last1, memo_data, tmp_path):
     assert cached.heldout_after < cached.heldout_before  # and it learns
 
 
-def test_a_cache_over_its_cap_falls_back_to_the_full_graph(last1, memo_data, tmp_path):
+def test_a_cache_over_its_cap_goes_to_a_memory_mapped_file(last1, memo_data, tmp_path):
+    """Past cache_prefix_mb the rows go to the run folder's prefix_rows.bin (memory-mapped):
+    the same losses as the full graph; a resume maps the file again without one prefix
+    forward call."""
     logged: list[str] = []
-    cfg = FinetuneConfig(
-        bundle=str(last1),
-        data=str(memo_data[0]),
-        eval_data=str(memo_data[1]),
-        out=str(tmp_path / "r"),
-        steps=2,
-        lr=0.01,
-        mu=1e-2,
-        threads=1,
-        cache_prefix_mb=0.001,
-    )
-    capped = finetune(cfg, log=logged.append, progress=False)
-    said = [x for x in logged if "not caching the frozen prefix" in x]
-    assert said and "cache_prefix_mb=0.001" in said[0]
-    assert capped.prefix_forward_calls == 1  # it stopped after the first batch
+    capped = run(last1, memo_data, tmp_path / "r", cache_prefix_mb=0.001, log=logged.append)
+    said = [x for x in logged if "frozen prefix computed once" in x]
+    assert said and "on disk, memory-mapped" in said[0] and "cache_prefix_mb=0.001" in said[0]
+    assert capped.prefix_forward_calls > 0
+    index = json.loads((tmp_path / "r" / prefix_cache.INDEX_FILE).read_text())
+    assert index["bytes"] == (tmp_path / "r" / prefix_cache.ROWS_FILE).stat().st_size > 0
     full = run(last1, memo_data, tmp_path / "full", cache_prefix=False)
-    assert capped.heldout_before == pytest.approx(full.heldout_before, abs=1e-6)
+    a = Ledger.read(Path(capped.out) / "ledger.jsonl").records
+    b = Ledger.read(Path(full.out) / "ledger.jsonl").records
+    np.testing.assert_allclose(a[0]["losses"], b[0]["losses"], rtol=0, atol=1e-5)
+    assert capped.heldout_before == pytest.approx(full.heldout_before, abs=1e-5)
+
+    again = run(last1, memo_data, tmp_path / "r", cache_prefix_mb=0.001, steps=14, resume=True)
+    assert again.prefix_forward_calls == 0  # the file's key matched: mapped, not recomputed
+    assert len(Ledger.read(Path(again.out) / "ledger.jsonl").records) == 14
+
+
+def test_rows_on_disk_are_keyed_by_bundle_and_data(last1, memo_data, tmp_path):
+    b = load_bundle(last1)
+    examples = tokenize_for(b.manifest, read_jsonl(memo_data[0]), b.tokenizer(), 32)[:7]
+    pad = b.manifest.tokenizer.pad_token_id
+    opts = RuntimeOptions(threads=1)
+    (ram,), _ = prefix_cache.cache_rows(b, [examples], 3, pad, opts)
+    assert not prefix_cache.on_disk([ram])
+    with pytest.raises(prefix_cache.CacheTooLarge):  # no folder: the caller runs the full graph
+        prefix_cache.cache_rows(b, [examples], 3, pad, opts, max_mb=1e-6)
+    (disk,), calls = prefix_cache.cache_rows(
+        b, [examples], 3, pad, opts, max_mb=1e-6, folder=tmp_path
+    )
+    assert calls == 3 and prefix_cache.on_disk([disk])
+    for r, d in zip(ram, disk, strict=True):
+        for name in r.features:
+            np.testing.assert_array_equal(r.features[name], d.features[name])
+    (mapped,), calls = prefix_cache.cache_rows(
+        b, [examples], 3, pad, opts, max_mb=1e-6, folder=tmp_path
+    )
+    assert calls == 0 and prefix_cache.on_disk([mapped])
+    # other data (one example fewer): stale, rebuilt
+    (fewer,), calls = prefix_cache.cache_rows(
+        b, [examples[:6]], 3, pad, opts, max_mb=1e-6, folder=tmp_path
+    )
+    assert calls == 2 and len(fewer) == 6
+    # a damaged file (size differs from the index) is not read: rebuilt
+    with open(tmp_path / prefix_cache.ROWS_FILE, "ab") as f:
+        f.write(b"x")
+    (_rebuilt,), calls = prefix_cache.cache_rows(
+        b, [examples[:6]], 3, pad, opts, max_mb=1e-6, folder=tmp_path
+    )
+    assert calls == 2
+    # another bundle's fingerprint gives another key
+    other = prefix_cache.rows_key(load_bundle(last1), ("x",), [examples])
+    assert other != prefix_cache.rows_key(b, tuple(b.manifest.stages["cached"]), [examples])
 
 
 def test_freeze_a_trains_b_alone_and_caches_the_a_projection(make_bundle):

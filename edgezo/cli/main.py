@@ -163,6 +163,19 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
 @click.option(
     "--no-dry-run", is_flag=True, help="analytic estimate only (no child process loading the model)"
 )
+@click.option(
+    "--data",
+    "data_files",
+    multiple=True,
+    help="JSONL data of the run (repeatable: training and held-out): its frozen-prefix rows "
+    "are counted",
+)
+@click.option(
+    "--cache-prefix-mb",
+    type=float,
+    default=None,
+    help="the run's cache_prefix_mb (default: the config default): rows past it go to disk",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 @friendly_errors
 def plan(
@@ -175,6 +188,8 @@ def plan(
     optimizer,
     perturbation,
     no_dry_run,
+    data_files,
+    cache_prefix_mb,
     as_json,
 ):
     """Estimate fine-tuning's peak memory on a device profile; say what to change if it does
@@ -189,6 +204,19 @@ def plan(
     profile = load_profile(device)
     b = load_bundle(bundle or ensure_default_bundle(click.echo))
     buffers, inplace = run_settings(b, momentum, perturbation, optimizer)
+    lengths = None
+    if data_files:
+        from ..config import FinetuneConfig
+        from ..data import read_jsonl, tokenize_for
+
+        examples = [
+            e
+            for f in data_files
+            for e in tokenize_for(b.manifest, read_jsonl(f), b.tokenizer(), max_length)
+        ]
+        lengths = [len(e.input_ids) for e in examples]
+        if cache_prefix_mb is None:
+            cache_prefix_mb = FinetuneConfig.__dataclass_fields__["cache_prefix_mb"].default
     result = make_plan(
         b,
         profile,
@@ -198,6 +226,8 @@ def plan(
         optim_buffers=buffers,
         inplace=inplace,
         dry_run=not no_dry_run,
+        data_lengths=lengths,
+        cache_prefix_mb=cache_prefix_mb,
     )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits or max_length > profile.max_seq_len:

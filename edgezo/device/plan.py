@@ -11,6 +11,10 @@ Peak memory of a ZO run is that of inference plus a few flat buffers::
 - trainable buffers: the float32 master θ and the feed buffer ONNX Runtime reads (one buffer
   when perturbed in place), plus direction scratch;
 - optimiser state: θ-sized float32 buffers: one for momentum > 0, two for Adam's moments;
+- frozen-prefix rows (a bundle with a prefix/suffix split, ``edgezo.prefix_cache``): every
+  example's cached rows, ``cached_shapes`` floats per token (or per example), held in memory
+  when they fit ``cache_prefix_mb``; past it they are memory-mapped from the run folder and
+  count as disk, not memory (the OS pages them in per batch and may drop them again);
 - activations: what forwards allocate, dominated for a causal LM by the logits
   (batch × sequence × vocabulary floats); an analytic model of the shapes, scaled by measured
   forwards when a dry run is possible. With the CPU arena on, a shape's *second* forward
@@ -69,6 +73,10 @@ class MemoryPlan:
     peak_mb: float
     calibrated: bool
     suggestions: list[str] = field(default_factory=list)
+    prefix_rows_mb: float | None = None
+    """Bytes of the frozen-prefix rows of the data (None: no split, or no data given)."""
+    prefix_rows_where: str | None = None
+    """``memory`` (counted in the peak) or ``disk`` (memory-mapped from the run folder)."""
 
     @property
     def fits(self) -> bool:
@@ -89,6 +97,11 @@ class MemoryPlan:
         how = "calibrated by a dry run" if self.calibrated else "analytic, no dry run"
         lines.append(f"  {'peak'.ljust(width)}  {self.peak_mb:8,.0f} MiB  ({how})")
         lines.append(f"  {'budget'.ljust(width)}  {self.budget_mb:8,} MiB")
+        if self.prefix_rows_where == "disk":
+            lines.append(
+                f"  frozen-prefix rows: {self.prefix_rows_mb:,.0f} MiB on disk "
+                "(prefix_rows.bin in the run folder, memory-mapped: past cache_prefix_mb)"
+            )
         if self.fits:
             lines.append(f"fits: {self.peak_mb / self.budget_mb:.0%} of the memory budget")
         else:
@@ -123,6 +136,45 @@ def activation_bytes(arch: dict[str, Any], batch: int, seq: int) -> float:
     logits = LOGIT_COPIES * tokens * vocab
     layer = tokens * (6 * hidden + 3 * inter) + 2 * batch * heads * seq * seq
     return 4.0 * (logits + layer)
+
+
+def prefix_row_widths(bundle: Bundle, threads: int = 1) -> dict[str, tuple[int, int, int]]:
+    """Per cached tensor of a frozen-prefix split: (values per sequence position, sequence
+    axes, bytes per value), read off one prefix forward of a 1 × 8 batch (the graph's cached
+    shapes can be symbolic: heads, or a [sequence × sequence] mask). Empty without a split."""
+    import numpy as np
+
+    from ..runner import LossRunner, RuntimeOptions
+    from ..zo.params import FlatParams
+
+    st = bundle.manifest.stages
+    if not st:
+        return {}
+    probe = 8
+    runner = LossRunner(
+        bundle.path / st["prefix"],
+        FlatParams([]),
+        ["input_ids", "attention_mask"],
+        RuntimeOptions(threads=threads),
+    )
+    ids = np.arange(3, 3 + probe, dtype=np.int64)[None, :]
+    names = list(st["cached"])
+    values = runner.outputs({"input_ids": ids, "attention_mask": np.ones_like(ids)}, names)
+    axes = st.get("cached_sequence_axes") or {}
+    out = {}
+    for n, v in zip(names, values, strict=True):
+        seq_axes = list(axes.get(n, ()))
+        fixed = int(np.prod([d for k, d in enumerate(v.shape) if k and k not in seq_axes]))
+        out[n] = (fixed, len(seq_axes), int(v.dtype.itemsize))
+    return out
+
+
+def prefix_row_bytes(widths: dict[str, tuple[int, int, int]], lengths: list[int]) -> float:
+    """Bytes the cache holds for examples of ``lengths`` tokens (rows at their own length)."""
+    total = 0.0
+    for fixed, seq_axes, itemsize in widths.values():
+        total += sum(float(fixed) * itemsize * float(n) ** seq_axes for n in lengths)
+    return total
 
 
 def optimizer_buffers(optimizer: str, momentum: float) -> int:
@@ -260,8 +312,14 @@ def estimate(
     inplace: bool,
     cpu_arena: bool = True,
     calibration: dict[str, Any] | None = None,
+    prefix_rows: float | None = None,
+    cache_prefix_mb: float | None = None,
 ) -> MemoryPlan:
-    """Peak resident memory of fine-tuning ``bundle`` at micro-batch × max_length, in MiB."""
+    """Peak resident memory of fine-tuning ``bundle`` at micro-batch × max_length, in MiB.
+
+    ``prefix_rows``: bytes of the training + held-out data's frozen-prefix rows
+    (:func:`prefix_row_bytes`); they count in memory when within ``cache_prefix_mb`` (None:
+    no cap), else they are on disk."""
     arch = bundle.manifest.architecture
     dim = bundle.manifest.trainable_size
     buffers = 4 * dim * (1 if inplace else 2) + SCRATCH_BYTES * min(1.0, dim / (1 << 20))
@@ -285,7 +343,14 @@ def estimate(
     parts["trainable buffers"] = buffers
     parts["optimiser state"] = optim
     parts[f"activations {micro_batch}x{max_length}"] = act
-    steady = runtime_session + buffers + optim + act
+    rows = prefix_rows
+    where = None
+    if rows is not None:
+        where = "memory" if cache_prefix_mb is None or rows / MIB <= cache_prefix_mb else "disk"
+        parts[f"frozen-prefix rows ({'in memory' if where == 'memory' else 'on disk: 0'})"] = (
+            rows if where == "memory" else 0.0
+        )
+    steady = runtime_session + buffers + optim + act + (rows if where == "memory" else 0.0)
     peak = max(steady, load_peak)
     if load_peak > steady:
         parts["(load peak)"] = load_peak
@@ -301,6 +366,8 @@ def estimate(
         parts_mb={k: v / MIB for k, v in parts.items()},
         peak_mb=peak / MIB,
         calibrated=calibration is not None,
+        prefix_rows_mb=None if rows is None else rows / MIB,
+        prefix_rows_where=where,
     )
 
 
@@ -359,9 +426,16 @@ def make_plan(
     optim_buffers: int = 0,
     inplace: bool = False,
     dry_run: bool = True,
+    data_lengths: list[int] | None = None,
+    cache_prefix_mb: float | None = None,
 ) -> MemoryPlan:
-    """The plan for ``bundle`` on ``profile`` (a :class:`edgezo.device.profiles.DeviceProfile`)."""
+    """The plan for ``bundle`` on ``profile`` (a :class:`edgezo.device.profiles.DeviceProfile`);
+    ``data_lengths``: the token count of every training and held-out example, whose
+    frozen-prefix rows are counted (``cache_prefix_mb`` as for :func:`estimate`)."""
     mb = micro_batch or default_micro_batch(batch_size, profile.max_batch_size)
+    rows = None
+    if data_lengths and bundle.manifest.stages:
+        rows = prefix_row_bytes(prefix_row_widths(bundle, profile.threads or 1), data_lengths)
     cal = None
     if dry_run:
         cal = calibrate(
@@ -384,6 +458,8 @@ def make_plan(
             inplace=inplace,
             cpu_arena=profile.cpu_arena,
             calibration=cal,
+            prefix_rows=rows,
+            cache_prefix_mb=cache_prefix_mb,
         )
 
     plan = plan_at(mb)
