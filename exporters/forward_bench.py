@@ -343,7 +343,7 @@ def measure(
         for s in sides
     }
     try:
-        for k, child in children.items():
+        for child in children.values():
             for label, err in child.failed.items():
                 if err:
                     rows[label]["error"] = err

@@ -277,8 +277,8 @@ def export(
     quant_rtol,
 ) -> None:
     """Export a model (Hugging Face folder or GGUF) into a validated edgezo bundle: a causal LM
-    (fp32, int8 or int4: --precision), an encoder classifier (--task classification --labels a,b) or a
-    causal LM scored on label words (--task prompt_classification). Needs the export extra
+    (fp32, int8 or int4: --precision), an encoder classifier (--task classification --labels
+    a,b) or a causal LM scored on label words (--task prompt_classification). Needs the export extra
     (torch, transformers, onnx)."""
 
     def run_export() -> Path:
