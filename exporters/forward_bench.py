@@ -45,6 +45,7 @@ class Side:
     provider: str = "CPUExecutionProvider"
     mode: str = "fp32"  # torch: fp32 | autocast | bf16
     source: str | None = None  # torch: the source model (folder or .gguf)
+    tensors: str | None = None  # trained tensors (safetensors) [default: the bundle's initial]
 
 
 @dataclass
@@ -88,7 +89,7 @@ class OnnxSide:
         self.bundle = b = load_bundle(side.bundle, verify=False)
         self.side = side
         self.st = st
-        self.tensors = b.initial_trainable()
+        self.tensors = trainable_values(b, side.tensors)
         self.feeds = timing_batch(int(b.manifest.architecture["vocab_size"]), st.batch, st.seq)
         self.opts = ort.SessionOptions()
         self.opts.intra_op_num_threads = st.threads
@@ -126,6 +127,10 @@ class OnnxSide:
         feeds = self.suffix_feeds or {**self.feeds, **self.tensors}
         return self.run_sess.run(["loss"], feeds)[0]
 
+    def losses(self) -> np.ndarray:
+        """Per-example losses of the timing batch on the full graph."""
+        return self.full.run(["loss"], {**self.feeds, **self.tensors})[0]
+
     def heldout(self, batches) -> float:
         losses = [self.full.run(["loss"], {**b, **self.tensors})[0] for b in batches]
         return float(np.concatenate(losses).astype(np.float64).mean())
@@ -154,6 +159,14 @@ class OnnxSide:
         return {k: v / total for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
+def trainable_values(bundle, tensors: str | None) -> dict[str, np.ndarray]:
+    if tensors is None:
+        return bundle.initial_trainable()
+    from .handoff import load_tensors
+
+    return load_tensors(bundle, tensors)
+
+
 def prefix_inputs(sess) -> list[str]:
     return [i.name for i in sess.get_inputs()]
 
@@ -162,6 +175,7 @@ class TorchSide:
     """The source model's own forward with ``labels`` and the bundle's LoRA."""
 
     _models: dict[tuple[str, str], Any] = {}
+    pass_position_ids = True
 
     def __init__(self, side: Side, st: Settings):
         import torch
@@ -200,7 +214,7 @@ class TorchSide:
 
         loaded = load_causal_lm(source)
         model = loaded.model.eval()
-        self.pass_position_ids = loaded.arch.pass_position_ids
+        TorchSide.pass_position_ids = loaded.arch.pass_position_ids
         m = b.manifest
         if m.trainable_mode == "lora":
             layers = m.lora.get("layers")
@@ -213,9 +227,10 @@ class TorchSide:
                 excluded=loaded.arch.lora_excluded,
                 layers=tuple(layers) if layers else None,
             )
-        values = dict(b.initial_trainable())
+        values = {}
         if (b.path / FROZEN_LORA_A).is_file():
             values.update(load_file(str(b.path / FROZEN_LORA_A)))
+        values.update(trainable_values(b, self.side.tensors))
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, v in values.items():
@@ -237,20 +252,26 @@ class TorchSide:
             out = self.model(**self.feeds, use_cache=False)
         return float(out.loss)
 
-    def heldout(self, batches) -> float:
-        """Per-example losses (the bundle's definition: ``exporters.loss``), averaged."""
+    def _per_example(self, batches) -> np.ndarray:
+        """Per-example losses (the bundle's definition: ``exporters.loss``)."""
         torch = self.torch
         from .loss import CausalLMLossGraph
 
-        graph = CausalLMLossGraph(self.model, [], getattr(self, "pass_position_ids", True))
+        graph = CausalLMLossGraph(self.model, [], self.pass_position_ids)
         losses = []
         with torch.inference_mode(), self._context():
             for b in batches:
                 ids, mask, labels = (
-                    torch.from_numpy(b[k]) for k in ("input_ids", "attention_mask", "labels")
+                    torch.as_tensor(b[k]) for k in ("input_ids", "attention_mask", "labels")
                 )
                 losses.append(graph(ids, mask, labels, [])[0].float().numpy())
-        return float(np.concatenate(losses).astype(np.float64).mean())
+        return np.concatenate(losses)
+
+    def losses(self) -> np.ndarray:
+        return self._per_example([self.feeds])
+
+    def heldout(self, batches) -> float:
+        return float(self._per_example(batches).astype(np.float64).mean())
 
 
 def serve(spec: dict) -> None:
@@ -277,6 +298,8 @@ def serve(spec: dict) -> None:
                 t = time.perf_counter()
                 out = obj.forward()
                 reply = {"s": time.perf_counter() - t, "loss": float(np.mean(out))}
+            elif cmd == "losses":
+                reply = {"losses": [float(x) for x in obj.losses()]}
             elif cmd == "heldout":
                 if batches is None:
                     batches = heldout_batches(obj.bundle, st.heldout, st.batch, st.heldout_max)
@@ -328,12 +351,18 @@ class Child:
 
 
 def measure(
-    sides: list[Side], st: Settings, repeats: int = 5, profile: bool = False, log=None
+    sides: list[Side],
+    st: Settings,
+    repeats: int = 5,
+    profile: bool = False,
+    log=None,
+    losses: bool = False,
 ) -> dict:
     """Time every side ``repeats`` rounds, alternating; returns ``{"rows": [...], "notes"}``.
 
-    Each row: label, kind, graph/mode, median_s, times, loss (of the timing batch), heldout
-    (when ``st.heldout``), profile (onnx sides, with ``profile``), error (a side that failed).
+    Each row: label, kind, graph/mode, median_s, times, loss (of the timing batch), losses
+    (per example, with ``losses``), heldout (when ``st.heldout``), profile (onnx sides, with
+    ``profile``), error (a side that failed).
     """
     groups = {"onnx": [s for s in sides if s.kind == "onnx"]}
     groups["torch"] = [s for s in sides if s.kind == "torch"]
@@ -359,6 +388,13 @@ def measure(
                 rows[s.label]["loss"] = reply["loss"]
             if log:
                 log(f"round {r + 1}/{repeats} done")
+        if losses:  # per-example losses of the timing batch (full graphs), for parity
+            for s in live:
+                if s.graph == "model" and "error" not in rows[s.label]:
+                    reply = children[s.kind].ask("losses", s.label)
+                    rows[s.label]["losses"] = reply.get("losses")
+                    if "error" in reply:
+                        rows[s.label]["error"] = reply["error"]
         if st.heldout:
             for s in live:
                 if s.graph == "model" and "error" not in rows[s.label]:
