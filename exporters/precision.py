@@ -45,19 +45,27 @@ from onnx import helper, numpy_helper
 
 from edgezo.bundle import PRECISIONS
 from edgezo.errors import EdgezoError
+from edgezo.runner import INT8_FLAGS, cpu_flags, int8_support
 
 from .quantize import gemm_to_matmul, name_matmul_weights
 
 #: ``--quantize`` (kept as an alias) → ``--precision``
 QUANTIZE_ALIASES = {"int8": "int8-dynamic", "int4": "int4"}
 #: the precision → the ``quantize_model`` scheme of :mod:`exporters.quantize`
-__all__ = ["PRECISIONS", "SCOPES", "resolve_precision", "quantize_int8_smooth"]
+__all__ = [
+    "INT8_FLAGS",
+    "PRECISIONS",
+    "SCOPES",
+    "cpu_flags",
+    "int8_support",
+    "quantize_int8_smooth",
+    "resolve_precision",
+]
 SCHEME = {"int8-dynamic": "int8", "int4": "int4"}
 SCOPES = ("all", "prefix")
 SMOOTH_ALPHA = 0.5
 CALIBRATION_NOTES = 8
 CALIBRATION_TOKENS = 64
-INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -82,36 +90,11 @@ def resolve_precision(precision: str | None, quantize: str | None) -> str:
     return precision or alias or "fp32"
 
 
-def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str] | None:
-    """The CPU's feature flags (x86 ``flags``, Arm ``Features``), or None where unknown."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return None
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    return flags or None
-
-
-def int8_support(flags: set[str] | None = None) -> tuple[bool | None, str]:
-    """(whether this CPU has int8 dot-product instructions — None: unknown, the reason)."""
-    flags = cpu_flags() if flags is None else flags
-    if flags is None:
-        return None, "the CPU's feature flags are unknown (no /proc/cpuinfo)"
-    have = [f for f in INT8_FLAGS if f in flags]
-    if have:
-        return True, f"the CPU has {', '.join(have)}"
-    return False, f"the CPU has none of {', '.join(INT8_FLAGS)} (int8 dot-product instructions)"
-
-
 def check_precision_supported(precision: str, flags: set[str] | None = None) -> None:
     """Refuse an int8 precision on a CPU that would run it in slow generic kernels."""
     if not precision.startswith("int8"):
         return
-    ok, reason = int8_support(flags)
+    ok, reason = int8_support(cpu_flags() if flags is None else flags)
     if ok is False:
         raise EdgezoError(
             f"--precision {precision} computes in int8, but {reason}: ONNX Runtime would run "

@@ -135,3 +135,22 @@ def test_manifest_precision_field(make_bundle):
         Manifest.from_json(d)
     d["precision"] = None  # bundles written before the field
     assert Manifest.from_json(d).precision is None
+
+
+def test_runtime_note_without_vnni(make_bundle, monkeypatch):
+    import edgezo.runner as runner
+    from edgezo.errors import EdgezoWarning
+    from edgezo.train import BATCH_INPUTS
+    from edgezo.zo.params import FlatParams
+
+    path = make_bundle("lora", precision="int8")
+    assert runner.precision_note(path, {"avx512_vnni"}) is None
+    assert runner.precision_note(make_bundle("lora"), set()) is None  # fp32: nothing to say
+    note = runner.precision_note(path, {"avx2"})
+    assert "generic kernels" in note and "--precision fp32" in note
+    monkeypatch.setattr(runner, "cpu_flags", lambda path="/proc/cpuinfo": {"avx2"})
+    b = load_bundle(path)
+    params = FlatParams(b.manifest.trainable, inplace=True)
+    with pytest.warns(EdgezoWarning, match="generic kernels"):
+        r = runner.LossRunner(b.model_path, params, BATCH_INPUTS)
+    assert r.notes == [note]
