@@ -65,6 +65,8 @@ TASKS = ("causal_lm", "classification", "prompt_classification")
 #: LoRA adapters, norm weights and biases, every weight, int4 quantisation scales, a
 #: classification head
 TRAINABLE_MODES = ("lora", "norms", "full", "scales", "head")
+#: the frozen weights' arithmetic (``exporters/precision.py`` and docs/guides/precision.md)
+PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4")
 DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
 #: architecture entries the runtime reads as sizes (each optional; null allowed)
 ARCH_SIZES = (
@@ -108,6 +110,9 @@ class Manifest:
     tokenizer: TokenizerSpec | None = None
     lora: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
+    precision: str | None = None
+    """The frozen weights' arithmetic (one of :data:`PRECISIONS`; ``exporters/precision.py``);
+    null in bundles written before it was recorded (fp32, or see ``quantization``)."""
     labels: list[str] | None = None
     """Classification tasks: the ordered class names (class id = position)."""
     prompt: dict[str, Any] | None = None
@@ -316,6 +321,8 @@ def _check_extras(m: Manifest, p: Problems) -> None:
             isinstance(v, list) and all(_int(a) and a >= 0 for a in v) for v in axes.values()
         ):
             p.add("stages.cached_sequence_axes", "must map names to lists of axes", REEXPORT)
+    if m.precision is not None and m.precision not in PRECISIONS:
+        p.add("precision", f"is {show(m.precision)}, not one of {', '.join(PRECISIONS)}", REEXPORT)
     if m.lora is not None:
         rank, freeze = m.lora.get("rank", 1), m.lora.get("freeze_a", False)
         if not (_int(rank) and rank >= 1) or not isinstance(freeze, bool):

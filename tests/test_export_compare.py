@@ -8,6 +8,7 @@ pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from edgezo.errors import EdgezoError  # noqa: E402
 from exporters.compare import compare  # noqa: E402
 
 
@@ -15,10 +16,34 @@ def test_compare_fp32_lora(make_bundle):
     lines = []
     res = compare(make_bundle("lora"), batch=2, seq=12, threads=1, repeats=2, echo=lines.append)
     backends = [r["backend"] for r in res["rows"]]
-    assert backends[0] == "onnxruntime CPUExecutionProvider" and backends[-1] == "pytorch"
+    assert backends[0] == "onnxruntime CPUExecutionProvider"
+    assert backends[-3:] == ["pytorch", "pytorch bf16 autocast", "pytorch bf16 weights"]
     assert res["parity_max_abs_diff"] < 1e-4
     assert all(r["median_s"] > 0 for r in res["rows"])
+    rows = {r["backend"]: r for r in res["rows"]}
+    # bf16 rounds: the same model, a loss near the fp32 one, outside the parity figure
+    bf16 = rows["pytorch bf16 weights"]
+    assert not bf16["parity"] and 0 < bf16["max_abs_diff"] < 0.1 * bf16["loss_mean"]
     assert "parity" in lines[0] and "CPUExecutionProvider" in lines[0]
+
+
+def test_compare_other_precisions(make_bundle):
+    res = compare(
+        make_bundle("lora"),
+        batch=2,
+        seq=12,
+        threads=1,
+        repeats=1,
+        echo=None,
+        others=(make_bundle("lora", precision="int8"),),
+        torch_modes=("fp32",),
+    )
+    rows = {r["backend"]: r for r in res["rows"]}
+    int8 = next(r for k, r in rows.items() if k.startswith("onnxruntime CPU int8"))
+    assert not int8["parity"] and 0 < int8["max_abs_diff"] < 0.1 * int8["loss_mean"]
+    assert res["parity_max_abs_diff"] < 1e-4
+    with pytest.raises(EdgezoError, match="not the same model"):
+        compare(make_bundle("lora"), others=(make_bundle("norms"),), echo=None)
 
 
 def test_compare_quantised_labels_the_reference(make_bundle):
@@ -26,8 +51,8 @@ def test_compare_quantised_labels_the_reference(make_bundle):
         make_bundle("scales", quantize="int4"), batch=2, seq=12, threads=1, repeats=1, echo=None
     )
     assert res["quantization"] == "int4"
-    assert res["rows"][-1]["backend"] == "pytorch (fp32 reference)"
-    assert 0 < res["parity_max_abs_diff"] < 0.1 * res["rows"][-1]["loss_mean"]
+    ref = next(r for r in res["rows"] if r["backend"] == "pytorch (fp32 reference)")
+    assert 0 < res["parity_max_abs_diff"] < 0.1 * ref["loss_mean"]
 
 
 def test_compare_without_source(make_bundle, tmp_path):

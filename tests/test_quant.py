@@ -164,8 +164,8 @@ def test_fed_scales_equal_baked_scales_exactly(make_bundle):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"mode": "scales"}, "needs --quantize int4"),
-        ({"mode": "scales", "quantize": "int8"}, "needs --quantize int4"),
+        ({"mode": "scales"}, "needs --precision int4"),
+        ({"mode": "scales", "quantize": "int8"}, "needs --precision int4"),
         ({"mode": "scales", "quantize": "int4", "accuracy_level": 4}, "silently returns zeros"),
         ({"quantize": "int3"}, "unknown quantisation"),
         ({"quantize": "int4", "block_size": 48}, "block size must be"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..bundle import TASKS, TRAINABLE_MODES
+from ..bundle import PRECISIONS, TASKS, TRAINABLE_MODES
 from ..data import label_names
 from ..errors import EdgezoError
 from .errors import run
@@ -130,7 +130,7 @@ def _resolve_model(model: str) -> str:
     type=click.Choice(TRAINABLE_MODES),
     default=None,
     help="Which tensors are trainable graph inputs [default: lora; head for --task "
-    "classification]; scales trains the int4 scales (needs --quantize int4).",
+    "classification]; scales trains the int4 scales (needs --precision int4).",
 )
 @click.option(
     "--task",
@@ -208,11 +208,27 @@ def _resolve_model(model: str) -> str:
     help="Weights in model.onnx.data [default: when above 256 MiB].",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Arithmetic of the frozen MatMul weights [default: fp32]: int8 (per-channel, "
+    "smoothed, int8 compute; needs VNNI), int8-dynamic (per-tensor int8), int4 "
+    "(MatMulNBits, smaller, not faster). Trainable tensors stay fp32. See "
+    "docs/guides/precision.md.",
+)
+@click.option(
+    "--precision-scope",
+    type=click.Choice(["all", "prefix"]),
+    default="all",
+    show_default=True,
+    help="int8: quantise every frozen MatMul, or only the frozen prefix before the adapted "
+    "blocks (--lora-layers last:N; the suffix each ZO step runs stays fp32).",
+)
+@click.option(
     "--quantize",
     type=click.Choice(["int8", "int4"]),
     default=None,
-    help="Quantise the frozen MatMul weights: int8 (dynamic) or int4 (MatMulNBits) "
-    "[default: fp32]. --mode scales trains the int4 scales.",
+    help="Older spelling of --precision: int8 = int8-dynamic, int4 = int4.",
 )
 @click.option(
     "--block-size",
@@ -255,14 +271,16 @@ def export(
     overwrite,
     tolerance,
     external_data,
+    precision,
+    precision_scope,
     quantize,
     block_size,
     accuracy_level,
     quant_rtol,
 ) -> None:
     """Export a model (Hugging Face folder or GGUF) into a validated edgezo bundle: a causal LM
-    (fp32, int8 or int4), an encoder classifier (--task classification --labels a,b) or a
-    causal LM scored on label words (--task prompt_classification). Needs the export extra
+    (fp32, int8 or int4: --precision), an encoder classifier (--task classification --labels
+    a,b) or a causal LM scored on label words (--task prompt_classification). Needs the export extra
     (torch, transformers, onnx)."""
 
     def run_export() -> Path:
@@ -277,14 +295,16 @@ def export(
         if task != "classification":
             quant = {
                 "quantize": quantize,
+                "precision": precision,
+                "precision_scope": precision_scope,
                 "block_size": int(block_size),
                 "accuracy_level": accuracy_level,
                 "quant_rtol": quant_rtol,
             }
-        elif quantize:
+        elif quantize or (precision or "fp32") != "fp32":
             raise EdgezoError(
-                "--quantize is not supported for --task classification yet",
-                "export the classifier in fp32 (drop --quantize)",
+                "--precision/--quantize are not supported for --task classification yet",
+                "export the classifier in fp32 (drop --precision)",
             )
         measured = (
             task == "causal_lm"

@@ -1,0 +1,327 @@
+"""Export precision: which arithmetic the frozen ``MatMul`` weights of a bundle run in.
+
+============  ===============================================================================
+precision     what happens to the fp32 loss graph (trainable tensors stay float32 inputs)
+============  ===============================================================================
+fp32          nothing
+int8          per-channel int8 weights with SmoothQuant-style smoothing, activations quantised
+              at run time (``DynamicQuantizeMatMul``: u8 x s8 GEMMs on VNNI). Calibrated on a
+              few of the sample notes shipped with edgezo (deterministic).
+int8-dynamic  ``onnxruntime.quantization.quantize_dynamic``: per-tensor int8 weights
+              (``MatMulInteger``; the former ``--quantize int8``; less accurate than int8)
+int4          ``MatMulNBits`` weight-only 4-bit (the former ``--quantize int4``; computes in
+              fp32 at accuracy level 0: smaller, not faster, on 512-row batches)
+============  ===============================================================================
+
+``scope`` (int8 only): ``all`` quantises every frozen ``MatMul`` (the LM head included);
+``prefix`` only those of the blocks before the first adapted block, so that the frozen prefix
+the runtime caches runs in int8 and the suffix each ZO step evaluates stays fp32 (an example's
+suffix loss then does not depend on its batch-mates through the run-time activation scale).
+
+Smoothing (Xiao et al., SmoothQuant, with α = :data:`SMOOTH_ALPHA`): for every activation ``X``
+read by quantised ``MatMul`` s, a per-input-channel factor ``s_k = max|X_k|^α / max|W_k|^(1-α)``
+moves the activation's outlier channels into the weights: ``X W = (X / s)(s W)``. ``1 / s`` is
+folded into the RMSNorm weight that produced ``X`` when nothing else reads ``X`` (the LoRA
+branch of ``v_proj`` reads it too, so there it is a ``Mul`` node), else applied by a ``Mul``.
+The weights ``s W`` are then quantised symmetrically per output column (scale = max|column| /
+127).
+
+int8 compute needs a CPU with int8 dot-product instructions (x86 VNNI: ``avx512_vnni``,
+``avx_vnni`` or ``amx_int8``; Arm: ``asimddp``); elsewhere ONNX Runtime runs it in slow generic
+kernels, so the export refuses it (:func:`check_precision_supported`) and a bundle loaded on such
+a CPU gets a note.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgezo.bundle import PRECISIONS
+from edgezo.errors import EdgezoError
+from edgezo.runner import INT8_FLAGS, cpu_flags, int8_support
+
+from .quantize import gemm_to_matmul, name_matmul_weights
+
+#: ``--quantize`` (kept as an alias) → ``--precision``
+QUANTIZE_ALIASES = {"int8": "int8-dynamic", "int4": "int4"}
+#: the precision → the ``quantize_model`` scheme of :mod:`exporters.quantize`
+__all__ = [
+    "INT8_FLAGS",
+    "PRECISIONS",
+    "SCOPES",
+    "cpu_flags",
+    "int8_support",
+    "quantize_int8_smooth",
+    "resolve_precision",
+]
+SCHEME = {"int8-dynamic": "int8", "int4": "int4"}
+SCOPES = ("all", "prefix")
+SMOOTH_ALPHA = 0.5
+CALIBRATION_NOTES = 8
+CALIBRATION_TOKENS = 64
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def resolve_precision(precision: str | None, quantize: str | None) -> str:
+    """The one precision of ``--precision`` and its alias ``--quantize``."""
+    if quantize is not None and quantize not in QUANTIZE_ALIASES:
+        raise EdgezoError(
+            f"unknown quantisation {quantize!r}",
+            f"pass --precision as one of: {', '.join(PRECISIONS)}",
+        )
+    alias = QUANTIZE_ALIASES.get(quantize) if quantize else None
+    if precision is not None and precision not in PRECISIONS:
+        raise EdgezoError(
+            f"unknown precision {precision!r}",
+            f"pass --precision as one of: {', '.join(PRECISIONS)}",
+        )
+    if precision is not None and alias is not None and precision != alias:
+        raise EdgezoError(
+            f"--precision {precision} and --quantize {quantize} (= --precision {alias}) disagree",
+            "pass --precision only (--quantize is its older spelling)",
+        )
+    return precision or alias or "fp32"
+
+
+def check_precision_supported(precision: str, flags: set[str] | None = None) -> None:
+    """Refuse an int8 precision on a CPU that would run it in slow generic kernels."""
+    if not precision.startswith("int8"):
+        return
+    ok, reason = int8_support(cpu_flags() if flags is None else flags)
+    if ok is False:
+        raise EdgezoError(
+            f"--precision {precision} computes in int8, but {reason}: ONNX Runtime would run "
+            "it in generic kernels, slower than fp32",
+            "export with --precision fp32 (or int4 for a smaller bundle) on this machine",
+        )
+
+
+def layer_of(weight: str) -> int | None:
+    m = _LAYER.search(weight)
+    return int(m[1]) if m else None
+
+
+def prefix_only(first_adapted: int) -> Callable[[str], bool]:
+    """``keep(weight)`` for scope ``prefix``: the blocks before ``first_adapted`` only."""
+
+    def keep(weight: str) -> bool:
+        layer = layer_of(weight)
+        return layer is not None and layer < first_adapted
+
+    return keep
+
+
+def calibration_feeds(
+    tokenizer, vocab_size: int, trainables: dict[str, np.ndarray], notes: Path | None = None
+) -> list[dict[str, np.ndarray]]:
+    """One unpadded batch per note: the first :data:`CALIBRATION_NOTES` sample notes, cut to
+    :data:`CALIBRATION_TOKENS` tokens, at the bundle's initial trainable values."""
+    import json
+
+    from edgezo.defaults import default_data
+
+    path = notes or default_data()[0]
+    feeds = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if len(feeds) == CALIBRATION_NOTES:
+                break
+            text = json.loads(line)["text"]
+            ids = [i for i in tokenizer(text)["input_ids"] if 0 <= i < vocab_size]
+            ids = ids[:CALIBRATION_TOKENS]
+            if len(ids) < 2:
+                continue
+            x = np.asarray([ids], dtype=np.int64)
+            feeds.append(
+                {
+                    "input_ids": x,
+                    "attention_mask": np.ones_like(x),
+                    "labels": x.copy(),
+                    **trainables,
+                }
+            )
+    if not feeds:
+        raise EdgezoError(
+            f"no calibration text in {path}", "the sample notes shipped with edgezo are missing"
+        )
+    return feeds
+
+
+def _targets(model: onnx.ModelProto, keep: Callable[[str], bool]) -> list[onnx.NodeProto]:
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        for i in node.input:
+            uses[i] += 1
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and n.input[1] in inits
+        and uses[n.input[1]] == 1
+        and len(inits[n.input[1]].dims) == 2
+        and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
+        and keep(n.input[1])
+    ]
+
+
+def activation_ranges(
+    model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """max |X_k| per last-axis channel of each tensor in ``names`` over ``feeds`` (the graph
+    run with those tensors as extra outputs)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for n in names:
+        if n not in present:
+            probe.graph.output.append(
+                helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+            )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in sess.get_inputs()}
+    ranges: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        outs = sess.run(list(names), {k: v for k, v in feed.items() if k in wanted})
+        for n, x in zip(names, outs, strict=True):
+            r = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float64)
+            ranges[n] = np.maximum(ranges[n], r) if n in ranges else r
+    return ranges
+
+
+def quantize_int8_smooth(
+    model: onnx.ModelProto,
+    feeds: Sequence[dict[str, np.ndarray]],
+    keep: Callable[[str], bool] = lambda _w: True,
+    alpha: float = SMOOTH_ALPHA,
+) -> tuple[onnx.ModelProto, dict]:
+    """Per-channel int8 ``DynamicQuantizeMatMul`` with smoothing on the frozen ``MatMul`` s
+    whose weight name ``keep`` accepts; in place; returns (model, manifest ``quantization``)."""
+    inputs = [i.name for i in model.graph.input]
+    gemms = gemm_to_matmul(model)
+    name_matmul_weights(model)
+    targets = _targets(model, keep)
+    if not targets:
+        raise EdgezoError(
+            "nothing to quantise: no MatMul of this graph has a frozen weight in scope (with "
+            "--mode full every weight is a trainable graph input)",
+            "use --mode lora or norms with --precision int8, or export in fp32",
+        )
+    g = model.graph
+    # the outputs' types, for the graph tools that cannot infer a contrib op's (extract_model)
+    outs = {o for n in targets for o in n.output}
+    known = {v.name for v in g.value_info} & outs
+    if known != outs:
+        typed = onnx.shape_inference.infer_shapes(model).graph.value_info
+        g.value_info.extend(v for v in typed if v.name in outs - known)
+    inits = {t.name: t for t in g.initializer}
+    groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in targets:
+        groups[n.input[0]].append(n)
+    ranges = activation_ranges(model, list(groups), feeds)
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    producer: dict[str, tuple[int, onnx.NodeProto]] = {}
+    uses: dict[str, int] = defaultdict(int)
+    for k, node in enumerate(g.node):
+        for i in node.input:
+            consumers[i].append(node)
+            uses[i] += 1
+        for o in node.output:
+            producer[o] = (k, node)
+    weights = {n.input[1]: numpy_helper.to_array(inits[n.input[1]]) for n in targets}
+    folded = inserted = 0
+    new_nodes: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # after node index
+    for x, nodes in groups.items():
+        amax = ranges[x]
+        wmax = np.max([np.abs(weights[n.input[1]]).max(axis=1) for n in nodes], axis=0)
+        s = np.where(
+            (amax > 0) & (wmax > 0),
+            np.power(np.maximum(amax, 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1 - alpha),
+            1.0,
+        )
+        s = np.clip(s, 1e-4, 1e4)
+        for n in nodes:
+            weights[n.input[1]] = weights[n.input[1]] * s[:, None]
+        after, src = producer.get(x, (-1, None))
+        norm = None
+        if src is not None and src.op_type == "Mul" and len(consumers[x]) == len(nodes):
+            for i in src.input:
+                t = inits.get(i)
+                if t is not None and list(t.dims) == [len(s)] and uses[i] == 1:
+                    norm = t
+        if norm is not None:
+            w = numpy_helper.to_array(norm).astype(np.float64) / s
+            norm.CopyFrom(numpy_helper.from_array(w.astype(np.float32), norm.name))
+            folded += 1
+            xs = x
+        else:
+            xs = f"{x}_smoothed"
+            inv = f"{x}_smooth_inv"
+            g.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+            mul = helper.make_node("Mul", [x, inv], [xs], name=f"{x}_smooth")
+            new_nodes[after].append(mul)
+            inserted += 1
+        for n in nodes:
+            n.input[0] = xs
+    # the quantised weights and the nodes, in graph order (a smoothing Mul right after the
+    # node producing its input)
+    for n in targets:
+        name = n.input[1]
+        w = weights[name]
+        scale = np.abs(w).max(axis=0) / 127.0
+        scale = np.where(scale > 0, scale, 1.0)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        g.initializer.remove(inits[name])
+        g.initializer.append(numpy_helper.from_array(q, f"{name}_int8"))
+        g.initializer.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"))
+        dq = helper.make_node(
+            "DynamicQuantizeMatMul",
+            [n.input[0], f"{name}_int8", f"{name}_scale"],
+            list(n.output),
+            name=(n.name or name) + "_int8",
+            domain="com.microsoft",
+        )
+        n.CopyFrom(dq)
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(new_nodes.get(-1, []))
+    for k, node in enumerate(nodes):
+        g.node.append(node)
+        g.node.extend(new_nodes.get(k, []))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    lost = [n for n in inputs if n not in {i.name for i in g.input}]
+    if lost:
+        raise EdgezoError(
+            f"int8 quantisation lost graph inputs {lost}",
+            "this is an exporter bug; report it with the model you exported",
+        )
+    info = {
+        "scheme": "int8",
+        "method": "per-channel int8 weights with SmoothQuant smoothing (alpha "
+        f"{alpha}), activations quantised at run time (DynamicQuantizeMatMul)",
+        "bits": 8,
+        "block_size": None,
+        "accuracy_level": None,
+        "symmetric": True,
+        "per_channel": True,
+        "smoothing_alpha": alpha,
+        "smoothing_folded": folded,
+        "smoothing_muls": inserted,
+        "calibration_batches": len(feeds),
+        "quantized_matmuls": len(targets),
+        "gemm_rewritten": gemms,
+        "op": "DynamicQuantizeMatMul",
+    }
+    return model, info
