@@ -73,6 +73,7 @@ def export_causal_lm(
     labels: Sequence[str] | None = None,
     template: str | None = None,
     label_words: Sequence[str] | None = None,
+    decoder: bool | None = None,
 ) -> Path:
     """Export a causal LM into a validated bundle folder ``out``; returns ``out``.
 
@@ -105,6 +106,8 @@ def export_causal_lm(
         task: ``causal_lm`` or ``prompt_classification`` (then ``labels``, a ``template``
             holding ``{text}``, e.g. ``"{text}\nTopic:"``, and one of ``label_words`` per
             label, e.g. ``" cooking"``: their first tokens must differ).
+        decoder: also write the KV-cache decoding graph for ``edgezo generate``
+            (``exporters/decode.py``); ``None``: for an fp32 ``causal_lm`` bundle.
 
     Raises:
         EdgezoError: bad arguments, unsupported architecture, or a failed validation; no
@@ -310,6 +313,15 @@ def export_causal_lm(
             },
         )
         extra = []
+        if decoder is None:
+            decoder = task == "causal_lm" and not quantize
+        if decoder:
+            from .decode import build_decoder
+
+            dec_files, manifest.decoder = build_decoder(
+                loaded, specs, values, stage, seed, tolerance, quant_info, say
+            )
+            extra += dec_files
         if lora is not None and lora.freeze_a:  # the adapter hand-off needs A too
             frozen = [s.name.replace("lora_B.", "lora_A.") for s in specs]
             save_file(
