@@ -361,7 +361,7 @@ def export_bundle(
     if task == "classification":
         from .classification import export_classifier
 
-        placement = ("lora_layers", "lora_freeze_a")  # causal LM options
+        placement = ("lora_layers", "lora_freeze_a", "decoder")  # causal LM options
         kw = {k: v for k, v in kw.items() if not (k in placement and not v)}
         bad = sorted(
             set(kw)

@@ -300,6 +300,19 @@ def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
 @click.option(
     "--compare", is_flag=True, help="also print the continuation with the bundle's initial tensors"
 )
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="wrap the prompt in the tokenizer's chat template (Instruct models)",
+)
+@click.option(
+    "--stop", multiple=True, help="stop before this text (repeat for several stop strings)"
+)
+@click.option(
+    "--kv-cache/--no-kv-cache",
+    default=None,
+    help="use the bundle's decoding graph [default: when the bundle has one]",
+)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @friendly_errors
 def generate_cmd(
@@ -314,20 +327,26 @@ def generate_cmd(
     seed,
     max_length,
     compare,
+    chat,
+    stop,
+    kv_cache,
     provider,
 ):
-    """Continue --prompt with the personalised tensors (no KV cache: for short continuations)."""
+    """Continue --prompt with the personalised tensors, printed token by token (a KV cache
+    when the bundle has a decoding graph; see docs/guides/generate.md)."""
     import numpy as np
 
     from ..generate import TextGenerator, resolve
     from ..runner import RuntimeOptions
 
     b, tensors = resolve(bundle, tensors, run_dir)
-    gen = TextGenerator(b, RuntimeOptions(provider=provider))
+    gen = TextGenerator(b, RuntimeOptions(provider=provider), kv_cache=kv_cache)
+    for note in gen.notes:
+        click.echo(f"note: {note}", err=True)
 
     def run(t):
         gen.load(t)
-        return gen.generate(
+        pieces = gen.stream(
             prompt,
             max_new_tokens,
             temperature,
@@ -335,15 +354,19 @@ def generate_cmd(
             top_p,
             np.random.default_rng(seed),
             max_length=max_length,
+            stop=stop,
+            chat=chat,
         )
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
 
-    out = run(tensors)
-    if not compare:
-        click.echo(out.text)
-        return
-    base = run(None)
-    click.echo(f"trained ({tensors or 'initial tensors'}):\n{out.text}")
-    click.echo(f"initial (bundle {b.path}):\n{base.text}")
+    if compare:
+        click.echo(f"trained ({tensors or 'initial tensors'}):")
+    run(tensors)
+    if compare:
+        click.echo(f"initial (bundle {b.path}):")
+        run(None)
 
 
 # -- replay -----------------------------------------------------------------------------------
