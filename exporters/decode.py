@@ -357,6 +357,12 @@ def build_decoder(
     model = export_decoder_graph(
         graph, values, names, stage / DECODER, loaded.vocab_size, past, generator
     )
+    from .export import _frozen_tied_embedding
+    from .onnx_export import dedupe_tied_head
+
+    tied = _frozen_tied_embedding(loaded, set(names))
+    if tied is not None:  # the LM head's folded transposed copy of the embedding, as in model.onnx
+        dedupe_tied_head(model, tied)
     n_shared, shared_bytes = share_external_data(model, stage)
     files = save_decoder(model, stage)
     del model
@@ -403,10 +409,7 @@ def add_decoder(
     """
     from dataclasses import replace
 
-    from edgezo import atomic
-
     from .load import load_causal_lm
-    from .lora import layer_index  # noqa: F401 (the LoRA placement is read from the manifest)
     from .trainables import LoraSettings, select_trainables
 
     say = progress or (lambda _line: None)
@@ -473,6 +476,5 @@ def add_decoder(
             raise EdgezoError("the bundle fingerprint changed", "report this bug")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    del atomic
     say(f"decoding graph added to {folder} (fingerprint {before} unchanged)")
     return folder
