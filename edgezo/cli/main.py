@@ -15,6 +15,8 @@ from .devices import devices
 from .errors import friendly_errors, notes_as_lines
 from .export import export
 from .federate import federate
+from .handoff import handoff
+from .report import report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +29,8 @@ def main() -> None:
 # -- export and compare (desktop) ---------------------------------------------------------
 
 main.add_command(export)
+main.add_command(handoff)
+main.add_command(report)
 
 
 @main.command(
