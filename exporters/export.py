@@ -142,6 +142,11 @@ def export_causal_lm(
                 "label words",
                 "pass one --label-words entry per label, in the same order",
             )
+    if decoder and quantize:
+        raise EdgezoError(
+            "the decoding graph (--decoder) of a quantised bundle is not exported yet",
+            "drop --decoder (generate then re-runs the loss graph), or export in fp32",
+        )
     check_destination(out, overwrite)  # fail before the slow load
 
     t0 = time.perf_counter()
