@@ -301,6 +301,15 @@ def write_genai_model(b, out: Path) -> None:
     # is optional, which is what ONNX Runtime's adapters (and GenAI without one) need
     for name, value in b.initial_trainable().items():
         g.initializer.append(numpy_helper.from_array(value, name))
+    if b.manifest.lora and b.manifest.lora.get("freeze_a"):
+        # LoRA-FA: A is baked into the graph (frozen, the same values as the adapter's); its
+        # names are declared as optional inputs so the adapter file, which carries A for
+        # models that take it as an input, loads here too (ONNX Runtime refuses unknown names)
+        for name, value in frozen_lora_a(b).items():
+            g.input.append(
+                helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(value.shape))
+            )
+            g.initializer.append(numpy_helper.from_array(value, name))
     onnx.save_model(model, str(out / "model.onnx"))
     for f in b.manifest.decoder_files() | set(b.manifest.files):  # external data it names
         if f.endswith(".data") and f in _external_files(model):
