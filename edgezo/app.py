@@ -87,6 +87,7 @@ class Personalizer:
         self._result: Any = None
         self._error: BaseException | None = None
         self._scorer: Any = None
+        self._writer: Any = None
 
     def _device_arg(self, profile: Any) -> str | None:
         from .device.profiles import DeviceProfile
@@ -162,6 +163,7 @@ class Personalizer:
         self._go.set()
         self._result = self._error = None
         self._scorer = None
+        self._writer = None
         self._thread = threading.Thread(
             target=self._work, args=(cfg, resume, on_progress), name="edgezo-fit", daemon=True
         )
@@ -285,3 +287,61 @@ class Personalizer:
     def loss(self, examples: Iterable[dict[str, str]]) -> float:
         """Mean per-example loss of ``examples`` with the personalised weights."""
         return float(np.mean(self._losses(list(examples)), dtype=np.float64))
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        chat: bool = False,
+        max_length: int = 256,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """Continue ``prompt`` with the personalised weights (the initial ones before any fit);
+        greedy unless ``temperature > 0`` (then seeded by ``seed``). ``on_text`` receives the
+        text piece by piece as it is generated (streaming); the whole continuation is returned.
+        Uses the bundle's KV-cache decoding graph when it has one."""
+        if self.running:
+            raise EdgezoError(
+                "the model is being personalised",
+                "wait() for the fit (or cancel() it) before generating",
+            )
+        if self._writer is None:
+            from .bundle import load_bundle
+            from .device.limits import runtime_options
+            from .device.resolve import load_profile
+            from .generate import TextGenerator
+            from .runner import RuntimeOptions
+
+            b = load_bundle(self.bundle)
+            opts = RuntimeOptions()
+            if self.device is not None:
+                opts = runtime_options(load_profile(self.device))
+            writer = TextGenerator(b, opts)
+            for note in writer.notes:
+                self.log(f"note: {note}")
+            trained = self.run_dir / "trained.safetensors"
+            writer.load(trained if trained.is_file() else None)
+            self._writer = writer
+        rng = np.random.default_rng(seed) if temperature > 0 else None
+        pieces = []
+        for piece in self._writer.stream(
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            rng,
+            max_length=max_length,
+            stop=tuple(stop),
+            chat=chat,
+        ):
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        return "".join(pieces)

@@ -123,6 +123,11 @@ class Manifest:
     files, the ``cached`` tensor names and the ``suffix_inputs`` read from the batch."""
     parity: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, Any] = field(default_factory=dict)
+    decoder: dict[str, Any] | None = None
+    """Optional KV-cache decoding graph for ``edgezo generate`` (``exporters/decode.py``):
+    ``graph`` and ``files``, ``num_layers``/``num_kv_heads``/``head_dim`` of the past, parity,
+    and ``chat`` (the chat template rendered around one message: ``prefix``/``suffix``). Left
+    out of the fingerprint, so adding it to a bundle keeps its runs replayable."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -134,6 +139,8 @@ class Manifest:
         d["inputs"] = [_spec_dict(s) for s in self.inputs]
         d["outputs"] = [_spec_dict(s) for s in self.outputs]
         d["trainable"] = [_spec_dict(s) for s in self.trainable]
+        if d["decoder"] is None:  # absent, not null: older manifests keep their exact JSON
+            del d["decoder"]
         return d
 
     @classmethod
@@ -199,7 +206,15 @@ class Manifest:
         for key in ("prefix", "suffix"):
             if self.stages and isinstance(self.stages.get(key), str):
                 out[f"stages.{key}"] = self.stages[key]
+        if self.decoder and isinstance(self.decoder.get("graph"), str):
+            out["decoder.graph"] = self.decoder["graph"]
         return out
+
+    def decoder_files(self) -> set[str]:
+        """The files of the decoding graph (not covered by the fingerprint)."""
+        d = self.decoder or {}
+        files = d.get("files")
+        return {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
 
 
 # -- the checks of Manifest.validate ----------------------------------------------------------
@@ -323,10 +338,30 @@ def _check_extras(m: Manifest, p: Problems) -> None:
             p.add("stages.cached_sequence_axes", "must map names to lists of axes", REEXPORT)
     if m.precision is not None and m.precision not in PRECISIONS:
         p.add("precision", f"is {show(m.precision)}, not one of {', '.join(PRECISIONS)}", REEXPORT)
+    if m.decoder is not None:
+        _check_decoder(m.decoder, p)
     if m.lora is not None:
         rank, freeze = m.lora.get("rank", 1), m.lora.get("freeze_a", False)
         if not (_int(rank) and rank >= 1) or not isinstance(freeze, bool):
             p.add("lora", "needs rank >= 1 and freeze_a true/false", REEXPORT)
+
+
+def _check_decoder(d: dict[str, Any], p: Problems) -> None:
+    if not isinstance(d.get("graph"), str):
+        p.add("decoder.graph", "must be a graph file name", REEXPORT)
+    files = d.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        p.add("decoder.files", "must be a list of file names", REEXPORT)
+    elif d.get("graph") not in files:
+        p.add("decoder.files", "must list decoder.graph", REEXPORT)
+    for key in ("num_layers", "num_kv_heads", "head_dim"):
+        if not (_int(d.get(key)) and 0 < d[key] < 1 << 20):
+            p.add(f"decoder.{key}", f"is {show(d.get(key))}, not a positive integer", REEXPORT)
+    chat = d.get("chat")
+    if chat is not None and not (
+        isinstance(chat, dict) and all(isinstance(chat.get(k), str) for k in ("prefix", "suffix"))
+    ):
+        p.add("decoder.chat", "must hold the strings prefix and suffix", REEXPORT)
 
 
 def unsafe_name(name: Any) -> str | None:
@@ -371,15 +406,22 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest, files: list[st
 
 def fingerprint_of(manifest: Manifest) -> str:
     """The identity of a bundle (version 2): sha256 over its manifest in canonical JSON
-    (sorted keys, no spaces) — which holds every file's sha256 — as ``fp2-`` + 16 hex."""
-    text = json.dumps(manifest.to_json(), sort_keys=True, separators=(",", ":"))
+    (sorted keys, no spaces) — which holds every file's sha256 — as ``fp2-`` + 16 hex. The
+    optional decoding graph (``decoder`` and its files) is left out: it does not change what a
+    run trains, and adding it to an older bundle must not orphan that bundle's ledgers."""
+    d = manifest.to_json()
+    d.pop("decoder", None)  # an added decoding graph is not a different bundle to train on
+    skip = manifest.decoder_files()
+    d["files"] = {k: v for k, v in d["files"].items() if k not in skip}
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return FINGERPRINT_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def legacy_fingerprint_of(manifest: Manifest) -> str:
     """Version 1 (edgezo 0.1): the hash of the files' hashes only, blind to the manifest."""
     h = hashlib.sha256()
-    for name in sorted(manifest.files):
+    skip = manifest.decoder_files()
+    for name in sorted(set(manifest.files) - skip):
         h.update(f"{name}:{manifest.files[name]['sha256']}\n".encode())
     return h.hexdigest()[:16]
 

@@ -106,6 +106,7 @@ def export_causal_lm(
     labels: Sequence[str] | None = None,
     template: str | None = None,
     label_words: Sequence[str] | None = None,
+    decoder: bool | None = None,
 ) -> Path:
     """Export a causal LM into a validated bundle folder ``out``; returns ``out``.
 
@@ -148,6 +149,8 @@ def export_causal_lm(
         task: ``causal_lm`` or ``prompt_classification`` (then ``labels``, a ``template``
             holding ``{text}``, e.g. ``"{text}\nTopic:"``, and one of ``label_words`` per
             label, e.g. ``" cooking"``: their first tokens must differ).
+        decoder: also write the KV-cache decoding graph for ``edgezo generate``
+            (``exporters/decode.py``); ``None``: for an fp32 ``causal_lm`` bundle.
 
     Raises:
         EdgezoError: bad arguments, unsupported architecture, or a failed validation; no
@@ -198,6 +201,11 @@ def export_causal_lm(
                 "label words",
                 "pass one --label-words entry per label, in the same order",
             )
+    if decoder and quantize:
+        raise EdgezoError(
+            "the decoding graph (--decoder) of a quantised bundle is not exported yet",
+            "drop --decoder (generate then re-runs the loss graph), or export in fp32",
+        )
     check_destination(out, overwrite)  # fail before the slow load
 
     t0 = time.perf_counter()
@@ -394,6 +402,15 @@ def export_causal_lm(
             },
         )
         extra = []
+        if decoder is None:
+            decoder = task == "causal_lm" and not quantize
+        if decoder:
+            from .decode import build_decoder
+
+            dec_files, manifest.decoder = build_decoder(
+                loaded, specs, values, stage, seed, tolerance, quant_info, say
+            )
+            extra += dec_files
         if lora is not None and lora.freeze_a:  # the adapter hand-off needs A too
             frozen = [s.name.replace("lora_B.", "lora_A.") for s in specs]
             save_file(
@@ -433,7 +450,7 @@ def export_bundle(
     if task == "classification":
         from .classification import export_classifier
 
-        placement = ("lora_layers", "lora_freeze_a")  # causal LM options
+        placement = ("lora_layers", "lora_freeze_a", "decoder")  # causal LM options
         kw = {k: v for k, v in kw.items() if not (k in placement and not v)}
         bad = sorted(
             set(kw)

@@ -131,6 +131,7 @@ def test_bad_examples_and_busy(bundle, profile, tmp_path):
 
 
 def test_example_app_runs(bundle, profile, tmp_path):
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -152,6 +153,8 @@ def test_example_app_runs(bundle, profile, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        # this checkout's edgezo, not an installed one (the script's folder is tools/)
+        env={**os.environ, "PYTHONPATH": str(tool.parents[1])},
     )
     assert r.returncode == 0, r.stderr
     assert "[edgezo] step 6/6" in r.stdout and "loss of two texts after" in r.stdout

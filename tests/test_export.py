@@ -67,7 +67,8 @@ def test_bundle_loads_and_graph_matches_manifest(make_bundle, mode):
     assert m.task == "causal_lm" and m.trainable_mode == mode
     assert m.architecture["family"] == "llama" and m.architecture["model_type"] == "llama"
     assert m.architecture["num_parameters"] == 20256
-    assert set(m.files) == {"model.onnx", "trainable.safetensors", "tokenizer.json"}
+    # the KV-cache decoding graph (exporters/decode.py) is written for every fp32 causal LM
+    assert set(m.files) == {"model.onnx", "trainable.safetensors", "tokenizer.json", "decoder.onnx"}
     assert m.tokenizer.pad_token_id == 0 and m.tokenizer.eos_token_id == 1
     assert m.tokenizer.add_bos is False
     assert m.exporter["opset"] >= 17 and m.exporter["torch"].startswith("2.")

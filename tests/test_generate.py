@@ -24,7 +24,8 @@ def bundle_path(make_bundle):
 
 @pytest.fixture(scope="module")
 def gen(bundle_path):
-    return TextGenerator(load_bundle(bundle_path))
+    # the recompute path (the loss graph's next_logits); the KV cache: tests/test_decode.py
+    return TextGenerator(load_bundle(bundle_path), kv_cache=False)
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,136 @@ def test_handoff_cli(make_bundle, tmp_path):
     assert (out / "adapter_config.json").is_file()
     again = CliRunner().invoke(main, ["--bundle", str(bundle), "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def _greedy(bundle: Path, values: dict, prompt: str, n: int) -> tuple[list[int], list[int]]:
+    from edgezo.generate import TextGenerator
+
+    gen = TextGenerator(load_bundle(bundle))
+    gen.params.load(values)
+    return gen.encode(prompt), gen.generate(prompt, n).token_ids
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_onnx_adapter_loads_in_onnxruntime(make_bundle, tmp_path, freeze_a):
+    from exporters.handoff import ADAPTER_FILE, read_onnx_adapter
+
+    bundle = make_bundle("lora", **({"lora_freeze_a": True} if freeze_a else {}))
+    tensors, values = trained(bundle, tmp_path)
+    out = handoff(bundle, tmp_path / "ad", tensors, fmt="onnx_adapter")
+    stored = read_onnx_adapter(out / ADAPTER_FILE)
+    assert all(np.array_equal(stored[k], v) for k, v in values.items())
+    assert len(stored) == len(values) * (2 if freeze_a else 1)  # LoRA-FA: A is written too
+    # ONNX Runtime's own adapter loading (RunOptions.add_active_adapter), on the GenAI model
+    # folder's graph (LoRA inputs optional, defaulting to the initial values), must give the
+    # logits of feeding the trained tensors to the bundle's decoding graph directly
+    pytest.importorskip("onnx")
+    from exporters.handoff import GENAI_DIR
+
+    out = handoff(bundle, tmp_path / "ad-genai", tensors, fmt="onnx_adapter", genai_model=True)
+    b = load_bundle(bundle)
+    plain = ort.InferenceSession(
+        str(bundle / b.manifest.decoder["graph"]), providers=["CPUExecutionProvider"]
+    )
+    sess = ort.InferenceSession(
+        str(out / GENAI_DIR / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    ids, _, _ = batch()
+    d = b.manifest.decoder
+    feed = {
+        "input_ids": ids[:1],
+        "attention_mask": np.ones_like(ids[:1]),
+        **{
+            i.name: np.zeros((1, d["num_kv_heads"], 0, d["head_dim"]), np.float32)
+            for i in plain.get_inputs()
+            if i.name.startswith("past_key_values.")
+        },
+    }
+    direct = plain.run(["logits"], {**feed, **values})[0]
+    initial = sess.run(["logits"], feed)[0][:, 0]
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(out / ADAPTER_FILE))
+    opts = ort.RunOptions()
+    opts.add_active_adapter(adapter)
+    via_adapter = sess.run(["logits"], feed, run_options=opts)[0][:, 0]
+    np.testing.assert_allclose(via_adapter, direct, atol=1e-6)
+    assert np.abs(initial - direct).max() > 1e-3  # the adapter changed the output
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_genai_generates_edgezo_greedy_tokens(make_bundle, tmp_path, freeze_a):
+    og = pytest.importorskip("onnxruntime_genai")
+    from exporters.handoff import ADAPTER_FILE, GENAI_DIR
+
+    bundle = make_bundle("lora", **({"lora_freeze_a": True} if freeze_a else {}))
+    tensors, values = trained(bundle, tmp_path)
+    out = handoff(bundle, tmp_path / "genai", tensors, fmt="onnx_adapter", genai_model=True)
+    model = og.Model(str(out / GENAI_DIR))
+    adapters = og.Adapters(model)
+    adapters.load(str(out / ADAPTER_FILE), "personal")
+    for prompt in ("the cat", "we bake bread on sunday."):
+        ids, ours = _greedy(bundle, values, prompt, 24)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.set_active_adapter(adapters, "personal")
+        gen.append_tokens(ids)
+        theirs = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            theirs.append(int(gen.get_next_tokens()[0]))
+        eos = load_bundle(bundle).manifest.tokenizer.eos_token_id
+        theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs
+        assert theirs == ours and len(ours) > 5
+
+
+@pytest.mark.parametrize("mode", ["norms", "full", "lora"])
+def test_merged_hf_folder_loads_with_same_loss(make_bundle, tmp_path, mode):
+    from transformers import AutoModelForCausalLM
+
+    bundle = make_bundle(mode)
+    tensors, values = trained(bundle, tmp_path)
+    out = handoff(bundle, tmp_path / f"hf-{mode}", tensors, fmt="hf")
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids, mask, _ = batch()
+    want = onnx_loss(bundle, values)
+    with torch.no_grad():
+        for row in range(len(ids)):
+            n = int(mask[row].sum())
+            x = torch.tensor(ids[row : row + 1, :n])
+            assert abs(model(input_ids=x, labels=x).loss.item() - float(want[row])) < 1e-4
+
+
+def test_edgezo_handoff_cli(make_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from edgezo.cli import main
+
+    bundle = make_bundle("norms")
+    tensors, _ = trained(bundle, tmp_path)
+    args = ["handoff", "--bundle", str(bundle), "--tensors", str(tensors), "--format", "hf"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+    r = CliRunner().invoke(
+        main,
+        [
+            "handoff",
+            "--bundle",
+            str(bundle),
+            "--format",
+            "onnx_adapter",
+            "--out",
+            str(tmp_path / "p"),
+        ],
+    )
+    assert r.exit_code != 0 and "LoRA" in r.output
+    code = (
+        "import sys, edgezo.cli.handoff, exporters.handoff; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

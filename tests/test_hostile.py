@@ -213,7 +213,7 @@ CASES: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     "files-a-list": (set_field(("files",), []), "files must be a mapping", ALL),
     "sha-not-hex": (set_field(("files", "model.onnx", "sha256"), "z" * 64), "64 lowercase", ALL),
     "format-version-string": (set_field(("format_version",), "1"), "format version '1'", ALL),
-    "unknown-key": (set_field(("decoder",), {"file": "x"}), "unknown key 'decoder'", ALL),
+    "unknown-key": (set_field(("decoders",), {"file": "x"}), "unknown key 'decoders'", ALL),
     "task-unknown": (set_field(("task",), "translation"), "task is 'translation'", ALL),
     # tensors that cannot be trained from
     "tensor-nan": (

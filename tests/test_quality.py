@@ -258,3 +258,28 @@ def test_smollm2_backprop_starts_where_edgezo_starts(tmp_path):
     )
     assert report["parity_step0"]["ok"], report["parity_step0"]
     assert report["methods"]["backprop"]["settings"]["trainable_values"] == 460_800
+
+
+def test_generation_metrics_on_known_continuations():
+    assert quality.prompts_from(["the cat sat down", "hi", "we bake bread"], 2) == [
+        "the cat",
+        "we bake",
+    ]
+    assert quality.distinct_n([[1, 2, 3], [1, 2, 4]], 1) == pytest.approx(4 / 6)
+    assert quality.distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+    assert quality.repetition_rate([5, 5, 5, 5]) == pytest.approx(3 / 4)
+    assert quality.repetition_rate([1, 2, 3, 4]) == 0.0
+    assert quality.repetition_rate([1, 2, 1, 2, 1], 2) == pytest.approx(2 / 4)
+    assert quality.collapsed([1, 2, 3, 4, 7, 7, 7, 7], "a b c d")  # ends in one token
+    assert quality.collapsed(list(range(8)), "10.101386/11111.11.11.")  # the digits
+    assert not quality.collapsed(list(range(8)), "we walked to the park and")
+    m = quality.generation_metrics([([1, 2, 3, 4], "a walk"), ([9] * 8, "!!!!!!!!")])
+    assert m["collapsed_share"] == 0.5 and m["repetition_rate"] == pytest.approx(7 / 16)
+
+
+def test_data_options_parse():
+    a = quality.parse_args(
+        ["--lm-data", "a.jsonl", "--lm-eval-data", "b.jsonl", "--budget-s", "600"]
+    )
+    assert a.lm_data == Path("a.jsonl") and a.lm_eval_data == Path("b.jsonl")
+    assert a.budget_s == 600 and a.cls_data is None and not a.no_generation

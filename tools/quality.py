@@ -146,12 +146,18 @@ class MethodResult:
     start_rss_mb: float | None = None  # RSS at that reset (what earlier work left resident)
     stop_reason: str = ""
     notes: list[str] = field(default_factory=list)
+    #: the trained tensors at the end (numpy, by bundle name) for the generation check; not
+    #: written to quality.json
+    final_tensors: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    bundle_path: str | None = None
 
     def final(self) -> Point:
         return self.points[-1]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("final_tensors", None)
+        return d
 
 
 def checkpoint_times(budget_s: float, points: int) -> list[float]:
@@ -492,6 +498,8 @@ def run_zo(
             apply(engine, ledger.records[done:records], ledger.records)
             done = records
         loss, acc = score_zo(task, engine, runner)
+        res.final_tensors = engine.params.state_dict()
+        res.bundle_path = str(task.bundle.path)
         res.points.append(Point(t, at, steps, evals, loss, acc))
     del runner, engine
     gc.collect()
@@ -537,10 +545,13 @@ class TorchBaseline:
         lora = None
         if mode == "lora":
             cfg = m.lora or {}
+            layers = cfg.get("layers")
             lora = LoraSettings(
                 int(cfg.get("rank", 8)),
                 float(cfg.get("alpha", 16.0)),
                 tuple(cfg.get("targets") or loaded.arch.lora_targets),
+                layers=tuple(layers) if isinstance(layers, list) else layers,
+                freeze_a=bool(cfg.get("freeze_a", False)),
             )
         specs = select_trainables(loaded.model, loaded.arch, mode, lora, gen)
         self.names = [s.name for s in specs]
@@ -659,6 +670,11 @@ def run_backprop(
         record(pending.pop(0), None, steps, clock)
     res.train_s, res.steps, res.evaluations = clock, steps, steps
     res.stop_reason = "time_budget"
+    res.final_tensors = {
+        n: t.detach().numpy().astype(np.float32).copy()
+        for n, t in zip(model.names, model.tensors, strict=True)
+    }
+    res.bundle_path = str(task.bundle.path)
     res.peak_rss_mb = peak_rss_mb() if rss_ok else None
     res.start_rss_mb = start_rss
     res.excluded_s = time.perf_counter() - wall0 - load_s - clock
@@ -719,7 +735,9 @@ def run_task(
             )
         else:
             raise ValueError(f"unknown method {method!r}")
-    return summarise(task.name, results, budget_s)
+    report = summarise(task.name, results, budget_s)
+    report["_results"] = results  # for the generation check (not written to quality.json)
+    return report
 
 
 def summarise(task: str, results: dict[str, MethodResult], budget_s: float) -> dict[str, Any]:
@@ -760,6 +778,125 @@ def summarise(task: str, results: dict[str, MethodResult], budget_s: float) -> d
         "summary": rows,
         "methods": {n: r.to_dict() for n, r in results.items()},
     }
+
+
+# -- generation: does personalisation help the text? (issue 18 item 4) ------------------------
+
+GEN_WORDS = 2  # prompt = the first words of each held-out example (the issue's failing case)
+GEN_TOKENS = 24
+
+
+def prompts_from(texts: Sequence[str], words: int = GEN_WORDS) -> list[str]:
+    """The first ``words`` words of each text (texts shorter than that are skipped)."""
+    out = []
+    for t in texts:
+        w = t.split()
+        if len(w) > words:
+            out.append(" ".join(w[:words]))
+    return out
+
+
+def distinct_n(continuations: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct n-grams over all n-grams of all continuations (Li et al. 2016's distinct-n)."""
+    grams = [tuple(c[i : i + n]) for c in continuations for i in range(len(c) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def repetition_rate(tokens: Sequence[int], n: int = 1) -> float:
+    """Share of a continuation's n-grams that already occurred earlier in it."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    seen: set = set()
+    rep = 0
+    for g in grams:
+        rep += g in seen
+        seen.add(g)
+    return rep / len(grams) if grams else 0.0
+
+
+def collapsed(tokens: Sequence[int], text: str) -> bool:
+    """A continuation that degenerated: its second half uses at most two distinct tokens, or
+    most of its visible characters are digits and punctuation."""
+    half = tokens[len(tokens) // 2 :]
+    if len(half) >= 4 and len(set(half)) <= 2:
+        return True
+    visible = [c for c in text if not c.isspace()]
+    junk = sum(1 for c in visible if c.isdigit() or (not c.isalnum()))
+    return len(visible) >= 6 and junk / len(visible) > 0.5
+
+
+def generation_metrics(gens: Sequence[tuple[list[int], str]]) -> dict[str, float]:
+    toks = [t for t, _ in gens]
+    return {
+        "distinct_1": distinct_n(toks, 1),
+        "distinct_2": distinct_n(toks, 2),
+        "repetition_rate": float(np.mean([repetition_rate(t) for t in toks])) if toks else 0.0,
+        "repetition_rate_2": float(np.mean([repetition_rate(t, 2) for t in toks])) if toks else 0.0,
+        "collapsed_share": float(np.mean([collapsed(t, x) for t, x in gens])) if gens else 0.0,
+        "mean_tokens": float(np.mean([len(t) for t in toks])) if toks else 0.0,
+    }
+
+
+def generation_check(
+    results: dict[str, MethodResult],
+    untrained_bundle: Path,
+    held_texts: Sequence[str],
+    threads: int,
+    words: int = GEN_WORDS,
+    new_tokens: int = GEN_TOKENS,
+) -> dict[str, Any]:
+    """Greedy continuations of the held-out prompts for the untrained tensors and each method's
+    final tensors (edgezo generate, KV cache when the bundle has its decoding graph)."""
+    from edgezo.bundle import load_bundle
+    from edgezo.generate import TextGenerator
+    from edgezo.runner import RuntimeOptions
+
+    prompts = prompts_from(held_texts, words)
+    states = [("untrained", str(untrained_bundle), None)] + [
+        (n, r.bundle_path, r.final_tensors)
+        for n, r in results.items()
+        if r.final_tensors is not None
+    ]
+    gens: dict[str, Any] = {}
+    cache: dict[str, Any] = {}
+    for name, path, tensors in states:
+        if path not in cache:
+            cache[path] = TextGenerator(load_bundle(path), RuntimeOptions(threads=threads))
+        g = cache[path]
+        g.params.load(tensors if tensors is not None else g.bundle.initial_trainable())
+        outs = [g.generate(p, new_tokens) for p in prompts]
+        pairs = [(o.token_ids, o.text) for o in outs]
+        gens[name] = {
+            "metrics": generation_metrics(pairs),
+            "kv_cache": g.decoder is not None,
+            "examples": [{"prompt": p, "text": o.text} for p, o in zip(prompts, outs, strict=True)],
+        }
+    return {"prompts": len(prompts), "words": words, "new_tokens": new_tokens, "methods": gens}
+
+
+def format_generation(gen: dict[str, Any], examples: int = 4) -> str:
+    names = list(gen["methods"])
+    keys = [
+        ("distinct_1", "distinct-1"),
+        ("distinct_2", "distinct-2"),
+        ("repetition_rate", "repeated tokens"),
+        ("repetition_rate_2", "repeated bigrams"),
+        ("collapsed_share", "collapsed"),
+        ("mean_tokens", "tokens"),
+    ]
+    lines = [
+        f"== generation: greedy, {gen['new_tokens']} new tokens after the first "
+        f"{gen['words']} words of {gen['prompts']} held-out examples"
+    ]
+    head = f"{'':18s} | " + " | ".join(f"{n:>10s}" for n in names)
+    lines += [head, "-" * len(head)]
+    for k, label in keys:
+        cells = [f"{gen['methods'][n]['metrics'][k]:10.3f}" for n in names]
+        lines.append(f"{label:18s} | " + " | ".join(cells))
+    for i in range(min(examples, gen["prompts"])):
+        lines.append(f"prompt {gen['methods'][names[0]]['examples'][i]['prompt']!r}:")
+        for n in names:
+            lines.append(f"  {n:>10s}: {gen['methods'][n]['examples'][i]['text']!r}")
+    return "\n".join(lines)
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -929,6 +1066,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what backprop trains on the classifier: head (the bundle's tensors, "
         "the same as ZO; default) or lora (LoRA r=8 on query/value + the head)",
     )
+    p.add_argument("--lm-data", type=Path, default=None, help="LM training JSONL (default: notes)")
+    p.add_argument(
+        "--lm-eval-data", type=Path, default=None, help="LM held-out JSONL (default: notes)"
+    )
+    p.add_argument(
+        "--cls-data", type=Path, default=None, help="classification training JSONL (topics)"
+    )
+    p.add_argument("--cls-eval-data", type=Path, default=None, help="classification held-out JSONL")
+    p.add_argument(
+        "--no-generation",
+        action="store_true",
+        help="skip the LM generation check (greedy continuations of held-out prompts)",
+    )
+    p.add_argument(
+        "--gen-words", type=int, default=GEN_WORDS, help="prompt words per held-out example"
+    )
+    p.add_argument("--gen-tokens", type=int, default=GEN_TOKENS, help="new tokens per prompt")
     p.add_argument("--quiet", action="store_true", help="do not echo finetune's log lines")
     a = p.parse_args(argv)
     a.budget_s = a.budget_s or (12.0 if a.quick else DEFAULT_BUDGET_S)
@@ -951,24 +1105,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in tasks:
             baseline = None
             if name == "lm":
-                task = load_task(
-                    "lm",
-                    lm_bundle(args.lm_bundle),
-                    asset("notes.jsonl"),
-                    asset("notes_heldout.jsonl"),
-                )
+                lm_train = args.lm_data or asset("notes.jsonl")
+                lm_held = args.lm_eval_data or asset("notes_heldout.jsonl")
+                task = load_task("lm", lm_bundle(args.lm_bundle), lm_train, lm_held)
                 if set(methods) & {"mezo", "backprop"}:
                     ref = reference_lm_bundle(args.lm_reference_bundle, args.out)
                     if ref != task.bundle.path:
-                        baseline = load_task(
-                            "lm", ref, asset("notes.jsonl"), asset("notes_heldout.jsonl")
-                        )
+                        baseline = load_task("lm", ref, lm_train, lm_held)
             else:
                 task = load_task(
                     "classification",
                     classification_bundle(args.cls_bundle, args.out),
-                    asset("topics.jsonl"),
-                    asset("topics_heldout.jsonl"),
+                    args.cls_data or asset("topics.jsonl"),
+                    args.cls_eval_data or asset("topics_heldout.jsonl"),
                 )
             report = run_task(
                 task,
@@ -983,8 +1132,23 @@ def main(argv: list[str] | None = None) -> int:
                 baseline=baseline,
             )
             report["command"] = command
+            results = report.pop("_results")
             reports.append(report)
             print(format_tables(report), flush=True)
+            if name == "lm" and not args.no_generation:
+                from edgezo.data import read_jsonl
+
+                held_texts = [r.get("text", "") for _, r in read_jsonl(task.held_path)]
+                report["generation"] = generation_check(
+                    results,
+                    task.bundle.path,
+                    held_texts,
+                    args.threads,
+                    args.gen_words,
+                    args.gen_tokens,
+                )
+                print(format_generation(report["generation"]), flush=True)
+            del results
             del task, baseline
             gc.collect()
     except EdgezoError as e:

@@ -119,12 +119,12 @@ def _resolve_model(model: str) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--model",
-    required=True,
+    default=None,
     help="Hugging Face model folder, a .gguf file, or `smollm2` (the packaged "
-    "SmolLM2-135M-Instruct GGUF).",
+    "SmolLM2-135M-Instruct GGUF). Required unless --decoder-only.",
 )
 @click.option("--gguf-file", default=None, help="GGUF file name inside the --model folder.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="Bundle folder.")
 @click.option(
     "--mode",
     type=click.Choice(TRAINABLE_MODES),
@@ -251,6 +251,24 @@ def _resolve_model(model: str) -> str:
     show_default=True,
     help="Largest accepted relative |quantised - fp32| ONNX loss difference.",
 )
+@click.option(
+    "--decoder/--no-decoder",
+    default=None,
+    help="Also write the KV-cache decoding graph that `edgezo generate` uses "
+    "[default: on for an fp32 causal_lm bundle].",
+)
+@click.option(
+    "--decoder-only",
+    is_flag=True,
+    help="Add the decoding graph to the existing --bundle (an older export) in place; its "
+    "fingerprint, and so its runs' replay, are unchanged. --model: its source if moved.",
+)
+@click.option(
+    "--bundle",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="The bundle for --decoder-only.",
+)
 def export(
     model,
     gguf_file,
@@ -277,11 +295,30 @@ def export(
     block_size,
     accuracy_level,
     quant_rtol,
+    decoder,
+    decoder_only,
+    bundle,
 ) -> None:
     """Export a model (Hugging Face folder or GGUF) into a validated edgezo bundle: a causal LM
     (fp32, int8 or int4: --precision), an encoder classifier (--task classification --labels
     a,b) or a causal LM scored on label words (--task prompt_classification). Needs the export extra
     (torch, transformers, onnx)."""
+
+    if decoder_only:
+        if bundle is None:
+            raise click.UsageError("--decoder-only needs --bundle DIR")
+
+        def run_add() -> Path:
+            from exporters.decode import add_decoder
+
+            return add_decoder(
+                bundle, _resolve_model(model) if model else None, tolerance, click.echo
+            )
+
+        run(run_add, interrupted="interrupted; the bundle's manifest is unchanged")
+        return
+    if model is None or out is None:
+        raise click.UsageError("--model and --out are required (or --decoder-only --bundle B)")
 
     def run_export() -> Path:
         try:
@@ -330,6 +367,7 @@ def export(
             external_data=external_data,
             progress=click.echo,
             **quant,
+            **({} if decoder is None else {"decoder": decoder}),
         )
 
     path = run(run_export, interrupted="interrupted; no bundle was written")

@@ -15,6 +15,8 @@ from .devices import devices
 from .errors import friendly_errors, notes_as_lines
 from .export import export
 from .federate import federate
+from .handoff import handoff
+from .report import report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +29,8 @@ def main() -> None:
 # -- export and compare (desktop) ---------------------------------------------------------
 
 main.add_command(export)
+main.add_command(handoff)
+main.add_command(report)
 
 
 @main.command(
@@ -330,6 +334,19 @@ def eval_cmd(bundle, data, tensors, run_dir, max_length, batch_size, provider):
 @click.option(
     "--compare", is_flag=True, help="also print the continuation with the bundle's initial tensors"
 )
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="wrap the prompt in the tokenizer's chat template (Instruct models)",
+)
+@click.option(
+    "--stop", multiple=True, help="stop before this text (repeat for several stop strings)"
+)
+@click.option(
+    "--kv-cache/--no-kv-cache",
+    default=None,
+    help="use the bundle's decoding graph [default: when the bundle has one]",
+)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @friendly_errors
 def generate_cmd(
@@ -344,20 +361,26 @@ def generate_cmd(
     seed,
     max_length,
     compare,
+    chat,
+    stop,
+    kv_cache,
     provider,
 ):
-    """Continue --prompt with the personalised tensors (no KV cache: for short continuations)."""
+    """Continue --prompt with the personalised tensors, printed token by token (a KV cache
+    when the bundle has a decoding graph; see docs/guides/generate.md)."""
     import numpy as np
 
     from ..generate import TextGenerator, resolve
     from ..runner import RuntimeOptions
 
     b, tensors = resolve(bundle, tensors, run_dir)
-    gen = TextGenerator(b, RuntimeOptions(provider=provider))
+    gen = TextGenerator(b, RuntimeOptions(provider=provider), kv_cache=kv_cache)
+    for note in gen.notes:
+        click.echo(f"note: {note}", err=True)
 
     def run(t):
         gen.load(t)
-        return gen.generate(
+        pieces = gen.stream(
             prompt,
             max_new_tokens,
             temperature,
@@ -365,15 +388,19 @@ def generate_cmd(
             top_p,
             np.random.default_rng(seed),
             max_length=max_length,
+            stop=stop,
+            chat=chat,
         )
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
 
-    out = run(tensors)
-    if not compare:
-        click.echo(out.text)
-        return
-    base = run(None)
-    click.echo(f"trained ({tensors or 'initial tensors'}):\n{out.text}")
-    click.echo(f"initial (bundle {b.path}):\n{base.text}")
+    if compare:
+        click.echo(f"trained ({tensors or 'initial tensors'}):")
+    run(tensors)
+    if compare:
+        click.echo(f"initial (bundle {b.path}):")
+        run(None)
 
 
 # -- replay -----------------------------------------------------------------------------------

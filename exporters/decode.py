@@ -1,0 +1,480 @@
+"""The decoding graph: prefill and one-token steps with a KV cache, for ``edgezo generate``.
+
+::
+
+    input_ids [B, S], attention_mask [B, P+S]          past_key_values.{i}.key/value [B, H, P, D]
+    trainables (same names and shapes as model.onnx) ─┐                        │
+                                                      ▼                        ▼
+                     model body (trainables substituted, DynamicCache of the past)
+                                                      │
+            logits [B, vocab] (the last position)  ◄──┴──► present.{i}.key/value [B, H, P+S, D]
+
+One graph serves both phases: the prompt is a step with an empty past (P = 0), each new token a
+step with S = 1 and the previous step's ``present`` as ``past``. The trainable tensors are graph
+inputs exactly like the loss graph's, so a run's ``trained.safetensors`` plugs in unchanged;
+the frozen weights are the same tensors as the loss graph's (the model is rebuilt from the
+manifest's source with the same seed, and :func:`check_decoder` compares its logits with
+``model.onnx``'s ``next_logits``).
+
+The past's shapes come from optimum's ``NormalizedConfigManager`` and past-key/value dummy
+generators (``MistralDummyPastKeyValuesGenerator`` for grouped-query attention); a model
+optimum does not describe is probed once instead. The dummy past is traced with a padded
+position so Hugging Face builds an explicit attention mask (with an all-ones mask it would skip
+the mask and the tracer would freeze that shortcut).
+
+The graph's frozen weights that are byte-identical to tensors of ``model.onnx.data`` are not
+stored again: the decoder's initializers point into the loss graph's external-data file
+(:func:`share_external_data`), so a large bundle carries its weights once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import external_data_helper, numpy_helper
+
+from edgezo.bundle import MANIFEST, Manifest, fingerprint_of, load_bundle, write_manifest
+from edgezo.errors import EdgezoError
+
+from .loss import _SubstitutedGraph
+from .onnx_export import EXTERNAL_DATA, OPSET
+
+DECODER = "decoder.onnx"
+DECODER_DATA = "decoder.onnx.data"
+DECODER_VERSION = 1
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+class DecoderGraph(_SubstitutedGraph):
+    """``forward(input_ids, attention_mask, past, trainables) -> (logits, *present)``.
+
+    ``past`` is the flat list ``[key_0, value_0, key_1, ...]`` of ``[B, H, P, D]`` tensors;
+    ``attention_mask`` covers past and new tokens (``[B, P+S]``).
+    """
+
+    def __init__(self, model: torch.nn.Module, names: list[str], pass_position_ids: bool):
+        super().__init__(model, names)
+        self.pass_position_ids = pass_position_ids
+
+    def forward(self, input_ids, attention_mask, past, trainables):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)))
+        kw: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "use_cache": True,
+            "logits_to_keep": 1,  # the head runs on the last position only
+        }
+        if self.pass_position_ids:
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            kw["position_ids"] = positions[:, -input_ids.shape[1] :]
+        with self._substituted(trainables):
+            out = self.model(**kw)
+        present = []
+        for layer in out.cache.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits[:, -1, :].float(), *present)
+
+
+def past_shape(model: torch.nn.Module, model_type: str) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of the model's KV cache."""
+    from optimum.utils import NormalizedConfigManager
+    from optimum.utils.input_generators import (
+        DummyPastKeyValuesGenerator,
+        MistralDummyPastKeyValuesGenerator,
+    )
+
+    config = model.config
+    try:
+        normalized = NormalizedConfigManager.get_normalized_config_class(model_type)(config)
+        gqa = getattr(normalized, "num_key_value_heads", None) is not None
+        cls = MistralDummyPastKeyValuesGenerator if gqa else DummyPastKeyValuesGenerator
+        gen = cls("text-generation", normalized, batch_size=1, sequence_length=1)
+        with torch.random.fork_rng(devices=[]):  # the generators draw from the global RNG
+            key = gen.generate("past_key_values")[0][0]
+        layers = int(normalized.num_layers)
+        shape = (layers, int(key.shape[1]), int(key.shape[3]))
+    except Exception:  # optimum does not describe every model (gpt2's entry raises)
+        shape = None
+    probe = _probe_past(model)
+    if shape is not None and shape != probe:  # e.g. an explicit head_dim optimum does not read
+        shape = probe
+    return shape or probe
+
+
+def _probe_past(model: torch.nn.Module) -> tuple[int, int, int]:
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+    layers = out.cache.layers
+    return len(layers), int(layers[0].keys.shape[1]), int(layers[0].keys.shape[3])
+
+
+def export_decoder_graph(
+    graph: DecoderGraph,
+    values: list[torch.Tensor],
+    trainable_names: list[str],
+    path: Path,
+    vocab_size: int,
+    past: tuple[int, int, int],
+    generator: torch.Generator,
+) -> onnx.ModelProto:
+    """Trace ``graph`` to ONNX (in memory; see :func:`save_decoder`)."""
+    layers, heads, dim = past
+    batch, past_len, seq = 2, 3, 2
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=generator)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    mask[1, 0] = 0  # a padded position: Hugging Face then builds an explicit mask
+    dummy_past = [
+        torch.randn(batch, heads, past_len, dim, generator=generator) for _ in range(2 * layers)
+    ]
+    names_in = ["input_ids", "attention_mask", *past_names(layers), *trainable_names]
+    names_out = ["logits", *present_names(layers)]
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "logits": {0: "batch"},
+    }
+    for n in past_names(layers):
+        axes[n] = {0: "batch", 2: "past_sequence"}
+    for n in present_names(layers):
+        axes[n] = {0: "batch", 2: "total_sequence"}
+    raw_dir = path.parent / "_decoder_raw"
+    raw_dir.mkdir()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph,
+                (ids, mask, dummy_past, list(values)),
+                str(raw_dir / "decoder.onnx"),
+                dynamo=False,
+                input_names=names_in,
+                output_names=names_out,
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(raw_dir / "decoder.onnx"))
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+    got = [i.name for i in model.graph.input]
+    if got != names_in:
+        missing = sorted(set(names_in) - set(got))
+        raise EdgezoError(
+            f"the decoding graph's inputs differ from what was traced (missing: {missing[:5]})",
+            "this is an exporter bug; report it with the model you exported",
+        )
+    return model
+
+
+def share_external_data(model: onnx.ModelProto, folder: Path) -> tuple[int, int]:
+    """Point the decoder's initializers at byte-identical tensors of the loss graph's
+    ``model.onnx.data`` (when it has one); returns (tensors shared, bytes shared).
+
+    The loss graph's references give each tensor's offset and length; a decoder tensor of the
+    same dtype, shape and bytes is made external with that location, so it is not stored twice.
+    """
+    data = folder / EXTERNAL_DATA
+    if not data.is_file():
+        return 0, 0
+    loss = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    by_key: dict[tuple, tuple[int, int]] = {}
+    for t in loss.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if info.get("location") != EXTERNAL_DATA:
+            continue
+        off, length = int(info.get("offset", 0)), int(info["length"])
+        by_key.setdefault((t.data_type, tuple(t.dims), length), []).append(off)
+    if not by_key:
+        return 0, 0
+    shared = nbytes = 0
+    with open(data, "rb") as f:
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL or not t.raw_data:
+                raw = numpy_helper.to_array(t).tobytes() if not t.raw_data else t.raw_data
+            else:
+                raw = t.raw_data
+            offsets = by_key.get((t.data_type, tuple(t.dims), len(raw)))
+            if not offsets or len(raw) < 1024:
+                continue
+            for off in offsets:
+                f.seek(off)
+                if f.read(len(raw)) == raw:
+                    t.ClearField("raw_data")
+                    for field in ("float_data", "int64_data", "int32_data", "double_data"):
+                        t.ClearField(field)
+                    t.data_location = onnx.TensorProto.EXTERNAL
+                    del t.external_data[:]
+                    for k, v in (
+                        ("location", EXTERNAL_DATA),
+                        ("offset", off),
+                        ("length", len(raw)),
+                    ):
+                        e = t.external_data.add()
+                        e.key, e.value = k, str(v)
+                    shared += 1
+                    nbytes += len(raw)
+                    break
+    return shared, nbytes
+
+
+def save_decoder(model: onnx.ModelProto, folder: Path) -> list[str]:
+    """Write ``decoder.onnx`` (+ ``decoder.onnx.data`` for weights not shared and large);
+    returns the files written (without the shared ``model.onnx.data``)."""
+    path = folder / DECODER
+    own = [
+        t
+        for t in model.graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024
+    ]
+    if sum(len(t.raw_data) for t in own) > 256 * 2**20:
+        for t in own:
+            external_data_helper.set_external_data(t, DECODER_DATA)
+        onnx.save_model(model, str(path))  # writes the raw data of the tensors marked above
+        # onnx writes a tensor marked external into its location when saving with the raw data
+        # still in memory; the loss graph's shared tensors carry no raw data and are skipped
+        return [DECODER, DECODER_DATA]
+    onnx.save_model(model, str(path))
+    return [DECODER]
+
+
+def check_decoder(
+    folder: Path,
+    trainables: dict[str, np.ndarray],
+    vocab_size: int,
+    generator: torch.Generator,
+    tolerance: float,
+) -> dict[str, float]:
+    """The decoder against the bundle's loss graph (ONNX Runtime both): prefill logits and
+    three cached steps equal ``model.onnx``'s ``next_logits`` of the same prefixes."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    dec = ort.InferenceSession(str(folder / DECODER), so, providers=["CPUExecutionProvider"])
+    loss = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    loss_names = {i.name for i in loss.get_inputs()}
+    dec_inputs = dec.get_inputs()
+    layers = sum(1 for i in dec_inputs if i.name.startswith("past_key_values.")) // 2
+    heads, dim = dec_inputs[2].shape[1], dec_inputs[2].shape[3]
+    ids = torch.randint(0, vocab_size, (1, 6), generator=generator).numpy()
+    feeds_t = {k: v for k, v in trainables.items() if k in loss_names}
+    past = {n: np.zeros((1, heads, 0, dim), np.float32) for n in past_names(layers)}
+    worst = 0.0
+    steps = [(0, 3), (3, 4), (4, 5), (5, 6)]
+    for start, end in steps:
+        out = dec.run(
+            None,
+            {
+                "input_ids": ids[:, start:end],
+                "attention_mask": np.ones((1, end), np.int64),
+                **past,
+                **trainables,
+            },
+        )
+        ref = loss.run(
+            ["next_logits"],
+            {
+                "input_ids": ids[:, :end],
+                "attention_mask": np.ones((1, end), np.int64),
+                "labels": np.full((1, end), -100, np.int64),
+                **feeds_t,
+            },
+        )[0]
+        worst = max(worst, float(np.max(np.abs(out[0] - ref))))
+        past = dict(zip(past_names(layers), out[1:], strict=True))
+    if not worst <= tolerance:
+        raise EdgezoError(
+            f"the decoding graph's logits differ from the loss graph's by {worst:.3g} "
+            f"(tolerance {tolerance:g}): it does not compute the same model",
+            "re-export the bundle from its model (the source recorded in the manifest may have "
+            "changed since)",
+        )
+    return {"max_abs_logit_diff": worst, "steps_checked": len(steps)}
+
+
+def chat_pieces(tokenizer: Any) -> dict[str, str] | None:
+    """The tokenizer's chat template rendered around one user message, as two strings: the
+    runtime builds ``prefix + message + suffix`` without a template engine. None when the
+    tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "\x00EDGEZO_MESSAGE\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True
+    )
+    if text.count(mark) != 1:
+        return None
+    prefix, suffix = text.split(mark)
+    return {"prefix": prefix, "suffix": suffix}
+
+
+def build_decoder(
+    loaded: Any,
+    specs: list,
+    values: list[torch.Tensor],
+    stage: Path,
+    seed: int,
+    tolerance: float = 1e-3,
+    quantize: dict | None = None,
+    progress: Callable[[str], None] = lambda _line: None,
+) -> tuple[list[str], dict[str, Any]]:
+    """Export and check the decoding graph of ``loaded`` (trainables substituted as in the
+    loss graph) into ``stage``, next to its ``model.onnx``; returns (files, manifest field)."""
+    t = time.perf_counter()
+    if quantize:
+        raise EdgezoError(
+            "the decoding graph of a quantised bundle is not exported yet (its frozen weights "
+            "would be fp32 while the loss graph's are quantised)",
+            "export an fp32 bundle for KV-cache generation; `edgezo generate` falls back to "
+            "re-running the loss graph for this one",
+        )
+    generator = torch.Generator().manual_seed(seed + 1)
+    names = [s.name for s in specs]
+    graph = DecoderGraph(loaded.model, names, loaded.arch.pass_position_ids).eval()
+    past = past_shape(loaded.model, loaded.model_type)
+    progress("exporting the decoding graph (KV cache) to ONNX ...")
+    model = export_decoder_graph(
+        graph, values, names, stage / DECODER, loaded.vocab_size, past, generator
+    )
+    from .export import _frozen_tied_embedding
+    from .onnx_export import dedupe_tied_head
+
+    tied = _frozen_tied_embedding(loaded, set(names))
+    if tied is not None:  # the LM head's folded transposed copy of the embedding, as in model.onnx
+        dedupe_tied_head(model, tied)
+    n_shared, shared_bytes = share_external_data(model, stage)
+    files = save_decoder(model, stage)
+    del model
+    trainables = {
+        s.name: v.detach().numpy().astype(np.float32) for s, v in zip(specs, values, strict=True)
+    }
+    rng = np.random.default_rng(seed)
+    for k, v in trainables.items():  # a non-trivial point (LoRA B starts at zero)
+        trainables[k] = (v + 0.02 * rng.standard_normal(v.shape)).astype(np.float32)
+    parity = check_decoder(stage, trainables, loaded.vocab_size, generator, tolerance)
+    field: dict[str, Any] = {
+        "version": DECODER_VERSION,
+        "graph": DECODER,
+        "files": files,
+        "num_layers": past[0],
+        "num_kv_heads": past[1],
+        "head_dim": past[2],
+        "parity_vs_loss_graph": parity,
+        "shared_weights_bytes": shared_bytes,
+    }
+    chat = chat_pieces(loaded.tokenizer)
+    if chat is not None:
+        field["chat"] = chat
+    progress(
+        f"decoding graph {' + '.join(files)} in {time.perf_counter() - t:.1f} s "
+        f"({n_shared} weight tensors shared with the loss graph, "
+        f"{shared_bytes / 2**20:.1f} MiB); logits vs the loss graph max abs "
+        f"{parity['max_abs_logit_diff']:.2e}"
+    )
+    return files, field
+
+
+def add_decoder(
+    bundle: str | Path,
+    model: str | Path | None = None,
+    tolerance: float = 1e-3,
+    progress: Callable[[str], None] | None = print,
+) -> Path:
+    """Add the decoding graph to an existing bundle (an older export), in place and atomically:
+    the files are written, checked, then the manifest is replaced in one step. The bundle's
+    fingerprint does not change (it does not cover the decoder), so runs on it still replay.
+
+    ``model``: the model the bundle was exported from (default: the manifest's source).
+    """
+    from dataclasses import replace
+
+    from .load import load_causal_lm
+    from .trainables import LoraSettings, select_trainables
+
+    say = progress or (lambda _line: None)
+    folder = Path(bundle)
+    b = load_bundle(folder)
+    m = b.manifest
+    if m.task == "classification":
+        raise EdgezoError(
+            f"bundle {folder} is a classifier: it has nothing to generate",
+            "add a decoding graph to a causal-LM bundle",
+        )
+    if m.quantization:
+        raise EdgezoError(
+            f"bundle {folder} is quantised ({m.quantization.get('scheme', '?')}); its decoding "
+            "graph is not exported yet",
+            "use an fp32 bundle for KV-cache generation; generate falls back to the loss graph",
+        )
+    source = model or m.architecture.get("source")
+    if not source:
+        raise EdgezoError(f"{folder}'s manifest records no source model", "pass --model")
+    src = Path(str(source))
+    gguf = src.name if src.suffix == ".gguf" else None
+    say(f"loading {src} ...")
+    loaded = load_causal_lm(src.parent if gguf else src, gguf)
+    seed = int(m.exporter.get("seed", 0))
+    generator = torch.Generator().manual_seed(seed)
+    lora = None
+    if m.trainable_mode == "lora" and m.lora:
+        layers = m.lora.get("layers")
+        lora = LoraSettings(
+            rank=int(m.lora["rank"]),
+            alpha=float(m.lora["alpha"]),
+            targets=tuple(m.lora["targets"]),
+            layers=tuple(layers) if isinstance(layers, list) else layers,
+            freeze_a=bool(m.lora.get("freeze_a", False)),
+        )
+    specs = select_trainables(loaded.model, loaded.arch, m.trainable_mode, lora, generator)
+    if [(s.name, tuple(s.shape)) for s in specs] != [(s.name, tuple(s.shape)) for s in m.trainable]:
+        raise EdgezoError(
+            f"the model {src} does not rebuild {folder}'s trainable tensors",
+            "pass --model the model the bundle was exported from",
+        )
+    params = dict(loaded.model.named_parameters())
+    initial = b.initial_trainable()
+    values = [torch.from_numpy(initial[s.name].copy()) for s in specs]
+    with torch.no_grad():
+        for s, v in zip(specs, values, strict=True):
+            params[s.name].copy_(v)
+    before = fingerprint_of(m)
+    tmp = folder / f".decoder-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        for f in ("model.onnx", EXTERNAL_DATA):
+            if (folder / f).is_file():
+                (tmp / f).symlink_to((folder / f).absolute())
+        files, field = build_decoder(loaded, specs, values, tmp, seed, tolerance, None, say)
+        for f in files:
+            (tmp / f).replace(folder / f)
+        manifest = replace(m, decoder=field)
+        old_files = [n for n in m.files if n not in files]
+        write_manifest(folder, manifest, [*old_files, *files])
+        after = fingerprint_of(Manifest.from_json(json.loads((folder / MANIFEST).read_text())))
+        if after != before:  # cannot happen while fingerprint_of leaves the decoder out
+            raise EdgezoError("the bundle fingerprint changed", "report this bug")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"decoding graph added to {folder} (fingerprint {before} unchanged)")
+    return folder
