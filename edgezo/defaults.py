@@ -14,10 +14,10 @@ from pathlib import Path
 
 from .errors import BundleError
 
-#: named after its adapter and precision, and numbered by changes to the exported graph (2: the
-#: LM head runs only on positions that have a target; 3: the frozen prefix in int8, the suffix
-#: fp32 — docs/benchmarks/forward.md), so that a cache of an earlier default is not reused
-DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-v-last4-fa-int8-3"
+#: named after its adapter, and numbered by changes to the exported graph (2: the LM head runs
+#: only on positions that have a target; 3: with the KV-cache decoding graph, decoder.onnx), so
+#: that a cache of an earlier default is not reused
+DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-v-last4-fa-3"
 
 
 def cache_dir() -> Path:

