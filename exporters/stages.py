@@ -164,13 +164,22 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
             "a trainable one)"
         )
         return None
-    onnx_utils.extract_model(str(bundle.model_path), str(folder / PREFIX), text_inputs, cached)
-    onnx_utils.extract_model(
-        str(bundle.model_path),
-        str(folder / SUFFIX),
-        cached + direct + sorted(trainable),
-        [o.name for o in m.outputs],
-    )
+    try:
+        onnx_utils.extract_model(str(bundle.model_path), str(folder / PREFIX), text_inputs, cached)
+        onnx_utils.extract_model(
+            str(bundle.model_path),
+            str(folder / SUFFIX),
+            cached + direct + sorted(trainable),
+            [o.name for o in m.outputs],
+        )
+    except ValueError as e:  # onnx's shape inference does not know an op at the cut (int4)
+        for name in (PREFIX, SUFFIX):
+            (folder / name).unlink(missing_ok=True)
+        log(
+            "edgezo export: not caching the frozen prefix: the graph cannot be cut there "
+            f"({str(e)[:160]}); training runs the whole graph"
+        )
+        return None
     dynamic = any(n.op_type in DYNAMIC_QUANT_OPS for n in model.graph.node)
     try:
         axes, diff = _verify(bundle, folder, cached, direct, text_inputs, dynamic)

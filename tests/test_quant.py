@@ -221,3 +221,22 @@ def test_a_scales_bundle_finetunes_on_its_measured_recipe(make_bundle, memo_data
     assert s.steps == 3 and s.stop_reason == "completed"
     used = FinetuneConfig.load(str(tmp_path / "run" / "config.yaml"))
     assert (used.lr, used.momentum, used.estimator, used.q) == (3e-3, 0.0, "central", 1)
+
+
+def test_int4_with_a_frozen_prefix_exports_without_the_cache(tiny_hf_dir, tmp_path):
+    """onnx's shape inference does not know MatMulNBits, so the prefix/suffix cut cannot be
+    extracted from an int4 graph: the bundle is still written (full graph), with a note."""
+    lines: list[str] = []
+    out = export_causal_lm(
+        tiny_hf_dir,
+        tmp_path / "b",
+        quantize="int4",
+        lora_layers="last:1",
+        lora_targets=("v_proj",),
+        lora_freeze_a=True,
+        progress=lines.append,
+    )
+    m = load_bundle(out).manifest
+    assert m.stages is None and m.lora["layers"] == [1]
+    assert any("not caching the frozen prefix" in x for x in lines), lines
+    assert not (out / "prefix.onnx").exists()
