@@ -30,6 +30,7 @@ from edgezo.errors import EdgezoError
 from .architectures import MODES, config_sizes
 from .bundle_writer import check_destination, staged_bundle
 from .classification import check_labels
+from .default import DEFAULT_LORA
 from .deps import versions
 from .load import LoadedModel, load_causal_lm
 from .lora import layer_index
@@ -58,10 +59,15 @@ from .validate import (
     validation_point,
 )
 
-#: the LoRA layout the default recipe (MODE_DEFAULTS["lora_fa"]) was measured on: LoRA-FA on
+#: the LoRA layout the default recipe (MODE_DEFAULTS["lora_fa"]) was measured on, the default
+#: bundle's (exporters.default.DEFAULT_LORA): LoRA-FA on
 #: the value projection of the last four blocks, so the blocks before are a cached frozen
 #: prefix (docs/benchmarks/recipes.md)
-MEASURED_LAYOUT = {"targets": ("v_proj",), "last": 4, "freeze_a": True}
+MEASURED_LAYOUT = {
+    "targets": tuple(DEFAULT_LORA["lora_targets"]),
+    "last": int(DEFAULT_LORA["lora_layers"].removeprefix("last:")),
+    "freeze_a": DEFAULT_LORA["lora_freeze_a"],
+}
 
 
 def measured_layout(model, arch) -> tuple[tuple[str, ...], str, bool]:

@@ -117,17 +117,26 @@ class OneSided:
     def estimate(
         self, step: int, mu: float, perturber: Perturber, evaluate: Callable[[], float]
     ) -> Estimate:
-        perturber.at_theta()
-        base = evaluate()
-        g, losses, us = [], [base], []
-        for i in range(self.q):
-            u = plain(step, i)
-            perturber.to(u, mu)
-            f = evaluate()
-            losses.append(f)
-            g.append((f - base) / mu)
-            us.append(u)
+        diffs, losses, us = _one_sided_probes(self.q, step, mu, perturber, evaluate)
+        g = [d / mu for d in diffs]
         return Estimate(g, losses, us, displacement=perturber.release())
+
+
+def _one_sided_probes(
+    q: int, step: int, mu: float, perturber: Perturber, evaluate: Callable[[], float]
+) -> tuple[list[float], list[float], list[Vector]]:
+    """f(θ), then f(θ + μz_i) for i < q: (the differences f_i − f(θ), every loss, the z_i)."""
+    perturber.at_theta()
+    base = evaluate()
+    diffs, losses, us = [], [base], []
+    for i in range(q):
+        u = plain(step, i)
+        perturber.to(u, mu)
+        f = evaluate()
+        losses.append(f)
+        diffs.append(f - base)
+        us.append(u)
+    return diffs, losses, us
 
 
 class Normalized:
@@ -157,16 +166,7 @@ class Normalized:
     def estimate(
         self, step: int, mu: float, perturber: Perturber, evaluate: Callable[[], float]
     ) -> Estimate:
-        perturber.at_theta()
-        base = evaluate()
-        diffs, losses, us = [], [base], []
-        for i in range(self.q):
-            u = plain(step, i)
-            perturber.to(u, mu)
-            f = evaluate()
-            losses.append(f)
-            diffs.append(f - base)
-            us.append(u)
+        diffs, losses, us = _one_sided_probes(self.q, step, mu, perturber, evaluate)
         sigma = math.sqrt(math.fsum(d * d for d in diffs) / self.q)
         flat = not (sigma > 0 and math.isfinite(sigma))
         g = [0.0] * self.q if flat else [d / sigma for d in diffs]
