@@ -17,7 +17,7 @@ from .errors import BundleError
 #: named after its adapter, and numbered by changes to the exported graph (2: the LM head runs
 #: only on positions that have a target; 3: with the KV-cache decoding graph, decoder.onnx), so
 #: that a cache of an earlier default is not reused
-DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-v-last4-fa-3"
+DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-v-last4-fa-4"
 
 
 def cache_dir() -> Path:
@@ -46,8 +46,8 @@ def ensure_default_bundle(log=print) -> Path:
     if (path / "manifest.json").is_file():
         return path
     log(
-        f"edgezo: exporting the default bundle (SmolLM2-135M-Instruct, LoRA r=8 on v_proj of "
-        f"the last four blocks, int8 frozen prefix) to {path}"
+        f"edgezo: exporting the default bundle (SmolLM2-135M-Instruct, LoRA-FA r=8 on v_proj of "
+        f"the last four blocks) to {path}"
     )
     log("edgezo: this happens once and takes about a minute; later runs reuse it")
     path.parent.mkdir(parents=True, exist_ok=True)
