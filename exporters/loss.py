@@ -71,8 +71,6 @@ def causal_lm_outputs(
     last_rows = torch.arange(batch, device=last.device) * width + last
     picked_rows = torch.cat([rows, last_rows])
     logits = head(hidden.reshape(-1, hidden.size(-1)).index_select(0, picked_rows)).float()
-    # every head row gets a log-softmax (the last rows' 0 targets are dropped below): one
-    # fused kernel over the whole [rows, vocab] block, no copy of it for the scored rows
     picked_targets = torch.cat([target.reshape(-1).index_select(0, rows), torch.zeros_like(last)])
     log_probs = F.log_softmax(logits, dim=-1)
     per_row = -log_probs.gather(-1, picked_targets.unsqueeze(-1)).squeeze(-1)
