@@ -36,6 +36,10 @@ from .zo.params import FlatParams
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 #: CPU flags of int8 dot-product instructions (x86 VNNI / AMX, Arm dot product)
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+#: how an int8 bundle stores its frozen weights (manifest ``quantization.weights_format``):
+#: ``s8`` full-range signed (VNNI, AMX, Arm dot product), ``u8`` the same values offset by 128
+#: (exact on every CPU: a u8 × u8 kernel), ``s7`` signed with at most 63 in magnitude
+INT8_WEIGHTS = ("s8", "u8", "s7")
 _noted: set[str] = set()
 
 
@@ -64,21 +68,53 @@ def int8_support(flags: set[str] | None = None) -> tuple[bool | None, str]:
     return False, f"the CPU has none of {', '.join(INT8_FLAGS)} (int8 dot-product instructions)"
 
 
+def saturates_s8(flags: set[str] | None) -> bool:
+    """Whether ONNX Runtime's u8 × s8 kernels saturate on this CPU: an x86 CPU without VNNI
+    (AVX2 or SSE) multiplies with ``pmaddubsw``, which sums pairs of u8 × s8 products into 16
+    bits and clips them (255 · 127 · 2 > 32,767). Full-range s8 weights then give wrong sums;
+    weights of at most 63 in magnitude (``s7``) or stored as u8 (``u8``, a u8 × u8 kernel) do
+    not. Measured on an AMD EPYC with AVX2 only: a 512×576 × 576×1536 product with s8 weights
+    is off by 11% of its largest value, with s7 or u8 weights by 1–2%."""
+    if not flags or "sse2" not in flags:  # not x86 (Arm's kernels widen before they add)
+        return False
+    return not any(f in flags for f in INT8_FLAGS)
+
+
+def int8_weights_for(flags: set[str] | None) -> str:
+    """The int8 weight format for a CPU with these flags: ``s8`` where its int8 kernels are
+    exact, else ``u8``."""
+    return "u8" if saturates_s8(flags) else "s8"
+
+
 def precision_note(bundle_dir: Path, flags: set[str] | None = None) -> str | None:
-    """A note when the bundle in ``bundle_dir`` computes in int8 on a CPU without int8
-    dot-product instructions (it runs, in ONNX Runtime's slower generic kernels)."""
+    """Check an int8 bundle in ``bundle_dir`` against this CPU: raise :class:`BundleError` when
+    its weights would saturate the CPU's int8 kernels (wrong losses, see :func:`saturates_s8`);
+    return a note when the CPU has no int8 dot-product instructions (it runs in ONNX Runtime's
+    generic kernels, which may be slower than fp32); None otherwise."""
     try:
-        precision = json.loads((bundle_dir / "manifest.json").read_text()).get("precision")
+        manifest = json.loads((bundle_dir / "manifest.json").read_text())
+        precision = manifest.get("precision")
+        fmt = (manifest.get("quantization") or {}).get("weights_format", "s8")
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(precision, str) or not precision.startswith("int8"):
         return None
+    flags = cpu_flags() if flags is None else flags
+    if fmt == "s8" and saturates_s8(flags):
+        raise BundleError(
+            f"bundle {bundle_dir} stores full-range int8 weights ({precision}), which this x86 "
+            "CPU without VNNI cannot multiply exactly: ONNX Runtime's u8 x s8 kernels saturate "
+            "there, so every loss would be wrong",
+            "re-export it on this machine with `edgezo export --precision int8` (its weights "
+            "are then stored as u8 for this CPU), or with --precision fp32",
+        )
     ok, reason = int8_support(flags)
-    if ok is not False:
+    if ok is not False or fmt != "s8":
         return None
     return (
         f"bundle {bundle_dir} computes in {precision}, but {reason}: it runs in generic kernels, "
-        "slower than fp32; re-export it with `edgezo export --precision fp32` for this machine"
+        "which may be slower than fp32; re-export it with `edgezo export --precision fp32` and "
+        "compare (`python tools/bench_forward.py`)"
     )
 
 

@@ -61,6 +61,7 @@ def export_default(
     progress: Callable[[str], None] | None = print,
     precision: str = DEFAULT_PRECISION,
     precision_scope: str = DEFAULT_PRECISION_SCOPE,
+    int8_weights: str = "auto",
 ) -> Path:
     """Export SmolLM2-135M-Instruct with ``DEFAULT_LORA`` (rank 8, alpha 16 on v_proj of the
     last four blocks, A frozen) to ``out``, its frozen weights at ``precision``."""
@@ -77,6 +78,7 @@ def export_default(
         progress=progress,
         precision=precision,
         precision_scope=precision_scope if precision == "int8" else "all",
+        int8_weights=int8_weights,
         **DEFAULT_LORA,
     )
 
@@ -97,7 +99,21 @@ def export_default(
     default=DEFAULT_PRECISION_SCOPE,
     show_default=True,
 )
-def main(out: Path, overwrite: bool, seed: int, precision: str, precision_scope: str) -> None:
+@click.option(
+    "--int8-weights",
+    type=click.Choice(["auto", "s8", "u8", "s7"]),
+    default="auto",
+    show_default=True,
+    help="int8: weight storage (see edgezo export --help).",
+)
+def main(
+    out: Path,
+    overwrite: bool,
+    seed: int,
+    precision: str,
+    precision_scope: str,
+    int8_weights: str,
+) -> None:
     """Build the default bundle: SmolLM2-135M-Instruct, LoRA r=8 alpha=16 on v_proj of the
     last four blocks, A frozen (B trained)."""
     from .cli import run
@@ -109,6 +125,7 @@ def main(out: Path, overwrite: bool, seed: int, precision: str, precision_scope:
             seed=seed,
             precision=precision,
             precision_scope=precision_scope,
+            int8_weights=int8_weights,
         )
     )
 

@@ -105,6 +105,7 @@ def export_causal_lm(
     quantize: str | None = None,
     precision: str | None = None,
     precision_scope: str = "all",
+    int8_weights: str = "auto",
     block_size: int = 32,
     accuracy_level: int = 0,
     quant_rtol: float = QUANT_RTOL,
@@ -143,10 +144,13 @@ def export_causal_lm(
             ``MatMulInteger``) or ``int4`` (``MatMulNBits``); the frozen ``MatMul`` weights
             are quantised, trainable tensors stay fp32 graph inputs. The fp32 graph is
             validated against PyTorch first, then the quantised graph against the fp32 graph
-            with ``quant_rtol``. An int8 precision on a CPU without int8 dot-product
-            instructions is refused.
+            with ``quant_rtol``. An int8 precision this CPU cannot run correctly is refused
+            (``exporters.precision.check_precision_supported``).
         precision_scope: ``all`` or ``prefix`` (int8: quantise only the blocks before the
             first adapted block, so the cached prefix runs in int8 and the suffix in fp32).
+        int8_weights: how ``int8`` stores its weights: ``s8``, ``u8`` (exact on an x86 CPU
+            without VNNI, whose u8 × s8 kernels saturate), ``s7``, or ``auto`` (``s8`` where
+            the exporting CPU has int8 dot-product instructions, else ``u8``).
         quantize: the older spelling of ``precision``: ``"int8"`` = ``int8-dynamic``,
             ``"int4"`` = ``int4``.
         block_size: int4 block size (32, 64 or 128).
@@ -186,7 +190,7 @@ def export_causal_lm(
             f"--lora-layers {lora_layers or 'all'})",
             "pass --precision int8 --lora-layers last:N, or --precision-scope all",
         )
-    check_precision_supported(precision)
+    weights_format = check_precision_supported(precision, int8_weights=int8_weights)
     if not quant_rtol >= 0:
         raise EdgezoError(f"quant_rtol must be >= 0, got {quant_rtol!r}", "pass 0.1")
     if task not in ("causal_lm", "prompt_classification"):
@@ -336,11 +340,17 @@ def export_causal_lm(
                     loaded.vocab_size,
                     {s.name: v.numpy() for s, v in zip(specs, values, strict=True)},
                 )
-                qmodel, quant_info = quantize_int8_smooth(fp32_model, calib, keep)
+                qmodel, quant_info = quantize_int8_smooth(
+                    fp32_model, calib, keep, weights_format=weights_format or "s8"
+                )
                 quant_info["scope"] = precision_scope
             else:
                 qmodel, quant_info = quantize_model(
-                    fp32_model, quantize, block_size, accuracy_level
+                    fp32_model,
+                    quantize,
+                    block_size,
+                    accuracy_level,
+                    reduce_range=weights_format == "s7",
                 )
             del fp32_model
             quant_info["precision"] = precision

@@ -26,10 +26,14 @@ branch of ``v_proj`` reads it too, so there it is a ``Mul`` node), else applied 
 The weights ``s W`` are then quantised symmetrically per output column (scale = max|column| /
 127).
 
-int8 compute needs a CPU with int8 dot-product instructions (x86 VNNI: ``avx512_vnni``,
-``avx_vnni`` or ``amx_int8``; Arm: ``asimddp``); elsewhere ONNX Runtime runs it in slow generic
-kernels, so the export refuses it (:func:`check_precision_supported`) and a bundle loaded on such
-a CPU gets a note.
+int8 compute is fast on a CPU with int8 dot-product instructions (x86 VNNI: ``avx512_vnni``,
+``avx_vnni`` or ``amx_int8``; Arm: ``asimddp``). On an x86 CPU without VNNI (AVX2) ONNX
+Runtime's u8 × s8 kernels are still faster than fp32 (measured 1.6× on a 512-row GEMM) but sum
+pairs of products in 16 bits with saturation, so full-range s8 weights give wrong results there:
+the weights are then stored as u8 (``weights_format``, :data:`INT8_WEIGHTS`; chosen for the
+exporting CPU unless ``--int8-weights`` says otherwise), and a bundle with s8 weights is refused
+at load on such a CPU (``edgezo.runner.precision_note``). On a non-x86 CPU without a dot product
+the export refuses int8 (:func:`check_precision_supported`) and a loaded bundle gets a note.
 """
 
 from __future__ import annotations
@@ -45,7 +49,14 @@ from onnx import helper, numpy_helper
 
 from edgezo.bundle import PRECISIONS
 from edgezo.errors import EdgezoError
-from edgezo.runner import INT8_FLAGS, cpu_flags, int8_support
+from edgezo.runner import (
+    INT8_FLAGS,
+    INT8_WEIGHTS,
+    cpu_flags,
+    int8_support,
+    int8_weights_for,
+    saturates_s8,
+)
 
 from .quantize import gemm_to_matmul, name_matmul_weights
 
@@ -54,6 +65,7 @@ QUANTIZE_ALIASES = {"int8": "int8-dynamic", "int4": "int4"}
 #: the precision → the ``quantize_model`` scheme of :mod:`exporters.quantize`
 __all__ = [
     "INT8_FLAGS",
+    "INT8_WEIGHTS",
     "PRECISIONS",
     "SCOPES",
     "cpu_flags",
@@ -90,17 +102,50 @@ def resolve_precision(precision: str | None, quantize: str | None) -> str:
     return precision or alias or "fp32"
 
 
-def check_precision_supported(precision: str, flags: set[str] | None = None) -> None:
-    """Refuse an int8 precision on a CPU that would run it in slow generic kernels."""
+def check_precision_supported(
+    precision: str, flags: set[str] | None = None, int8_weights: str = "auto"
+) -> str | None:
+    """Refuse an int8 precision this CPU cannot run correctly or fast; return the int8 weight
+    format to store (:data:`INT8_WEIGHTS`; ``auto``: :func:`int8_weights_for` this CPU), or None
+    for a precision that is not int8."""
+    if int8_weights != "auto" and int8_weights not in INT8_WEIGHTS:
+        raise EdgezoError(
+            f"unknown int8 weight format {int8_weights!r}",
+            f"pass --int8-weights as one of: auto, {', '.join(INT8_WEIGHTS)}",
+        )
     if not precision.startswith("int8"):
-        return
-    ok, reason = int8_support(cpu_flags() if flags is None else flags)
+        if int8_weights != "auto":
+            raise EdgezoError(
+                f"--int8-weights {int8_weights} applies to --precision int8, not {precision}",
+                "drop --int8-weights, or pass --precision int8",
+            )
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if precision == "int8-dynamic" and int8_weights == "u8":
+        raise EdgezoError(
+            "--precision int8-dynamic stores s8 or s7 weights (onnxruntime's quantize_dynamic)",
+            "pass --int8-weights auto, s8 or s7, or use --precision int8 --int8-weights u8",
+        )
+    if saturates_s8(flags):
+        if int8_weights == "s8":
+            raise EdgezoError(
+                "--int8-weights s8 needs int8 dot-product instructions (VNNI): on this x86 CPU "
+                "without them ONNX Runtime's u8 x s8 kernels saturate and the losses would be "
+                "wrong",
+                "pass --int8-weights auto (u8 here), or export on the machine that will run "
+                "the bundle",
+            )
+        if int8_weights != "auto":
+            return int8_weights
+        return "s7" if precision == "int8-dynamic" else int8_weights_for(flags)
+    ok, reason = int8_support(flags)
     if ok is False:
         raise EdgezoError(
             f"--precision {precision} computes in int8, but {reason}: ONNX Runtime would run "
-            "it in generic kernels, slower than fp32",
+            "it in generic kernels, which may be slower than fp32",
             "export with --precision fp32 (or int4 for a smaller bundle) on this machine",
         )
+    return "s8" if int8_weights == "auto" else int8_weights
 
 
 def layer_of(weight: str) -> int | None:
@@ -205,9 +250,18 @@ def quantize_int8_smooth(
     feeds: Sequence[dict[str, np.ndarray]],
     keep: Callable[[str], bool] = lambda _w: True,
     alpha: float = SMOOTH_ALPHA,
+    weights_format: str = "s8",
 ) -> tuple[onnx.ModelProto, dict]:
     """Per-channel int8 ``DynamicQuantizeMatMul`` with smoothing on the frozen ``MatMul`` s
-    whose weight name ``keep`` accepts; in place; returns (model, manifest ``quantization``)."""
+    whose weight name ``keep`` accepts; in place; returns (model, manifest ``quantization``).
+
+    ``weights_format`` (:data:`INT8_WEIGHTS`): how the weights are stored for the CPU's int8
+    kernels."""
+    if weights_format not in INT8_WEIGHTS:
+        raise EdgezoError(
+            f"unknown int8 weight format {weights_format!r}",
+            f"pass --int8-weights as one of: auto, {', '.join(INT8_WEIGHTS)}",
+        )
     inputs = [i.name for i in model.graph.input]
     gemms = gemm_to_matmul(model)
     name_matmul_weights(model)
@@ -276,18 +330,26 @@ def quantize_int8_smooth(
             n.input[0] = xs
     # the quantised weights and the nodes, in graph order (a smoothing Mul right after the
     # node producing its input)
+    qmax = 63 if weights_format == "s7" else 127
     for n in targets:
         name = n.input[1]
         w = weights[name]
-        scale = np.abs(w).max(axis=0) / 127.0
+        scale = np.abs(w).max(axis=0) / qmax
         scale = np.where(scale > 0, scale, 1.0)
-        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        q = np.clip(np.rint(w / scale), -qmax, qmax)
         g.initializer.remove(inits[name])
-        g.initializer.append(numpy_helper.from_array(q, f"{name}_int8"))
         g.initializer.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"))
+        inputs_q = [n.input[0], f"{name}_int8", f"{name}_scale"]
+        if weights_format == "u8":  # symmetric values stored offset by 128 (zero point 128)
+            g.initializer.append(numpy_helper.from_array((q + 128).astype(np.uint8), inputs_q[1]))
+            zero = f"{name}_zero"
+            g.initializer.append(numpy_helper.from_array(np.full(q.shape[1], 128, np.uint8), zero))
+            inputs_q.append(zero)
+        else:
+            g.initializer.append(numpy_helper.from_array(q.astype(np.int8), inputs_q[1]))
         dq = helper.make_node(
             "DynamicQuantizeMatMul",
-            [n.input[0], f"{name}_int8", f"{name}_scale"],
+            inputs_q,
             list(n.output),
             name=(n.name or name) + "_int8",
             domain="com.microsoft",
@@ -311,7 +373,8 @@ def quantize_int8_smooth(
         "scheme": "int8",
         "method": "per-channel int8 weights with SmoothQuant smoothing (alpha "
         f"{alpha}), activations quantised at run time (DynamicQuantizeMatMul)",
-        "bits": 8,
+        "bits": 7 if weights_format == "s7" else 8,
+        "weights_format": weights_format,
         "block_size": None,
         "accuracy_level": None,
         "symmetric": True,

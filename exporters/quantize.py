@@ -202,8 +202,12 @@ def quantize_model(
     scheme: str,
     block_size: int = 32,
     accuracy_level: int = 0,
+    reduce_range: bool = False,
 ) -> tuple[onnx.ModelProto, dict]:
     """Quantise the frozen ``MatMul`` weights of ``model``; returns (model, manifest dict).
+
+    ``reduce_range`` (int8): 7-bit weights, which an x86 CPU without VNNI multiplies without
+    saturation (``edgezo.runner.saturates_s8``).
 
     Raises :class:`EdgezoError` when no ``MatMul`` has a frozen weight (e.g. ``--mode full``,
     where every weight is a graph input) or when a graph input was lost.
@@ -252,6 +256,7 @@ def quantize_model(
                     op_types_to_quantize=["MatMul"],
                     weight_type=QuantType.QInt8,
                     per_channel=False,
+                    reduce_range=reduce_range,
                     use_external_data_format=model.ByteSize() > 1_500_000_000,
                 )
                 out = onnx.load(str(path))
@@ -260,7 +265,8 @@ def quantize_model(
                 "scheme": "int8",
                 "method": "onnxruntime quantize_dynamic (weights int8 per tensor, activations "
                 "quantised at run time)",
-                "bits": 8,
+                "bits": 7 if reduce_range else 8,
+                "weights_format": "s7" if reduce_range else "s8",
                 "block_size": None,
                 "accuracy_level": None,
                 "symmetric": True,

@@ -3,6 +3,7 @@ CPU check, the manifest field."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -60,6 +61,8 @@ def test_smoothing_alone_is_exact(make_bundle):
     for n in g.graph.node:  # back to float MatMuls on the dequantised smoothed weights
         if n.op_type == "DynamicQuantizeMatMul":
             w = onnx.numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            if len(n.input) > 3:  # u8 weights: their zero point
+                w = w - onnx.numpy_helper.to_array(inits[n.input[3]]).astype(np.float32)
             w = w * onnx.numpy_helper.to_array(inits[n.input[2]])
             inits[n.input[1]].CopyFrom(onnx.numpy_helper.from_array(w, n.input[1]))
             n.CopyFrom(onnx.helper.make_node("MatMul", n.input[:2], n.output, name=n.name))
@@ -116,16 +119,128 @@ def test_precision_refusals(tiny_hf_dir, tmp_path, kw, match):
     assert not (tmp_path / "b").exists()
 
 
-def test_int8_refused_without_vnni(tiny_hf_dir, tmp_path, monkeypatch):
+AVX2 = {"sse2", "sse4_2", "avx2"}  # an x86 CPU without VNNI: u8 x s8 kernels saturate
+VNNI = {"sse2", "avx2", "avx512_vnni"}
+ARM_NO_DOT = {"asimd", "fp"}
+
+
+def test_int8_weights_chosen_for_the_cpu():
+    from exporters import precision
+
+    assert precision.saturates_s8(AVX2) and not precision.saturates_s8(VNNI)
+    assert not precision.saturates_s8(ARM_NO_DOT) and not precision.saturates_s8(None)
+    check = precision.check_precision_supported
+    assert check("int8", VNNI) == "s8" and check("int8", AVX2) == "u8"
+    assert check("int8", AVX2, "s7") == "s7" and check("int8", VNNI, "u8") == "u8"
+    assert check("int8-dynamic", AVX2) == "s7" and check("int8-dynamic", VNNI) == "s8"
+    assert check("fp32", AVX2) is None and check("int4", AVX2) is None
+    with pytest.raises(EdgezoError, match="saturate") as e:
+        check("int8", AVX2, "s8")
+    assert "--int8-weights auto" in e.value.fix
+    with pytest.raises(EdgezoError, match="int8 dot-product") as e:
+        check("int8", ARM_NO_DOT)
+    assert "--precision fp32" in e.value.fix
+    with pytest.raises(EdgezoError, match="applies to --precision int8"):
+        check("fp32", AVX2, "u8")
+    with pytest.raises(EdgezoError, match="s8 or s7"):
+        check("int8-dynamic", VNNI, "u8")
+    with pytest.raises(EdgezoError, match="unknown int8 weight format"):
+        check("int8", VNNI, "s9")
+    assert precision.int8_support({"avx512_vnni"})[0] is True
+    assert precision.int8_support(set())[0] is False
+
+
+def test_int8_refused_on_arm_without_dot_product(tiny_hf_dir, tmp_path, monkeypatch):
     import exporters.precision as precision
     from exporters import export_causal_lm
 
-    monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": {"sse4_2", "avx2"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": ARM_NO_DOT)
     with pytest.raises(EdgezoError, match="int8 dot-product") as e:
         export_causal_lm(tiny_hf_dir, tmp_path / "b", precision="int8", progress=None)
     assert "--precision fp32" in e.value.fix
-    assert precision.int8_support({"avx512_vnni"})[0] is True
-    assert precision.int8_support(set())[0] is False
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("fmt", "dtype", "qmax"), [("u8", np.uint8, 127), ("s7", np.int8, 63)])
+def test_int8_weight_formats(make_bundle, fmt, dtype, qmax):
+    """u8 stores the symmetric values offset by a zero point of 128, s7 at most 63 in
+    magnitude; both run correctly on every CPU and stay close to the fp32 graph."""
+    import onnxruntime as ort
+
+    path = make_bundle("lora", precision="int8", int8_weights=fmt)
+    q = load_bundle(path).manifest.quantization
+    assert q["weights_format"] == fmt and q["bits"] == (7 if fmt == "s7" else 8)
+    g = onnx.load(str(path / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.graph.initializer}
+    nodes = [n for n in g.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert nodes
+    for n in nodes:
+        w = inits[n.input[1]]
+        assert w.dtype == dtype
+        centred = w.astype(np.int32) - (128 if fmt == "u8" else 0)
+        assert np.abs(centred).max() == qmax  # every column's largest weight at full scale
+        assert (len(n.input) > 3) == (fmt == "u8")
+        if fmt == "u8":
+            assert (inits[n.input[3]] == 128).all()
+    b = load_bundle(path)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, int(b.manifest.architecture["vocab_size"]), (2, 9))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    feed.update(b.initial_trainable())
+    got = ort.InferenceSession(str(path / "model.onnx")).run(["loss"], feed)[0]
+    ref = make_bundle("lora")
+    want = ort.InferenceSession(str(ref / "model.onnx")).run(["loss"], feed)[0]
+    assert np.max(np.abs(got - want)) < 0.05 * np.max(np.abs(want))
+
+
+def test_s8_weights_saturate_on_this_cpu_if_it_lacks_vnni():
+    """The reason for ``weights_format``: on an x86 CPU without VNNI, ONNX Runtime's u8 x s8
+    GEMM clips pair sums to 16 bits; u8 weights (zero point 128) are exact there. Where the CPU
+    has VNNI (or is not x86) all three formats agree with float arithmetic."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgezo.runner import cpu_flags, saturates_s8
+
+    rng = np.random.default_rng(0)
+    m, k, n = 64, 256, 64
+    # activations near u8 255 and weights near +-127: many pairs sum past 32,767
+    x = rng.uniform(0.5, 1.0, (m, k)).astype(np.float32)
+    w = (rng.uniform(0.5, 1.0, (k, n)) * rng.choice([-1.0, 1.0], (k, n))).astype(np.float32)
+    ref = x.astype(np.float64) @ w
+    scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127)
+
+    def run(b: np.ndarray, zero: bool) -> np.ndarray:
+        inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scale, "S")]
+        ins = ["X", "B", "S"]
+        if zero:
+            inits.append(numpy_helper.from_array(np.full(n, 128, np.uint8), "Z"))
+            ins.append("Z")
+        node = helper.make_node("DynamicQuantizeMatMul", ins, ["Y"], domain="com.microsoft")
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, [m, k])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
+            inits,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        )
+        return ort.InferenceSession(model.SerializeToString()).run(None, {"X": x})[0]
+
+    def err(y: np.ndarray) -> float:
+        return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+    u8 = err(run((q + 128).astype(np.uint8), True))
+    s8 = err(run(q.astype(np.int8), False))
+    assert u8 < 0.03
+    if saturates_s8(cpu_flags()):
+        assert s8 > 10 * u8, (s8, u8)
+    else:
+        assert s8 < 0.03
 
 
 def test_manifest_precision_field(make_bundle):
@@ -137,20 +252,39 @@ def test_manifest_precision_field(make_bundle):
     assert Manifest.from_json(d).precision is None
 
 
-def test_runtime_note_without_vnni(make_bundle, monkeypatch):
+def test_runtime_checks_int8_weights_against_the_cpu(make_bundle, tmp_path, monkeypatch):
+    import shutil
+
     import edgezo.runner as runner
     from edgezo.errors import EdgezoWarning
     from edgezo.train import BATCH_INPUTS
     from edgezo.zo.params import FlatParams
 
-    path = make_bundle("lora", precision="int8")
-    assert runner.precision_note(path, {"avx512_vnni"}) is None
-    assert runner.precision_note(make_bundle("lora"), set()) is None  # fp32: nothing to say
-    note = runner.precision_note(path, {"avx2"})
+    built = make_bundle("lora", precision="int8", int8_weights="u8")
+    assert runner.precision_note(built, AVX2) is None  # u8: exact everywhere
+    assert runner.precision_note(make_bundle("lora"), AVX2) is None  # fp32: nothing to say
+    # the same bundle as if its weights were full-range s8 (or written before the field)
+    path = tmp_path / "s8"
+    shutil.copytree(built, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["quantization"]["weights_format"] = "s8"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert runner.precision_note(path, VNNI) is None
+    with pytest.raises(BundleError, match="saturate") as e:
+        runner.precision_note(path, AVX2)
+    assert "--precision int8" in e.value.fix
+    del manifest["quantization"]["weights_format"]  # older bundles: s8
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="saturate"):
+        runner.precision_note(path, AVX2)
+    note = runner.precision_note(path, ARM_NO_DOT)
     assert "generic kernels" in note and "--precision fp32" in note
-    monkeypatch.setattr(runner, "cpu_flags", lambda path="/proc/cpuinfo": {"avx2"})
     b = load_bundle(path)
     params = FlatParams(b.manifest.trainable, inplace=True)
+    monkeypatch.setattr(runner, "cpu_flags", lambda path="/proc/cpuinfo": AVX2)
+    with pytest.raises(BundleError, match="saturate"):
+        runner.LossRunner(b.model_path, params, BATCH_INPUTS)
+    monkeypatch.setattr(runner, "cpu_flags", lambda path="/proc/cpuinfo": ARM_NO_DOT)
     with pytest.warns(EdgezoWarning, match="generic kernels"):
         r = runner.LossRunner(b.model_path, params, BATCH_INPUTS)
     assert r.notes == [note]

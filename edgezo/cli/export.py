@@ -212,7 +212,7 @@ def _resolve_model(model: str) -> str:
     type=click.Choice(PRECISIONS),
     default=None,
     help="Arithmetic of the frozen MatMul weights [default: fp32]: int8 (per-channel, "
-    "smoothed, int8 compute; needs VNNI), int8-dynamic (per-tensor int8), int4 "
+    "smoothed, int8 compute), int8-dynamic (per-tensor int8), int4 "
     "(MatMulNBits, smaller, not faster). Trainable tensors stay fp32. See "
     "docs/guides/precision.md.",
 )
@@ -223,6 +223,15 @@ def _resolve_model(model: str) -> str:
     show_default=True,
     help="int8: quantise every frozen MatMul, or only the frozen prefix before the adapted "
     "blocks (--lora-layers last:N; the suffix each ZO step runs stays fp32).",
+)
+@click.option(
+    "--int8-weights",
+    type=click.Choice(["auto", "s8", "u8", "s7"]),
+    default="auto",
+    show_default=True,
+    help="int8: how the weights are stored. s8 needs VNNI/AMX or an Arm dot product; u8 is "
+    "exact on every CPU (an x86 CPU without VNNI saturates s8); auto: s8 where this CPU has "
+    "int8 dot-product instructions, else u8.",
 )
 @click.option(
     "--quantize",
@@ -291,6 +300,7 @@ def export(
     external_data,
     precision,
     precision_scope,
+    int8_weights,
     quantize,
     block_size,
     accuracy_level,
@@ -334,6 +344,7 @@ def export(
                 "quantize": quantize,
                 "precision": precision,
                 "precision_scope": precision_scope,
+                "int8_weights": int8_weights,
                 "block_size": int(block_size),
                 "accuracy_level": accuracy_level,
                 "quant_rtol": quant_rtol,
