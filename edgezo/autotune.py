@@ -11,6 +11,16 @@ spans orders of magnitude), so instead of trusting one table value the run measu
    not acted on by default: for symmetric directions E[(zᵀHz)·z] = 0, so in a one-sided
    estimate it adds zero-mean noise, not bias, and on SmolLM2 LoRA one-sided q=4 learned well
    at μ 1e-2 although c exceeded d there. ``check_mu(curvature=True)`` shrinks μ while c > d.)
+   Then a **smoothness check** (4 more evaluations): the central derivative estimates along the
+   same directions at μ and μ/4 must agree (RMS relative difference ≤ ``ROUGH``). For a smooth
+   loss they differ by O(μ²); for a loss that rounding makes a step function of θ — an int8
+   graph whose activations are quantised at run time with a per-tensor scale, when the
+   trainable tensors feed those activations — the difference f(θ + μz) − f(θ) is rounding
+   noise of about the same size at every μ, so the estimates grow like 1/μ. Measured on
+   SmolLM2-135M, LoRA-FA on the last 4 blocks, ``--precision int8 --precision-scope all``:
+   one-sided estimates at μ 1e-3 … 1e-1 were off by 2.6×–230× the directional derivative's
+   RMS (the fp32 bundle: 0.4–20%), and the run diverged (held-out 5.55 → 13.5 in 50 steps).
+   No μ helps, so the check does not change μ: it says so, with the fix.
 2. **learning-rate race**: from θ₀, each candidate lr runs ``steps`` ZO steps with the run's own
    estimator, optimiser, directions and batches — common random numbers, so the candidates
    differ only in lr — and is then judged by its mean loss on a probe set of training examples
@@ -46,6 +56,7 @@ from .zo.perturb import plain
 NOISE = 2e-6  # relative size of float32 noise in a mean loss over a batch
 MU_TRIES = 3
 MU_DIRECTIONS = 2  # one direction's projection can be near zero by chance
+ROUGH = 0.5  # most RMS relative difference of the derivative estimates at μ and μ/4
 GRID = 3.0  # candidate lrs are default × GRID^j
 MAX_EXTEND = 2
 # The race's winner is the edge of what is stable for ``steps`` steps; ZO noise accumulates
@@ -97,7 +108,7 @@ def worst_case_evaluations(
     """The most forward evaluations (training-batch units) a selection can cost."""
     probe = math.ceil(probe_examples / batch_size)
     lr_cost = (3 + MAX_EXTEND) * (math.ceil(steps * per_step) + probe) + probe if tune_lr else 0
-    return lr_cost + ((1 + 2 * MU_DIRECTIONS * MU_TRIES) if tune_mu else 0)
+    return lr_cost + ((1 + 2 * MU_DIRECTIONS * (MU_TRIES + 1)) if tune_mu else 0)
 
 
 def check_mu(
@@ -107,10 +118,13 @@ def check_mu(
     log,
     curvature: bool = True,
     directions: int = MU_DIRECTIONS,
+    smoothness: bool = False,
 ) -> tuple[float, list[dict[str, Any]], int]:
     """μ adjusted until loss differences along a few directions are signal, not float32 noise
     (and, with ``curvature``, not dominated by the second-order part — noise in a one-sided
-    estimate, cancelled by a central one); returns (μ, the tries, evaluations spent)."""
+    estimate, cancelled by a central one); with ``smoothness``, then the smoothness check
+    (module docstring), whose result is the last entry of the tries (``rough``) and, when the
+    loss is not smooth, a warning line; returns (μ, the tries, evaluations spent)."""
     perturber = engine.perturber
     us = [plain(0, i) for i in range(directions)]
     tries: list[dict[str, Any]] = []
@@ -143,6 +157,25 @@ def check_mu(
             f"edgezo: autotune: μ not settled in {MU_TRIES} tries; using μ {mu:g} (measured "
             "above); pass mu= to choose it"
         )
+    if smoothness:
+        at_mu = [_pair(engine, u, mu, loss) for u in us]
+        at_quarter = [_pair(engine, u, mu / 4.0, loss) for u in us]
+        evals += 4 * len(us)
+        g1 = np.array([(fp - fm) / (2.0 * mu) for fp, fm in at_mu])
+        g2 = np.array([(fp - fm) / (0.5 * mu) for fp, fm in at_quarter])
+        scale = max(float(np.sqrt(np.mean(g1**2))), float(np.sqrt(np.mean(g2**2))))
+        rough = float(np.sqrt(np.mean((g1 - g2) ** 2)) / scale) if scale > 0 else 0.0
+        tries.append({"mu": mu, "smoothness_check": True, "rough": rough})
+        if not np.isfinite(rough) or rough > ROUGH:
+            log(
+                f"edgezo: autotune: warning: the loss is not smooth in the trainable tensors: "
+                f"derivative estimates along the same directions at μ {mu:g} and {mu / 4:g} "
+                f"differ by {rough:.3g} (RMS, relative; a smooth loss: < {ROUGH:g}), so finite "
+                "differences measure rounding, not slope, and ZO steps will not learn. A "
+                "bundle whose trained graph quantises activations at run time does this "
+                "(edgezo export --precision int8 --precision-scope all): re-export with "
+                "--precision-scope prefix or --precision fp32"
+            )
     return mu, tries, evals
 
 
@@ -254,7 +287,9 @@ def autotune(
     mu_trials: list[dict[str, Any]] = []
     if tune_mu:
         first = batches(0)
-        mu, mu_trials, spent = check_mu(engine, lambda: mean_loss(first), mu, log, curvature=False)
+        mu, mu_trials, spent = check_mu(
+            engine, lambda: mean_loss(first), mu, log, curvature=False, smoothness=True
+        )
         evals += spent
 
     def probe_loss() -> float:

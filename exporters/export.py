@@ -354,6 +354,13 @@ def export_causal_lm(
                 )
             del fp32_model
             quant_info["precision"] = precision
+            if precision.startswith("int8") and precision_scope == "all" and specs:
+                say(
+                    "note: the trainable tensors feed activations this int8 graph quantises at "
+                    "run time, so its loss is a step function of them: ZO fine-tuning will not "
+                    "learn on it (docs/guides/precision.md); for fine-tuning export with "
+                    "--precision-scope prefix (int8 frozen prefix, fp32 suffix)"
+                )
             baked_dir = None
             if mode == "scales":
                 baked_dir = stage / "_baked"

@@ -164,6 +164,33 @@ def test_mu_check_grows_a_mu_lost_in_noise_and_shrinks_one_lost_in_curvature(lor
     assert mu2 == 1.0  # no try settles a pure quadratic at its minimum: μ is kept
 
 
+def test_smoothness_check_flags_a_loss_that_rounding_makes_a_step_function(lora_bundle):
+    """A loss rounded to a grid (what run-time activation quantisation does to an int8 graph)
+    gives derivative estimates that grow like 1/μ: the check warns with the fix; a smooth
+    loss passes silently. The check spends 4 evaluations per direction and keeps μ."""
+    engine = engine_for(lora_bundle)
+    target = engine.params.master + 1.0
+    smooth = fake_loss(engine, target)
+    lines: list[str] = []
+    mu, tries, evals = at.check_mu(
+        engine, smooth, 1e-2, lines.append, curvature=False, smoothness=True
+    )
+    assert tries[-1]["smoothness_check"] and tries[-1]["rough"] < 0.05
+    assert not any("not smooth" in x for x in lines)
+    assert evals == 1 + 2 * at.MU_DIRECTIONS * (len(tries) - 1) + 4 * at.MU_DIRECTIONS
+    engine2 = engine_for(lora_bundle)
+    smooth2 = fake_loss(engine2, engine2.params.master + 1.0)
+    def rough():  # the smooth loss plus a deterministic pseudo-random jump per θ, of 1%
+        key = float(np.sin(1e4 * float(engine2.params.feed.sum())))
+        return smooth2() * (1.0 + 0.01 * key)
+
+    lines2: list[str] = []
+    mu2, tries2, _ = at.check_mu(engine2, rough, 1e-2, lines2.append, False, smoothness=True)
+    assert mu2 == 1e-2 and tries2[-1]["rough"] > at.ROUGH
+    warning = [x for x in lines2 if "not smooth" in x]
+    assert warning and "--precision-scope prefix" in warning[0]
+
+
 def test_autotune_steps_must_be_positive():
     with pytest.raises(ConfigError, match="autotune_steps"):
         FinetuneConfig(autotune_steps=0)
@@ -191,4 +218,4 @@ def test_lora_default_checks_mu_but_runs_its_measured_lr(lora_bundle, data, tmp_
     tuned = json.loads((Path(s.out) / "autotune.json").read_text())
     assert tuned["trials"] == [] and tuned["mu_trials"]  # μ checked, no lr race
     assert s.lr == MODE_DEFAULTS["lora"]["lr"]
-    assert 0 < s.tune_evaluations <= at.worst_case_evaluations(8, 5, 4, 8, True, False) == 13
+    assert 0 < s.tune_evaluations <= at.worst_case_evaluations(8, 5, 4, 8, True, False) == 17
