@@ -11,6 +11,11 @@ docs/concepts/literature.md §4).
   correction by the number of updates applied (two flat buffers and a counter).
 - ``sign`` (ZO-signSGD): δ = −η sign(ĝ); with momentum, δ = −η sign(m) (Signum).
 
+The momentum buffer (Adam's m) is also the axis of ``cone`` directions
+(:class:`edgezo.zo.directions.ConeDirections`, read through ``history``), which are built
+from it live: every update reads each chunk of the step's u_i before it writes that chunk of
+the buffer.
+
 Decoupled weight decay θ ← θ(1 − ηλ) touches ordinary tensors only (a scale has no natural
 zero to decay to). All arithmetic is float32 elementwise with float32-cast coefficients, in a
 fixed order: identical on every machine, and identical when :mod:`edgezo.zo.replay` redoes it.
