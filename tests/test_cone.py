@@ -89,6 +89,9 @@ def test_step_zero_and_a_zero_momentum_fall_back_to_the_sphere_bit_for_bit():
 
 def test_a_direction_is_defined_inside_its_step_only():
     eng = engine()
+    sphere = Directions(3, DIM, "sphere")
+    # before any history (the μ check before step 0) it is the sphere direction, step open or not
+    assert np.array_equal(eng.cone.full(0, 1), sphere.full(0, 1))
     train(eng, range(2))
     with pytest.raises(RuntimeError, match="defined inside their step"):
         eng.cone.full(1, 0)  # step 1 closed: its momentum has moved since

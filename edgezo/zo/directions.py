@@ -249,7 +249,9 @@ class ConeDirections:
     :meth:`begin` fixes ‖m‖ for step t, each ρ is computed (one exact pass) the first time a
     key is asked for, and :meth:`end` closes the step; asking for another step's direction is
     an error instead of a silently different vector. The update must read each chunk of u
-    before it writes the same chunk of m (the optimisers do, chunk by chunk).
+    before it writes the same chunk of m (the optimisers do, chunk by chunk). While m = 0 a
+    direction is the sphere direction whether a step is open or not (the μ check at the start
+    of a run perturbs along step 0's directions before step 0).
 
     m = 0, a non-finite ‖m‖ or a ẑ (numerically) parallel to m̂: u is the sphere direction
     itself, bit for bit (the fallback of the first step). ‖m‖ and ρ are correctly rounded
@@ -298,6 +300,8 @@ class ConeDirections:
 
     def coefs(self, step: int, index: int) -> tuple[np.float32, np.float32] | None:
         """(α, β) of u = α·m + β·z for the key, or None where u is the sphere direction."""
+        if self._step is None and self.axis is not None and not self.axis.any():
+            return None  # no history yet: the sphere direction, whichever step is asked for
         if self._step != step:
             raise RuntimeError(
                 f"cone direction of step {step} asked for while step {self._step} is open: "
