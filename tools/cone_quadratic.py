@@ -3,8 +3,10 @@
 f(θ) = ½ Σ_i λ_i (θ_i − t_i)², λ log-spaced from 1 to 0.01 (d = 256 by default), θ₀ = 0; the
 default LM recipe's step (one-sided, q = 4, SGD momentum 0.9, μ = 1e-3) for ``--steps`` steps
 at each ``--lr``, three seeds each. Prints the final loss of sphere and of cone at each
-``--angles`` value, and cone / sphere ratios (below 1: cone is ahead). A run that diverges
-prints inf.
+``--angles`` value, and cone / sphere ratios (below 1: cone is ahead); then the cosine of the
+momentum (the cone's axis) with the true gradient, averaged over the steps — how well the
+history points where the cone assumes it does. A run that diverges prints inf (and nan
+cosines).
 
 Usage::
 
@@ -24,6 +26,13 @@ from edgezo.zo.params import TensorSpec
 
 
 def final_loss(direction: str, dim: int, steps: int, lr: float, seed: int, angle: float) -> float:
+    return run(direction, dim, steps, lr, seed, angle)[0]
+
+
+def run(
+    direction: str, dim: int, steps: int, lr: float, seed: int, angle: float
+) -> tuple[float, float]:
+    """(final loss, mean over the steps of the momentum's cosine with the true gradient)."""
     lam = np.geomspace(1.0, 0.01, dim)
     target = np.random.default_rng(123).normal(size=dim)
     settings = EngineSettings(
@@ -41,12 +50,17 @@ def final_loss(direction: str, dim: int, steps: int, lr: float, seed: int, angle
         x = feed.astype(np.float64) - target
         return float(0.5 * np.sum(lam * x * x))
 
-    with np.errstate(over="ignore", invalid="ignore"):
+    cosines = []
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for t in range(steps):
             eng.step(t, lr, 1e-3, loss)
+            m = eng.optimizer.buf.astype(np.float64)
+            g = lam * (eng.params.master.astype(np.float64) - target)
+            cosines.append(float(m @ g / (np.linalg.norm(m) * np.linalg.norm(g))))
         eng.perturber.at_theta()
         f = loss()
-    return f if math.isfinite(f) and f < 1e30 else math.inf
+    cos = statistics.fmean(cosines) if steps else math.nan
+    return (f if math.isfinite(f) and f < 1e30 else math.inf), cos
 
 
 def main() -> None:
@@ -61,20 +75,21 @@ def main() -> None:
     print(f"d={args.dim}, {args.steps} steps, loss at θ₀ {start:.4f}; median over seeds")
     head = "".join(f"{'cone ' + format(a, 'g'):>12}" for a in args.angles)
     print(f"{'lr':>8}{'sphere':>12}{head}   cone/sphere")
+    seeds = range(args.seeds)
+    aligned = []
     for lr in args.lr:
-        runs = {
-            "sphere": [
-                final_loss("sphere", args.dim, args.steps, lr, s, 60.0) for s in range(args.seeds)
-            ]
-        }
+        out = {"sphere": [run("sphere", args.dim, args.steps, lr, s, 60.0) for s in seeds]}
         for a in args.angles:
-            runs[a] = [
-                final_loss("cone", args.dim, args.steps, lr, s, a) for s in range(args.seeds)
-            ]
-        med = {k: statistics.median(v) for k, v in runs.items()}
+            out[a] = [run("cone", args.dim, args.steps, lr, s, a) for s in seeds]
+        med = {k: statistics.median(r[0] for r in v) for k, v in out.items()}
+        aligned.append((lr, {k: statistics.median(r[1] for r in v) for k, v in out.items()}))
         cells = "".join(f"{med[a]:>12.4g}" for a in args.angles)
         ratios = " ".join(f"{med[a] / med['sphere']:.2f}" for a in args.angles)
         print(f"{lr:>8g}{med['sphere']:>12.4g}{cells}   {ratios}")
+    print("cosine of the momentum with the true gradient, mean over the steps (median of seeds)")
+    for lr, cos in aligned:
+        cells = "".join(f"{cos[a]:>12.3f}" for a in args.angles)
+        print(f"{lr:>8g}{cos['sphere']:>12.3f}{cells}")
 
 
 if __name__ == "__main__":
