@@ -5,8 +5,9 @@ Generation streams over the direction chunk by chunk, as perturbation and update
 scale cached. Wall and CPU seconds are both printed: on a shared machine, CPU seconds are the
 fairer figure. Median over ``--repeat`` keys. ``cone`` (around a random float32 axis, as the
 momentum would be) is timed as its two parts: the per-probe pass for ρ = ẑ·m̂ (an exact sum),
-paid once per key (it includes the sphere's norm pass for that key), and a pass of values with ρ known (a sphere chunk plus a scaled axis chunk);
-its per-step ‖m‖ pass is a second exact sum of the same cost as the ρ pass.
+paid once per key (it includes the sphere's norm pass for that key), and a pass of values
+with ρ known (a sphere chunk plus a scaled axis chunk); its per-step ‖m‖ pass is a second
+exact sum of about the same cost as the ρ pass.
 
 Usage::
 
