@@ -8,12 +8,12 @@ from typing import Any, Literal
 
 from .configio import Problems, from_dict, load_yaml
 from .errors import ConfigError
-from .zo.directions import KINDS
+from .zo.directions import ALL_KINDS
 from .zo.estimators import ESTIMATORS, SCHEDULES
 from .zo.optim import OPTIMIZERS, SCHEDULE_KINDS
 
 # the choices of the registry-backed fields, from the registries themselves
-DIRECTIONS = KINDS
+DIRECTIONS = ALL_KINDS
 ESTIMATOR_NAMES = tuple(ESTIMATORS)
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 
@@ -108,8 +108,14 @@ class FinetuneConfig:
     q: int | None = _f(None, "random directions per step; default per mode (1; lora: 4; head: 8)")
     direction: Literal[DIRECTIONS] | None = _f(
         None,
-        "direction distribution (sphere: uniform on the radius-√d sphere); default per "
-        "mode (rademacher; lora: sphere)",
+        "direction distribution (sphere: uniform on the radius-√d sphere; cone: on a cone of "
+        "half-angle cone_angle around the momentum, sphere until it exists — needs momentum "
+        "> 0 or adam; docs/concepts/zo-step.md); default per mode (rademacher; lora: sphere)",
+    )
+    cone_angle: float = _f(
+        60.0,
+        "direction=cone: degrees between each probe direction and the momentum, in (0, 90); "
+        "60 puts cos² = 1/4 of each probe's energy on the momentum direction",
     )
     estimator: Literal[ESTIMATOR_NAMES] | None = _f(
         None,
@@ -333,6 +339,19 @@ _RULES = [
     _range("level_ratio", lambda v: 0.0 < v < 1.0, "in (0, 1) so that μ_n = μ·c^(n-1) decreases"),
     _range("zipf_s", lambda v: v > 1.0, "> 1 (ζ(s) diverges otherwise)"),
     _range("mu_floor", lambda v: v > 0, "> 0"),
+    _range("cone_angle", lambda v: 0.0 < v < 90.0, "between 0 and 90 degrees (exclusive), e.g. 60"),
+    _rule(
+        "direction",
+        lambda c: (
+            c.direction == "cone"
+            and c.momentum == 0
+            and c.optimizer is not None  # None: the mode's, checked once resolved
+            and c.optimizer != "adam"
+        ),
+        "cone leans each probe on the momentum, and momentum is 0 (optimizer "
+        "{c.optimizer}): there is none",
+        "set momentum (e.g. momentum=0.9) or optimizer=adam, or use direction=sphere",
+    ),
     _rule(
         "momentum",
         lambda c: c.optimizer == "adam" and bool(c.momentum),

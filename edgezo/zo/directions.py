@@ -27,6 +27,14 @@ Gaussian ≈ 0.25–0.33 s (Philox bits ≈ 0.13 s + table gather; the gather wo
 sub-blocks and uses ``mode="clip"``, which skips numpy's per-index bounds check and gives the
 same values because a uint16 index is always inside the 65,536-entry table), sphere about the
 same per pass plus a one-off norm pass per key.
+
+History-guided kind (:class:`ConeDirections`, not a :class:`Directions` kind: it needs state):
+
+- ``cone``: each direction lies on a cone of fixed half-angle φ around an axis that the run
+  carries (the optimiser's momentum buffer m): u = √d·(cos φ·m̂ + sin φ·ẑ⊥), where ẑ⊥ is the
+  ``sphere`` direction of the same key made orthogonal to m̂ and normalised. ‖u‖ = √d and
+  cos(u, m̂) = cos φ. While m = 0 (the first step) it is the ``sphere`` direction itself. It is
+  not isotropic (E[uuᵀ] ≠ I): it trades unbiasedness for probes that lean along the history.
 """
 
 from __future__ import annotations
@@ -40,7 +48,9 @@ from functools import lru_cache
 import numpy as np
 
 CHUNK = 1 << 20  # values per chunk; part of the direction's definition — never change it
-KINDS = ("rademacher", "gaussian", "sphere")
+KINDS = ("rademacher", "gaussian", "sphere")  # stateless kinds: Directions
+CONE = "cone"  # the history-guided kind: ConeDirections
+ALL_KINDS = (*KINDS, CONE)
 _SCALE_CACHE = 64  # sphere scales kept per Directions object (≥ the q of a step, ×2)
 _SMALL = 1 << 14  # directions up to this size skip the 65,536-entry histogram and table
 _SUB = 1 << 16  # values per table-lookup sub-block (a multiple of 4: whole 64-bit words)
@@ -78,8 +88,10 @@ class Directions:
     """
 
     def __init__(self, seed: int, dim: int, kind: str = "rademacher"):
+        if kind == CONE:
+            raise ValueError("the cone kind needs the run's history: build a ConeDirections")
         if kind not in KINDS:
-            raise ValueError(f"direction kind must be one of {KINDS}, got {kind!r}")
+            raise ValueError(f"direction kind must be one of {ALL_KINDS}, got {kind!r}")
         if seed < 0:
             raise ValueError("seed must be >= 0")
         self.seed = int(seed)
@@ -209,6 +221,134 @@ class Directions:
         for s, e, v in self.chunks(step, index):
             v *= c
             np.add(x[s:e], v, out=out[s:e])
+
+
+def exact_dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Σ a_i b_i of two float32 vectors, correctly rounded: each product is exact in float64
+    (24 + 24 significant bits) and ``math.fsum`` sums them without error, so the value does not
+    depend on the machine, the BLAS, the chunking or the order of the chunks."""
+    parts = []
+    for s in range(0, a.size, CHUNK):
+        p = a[s : s + CHUNK].astype(np.float64)
+        p *= b[s : s + CHUNK]
+        parts.append(math.fsum(p.tolist()))
+    return math.fsum(parts)
+
+
+class ConeDirections:
+    """Directions on a cone of half-angle φ around the run's history axis (kind ``cone``).
+
+    ``u(step, i) = √d·(cos φ·m̂ + sin φ·ẑ⊥)`` with ẑ⊥ = (ẑ − (ẑ·m̂)m̂)/‖ẑ − (ẑ·m̂)m̂‖, ẑ the unit
+    ``sphere`` direction of the key. Expanded, u = α·m + β·z with z the radius-√d sphere
+    direction, ρ = ẑ·m̂, β = sin φ / √(1 − ρ²) and α = √d (cos φ − ρ β) / ‖m‖: the chunk of u is
+    two float32 scalings of chunks already at hand, and α, β are two scalars per key.
+
+    The axis m is *state*: the optimiser's momentum buffer, bound by the engine
+    (:meth:`bind`), which a checkpoint saves and replay rebuilds step by step. Because m moves
+    when the step's update is applied, a direction is only defined inside its step:
+    :meth:`begin` fixes ‖m‖ for step t, each ρ is computed (one exact pass) the first time a
+    key is asked for, and :meth:`end` closes the step; asking for another step's direction is
+    an error instead of a silently different vector. The update must read each chunk of u
+    before it writes the same chunk of m (the optimisers do, chunk by chunk). While m = 0 a
+    direction is the sphere direction whether a step is open or not (the μ check at the start
+    of a run perturbs along step 0's directions before step 0).
+
+    m = 0, a non-finite ‖m‖ or a ẑ (numerically) parallel to m̂: u is the sphere direction
+    itself, bit for bit (the fallback of the first step). ‖m‖ and ρ are correctly rounded
+    sums (:func:`exact_dot`), so u is the same on every machine.
+    """
+
+    kind = CONE
+
+    def __init__(self, seed: int, dim: int, angle_deg: float):
+        if not 0.0 < angle_deg < 90.0:
+            raise ValueError(f"cone angle must be in (0, 90) degrees, got {angle_deg!r}")
+        self.base = Directions(seed, dim, "sphere")
+        self.seed = self.base.seed
+        self.dim = self.base.dim
+        self.angle_deg = float(angle_deg)
+        self.cos = math.cos(math.radians(angle_deg))
+        self.sin = math.sin(math.radians(angle_deg))
+        self.axis: np.ndarray | None = None
+        self._step: int | None = None
+        self._norm = 0.0
+        self._coefs: dict[int, tuple[np.float32, np.float32] | None] = {}
+        self._tmp = np.empty(min(CHUNK, max(dim, 1)), dtype=np.float32)
+        self._scratch = np.empty(min(CHUNK, max(dim, 1)), dtype=np.float32)
+
+    nchunks = Directions.nchunks
+
+    def bind(self, axis: np.ndarray) -> None:
+        """Use ``axis`` (a float32 vector of dimension d, read live) as the cone's axis."""
+        if axis.dtype != np.float32 or axis.shape != (self.dim,):
+            raise ValueError(f"the cone axis must be float32 of shape ({self.dim},)")
+        self.axis = axis
+
+    def begin(self, step: int) -> None:
+        """Open step ``step``: its directions lean on the axis as it stands now."""
+        if self.axis is None:
+            raise RuntimeError("ConeDirections.begin before bind(axis)")
+        self._step = int(step)
+        self._coefs.clear()
+        sq = exact_dot(self.axis, self.axis)
+        self._norm = math.sqrt(sq) if math.isfinite(sq) else 0.0
+
+    def end(self) -> None:
+        """Close the step: the axis may now move; its directions are no longer defined."""
+        self._step = None
+        self._coefs.clear()
+
+    def coefs(self, step: int, index: int) -> tuple[np.float32, np.float32] | None:
+        """(α, β) of u = α·m + β·z for the key, or None where u is the sphere direction."""
+        if self._step is None and self.axis is not None and not self.axis.any():
+            return None  # no history yet: the sphere direction, whichever step is asked for
+        if self._step != step:
+            raise RuntimeError(
+                f"cone direction of step {step} asked for while step {self._step} is open: "
+                "its axis (the momentum) has moved since; directions are defined inside "
+                "their step only"
+            )
+        if index in self._coefs:
+            return self._coefs[index]
+        co = None
+        if self._norm > 0.0:
+            parts = []  # z·m chunk by chunk: exact products, correctly rounded sum
+            for s, e, v in self.base.chunks(step, index):
+                p = v.astype(np.float64)
+                p *= self.axis[s:e]
+                parts.append(math.fsum(p.tolist()))
+            zm = math.fsum(parts)
+            rho = zm / (math.sqrt(self.dim) * self._norm)
+            rest = 1.0 - rho * rho
+            if math.isfinite(rho) and rest > 1e-12:
+                beta = self.sin / math.sqrt(rest)
+                alpha = math.sqrt(self.dim) * (self.cos - rho * beta) / self._norm
+                co = (np.float32(alpha), np.float32(beta))
+        self._coefs[index] = co
+        return co
+
+    def chunk(self, step: int, index: int, c: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Values [c*CHUNK, min(dim, (c+1)*CHUNK)) of u(step, index): β·z + α·m."""
+        co = self.coefs(step, index)
+        out = self.base.chunk(step, index, c, out=out)
+        if co is None:
+            return out
+        alpha, beta = co
+        s = c * CHUNK
+        t = self._tmp[: out.size]
+        np.multiply(self.axis[s : s + out.size], alpha, out=t)
+        out *= beta
+        out += t
+        return out
+
+    def chunks(self, step: int, index: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        for c in range(self.nchunks):
+            s = c * CHUNK
+            e = min(self.dim, s + CHUNK)
+            yield s, e, self.chunk(step, index, c, out=self._scratch[: e - s])
+
+    full = Directions.full
+    axpy = Directions.axpy
 
 
 def uniform(seed: int, step: int, stream: int, index: int) -> float:

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError
-from .directions import Directions
+from ..errors import CheckpointError, ConfigError
+from .directions import CONE, ConeDirections, Directions
 from .estimators import ESTIMATORS, LevelSchedule
 from .optim import OPTIMIZERS
 from .params import FlatParams, TensorSpec
@@ -44,6 +44,7 @@ class EngineSettings:
     level_ratio: float = 0.5
     zipf_s: float = 2.0
     mu_floor: float = 1e-5
+    cone_angle: float = 60.0  # direction "cone": degrees between each probe and the momentum
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +94,12 @@ class ZOEngine:
         self.settings = settings
         self.params = FlatParams(self.specs, inplace=settings.inplace)
         self.params.load(dict(initial()), where=where)
-        self.dirs = Directions(settings.seed, self.params.dim, settings.direction)
+        self.cone: ConeDirections | None = None
+        if settings.direction == CONE:
+            self.cone = ConeDirections(settings.seed, self.params.dim, settings.cone_angle)
+            self.dirs: Directions | ConeDirections = self.cone
+        else:
+            self.dirs = Directions(settings.seed, self.params.dim, settings.direction)
         self.perturber = Perturber(self.params, self.dirs)
         schedule = LevelSchedule(settings.level_schedule, settings.level_ratio, settings.zipf_s)
         self.estimator = ESTIMATORS[settings.estimator](
@@ -108,6 +114,16 @@ class ZOEngine:
             weight_decay=settings.weight_decay,
             clip=settings.clip,
         )
+        if self.cone is not None:
+            axis = self.optimizer.history
+            if axis is None:
+                raise ConfigError(
+                    f"direction cone leans each probe on the optimiser's momentum, and "
+                    f"optimizer {settings.optimizer} with momentum {settings.momentum} keeps none",
+                    "set momentum > 0 (e.g. momentum=0.9; one float32 buffer of θ's size) or "
+                    "optimizer=adam, or use direction=sphere",
+                )
+            self.cone.bind(axis)
 
     def step(
         self, step: int, lr: float, mu: float, evaluate: Callable[[], float]
@@ -118,12 +134,18 @@ class ZOEngine:
         cost), the projected gradients, and the estimator's extra fields (P3/P4's levels and
         ``mu_floor_hits``, DAP's signs).
         """
-        est = self.estimator.estimate(step, mu, self.perturber, evaluate)
-        status = "ok" if est.finite else "skipped"
-        if status == "ok":
-            self.optimizer.update(est.vectors, est.g, lr, displacement=est.displacement)
-        else:
-            self.optimizer.settle(est.displacement)  # θ back where it was, no update
+        if self.cone is not None:
+            self.cone.begin(step)  # this step's directions lean on the momentum as it is now
+        try:
+            est = self.estimator.estimate(step, mu, self.perturber, evaluate)
+            status = "ok" if est.finite else "skipped"
+            if status == "ok":
+                self.optimizer.update(est.vectors, est.g, lr, displacement=est.displacement)
+            else:
+                self.optimizer.settle(est.displacement)  # θ back where it was, no update
+        finally:
+            if self.cone is not None:
+                self.cone.end()
         return {
             "step": step,
             "lr": lr,

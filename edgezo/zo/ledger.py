@@ -264,7 +264,7 @@ def _finite(x: Any) -> bool:
 
 def engine_problem(engine: dict[str, Any]) -> str | None:
     """What is wrong with a header's engine settings (types and ranges), or None."""
-    from .directions import KINDS
+    from .directions import ALL_KINDS
     from .engine import EngineSettings
     from .estimators import ESTIMATORS
     from .optim import OPTIMIZERS
@@ -277,7 +277,7 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
             "wrote it)"
         )
     choices = {
-        "direction": KINDS,
+        "direction": ALL_KINDS,
         "estimator": tuple(ESTIMATORS),
         "optimizer": tuple(OPTIMIZERS),
         "level_schedule": ("geometric", "zipf"),

@@ -11,6 +11,11 @@ docs/concepts/literature.md §4).
   correction by the number of updates applied (two flat buffers and a counter).
 - ``sign`` (ZO-signSGD): δ = −η sign(ĝ); with momentum, δ = −η sign(m) (Signum).
 
+The momentum buffer (Adam's m) is also the axis of ``cone`` directions
+(:class:`edgezo.zo.directions.ConeDirections`, read through ``history``), which are built
+from it live: every update reads each chunk of the step's u_i before it writes that chunk of
+the buffer.
+
 Decoupled weight decay θ ← θ(1 − ηλ) touches ordinary tensors only (a scale has no natural
 zero to decay to). All arithmetic is float32 elementwise with float32-cast coefficients, in a
 fixed order: identical on every machine, and identical when :mod:`edgezo.zo.replay` redoes it.
@@ -104,6 +109,11 @@ class _Base:
         pass
 
     @property
+    def history(self) -> np.ndarray | None:
+        """A flat float32 vector summarising past estimates (``cone``'s axis), or None."""
+        return None
+
+    @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.state().values())
 
@@ -128,6 +138,7 @@ class ZOSGD(_Base):
         super().__init__(params, vectors, weight_decay, clip)
         self.momentum = momentum
         self.buf = np.zeros(params.dim, dtype=np.float32) if momentum > 0 else None
+        self._scratch: np.ndarray | None = None  # q chunks of the step's directions
 
     def update(
         self,
@@ -158,16 +169,29 @@ class ZOSGD(_Base):
                 self.vectors.move(u, coef, theta, theta)
             self.settle(displacement)
             return
-        self.buf *= np.float32(self.momentum)
-        for u, gi in zip(us, gs, strict=True):
-            for s, v in self.vectors.chunks(u):
+        # Chunk by chunk: every u_i's chunk is read before the same chunk of m is written, so
+        # a direction that leans on m (``cone``) sees the m of its step. Per value the float32
+        # operations are m·β, then + (g_i/q)·u_i in index order, then the move: the same as
+        # a whole-vector pass, bit for bit.
+        beta, lr32 = np.float32(self.momentum), np.float32(lr)
+        n = min(CHUNK, self.params.dim)
+        if self._scratch is None or self._scratch.shape[0] < q:
+            self._scratch = np.empty((q, n), dtype=np.float32)
+        for c, s, e in self._chunk_ranges():
+            vs = [self.vectors.chunk(u, c, out=self._scratch[i, : e - s]) for i, u in enumerate(us)]
+            m = self.buf[s:e]
+            m *= beta
+            for v, gi in zip(vs, gs, strict=True):
                 v *= np.float32(gi / q)
-                np.add(self.buf[s : s + v.size], v, out=self.buf[s : s + v.size])
-        lr32 = np.float32(lr)
-        for _, s, e in self._chunk_ranges():  # chunked: no temporary of θ's size
-            step = lr32 * self.buf[s:e]
+                m += v
+            step = lr32 * m
             np.negative(step, out=step)
             self.params.move(theta, theta, s, step)
+
+    @property
+    def history(self) -> np.ndarray | None:
+        """The momentum buffer (the ``cone`` directions' axis), None without momentum."""
+        return self.buf
 
     def state(self) -> dict[str, np.ndarray]:
         return {} if self.buf is None else {"optim.momentum": self.buf}
@@ -261,6 +285,11 @@ class ZOAdam(_Base):
             np.divide(step, den, out=step)
             np.negative(step, out=step)
             self.params.move(theta, theta, s, step)
+
+    @property
+    def history(self) -> np.ndarray:
+        """The first moment m (the ``cone`` directions' axis)."""
+        return self.m
 
     def state(self) -> dict[str, np.ndarray]:
         return {"optim.adam_m": self.m, "optim.adam_v": self.v, "optim.adam_t": self.t}
