@@ -5,7 +5,9 @@ blocks; the model counts ``LOGIT_COPIES`` of them (fitted to SmolLM2-135M and Ge
 docs/benchmarks/plan-memory.md). A tiny model with a large vocabulary (so the logits dwarf
 everything else, as in a 262k-vocabulary model) is exported and its forwards measured in a
 fresh process at two shapes: the growth of the measured peak between them must match the
-model's to within 25%, and the whole analytic peak must be within 25% of the measured one.
+model's to within 25% with the CPU arena (without it, malloc'd blocks come and go and the
+model must not undercount), and the whole analytic peak must be within 25% of the measured
+one (without the arena: at or above it).
 """
 
 from __future__ import annotations
@@ -100,8 +102,14 @@ def test_plan_matches_a_measured_large_vocabulary_forward(big_vocab_bundle, aren
         arch, *SHAPES[0], arena
     )
     # 256 more rows × 32,768 entries × 4 bytes = 32 MiB per block
-    assert grew == pytest.approx(model_grew, rel=0.25), (grew / MIB, model_grew / MIB)
+    if arena:  # the arena keeps what it took: the growth is steady
+        assert grew == pytest.approx(model_grew, rel=0.25), (grew / MIB, model_grew / MIB)
+    else:  # malloc'd blocks come and go (2-4 blocks measured): the model is the upper end
+        assert 0.5 * model_grew <= grew <= 1.1 * model_grew, (grew / MIB, model_grew / MIB)
     kw = dict(device="x", budget_mb=10**6, batch_size=8, max_length=64, micro_batch=8)
     plan = estimate(b, optim_buffers=0, inplace=False, cpu_arena=arena, **kw)
     measured = max(large["load_peak"], *large["forward_peaks"]) / MIB
-    assert plan.peak_mb == pytest.approx(measured, rel=0.25)
+    if arena:
+        assert plan.peak_mb == pytest.approx(measured, rel=0.25)
+    else:  # an upper end, not an undercount
+        assert measured <= plan.peak_mb <= 1.5 * measured
