@@ -36,6 +36,8 @@ from edgezo.bundle import MANIFEST, Manifest, load_bundle, write_manifest
 from edgezo.data import pad_rows
 from edgezo.errors import BundleError
 
+from .memory import release_memory
+
 PREFIX, SUFFIX = "prefix.onnx", "suffix.onnx"
 TOLERANCE = 1e-4
 #: with activations quantised at run time (int8: one scale per tensor over the whole batch) an
@@ -213,6 +215,7 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
             "a trainable one)"
         )
         return None
+    release_memory()  # what the export freed before, so the sessions below start from it
     try:
         extract(model, folder / PREFIX, text_inputs, cached)
         extract(
