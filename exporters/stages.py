@@ -111,35 +111,46 @@ def find_cut(
     return (sorted(cached, key=order.__getitem__), sorted(direct, key=inputs.index))
 
 
-def _infer_missing(model: onnx.ModelProto, names: list[str]) -> None:
-    """Add a ``value_info`` for each of ``names`` that onnx's shape inference left out: the
-    outputs of ONNX Runtime contrib ops (``MatMulNBits`` of an int4 graph, whose output
-    keeps the replaced ``MatMul``'s name) are unknown to it. ``MatMulNBits``' shape is its
-    input's with the last axis ``N``; another op's output gets its first input's type and
-    an unknown shape."""
-    g = model.graph
-    known = {v.name: v for v in [*g.value_info, *g.input, *g.output]}
-    known.update(
-        (t.name, helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        for t in g.initializer
-    )
-    producer = {o: n for n in g.node for o in n.output}
-    for name in names:
-        if name in known or name not in producer:
-            continue
-        node = producer[name]
-        src = known.get(node.input[0]) if node.input else None
-        if src is None:
-            raise ValueError(f"the type of {name} ({node.op_type}) cannot be inferred")
-        elem = src.type.tensor_type.elem_type
-        shape = None
-        if node.op_type == "MatMulNBits" and src.type.tensor_type.HasField("shape"):
-            n_out = next(a.i for a in node.attribute if a.name == "N")
-            dims = [d.dim_param or d.dim_value for d in src.type.tensor_type.shape.dim]
-            shape = [d if d else None for d in dims[:-1]] + [n_out]
-        info = helper.make_tensor_value_info(name, elem, shape)
-        g.value_info.append(info)
-        known[name] = info
+def _contrib_value_info(node: onnx.NodeProto, known: dict) -> list[onnx.ValueInfoProto]:
+    """The types of a contrib op's outputs, from its first input's: ``MatMulNBits`` keeps the
+    input's shape with the last axis ``N``; another op gets the type and an unknown shape."""
+    src = known.get(node.input[0]) if node.input else None
+    if src is None or not src.type.tensor_type.elem_type:
+        return []
+    elem = src.type.tensor_type.elem_type
+    shape = None
+    if node.op_type == "MatMulNBits" and src.type.tensor_type.HasField("shape"):
+        n_out = next(a.i for a in node.attribute if a.name == "N")
+        dims = [d.dim_param or d.dim_value for d in src.type.tensor_type.shape.dim]
+        shape = [d if d else None for d in dims[:-1]] + [n_out]
+    return [helper.make_tensor_value_info(o, elem, shape) for o in node.output if o]
+
+
+def typed(model: onnx.ModelProto, rounds: int = 8) -> onnx.ModelProto:
+    """``model`` with onnx's shape inference run, the outputs of ONNX Runtime contrib ops
+    typed too (onnx does not know them, so it types nothing downstream of them either: an int4
+    graph's ``MatMulNBits``, which keeps the replaced ``MatMul``'s output name), and inference
+    run again from there, until nothing more is learned."""
+    for _ in range(rounds):
+        model = onnx.shape_inference.infer_shapes(model)
+        g = model.graph
+        known = {v.name: v for v in [*g.value_info, *g.input, *g.output]}
+        known.update(
+            (t.name, helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            for t in g.initializer
+        )
+        added = []
+        for node in g.node:
+            if node.domain in ("", "ai.onnx") or all(o in known for o in node.output if o):
+                continue
+            for info in _contrib_value_info(node, known):
+                if info.name not in known:
+                    known[info.name] = info
+                    added.append(info)
+        if not added:
+            break
+        g.value_info.extend(added)
+    return model
 
 
 def extract(
@@ -152,8 +163,12 @@ def extract(
     or written again (``onnx.utils.extract_model`` loads every weight and writes a second and
     a third copy of them: the largest memory peak of an export, 6.6x the fp32 weights for
     Qwen2.5-0.5B). Its shape inference runs on the graph alone."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    _infer_missing(inferred, [*inputs, *outputs])
+    inferred = typed(model)
+    known = {v.name for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    known |= {v.name for v in inferred.graph.output}
+    missing = [n for n in [*inputs, *outputs] if n not in known]
+    if missing:
+        raise ValueError(f"the types of {', '.join(missing[:3])} cannot be inferred")
     sub = onnx_utils.Extractor(inferred).extract_model(inputs, outputs)
     onnx.save(sub, str(out))
     return sub

@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from edgezo.bundle import load_bundle  # noqa: E402
-from exporters.stages import PREFIX, SUFFIX, _infer_missing  # noqa: E402
+from exporters.stages import PREFIX, SUFFIX, typed  # noqa: E402
 
 
 def test_int4_lora_fa_bundle_gets_its_prefix_split(make_bundle):
@@ -42,8 +42,10 @@ def test_infer_missing_types_a_matmulnbits_output():
     node = helper.make_node(
         "MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=32, N=48, bits=4
     )
+    relu = helper.make_node("Relu", ["y"], ["r"])
+    neg = helper.make_node("Neg", ["r"], ["z"])
     graph = helper.make_graph(
-        [node],
+        [node, relu, neg],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 32])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
@@ -52,11 +54,13 @@ def test_infer_missing_types_a_matmulnbits_output():
             helper.make_tensor("s", TensorProto.FLOAT, [48], np.ones(48, np.float32)),
         ],
     )
-    model = helper.make_model(graph)
-    _infer_missing(model, ["y", "x"])
-    (info,) = [v for v in model.graph.value_info if v.name == "y"]
-    dims = [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]
-    assert info.type.tensor_type.elem_type == TensorProto.FLOAT and dims == ["b", "t", 48]
+    ops = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = typed(helper.make_model(graph, opset_imports=ops))
+    info = {v.name: v for v in model.graph.value_info}
+    for name in ("y", "r"):  # MatMulNBits' output, and the standard op reading it
+        dims = [d.dim_param or d.dim_value for d in info[name].type.tensor_type.shape.dim]
+        assert info[name].type.tensor_type.elem_type == TensorProto.FLOAT
+        assert dims == ["b", "t", 48]
 
 
 def test_split_graphs_share_the_weights_file(make_bundle):
