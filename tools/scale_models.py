@@ -192,8 +192,10 @@ def export(folder: Path, out: Path, precision: str) -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", EXPORT_CHILD, json.dumps(kw)], capture_output=True, text=True
     )
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1][:300]}
+    if proc.returncode != 0:  # an EdgezoError ends with its what line, then "  fix: ..."
+        lines = [ln.strip() for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        tail = lines[-2:] if lines and lines[-1].startswith("fix:") else lines[-1:]
+        return {"error": " ".join(tail)[:400]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
