@@ -28,12 +28,12 @@ def test_int4_lora_fa_bundle_gets_its_prefix_split(make_bundle):
     cached = set(m.stages["cached"])
     assert cached & nbits, "no MatMulNBits output at the cut: the test misses the case"
     assert m.stages["split_max_diff"] <= 1e-4
-    # the prefix's outputs carry the MatMulNBits type: float, [batch, sequence, N]
+    # the prefix's outputs carry the MatMulNBits outputs' type (float; the shape may stay
+    # unknown past ops whose input shapes were not inferred)
     prefix = onnx.load(str(path / PREFIX), load_external_data=False).graph
     out = {o.name: o for o in prefix.output}
     for name in cached & nbits:
-        t = out[name].type.tensor_type
-        assert t.elem_type == onnx.TensorProto.FLOAT and len(t.shape.dim) == 3
+        assert out[name].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
 def test_infer_missing_types_a_matmulnbits_output():
@@ -68,11 +68,11 @@ def test_split_graphs_share_the_weights_file(make_bundle):
     path = make_bundle("lora", lora_layers="last:1", lora_freeze_a=True, external_data=True)
     m = load_bundle(path).manifest
     assert m.stages
-    data = (path / "model.onnx.data").stat().st_size
     for name in (PREFIX, SUFFIX):
         g = onnx.load(str(path / name), load_external_data=False).graph
         external = [t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         assert external, f"{name} carries its own weights"
         locations = {e.value for t in external for e in t.external_data if e.key == "location"}
         assert locations == {"model.onnx.data"}
-        assert (path / name).stat().st_size < data / 4
+        # nothing above the external-data threshold (1 KiB) is stored in the graph itself
+        assert not [t.name for t in g.initializer if len(t.raw_data) > 1024]
