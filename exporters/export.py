@@ -446,6 +446,7 @@ def export_causal_lm(
             stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file, *extra]
         )
         if lora is not None and lora.layers is not None:  # adapters on some blocks only
+            graph = params = loaded = None  # the torch model is not needed from here on
             add_stages(stage, log=say)
     say(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
     return out

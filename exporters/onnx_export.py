@@ -28,6 +28,7 @@ from edgezo.bundle import InputSpec, TensorSpec
 from edgezo.errors import EdgezoError
 
 from .loss import CausalLMLossGraph
+from .memory import release_memory
 
 OPSET = 21
 BATCH_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -97,6 +98,7 @@ def export_loss_graph(
             opset_version=OPSET,
             do_constant_folding=True,
         )
+    release_memory()  # the tracer's graph and folded constants
     model = onnx.load(str(raw))
     shutil.rmtree(raw_dir)
     check_signature(model, trainables)
@@ -104,7 +106,10 @@ def export_loss_graph(
         saved = dedupe_tied_head(model, tied_embedding)
         if saved:
             progress(f"tied LM head stored once ({saved / 2**20:.1f} MiB not duplicated)")
-    return save_model(model, path, external_data)
+    files = save_model(model, path, external_data)
+    del model
+    release_memory()
+    return files
 
 
 def save_model(model: onnx.ModelProto, path: Path, external_data: bool | None = None) -> list[str]:

@@ -224,9 +224,9 @@ def test_a_scales_bundle_finetunes_on_its_measured_recipe(make_bundle, memo_data
     assert (used.lr, used.momentum, used.estimator, used.q) == (3e-3, 0.0, "central", 1)
 
 
-def test_int4_with_a_frozen_prefix_exports_without_the_cache(tiny_hf_dir, tmp_path):
-    """onnx's shape inference does not know MatMulNBits, so the prefix/suffix cut cannot be
-    extracted from an int4 graph: the bundle is still written (full graph), with a note."""
+def test_int4_with_a_frozen_prefix_exports_with_the_cache(tiny_hf_dir, tmp_path):
+    """onnx's shape inference does not know MatMulNBits; the cut types its outputs itself
+    (exporters.stages.typed), so an int4 graph gets its prefix/suffix split too."""
     lines: list[str] = []
     out = export_causal_lm(
         tiny_hf_dir,
@@ -238,6 +238,6 @@ def test_int4_with_a_frozen_prefix_exports_without_the_cache(tiny_hf_dir, tmp_pa
         progress=lines.append,
     )
     m = load_bundle(out).manifest
-    assert m.stages is None and m.lora["layers"] == [1]
-    assert any("not caching the frozen prefix" in x for x in lines), lines
-    assert not (out / "prefix.onnx").exists()
+    assert m.stages is not None and m.lora["layers"] == [1]
+    assert any("frozen prefix cached per example" in x for x in lines), lines
+    assert (out / "prefix.onnx").exists() and (out / "suffix.onnx").exists()

@@ -192,8 +192,10 @@ def export(folder: Path, out: Path, precision: str) -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", EXPORT_CHILD, json.dumps(kw)], capture_output=True, text=True
     )
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1][:300]}
+    if proc.returncode != 0:  # an EdgezoError ends with its what line, then "  fix: ..."
+        lines = [ln.strip() for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        tail = lines[-2:] if lines and lines[-1].startswith("fix:") else lines[-1:]
+        return {"error": " ".join(tail)[:400]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -254,22 +256,25 @@ def main() -> None:
     p.add_argument(
         "--max-export-gb",
         type=float,
-        default=14.0,
-        help="skip an export whose fp32 weights x 2.5 would pass this (peak RSS)",
+        default=13.0,
+        help="skip an export whose fp32 weights x the exporter's memory factor (3.0, "
+        "exporters.load.EXPORT_MEMORY_FACTOR) would pass this (peak RSS)",
     )
     args = p.parse_args()
     work = Path(args.work)
     rows = []
+    from exporters.load import EXPORT_MEMORY_FACTOR
+
     for name in args.models.split(","):
         n = parameter_count(name)
-        need_gb = n * 4 * 2.5 / 2**30
+        need_gb = n * 4 * EXPORT_MEMORY_FACTOR / 2**30
         if need_gb > args.max_export_gb:
             rows.append(
                 {
                     "model": name,
                     "params": n,
                     "skipped": f"export needs ~{need_gb:.0f} GB "
-                    f"(fp32 weights x 2.5) > {args.max_export_gb:g} GB",
+                    f"(fp32 weights x {EXPORT_MEMORY_FACTOR:g}) > {args.max_export_gb:g} GB",
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

@@ -15,12 +15,22 @@ Peak memory of a ZO run is that of inference plus a few flat buffers::
   example's cached rows, ``cached_shapes`` floats per token (or per example), held in memory
   when they fit ``cache_prefix_mb``; past it they are memory-mapped from the run folder and
   count as disk, not memory (the OS pages them in per batch and may drop them again);
-- activations: what forwards allocate, dominated for a causal LM by the logits
-  (batch × sequence × vocabulary floats); an analytic model of the shapes, scaled by measured
-  forwards when a dry run is possible. With the CPU arena on, a shape's *second* forward
-  allocates ONNX Runtime's memory-pattern block while the arena still holds the first
-  forward's buffers: steady state is about twice one forward's activations (measured:
-  SmolLM2-135M 16×64, +500 MiB after the first forward, +920 MiB from the second on).
+- activations: what forwards allocate, dominated for a causal LM by the loss tail's
+  [rows × vocabulary] float blocks (the head's output, its cast and the log-softmax; rows =
+  batch × sequence), plus a term in the head's weight bytes (vocabulary × hidden) and one
+  layer's MLP and attention. The constants are fitted to measured peaks of two real
+  vocabularies (SmolLM2-135M, 49,152 entries; Gemma 3 270M, 262,144:
+  ``docs/benchmarks/plan-memory.md``) and scaled by measured forwards when a dry run is
+  possible. With the CPU arena on, a shape's *second* forward allocates ONNX Runtime's
+  memory-pattern block while the arena still holds the first forward's buffers: steady state
+  is about 4.6 blocks instead of about 3.4 without the arena (measured: SmolLM2-135M 16×64,
+  +500 MiB after the first forward, +920 MiB from the second on);
+- mapped embedding: ONNX Runtime maps a bundle's external data file, so an embedding read
+  only by its ``Gather`` keeps just the rows of the tokens seen resident (measured: a
+  Qwen2.5-0.5B int4 bundle of 821 MiB ran at 1,052 MiB peak); it is not counted;
+- load peak: an fp32 bundle with a tied embedding/LM head stores the matrix once and lets
+  ONNX Runtime fold its transpose at session start, which holds a second copy of it until the
+  session is built (measured: +640 MiB for Gemma 3 270M, +108 MiB for SmolLM2-135M).
 
 The dry run (``calibrate``) runs in a child process: it loads the session exactly as a run
 would, reads the resident memory after loading, then resets the kernel's high-water mark
@@ -45,10 +55,18 @@ MIB = 2**20
 #: Resident memory of a run's process before any model is loaded (Python, numpy, onnxruntime,
 #: tokenizers, edgezo), used when no dry run is made.
 RUNTIME_MB = 100
-#: Floats of the logits path per (token × vocabulary entry): logits and the exp of logsumexp.
-LOGIT_COPIES = 2.0
-#: Steady-state activations over one forward's with the CPU arena (memory pattern on top).
-ARENA_PATTERN_FACTOR = 2.0
+#: [rows × vocabulary] float32 blocks resident at the steady-state peak of a loss forward,
+#: with the CPU arena on and off (least-squares fit over SmolLM2-135M at 1×64 .. 16×128 and
+#: Gemma 3 270M at 1×64 .. 8×64, 2 threads, ONNX Runtime 1.32; plan-memory.md). The graph's
+#: tail holds the head's output, its cast and the log-softmax; with the arena the first
+#: forward's buffers stay next to the memory-pattern block of the second.
+LOGIT_COPIES = {True: 4.6, False: 3.4}
+#: With the arena, a further share of the LM head's weight bytes (vocabulary × hidden × 4):
+#: the part of the measured peak that does not grow with the rows (Gemma 3 270M: ~180 MiB
+#: for a 640 MiB head; SmolLM2-135M ~30 MiB for 108 MiB) — same fit.
+HEAD_WEIGHT_SHARE = {True: 0.28, False: 0.0}
+#: One layer's activations (MLP, attention, residual stream) over one forward's, arena on/off.
+LAYER_FACTOR = {True: 2.0, False: 1.0}
 #: Transient memory while ONNX Runtime builds a session, as a share of the weights' bytes.
 LOAD_TRANSIENT = 0.3
 #: Direction scratch (one chunk of values, bits and a float copy).
@@ -125,17 +143,48 @@ def precision_of(bundle: Bundle) -> str:
     return f"int{bits}" if bits else ("fp32" if not q else str(q.get("kind", "quantised")))
 
 
-def activation_bytes(arch: dict[str, Any], batch: int, seq: int) -> float:
-    """Analytic bytes one forward allocates at (batch, seq): logits path, one layer's MLP and
-    attention, residual stream. Unknown sizes are guessed from the hidden size."""
+def head_weight_bytes(arch: dict[str, Any]) -> float:
+    """Bytes of the LM head's matrix in fp32 (vocabulary × hidden × 4)."""
+    return 4.0 * int(arch.get("vocab_size", 32000)) * int(arch.get("hidden_size", 512))
+
+
+def activation_bytes(
+    arch: dict[str, Any], batch: int, seq: int, cpu_arena: bool = True, fp32_head: bool = True
+) -> float:
+    """Analytic bytes the forwards of a run hold at their steady-state peak at (batch, seq):
+    the loss tail's [rows × vocabulary] blocks, the head term with the arena (for an fp32
+    head: a quantised bundle's measured peaks have none: Qwen2.5-0.5B int4 within 5% without
+    it), one layer's MLP and attention, residual stream. Unknown sizes are guessed from the
+    hidden size."""
     hidden = int(arch.get("hidden_size", 512))
     vocab = int(arch.get("vocab_size", 32000))
     inter = int(arch.get("intermediate_size") or 4 * hidden)
     heads = int(arch.get("num_attention_heads") or max(1, hidden // 64))
     tokens = batch * seq
-    logits = LOGIT_COPIES * tokens * vocab
-    layer = tokens * (6 * hidden + 3 * inter) + 2 * batch * heads * seq * seq
-    return 4.0 * (logits + layer)
+    logits = 4.0 * LOGIT_COPIES[cpu_arena] * tokens * vocab
+    layer = 4.0 * (tokens * (6 * hidden + 3 * inter) + 2 * batch * heads * seq * seq)
+    head = HEAD_WEIGHT_SHARE[cpu_arena] * head_weight_bytes(arch) if fp32_head else 0.0
+    return logits + head + LAYER_FACTOR[cpu_arena] * layer
+
+
+def mapped_embedding_bytes(bundle: Bundle) -> float:
+    """Bytes of the fp32 embedding that stay out of resident memory: ONNX Runtime maps a
+    bundle's external data file, and a ``Gather`` touches only the rows of the tokens it
+    reads, unless the whole matrix is read at load (a tied head's folded transpose). 0 for
+    a bundle without external data (its weights are read into memory)."""
+    if not (bundle.path / "model.onnx.data").is_file() or tied_head_fold_bytes(bundle):
+        return 0.0
+    return head_weight_bytes(bundle.manifest.architecture)
+
+
+def tied_head_fold_bytes(bundle: Bundle) -> float:
+    """Bytes of the transposed copy of a tied embedding ONNX Runtime builds at session start
+    (an fp32 bundle stores a tied LM head once; a quantised one keeps the head as its own
+    initializer): 0 when the head is not tied."""
+    arch = bundle.manifest.architecture
+    if not arch.get("tie_word_embeddings") or bundle.manifest.quantization:
+        return 0.0
+    return head_weight_bytes(arch)
 
 
 def prefix_row_widths(bundle: Bundle, threads: int = 1) -> dict[str, tuple[int, int, int]]:
@@ -324,22 +373,23 @@ def estimate(
     dim = bundle.manifest.trainable_size
     buffers = 4 * dim * (1 if inplace else 2) + SCRATCH_BYTES * min(1.0, dim / (1 << 20))
     optim = 4 * dim * optim_buffers
-    act = activation_bytes(arch, micro_batch, max_length) * (
-        ARENA_PATTERN_FACTOR if cpu_arena else 1.0
-    )
+    fp32_head = not bundle.manifest.quantization
+    act = activation_bytes(arch, micro_batch, max_length, cpu_arena, fp32_head)
     weights = weight_bytes(bundle)
     if calibration is not None:
         c = calibration
         runtime_session = c["loaded"] - c["params_bytes"]
         measured_act = max(0, max(c["forward_peaks"]) - c["loaded"])
-        small = activation_bytes(arch, *c["shapes"][-1])
-        act = measured_act * activation_bytes(arch, micro_batch, max_length) / small
+        small = activation_bytes(arch, *c["shapes"][-1], cpu_arena, fp32_head)
+        act = measured_act * act / small
         load_peak = c["load_peak"] - c["params_bytes"] + buffers
         parts = {"runtime + session (measured)": runtime_session}
     else:
-        runtime_session = RUNTIME_MB * MIB + weights
-        load_peak = RUNTIME_MB * MIB + weights * (1 + LOAD_TRANSIENT) + buffers
-        parts = {"runtime": RUNTIME_MB * MIB, "session (weights)": weights}
+        resident = weights - mapped_embedding_bytes(bundle)
+        runtime_session = RUNTIME_MB * MIB + resident
+        transient = max(weights * LOAD_TRANSIENT, tied_head_fold_bytes(bundle))
+        load_peak = RUNTIME_MB * MIB + resident + transient + buffers
+        parts = {"runtime": RUNTIME_MB * MIB, "session (weights)": resident}
     parts["trainable buffers"] = buffers
     parts["optimiser state"] = optim
     parts[f"activations {micro_batch}x{max_length}"] = act
