@@ -37,7 +37,9 @@ shared with ``model.onnx.data``). The trainable tensors stay float32 graph input
 names and shapes, so a run's ``trained.safetensors`` plugs in unchanged. The quantised weights
 are new bytes: they live in the decoder's own ``decoder.onnx.data``. The loss graph is not
 changed (training still sees fp32), and :func:`check_decoder` compares the quantised logits
-with the fp32 loss graph's within :data:`QUANT_LOGIT_RTOL` and reports the deviation.
+with the fp32 loss graph's within :data:`QUANT_LOGIT_RTOL` and reports the deviation. int8
+stays close to fp32; int4 weights are lossy (on SmolLM2-135M its greedy tokens differ from the
+first ones: docs/benchmarks/generation.md).
 """
 
 from __future__ import annotations
@@ -73,10 +75,11 @@ DECODER_DATA = "decoder.onnx.data"
 DECODER_VERSION = 1
 __all__ = ["DECODER_PRECISIONS", "add_decoder", "build_decoder", "check_decoder"]
 #: a quantised decoder's largest accepted max|logits − fp32 logits| / max|fp32 logits| over the
-#: checked steps: a quantisation error, not an export bug, so far looser than fp32's tolerance
-#: (SmolLM2-135M measured 0.0046 int8 and 0.048 int4; an all-zero output, the failure mode of
-#: MatMulNBits at accuracy level 4 with fed scales, gives 1.0)
-QUANT_LOGIT_RTOL = 0.25
+#: checked steps, per precision: a quantisation error, not an export bug, so far looser than
+#: fp32's tolerance. Measured on SmolLM2-135M (random prompt / English prompt): int8 0.079 /
+#: 0.046, int4 0.42 / 0.48 (int4 weights are lossy: its top-1 tokens often differ); an all-zero
+#: output, the failure mode of MatMulNBits at accuracy level 4 with fed scales, gives 1.0
+QUANT_LOGIT_RTOL = {"int8": 0.25, "int4": 0.75}
 
 
 def check_decoder_precision(precision: str) -> None:
@@ -307,8 +310,9 @@ def check_decoder(
 
     fp32: within ``tolerance`` (absolute). A quantised decoder cannot match exactly: its
     largest deviation relative to the largest fp32 logit must stay within
-    :data:`QUANT_LOGIT_RTOL`; the max abs deviation, the relative one and how many of the
-    steps' top-1 tokens agree with fp32's are reported."""
+    :data:`QUANT_LOGIT_RTOL`; the max abs deviation, the relative one, the RMS deviation over
+    the logits' standard deviation and how many of the steps' top-1 tokens agree with fp32's
+    are reported."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -322,7 +326,7 @@ def check_decoder(
     ids = torch.randint(0, vocab_size, (1, 6), generator=generator).numpy()
     feeds_t = {k: v for k, v in trainables.items() if k in loss_names}
     past = {n: np.zeros((1, heads, 0, dim), np.float32) for n in past_names(layers)}
-    worst = scale = 0.0
+    worst = scale = rms = 0.0
     top1 = 0
     steps = [(0, 3), (3, 4), (4, 5), (5, 6)]
     for start, end in steps:
@@ -346,20 +350,23 @@ def check_decoder(
         )[0]
         worst = max(worst, float(np.max(np.abs(out[0] - ref))))
         scale = max(scale, float(np.max(np.abs(ref))))
+        rms = max(rms, float(np.sqrt(np.mean((out[0] - ref) ** 2)) / (np.std(ref) or 1.0)))
         top1 += int(np.array_equal(np.argmax(out[0], -1), np.argmax(ref, -1)))
         past = dict(zip(past_names(layers), out[1:], strict=True))
     if precision != "fp32":
         rel = worst / scale if scale > 0 else float("inf")
-        if not rel <= QUANT_LOGIT_RTOL:
+        limit = QUANT_LOGIT_RTOL[precision]
+        if not rel <= limit:
             raise EdgezoError(
                 f"the {precision} decoding graph's logits differ from the fp32 loss graph's by "
-                f"{worst:.3g} ({rel:.3g} of the largest logit; tolerance {QUANT_LOGIT_RTOL:g}): "
+                f"{worst:.3g} ({rel:.3g} of the largest logit; tolerance {limit:g}): "
                 "the quantised weights do not compute the model",
                 "export with --decoder-precision fp32 (or int8, the closer one)",
             )
         return {
             "max_abs_logit_diff": worst,
             "max_rel_logit_diff": rel,
+            "rms_logit_diff_over_std": rms,
             "top1_agree": top1,
             "steps_checked": len(steps),
             "reference": "fp32 loss graph (model.onnx next_logits)",

@@ -233,3 +233,6 @@ def test_bench_generate_times_bundles_side_by_side(make_bundle, tmp_path):
     fp32_tokens = res["runs"]["kv:fp32"][0]["tokens"]
     assert res["runs"]["edgezo_recompute"][0]["tokens"] == fp32_tokens  # same fp32 model
     assert f"edgezo_recompute {len(fp32_tokens)}/{len(fp32_tokens)}" in " ".join(text.split())
+    forced = res["forced"]["int4"]
+    assert forced["of"] == len(fp32_tokens) and 0 <= forced["top1_agree"] <= forced["of"]
+    assert "teacher-forced top-1 agreement" in text

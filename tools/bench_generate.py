@@ -7,7 +7,9 @@ rotating order), with the same thread count for ONNX Runtime and PyTorch; a chil
 model, warms up, then times ``--reps`` greedy generations of ``--new-tokens`` tokens from the
 same prompt (prompt processing included) and reports the median. The parent prints the medians
 over rounds, the ratios, and how many of the greedy tokens of each method agree with the
-reference bundle's (the one named ``fp32``, else the first).
+reference bundle's (the one named ``fp32``, else the first): the leading tokens two free-running
+generations share, and, for each other bundle, how many of the reference's tokens are its own
+top-1 choice when fed the reference's sequence (teacher-forced: one untimed child each).
 
     python tools/bench_generate.py --bundle /tmp/smollm2 --new-tokens 128 --threads 2
     python tools/bench_generate.py --bundle fp32=B-fp32 --bundle int8=B-int8 --bundle int4=B-int4
@@ -34,7 +36,30 @@ PROMPT = "The weather in Paris today is"
 HF, RECOMPUTE = "hf_generate", "edgezo_recompute"
 
 
+def forced(args: argparse.Namespace) -> dict:
+    """How many of the reference's greedy tokens (``--tokens``, a JSON list) this bundle's
+    decoding graph also picks, fed the reference's sequence token by token."""
+    import numpy as np
+
+    from edgezo.bundle import load_bundle
+    from edgezo.generate import TextGenerator
+    from edgezo.runner import RuntimeOptions
+
+    ref = json.loads(Path(args.tokens).read_text())
+    gen = TextGenerator(
+        load_bundle(args.bundle, verify=False), RuntimeOptions(threads=args.threads)
+    )
+    logits = gen.decoder.start(gen.encode(PROMPT))
+    same = 0
+    for token in ref:
+        same += int(np.argmax(logits)) == token
+        logits = gen.decoder.step(token)
+    return {"mode": "forced", "top1_agree": same, "of": len(ref)}
+
+
 def child(args: argparse.Namespace) -> dict:
+    if args.mode == "forced":
+        return forced(args)
     if args.mode in ("kv", RECOMPUTE):
         from edgezo.bundle import load_bundle
         from edgezo.generate import TextGenerator
@@ -143,7 +168,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     ap.add_argument("--no-recompute", action="store_true", help="skip the recompute path")
     ap.add_argument("--hf-cache", default="/tmp/edgezo-bench-hf-fp32")
-    ap.add_argument("--mode", choices=("kv", HF, RECOMPUTE), help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=("kv", HF, RECOMPUTE, "forced"), help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.mode:
@@ -208,9 +234,24 @@ def main() -> None:
     for m in names:
         if m != base:
             print(f"    {m:{width}s} {agree(ref_toks, toks[m])}/{len(ref_toks)}")
+    teacher: dict[str, dict] = {}
+    others = [n for n in bundles if f"kv:{n}" != base]
+    if others:
+        tokens_file = Path(args.json or "bench_generate.json").with_suffix(".ref_tokens.json")
+        tokens_file.write_text(json.dumps(ref_toks))
+        print(f"  teacher-forced top-1 agreement with {base}'s tokens:")
+        for n in others:
+            cmd = [sys.executable, __file__, "--bundle", bundles[n], "--mode", "forced"]
+            cmd += ["--tokens", str(tokens_file), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            teacher[n] = json.loads(out.strip().splitlines()[-1])
+            print(f"    kv:{n:{width - 3}s} {teacher[n]['top1_agree']}/{teacher[n]['of']}")
+        tokens_file.unlink()
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"median_tok_per_s": med, "bundles": bundles, "runs": results})
+            json.dumps(
+                {"median_tok_per_s": med, "bundles": bundles, "runs": results, "forced": teacher}
+            )
         )
 
 
