@@ -229,10 +229,11 @@ def test_bench_generate_times_bundles_side_by_side(make_bundle, tmp_path):
     res = json.loads(out.read_text())
     assert set(res["median_tok_per_s"]) == {"kv:int4", "kv:fp32", "edgezo_recompute"}
     assert all(v > 0 for v in res["median_tok_per_s"].values())
-    assert "greedy tokens agreeing with kv:fp32" in text and "kv:int4 =" in text
+    flat = " ".join(text.split())
+    assert "greedy tokens agreeing with kv:fp32" in flat and "kv:int4 = " in flat
     fp32_tokens = res["runs"]["kv:fp32"][0]["tokens"]
     assert res["runs"]["edgezo_recompute"][0]["tokens"] == fp32_tokens  # same fp32 model
-    assert f"edgezo_recompute {len(fp32_tokens)}/{len(fp32_tokens)}" in " ".join(text.split())
+    assert f"edgezo_recompute {len(fp32_tokens)}/{len(fp32_tokens)}" in flat
     forced = res["forced"]["int4"]
     assert forced["of"] == len(fp32_tokens) and 0 <= forced["top1_agree"] <= forced["of"]
     assert "teacher-forced top-1 agreement" in text
