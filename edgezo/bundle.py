@@ -67,6 +67,9 @@ TASKS = ("causal_lm", "classification", "prompt_classification")
 TRAINABLE_MODES = ("lora", "norms", "full", "scales", "head")
 #: the frozen weights' arithmetic (``exporters/precision.py`` and docs/guides/precision.md)
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4")
+#: the decoding graph's frozen weights (``decoder.precision``): fp32, or weight-only int8/int4
+#: ``MatMulNBits`` (``exporters/decode.py``)
+DECODER_PRECISIONS = ("fp32", "int8", "int4")
 DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
 #: architecture entries the runtime reads as sizes (each optional; null allowed)
 ARCH_SIZES = (
@@ -125,7 +128,8 @@ class Manifest:
     exporter: dict[str, Any] = field(default_factory=dict)
     decoder: dict[str, Any] | None = None
     """Optional KV-cache decoding graph for ``edgezo generate`` (``exporters/decode.py``):
-    ``graph`` and ``files``, ``num_layers``/``num_kv_heads``/``head_dim`` of the past, parity,
+    ``graph`` and ``files``, ``num_layers``/``num_kv_heads``/``head_dim`` of the past,
+    ``precision`` (:data:`DECODER_PRECISIONS`; absent: fp32) and its ``quantization``, parity,
     and ``chat`` (the chat template rendered around one message: ``prefix``/``suffix``). Left
     out of the fingerprint, so adding it to a bundle keeps its runs replayable."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -357,6 +361,13 @@ def _check_decoder(d: dict[str, Any], p: Problems) -> None:
     for key in ("num_layers", "num_kv_heads", "head_dim"):
         if not (_int(d.get(key)) and 0 < d[key] < 1 << 20):
             p.add(f"decoder.{key}", f"is {show(d.get(key))}, not a positive integer", REEXPORT)
+    precision = d.get("precision", "fp32")  # absent in decoders written before int8/int4
+    if precision not in DECODER_PRECISIONS:
+        p.add(
+            "decoder.precision",
+            f"is {show(precision)}, not one of {', '.join(DECODER_PRECISIONS)}",
+            REEXPORT,
+        )
     chat = d.get("chat")
     if chat is not None and not (
         isinstance(chat, dict) and all(isinstance(chat.get(k), str) for k in ("prefix", "suffix"))

@@ -116,6 +116,8 @@ class KVDecoder:
         self.layers = int(d["num_layers"])
         self.heads = int(d["num_kv_heads"])
         self.head_dim = int(d["head_dim"])
+        #: the frozen weights' precision: fp32, or weight-only int8/int4 (``MatMulNBits``)
+        self.precision = str(d.get("precision", "fp32"))
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
@@ -218,6 +220,19 @@ class TextGenerator:
         self._runner: LossRunner | None = None
         if has_decoder and kv_cache is not False:
             self.decoder = KVDecoder(bundle, self.params, options)
+            if self.decoder.precision != "fp32":
+                rel = (bundle.manifest.decoder or {}).get("parity_vs_loss_graph", {})
+                rel = rel.get("max_rel_logit_diff") if isinstance(rel, dict) else None
+                self.notes.append(
+                    f"the decoding graph's frozen weights are {self.decoder.precision} "
+                    "(weight-only MatMulNBits; trainable tensors fp32)"
+                    + (
+                        f": logits within {rel:.2%} of fp32's at export"
+                        if isinstance(rel, float)
+                        else ""
+                    )
+                    + "; greedy text may differ slightly from the fp32 model's"
+                )
         elif kv_cache is None:
             self.notes.append(
                 f"bundle {bundle.path} has no decoding graph: every new token re-runs the whole "
@@ -232,6 +247,11 @@ class TextGenerator:
                 self.bundle.model_path, self.params, BATCH_INPUTS, self.options
             )
         return self._runner
+
+    @property
+    def decoder_precision(self) -> str | None:
+        """The decoding graph's weight precision (None: no decoding graph in use)."""
+        return None if self.decoder is None else self.decoder.precision
 
     @property
     def chat_pieces(self) -> dict[str, str] | None:

@@ -25,6 +25,21 @@ the mask and the tracer would freeze that shortcut).
 The graph's frozen weights that are byte-identical to tensors of ``model.onnx.data`` are not
 stored again: the decoder's initializers point into the loss graph's external-data file
 (:func:`share_external_data`), so a large bundle carries its weights once.
+
+**Decoder precision** (``--decoder-precision``, :data:`DECODER_PRECISIONS`): a one-token step
+reads every frozen weight once per token, so it is bound by memory bandwidth, not arithmetic.
+``int8``/``int4`` quantise the decoder's frozen ``MatMul`` weights to ONNX Runtime's weight-only
+``MatMulNBits`` (blocks of 32, accuracy level 4: int8 dot products;
+:func:`exporters.quantize.quantize_decoder`), a quarter / an eighth of the bytes. A tied LM head
+(the embedding's transpose) is untied first: the head keeps the folded ``[hidden, vocab]`` copy
+as its own initializer, which is quantised, while the embedding ``Gather`` stays fp32 (and
+shared with ``model.onnx.data``). The trainable tensors stay float32 graph inputs with the same
+names and shapes, so a run's ``trained.safetensors`` plugs in unchanged. The quantised weights
+are new bytes: they live in the decoder's own ``decoder.onnx.data``. The loss graph is not
+changed (training still sees fp32), and :func:`check_decoder` compares the quantised logits
+with the fp32 loss graph's within :data:`QUANT_LOGIT_RTOL` and reports the deviation. int8
+stays close to fp32; int4 weights are lossy (on SmolLM2-135M its greedy tokens differ from the
+first ones: docs/benchmarks/generation.md).
 """
 
 from __future__ import annotations
@@ -42,7 +57,14 @@ import onnx
 import torch
 from onnx import external_data_helper, numpy_helper
 
-from edgezo.bundle import MANIFEST, Manifest, fingerprint_of, load_bundle, write_manifest
+from edgezo.bundle import (
+    DECODER_PRECISIONS,
+    MANIFEST,
+    Manifest,
+    fingerprint_of,
+    load_bundle,
+    write_manifest,
+)
 from edgezo.errors import EdgezoError
 
 from .loss import _SubstitutedGraph
@@ -51,6 +73,22 @@ from .onnx_export import EXTERNAL_DATA, OPSET
 DECODER = "decoder.onnx"
 DECODER_DATA = "decoder.onnx.data"
 DECODER_VERSION = 1
+__all__ = ["DECODER_PRECISIONS", "add_decoder", "build_decoder", "check_decoder"]
+#: a quantised decoder's largest accepted max|logits − fp32 logits| / max|fp32 logits| over the
+#: checked steps, per precision: a quantisation error, not an export bug, so far looser than
+#: fp32's tolerance. Measured on SmolLM2-135M (random prompt / English prompt): int8 0.079 /
+#: 0.046, int4 0.42 / 0.48 (int4 weights are lossy: its top-1 tokens often differ); an all-zero
+#: output, the failure mode of MatMulNBits at accuracy level 4 with fed scales, gives 1.0
+QUANT_LOGIT_RTOL = {"int8": 0.25, "int4": 0.75}
+
+
+def check_decoder_precision(precision: str) -> None:
+    """Refuse an unknown ``--decoder-precision`` before anything slow happens."""
+    if precision not in DECODER_PRECISIONS:
+        raise EdgezoError(
+            f"unknown decoder precision {precision!r}",
+            f"pass --decoder-precision as one of: {', '.join(DECODER_PRECISIONS)}",
+        )
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -238,16 +276,17 @@ def share_external_data(model: onnx.ModelProto, folder: Path) -> tuple[int, int]
     return shared, nbytes
 
 
-def save_decoder(model: onnx.ModelProto, folder: Path) -> list[str]:
-    """Write ``decoder.onnx`` (+ ``decoder.onnx.data`` for weights not shared and large);
-    returns the files written (without the shared ``model.onnx.data``)."""
+def save_decoder(model: onnx.ModelProto, folder: Path, own_data: bool = False) -> list[str]:
+    """Write ``decoder.onnx`` (+ ``decoder.onnx.data`` for weights not shared and large, or
+    always with ``own_data``: a quantised decoder's weights); returns the files written (without
+    the shared ``model.onnx.data``)."""
     path = folder / DECODER
     own = [
         t
         for t in model.graph.initializer
         if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024
     ]
-    if sum(len(t.raw_data) for t in own) > 256 * 2**20:
+    if own and (own_data or sum(len(t.raw_data) for t in own) > 256 * 2**20):
         for t in own:
             external_data_helper.set_external_data(t, DECODER_DATA)
         onnx.save_model(model, str(path))  # writes the raw data of the tensors marked above
@@ -264,9 +303,16 @@ def check_decoder(
     vocab_size: int,
     generator: torch.Generator,
     tolerance: float,
-) -> dict[str, float]:
+    precision: str = "fp32",
+) -> dict[str, Any]:
     """The decoder against the bundle's loss graph (ONNX Runtime both): prefill logits and
-    three cached steps equal ``model.onnx``'s ``next_logits`` of the same prefixes."""
+    three cached steps equal ``model.onnx``'s ``next_logits`` of the same prefixes.
+
+    fp32: within ``tolerance`` (absolute). A quantised decoder cannot match exactly: its
+    largest deviation relative to the largest fp32 logit must stay within
+    :data:`QUANT_LOGIT_RTOL`; the max abs deviation, the relative one, the RMS deviation over
+    the logits' standard deviation and how many of the steps' top-1 tokens agree with fp32's
+    are reported."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -280,7 +326,8 @@ def check_decoder(
     ids = torch.randint(0, vocab_size, (1, 6), generator=generator).numpy()
     feeds_t = {k: v for k, v in trainables.items() if k in loss_names}
     past = {n: np.zeros((1, heads, 0, dim), np.float32) for n in past_names(layers)}
-    worst = 0.0
+    worst = scale = rms = 0.0
+    top1 = 0
     steps = [(0, 3), (3, 4), (4, 5), (5, 6)]
     for start, end in steps:
         out = dec.run(
@@ -302,7 +349,28 @@ def check_decoder(
             },
         )[0]
         worst = max(worst, float(np.max(np.abs(out[0] - ref))))
+        scale = max(scale, float(np.max(np.abs(ref))))
+        rms = max(rms, float(np.sqrt(np.mean((out[0] - ref) ** 2)) / (np.std(ref) or 1.0)))
+        top1 += int(np.array_equal(np.argmax(out[0], -1), np.argmax(ref, -1)))
         past = dict(zip(past_names(layers), out[1:], strict=True))
+    if precision != "fp32":
+        rel = worst / scale if scale > 0 else float("inf")
+        limit = QUANT_LOGIT_RTOL[precision]
+        if not rel <= limit:
+            raise EdgezoError(
+                f"the {precision} decoding graph's logits differ from the fp32 loss graph's by "
+                f"{worst:.3g} ({rel:.3g} of the largest logit; tolerance {limit:g}): "
+                "the quantised weights do not compute the model",
+                "export with --decoder-precision fp32 (or int8, the closer one)",
+            )
+        return {
+            "max_abs_logit_diff": worst,
+            "max_rel_logit_diff": rel,
+            "rms_logit_diff_over_std": rms,
+            "top1_agree": top1,
+            "steps_checked": len(steps),
+            "reference": "fp32 loss graph (model.onnx next_logits)",
+        }
     if not worst <= tolerance:
         raise EdgezoError(
             f"the decoding graph's logits differ from the loss graph's by {worst:.3g} "
@@ -338,9 +406,14 @@ def build_decoder(
     tolerance: float = 1e-3,
     quantize: dict | None = None,
     progress: Callable[[str], None] = lambda _line: None,
+    precision: str = "fp32",
 ) -> tuple[list[str], dict[str, Any]]:
     """Export and check the decoding graph of ``loaded`` (trainables substituted as in the
-    loss graph) into ``stage``, next to its ``model.onnx``; returns (files, manifest field)."""
+    loss graph) into ``stage``, next to its ``model.onnx``; returns (files, manifest field).
+
+    ``precision``: the decoder's frozen ``MatMul`` weights, ``fp32`` or weight-only
+    ``int8``/``int4`` (:data:`DECODER_PRECISIONS`; the loss graph is not changed)."""
+    check_decoder_precision(precision)
     t = time.perf_counter()
     if quantize:
         raise EdgezoError(
@@ -361,10 +434,19 @@ def build_decoder(
     from .onnx_export import dedupe_tied_head
 
     tied = _frozen_tied_embedding(loaded, set(names))
-    if tied is not None:  # the LM head's folded transposed copy of the embedding, as in model.onnx
+    quant_info = None
+    if precision != "fp32":
+        from .quantize import quantize_decoder
+
+        # the head keeps the folded [hidden, vocab] copy of a tied embedding (no dedupe): it is
+        # untied, its own MatMul weight, and quantised with the others
+        progress(f"quantising the decoding graph's frozen MatMul weights ({precision}) ...")
+        model, quant_info = quantize_decoder(model, precision)
+        quant_info["head_untied"] = tied is not None
+    elif tied is not None:  # the head's folded transposed copy of the embedding, as in model.onnx
         dedupe_tied_head(model, tied)
     n_shared, shared_bytes = share_external_data(model, stage)
-    files = save_decoder(model, stage)
+    files = save_decoder(model, stage, own_data=precision != "fp32")
     del model
     trainables = {
         s.name: v.detach().numpy().astype(np.float32) for s, v in zip(specs, values, strict=True)
@@ -372,25 +454,35 @@ def build_decoder(
     rng = np.random.default_rng(seed)
     for k, v in trainables.items():  # a non-trivial point (LoRA B starts at zero)
         trainables[k] = (v + 0.02 * rng.standard_normal(v.shape)).astype(np.float32)
-    parity = check_decoder(stage, trainables, loaded.vocab_size, generator, tolerance)
+    parity = check_decoder(stage, trainables, loaded.vocab_size, generator, tolerance, precision)
     field: dict[str, Any] = {
         "version": DECODER_VERSION,
         "graph": DECODER,
         "files": files,
+        "precision": precision,
         "num_layers": past[0],
         "num_kv_heads": past[1],
         "head_dim": past[2],
         "parity_vs_loss_graph": parity,
         "shared_weights_bytes": shared_bytes,
     }
+    if quant_info is not None:
+        field["quantization"] = quant_info
     chat = chat_pieces(loaded.tokenizer)
     if chat is not None:
         field["chat"] = chat
+    quant_note = (
+        f", {quant_info['quantized_matmuls']} MatMuls {precision}, max rel "
+        f"{parity['max_rel_logit_diff']:.2e}, top-1 {parity['top1_agree']}/"
+        f"{parity['steps_checked']} as fp32"
+        if quant_info
+        else ""
+    )
     progress(
-        f"decoding graph {' + '.join(files)} in {time.perf_counter() - t:.1f} s "
+        f"decoding graph {' + '.join(files)} ({precision}) in {time.perf_counter() - t:.1f} s "
         f"({n_shared} weight tensors shared with the loss graph, "
         f"{shared_bytes / 2**20:.1f} MiB); logits vs the loss graph max abs "
-        f"{parity['max_abs_logit_diff']:.2e}"
+        f"{parity['max_abs_logit_diff']:.2e}{quant_note}"
     )
     return files, field
 
@@ -400,12 +492,15 @@ def add_decoder(
     model: str | Path | None = None,
     tolerance: float = 1e-3,
     progress: Callable[[str], None] | None = print,
+    precision: str = "fp32",
 ) -> Path:
     """Add the decoding graph to an existing bundle (an older export), in place and atomically:
     the files are written, checked, then the manifest is replaced in one step. The bundle's
     fingerprint does not change (it does not cover the decoder), so runs on it still replay.
 
     ``model``: the model the bundle was exported from (default: the manifest's source).
+    ``precision``: the decoder's frozen weights (:data:`DECODER_PRECISIONS`); a decoder already
+    there is replaced.
     """
     from dataclasses import replace
 
@@ -413,6 +508,7 @@ def add_decoder(
     from .trainables import LoraSettings, select_trainables
 
     say = progress or (lambda _line: None)
+    check_decoder_precision(precision)
     folder = Path(bundle)
     b = load_bundle(folder)
     m = b.manifest
@@ -465,12 +561,17 @@ def add_decoder(
         for f in ("model.onnx", EXTERNAL_DATA):
             if (folder / f).is_file():
                 (tmp / f).symlink_to((folder / f).absolute())
-        files, field = build_decoder(loaded, specs, values, tmp, seed, tolerance, None, say)
+        files, field = build_decoder(
+            loaded, specs, values, tmp, seed, tolerance, None, say, precision
+        )
         for f in files:
             (tmp / f).replace(folder / f)
         manifest = replace(m, decoder=field)
-        old_files = [n for n in m.files if n not in files]
+        stale = m.decoder_files() - set(files)  # e.g. an int8 decoder's data, now fp32
+        old_files = [n for n in m.files if n not in files and n not in stale]
         write_manifest(folder, manifest, [*old_files, *files])
+        for f in stale:
+            (folder / f).unlink(missing_ok=True)
         after = fingerprint_of(Manifest.from_json(json.loads((folder / MANIFEST).read_text())))
         if after != before:  # cannot happen while fingerprint_of leaves the decoder out
             raise EdgezoError("the bundle fingerprint changed", "report this bug")

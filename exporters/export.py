@@ -114,6 +114,7 @@ def export_causal_lm(
     template: str | None = None,
     label_words: Sequence[str] | None = None,
     decoder: bool | None = None,
+    decoder_precision: str = "fp32",
 ) -> Path:
     """Export a causal LM into a validated bundle folder ``out``; returns ``out``.
 
@@ -161,6 +162,10 @@ def export_causal_lm(
             label, e.g. ``" cooking"``: their first tokens must differ).
         decoder: also write the KV-cache decoding graph for ``edgezo generate``
             (``exporters/decode.py``); ``None``: for an fp32 ``causal_lm`` bundle.
+        decoder_precision: the decoding graph's frozen weights: ``fp32`` (default), or
+            weight-only ``int8``/``int4`` ``MatMulNBits`` (faster one-token steps; the loss
+            graph stays as ``precision`` says). Recorded as the manifest's
+            ``decoder.precision``.
 
     Raises:
         EdgezoError: bad arguments, unsupported architecture, or a failed validation; no
@@ -211,6 +216,21 @@ def export_causal_lm(
                 "label words",
                 "pass one --label-words entry per label, in the same order",
             )
+    from .decode import check_decoder_precision
+
+    check_decoder_precision(decoder_precision)
+    if decoder is False and decoder_precision != "fp32":
+        raise EdgezoError(
+            f"--decoder-precision {decoder_precision} was given with --no-decoder",
+            "drop --no-decoder (or --decoder-precision)",
+        )
+    if quantize and decoder_precision != "fp32":
+        raise EdgezoError(
+            f"--decoder-precision {decoder_precision} applies to an fp32 bundle's decoding "
+            f"graph; this bundle is quantised (--precision {precision}) and has none yet",
+            "export the bundle in fp32 with --decoder-precision int8 (training sees fp32, "
+            "generation runs int8)",
+        )
     if decoder and quantize:
         raise EdgezoError(
             "the decoding graph (--decoder) of a quantised bundle is not exported yet",
@@ -431,7 +451,7 @@ def export_causal_lm(
             from .decode import build_decoder
 
             dec_files, manifest.decoder = build_decoder(
-                loaded, specs, values, stage, seed, tolerance, quant_info, say
+                loaded, specs, values, stage, seed, tolerance, quant_info, say, decoder_precision
             )
             extra += dec_files
         if lora is not None and lora.freeze_a:  # the adapter hand-off needs A too
@@ -476,6 +496,8 @@ def export_bundle(
 
         placement = ("lora_layers", "lora_freeze_a", "decoder")  # causal LM options
         kw = {k: v for k, v in kw.items() if not (k in placement and not v)}
+        if kw.get("decoder_precision") == "fp32":  # the default: nothing asked of the decoder
+            del kw["decoder_precision"]
         bad = sorted(
             set(kw)
             - {

@@ -322,3 +322,88 @@ def scales_to_inputs(model: onnx.ModelProto) -> tuple[list[TensorSpec], dict[str
             "no MatMulNBits node to train the scales of", "export with --quantize int4"
         )
     return specs, values
+
+
+# -- the decoding graph's weight-only quantisation (``exporters/decode.py``) ------------------
+
+#: ``--decoder-precision`` values and the bits of each quantised one
+DECODER_BITS = {"int8": 8, "int4": 4}
+#: ``MatMulNBits`` blocks of 32 along the input dimension (the finest the quantiser offers)
+DECODER_BLOCK_SIZE = 32
+#: accuracy level 4: the activations are quantised to int8 per block and the dot products run
+#: in int8 — what pays for a one-token step (for 512-row GEMMs it does not: FACTS.md)
+DECODER_ACCURACY_LEVEL = 4
+
+
+def quantize_decoder(
+    model: onnx.ModelProto,
+    precision: str,
+    block_size: int = DECODER_BLOCK_SIZE,
+    accuracy_level: int = DECODER_ACCURACY_LEVEL,
+) -> tuple[onnx.ModelProto, dict]:
+    """Quantise the frozen ``MatMul`` weights of a decoding graph to weight-only ``MatMulNBits``
+    (``precision`` ``int8`` or ``int4``); returns (model, the manifest's ``decoder.quantization``).
+
+    Only a ``MatMul`` whose weight is a 2-D float initializer is quantised, so a trainable tensor
+    (a graph input, read through ``Transpose``) is never touched; a frozen LoRA ``A`` stays fp32
+    too (it is adapter state, and tiny). The untied LM head (its own ``[hidden, vocab]``
+    initializer, see ``build_decoder``) is quantised like any other weight; the embedding
+    ``Gather`` stays fp32. Every graph input keeps its name, dtype and shape (checked).
+    """
+    if precision not in DECODER_BITS:
+        raise EdgezoError(
+            f"unknown decoder precision {precision!r}",
+            f"pass --decoder-precision as one of: fp32, {', '.join(DECODER_BITS)}",
+        )
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    before = {i.name: i.type.SerializeToString() for i in model.graph.input}
+    name_matmul_weights(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    exclude = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and "lora_" in n.name and n.input[1] in inits
+    ]
+    candidates = quantizable_matmuls(model) - len(exclude)
+    if candidates <= 0:
+        raise EdgezoError(
+            "nothing to quantise in the decoding graph: no MatMul has a frozen weight (with "
+            "--mode full every weight is a trainable graph input)",
+            "export with --decoder-precision fp32",
+        )
+    with quiet_quantizer():
+        q = MatMulNBitsQuantizer(
+            model,
+            bits=DECODER_BITS[precision],
+            block_size=block_size,
+            is_symmetric=False,
+            accuracy_level=accuracy_level,
+            nodes_to_exclude=exclude,
+            op_types_to_quantize=("MatMul",),
+        )
+        q.process()
+    out = q.model.model
+    count = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
+    after = {i.name: i.type.SerializeToString() for i in out.graph.input}
+    changed = sorted(n for n in before if after.get(n) != before[n])
+    if changed or count != candidates:
+        raise EdgezoError(
+            f"decoder quantisation ({precision}) made {count} MatMulNBits of {candidates} "
+            f"frozen MatMuls and changed graph inputs {changed[:5]}",
+            "this is an exporter bug; report it with the model you exported, or export with "
+            "--decoder-precision fp32",
+        )
+    head = [n for n in out.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name]
+    info = {
+        "op": "MatMulNBits",
+        "method": "onnxruntime MatMulNBitsQuantizer (weight-only, asymmetric)",
+        "bits": DECODER_BITS[precision],
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "symmetric": False,
+        "quantized_matmuls": count,
+        "lora_matmuls_kept_fp32": len(exclude),
+        "head_quantized": bool(head),
+    }
+    return out, info

@@ -159,3 +159,160 @@ def test_personalizer_generate(bundle_path, tmp_path):
         == "".join(seen)
         == TextGenerator(load_bundle(bundle_path)).generate(PROMPTS[0], 12).text
     )
+
+
+# -- quantised decoding graphs (--decoder-precision int8/int4) --------------------------------
+
+#: largest |logits − fp32 logits| / max|fp32 logits| accepted per precision on the tiny model
+#: (measured 0.005 int8, 0.06 int4; a decoder computing zeros or another model gives ~1)
+QUANT_LOGIT_BOUND = {"int8": 0.02, "int4": 0.15}
+
+
+def _decoder_logits(bundle, values, ids):
+    """Prefill logits of ``ids`` and of three cached steps after it, with ``values`` fed."""
+    gen = TextGenerator(bundle)
+    gen.params.load(values)
+    dec = gen.decoder
+    out = [dec.start(ids[:3])]
+    out += [dec.step(t) for t in ids[3:6]]
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quant_bundle(request, make_bundle):
+    return request.param, make_bundle("lora", lora_freeze_a=True, decoder_precision=request.param)
+
+
+def test_quantised_decoder_graph(quant_bundle, make_bundle):
+    import onnx
+
+    precision, path = quant_bundle
+    b = load_bundle(path)
+    d = b.manifest.decoder
+    assert d["precision"] == precision and d["files"] == ["decoder.onnx", "decoder.onnx.data"]
+    assert set(d["files"]) <= set(b.manifest.files)
+    q = d["quantization"]
+    assert (q["bits"], q["block_size"], q["accuracy_level"]) == (
+        {"int8": 8, "int4": 4}[precision],
+        32,
+        4,
+    )
+    assert q["head_untied"] and q["head_quantized"]
+    graph = onnx.load(str(path / "decoder.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    # 2 blocks x (q, k, v, o, gate, up, down) + the untied head
+    assert len(nbits) == q["quantized_matmuls"] == 15
+    assert all(next(a.i for a in n.attribute if a.name == "bits") == q["bits"] for n in nbits)
+    assert any("lm_head" in n.name for n in nbits)
+    inits = {t.name for t in graph.initializer}
+    fp32_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert fp32_matmuls and all("lora_A" in n for n in fp32_matmuls)  # frozen LoRA A only
+    # the trainables are float32 graph inputs with the manifest's names and shapes
+    inputs = {i.name: i.type.tensor_type for i in graph.input}
+    for s in b.manifest.trainable:
+        t = inputs[s.name]
+        assert t.elem_type == onnx.TensorProto.FLOAT
+        assert tuple(dim.dim_value for dim in t.shape.dim) == tuple(s.shape)
+    fp32 = load_bundle(make_bundle("lora", lora_freeze_a=True))
+    assert [i.name for i in graph.input] == [
+        i.name for i in onnx.load(str(fp32.path / "decoder.onnx")).graph.input
+    ]
+    parity = d["parity_vs_loss_graph"]
+    assert 0 < parity["max_rel_logit_diff"] <= QUANT_LOGIT_BOUND[precision]
+
+
+def test_quantised_decoder_logits_close_to_fp32_and_trainables_count(quant_bundle, make_bundle):
+    precision, path = quant_bundle
+    qb, fb = load_bundle(path), load_bundle(make_bundle("lora", lora_freeze_a=True))
+    # the same loss graph and trainables: runs and their tensors carry over
+    assert qb.manifest.files["model.onnx"] == fb.manifest.files["model.onnx"]
+    assert qb.manifest.trainable == fb.manifest.trainable
+    ids = TextGenerator(fb).encode(PROMPTS[2])[:6]
+    initial = fb.initial_trainable()
+    moved = _moved(fb, 3, scale=1.0)
+    f0, f1 = _decoder_logits(fb, initial, ids), _decoder_logits(fb, moved, ids)
+    q0, q1 = _decoder_logits(qb, initial, ids), _decoder_logits(qb, moved, ids)
+    bound = QUANT_LOGIT_BOUND[precision]
+    for q, f in ((q0, f0), (q1, f1)):
+        assert np.max(np.abs(q - f)) <= bound * np.max(np.abs(f))
+        assert np.mean(np.argmax(q, -1) == np.argmax(f, -1)) >= 0.75
+    # a trained tensor changes the quantised decoder's output as it changes fp32's
+    dq, df = q1 - q0, f1 - f0
+    assert np.max(np.abs(df)) > 0.05
+    assert np.max(np.abs(dq - df)) <= 2 * bound * np.max(np.abs(df))
+    assert TextGenerator(qb).decoder_precision == precision
+
+
+def test_quantised_check_decoder_fails_beyond_tolerance(quant_bundle, monkeypatch):
+    import torch
+
+    from exporters import decode
+
+    precision, path = quant_bundle
+    b = load_bundle(path)
+    args = (path, b.initial_trainable(), b.manifest.vocab_size)
+    ok = decode.check_decoder(*args, torch.Generator().manual_seed(0), 1e-3, precision)
+    assert ok["top1_agree"] >= 3 and 0 < ok["max_rel_logit_diff"] <= QUANT_LOGIT_BOUND[precision]
+    assert 0 < ok["rms_logit_diff_over_std"] < 1
+    monkeypatch.setitem(decode.QUANT_LOGIT_RTOL, precision, ok["max_rel_logit_diff"] / 2)
+    with pytest.raises(EdgezoError, match=f"{precision} decoding graph's logits differ"):
+        decode.check_decoder(*args, torch.Generator().manual_seed(0), 1e-3, precision)
+    # the exact fp32 check refuses the quantised graph: it is what the tolerance is for
+    with pytest.raises(EdgezoError, match="does not compute the same model"):
+        decode.check_decoder(*args, torch.Generator().manual_seed(0), 1e-3, "fp32")
+
+
+def test_bad_decoder_precision_is_refused(tiny_hf_dir, tmp_path):
+    from edgezo.cli.export import export
+    from exporters import export_causal_lm
+
+    with pytest.raises(EdgezoError, match="--decoder-precision as one of: fp32, int8, int4"):
+        export_causal_lm(tiny_hf_dir, tmp_path / "a", progress=None, decoder_precision="int3")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(EdgezoError, match="quantised"):
+        export_causal_lm(
+            tiny_hf_dir, tmp_path / "b", progress=None, precision="int4", decoder_precision="int8"
+        )
+    with pytest.raises(EdgezoError, match="--no-decoder"):
+        export_causal_lm(
+            tiny_hf_dir, tmp_path / "c", progress=None, decoder=False, decoder_precision="int8"
+        )
+    r = CliRunner().invoke(
+        export,
+        ["--model", str(tiny_hf_dir), "--out", str(tmp_path / "d"), "--decoder-precision", "fp16"],
+    )
+    assert r.exit_code == 2 and "'fp16' is not one of 'fp32', 'int8', 'int4'" in r.output
+
+
+def test_decoder_only_switches_precision(make_bundle, tmp_path):
+    from edgezo.cli.export import export
+
+    folder = tmp_path / "b"
+    shutil.copytree(make_bundle("lora"), folder)
+    before = load_bundle(folder)
+    r = CliRunner().invoke(
+        export, ["--decoder-only", "--bundle", str(folder), "--decoder-precision", "int8"]
+    )
+    assert r.exit_code == 0, r.output
+    b = load_bundle(folder)
+    assert b.manifest.decoder["precision"] == "int8" and (folder / "decoder.onnx.data").is_file()
+    assert b.fingerprint == before.fingerprint
+    assert TextGenerator(b).decoder_precision == "int8"
+    r = CliRunner().invoke(export, ["--decoder-only", "--bundle", str(folder)])
+    assert r.exit_code == 0, r.output
+    b = load_bundle(folder)  # verifies every listed file's hash
+    assert b.manifest.decoder["precision"] == "fp32"
+    assert not (folder / "decoder.onnx.data").exists()  # the int8 weights are gone
+    assert "decoder.onnx.data" not in b.manifest.files
+
+
+def test_manifest_refuses_unknown_decoder_precision(bundle_path, tmp_path):
+    from edgezo.errors import BundleError
+
+    folder = tmp_path / "b"
+    shutil.copytree(bundle_path, folder)
+    m = json.loads((folder / MANIFEST).read_text())
+    m["decoder"]["precision"] = "int2"
+    (folder / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="decoder.precision"):
+        load_bundle(folder, verify=False)

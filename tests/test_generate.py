@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,39 @@ def test_generate_imports_no_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_generate_reports_a_quantised_decoder(make_bundle):
+    from edgezo.cli import main
+
+    path = make_bundle("lora", lora_freeze_a=True, decoder_precision="int8")
+    r = CliRunner().invoke(
+        main, ["generate", "--bundle", str(path), "--prompt", PROMPT, "--max-new-tokens", "6"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "frozen weights are int8 (weight-only MatMulNBits" in r.stderr
+    assert r.stdout.rstrip("\n") == generate(path, PROMPT, max_new_tokens=6).text
+
+
+def test_bench_generate_times_bundles_side_by_side(make_bundle, tmp_path):
+    """tools/bench_generate.py with two named bundles and a plain one: each timed in its own
+    child, the greedy agreement with the fp32 reference printed (tiny run, no Hugging Face)."""
+    fp32 = make_bundle("lora", lora_freeze_a=True)
+    int4 = make_bundle("lora", lora_freeze_a=True, decoder_precision="int4")
+    out = tmp_path / "bench.json"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_generate.py"
+    cmd = [sys.executable, str(tool), "--bundle", f"int4={int4}"]
+    cmd += ["--bundle", str(fp32), "--rounds", "1", "--reps", "1", "--new-tokens", "6"]
+    cmd += ["--no-hf", "--json", str(out)]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    res = json.loads(out.read_text())
+    assert set(res["median_tok_per_s"]) == {"kv:int4", "kv:fp32", "edgezo_recompute"}
+    assert all(v > 0 for v in res["median_tok_per_s"].values())
+    flat = " ".join(text.split())
+    assert "greedy tokens agreeing with kv:fp32" in flat and "kv:int4 = " in flat
+    fp32_tokens = res["runs"]["kv:fp32"][0]["tokens"]
+    assert res["runs"]["edgezo_recompute"][0]["tokens"] == fp32_tokens  # same fp32 model
+    assert f"edgezo_recompute {len(fp32_tokens)}/{len(fp32_tokens)}" in flat
+    forced = res["forced"]["int4"]
+    assert forced["of"] == len(fp32_tokens) and 0 <= forced["top1_agree"] <= forced["of"]
+    assert "teacher-forced top-1 agreement" in text

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..bundle import PRECISIONS, TASKS, TRAINABLE_MODES
+from ..bundle import DECODER_PRECISIONS, PRECISIONS, TASKS, TRAINABLE_MODES
 from ..data import label_names
 from ..errors import EdgezoError
 from .errors import run
@@ -267,6 +267,15 @@ def _resolve_model(model: str) -> str:
     "[default: on for an fp32 causal_lm bundle].",
 )
 @click.option(
+    "--decoder-precision",
+    type=click.Choice(DECODER_PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="The decoding graph's frozen MatMul weights: fp32, or weight-only int8/int4 "
+    "(MatMulNBits, faster one-token steps; the loss graph and the trainable tensors are "
+    "unchanged). See docs/guides/generate.md.",
+)
+@click.option(
     "--decoder-only",
     is_flag=True,
     help="Add the decoding graph to the existing --bundle (an older export) in place; its "
@@ -306,6 +315,7 @@ def export(
     accuracy_level,
     quant_rtol,
     decoder,
+    decoder_precision,
     decoder_only,
     bundle,
 ) -> None:
@@ -322,7 +332,11 @@ def export(
             from exporters.decode import add_decoder
 
             return add_decoder(
-                bundle, _resolve_model(model) if model else None, tolerance, click.echo
+                bundle,
+                _resolve_model(model) if model else None,
+                tolerance,
+                click.echo,
+                precision=decoder_precision,
             )
 
         run(run_add, interrupted="interrupted; the bundle's manifest is unchanged")
@@ -379,6 +393,7 @@ def export(
             progress=click.echo,
             **quant,
             **({} if decoder is None else {"decoder": decoder}),
+            **({} if decoder_precision == "fp32" else {"decoder_precision": decoder_precision}),
         )
 
     path = run(run_export, interrupted="interrupted; no bundle was written")
