@@ -180,6 +180,7 @@ def test_smoothness_check_flags_a_loss_that_rounding_makes_a_step_function(lora_
     assert evals == 1 + 2 * at.MU_DIRECTIONS * (len(tries) - 1) + 4 * at.MU_DIRECTIONS
     engine2 = engine_for(lora_bundle)
     smooth2 = fake_loss(engine2, engine2.params.master + 1.0)
+
     def rough():  # the smooth loss plus a deterministic pseudo-random jump per θ, of 1%
         key = float(np.sin(1e4 * float(engine2.params.feed.sum())))
         return smooth2() * (1.0 + 0.01 * key)
