@@ -70,6 +70,10 @@ PRECISIONS = ("fp32", "int8", "int8-dynamic", "int4")
 #: the decoding graph's frozen weights (``decoder.precision``): fp32, or weight-only int8/int4
 #: ``MatMulNBits`` (``exporters/decode.py``)
 DECODER_PRECISIONS = ("fp32", "int8", "int4")
+#: how an int8 bundle stores its frozen weights (manifest ``quantization.weights_format``):
+#: ``s8`` full-range signed (VNNI, AMX, Arm dot product), ``u8`` the same values offset by 128
+#: (exact on every CPU: a u8 × u8 kernel), ``s7`` signed with at most 63 in magnitude
+INT8_WEIGHTS = ("s8", "u8", "s7")
 DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
 #: architecture entries the runtime reads as sizes (each optional; null allowed)
 ARCH_SIZES = (

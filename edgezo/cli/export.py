@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..bundle import DECODER_PRECISIONS, PRECISIONS, TASKS, TRAINABLE_MODES
+from ..bundle import DECODER_PRECISIONS, INT8_WEIGHTS, PRECISIONS, TASKS, TRAINABLE_MODES
 from ..data import label_names
 from ..errors import EdgezoError
 from .errors import run
@@ -226,7 +226,7 @@ def _resolve_model(model: str) -> str:
 )
 @click.option(
     "--int8-weights",
-    type=click.Choice(["auto", "s8", "u8", "s7"]),
+    type=click.Choice(("auto", *INT8_WEIGHTS)),
     default="auto",
     show_default=True,
     help="int8: how the weights are stored. s8 needs VNNI/AMX or an Arm dot product; u8 is "

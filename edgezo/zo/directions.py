@@ -341,12 +341,7 @@ class ConeDirections:
         out += t
         return out
 
-    def chunks(self, step: int, index: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        for c in range(self.nchunks):
-            s = c * CHUNK
-            e = min(self.dim, s + CHUNK)
-            yield s, e, self.chunk(step, index, c, out=self._scratch[: e - s])
-
+    chunks = Directions.chunks
     full = Directions.full
     axpy = Directions.axpy
 
