@@ -220,6 +220,9 @@ class TextGenerator:
         self._runner: LossRunner | None = None
         if has_decoder and kv_cache is not False:
             self.decoder = KVDecoder(bundle, self.params, options)
+            rows = (bundle.manifest.decoder or {}).get("max_positions")
+            if rows:  # the fused graph's rotary tables end there
+                self.max_positions = min(int(rows), int(self.max_positions or rows))
             if self.decoder.precision != "fp32":
                 rel = (bundle.manifest.decoder or {}).get("parity_vs_loss_graph", {})
                 rel = rel.get("max_rel_logit_diff") if isinstance(rel, dict) else None

@@ -407,12 +407,15 @@ def build_decoder(
     quantize: dict | None = None,
     progress: Callable[[str], None] = lambda _line: None,
     precision: str = "fp32",
+    fused: bool | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Export and check the decoding graph of ``loaded`` (trainables substituted as in the
     loss graph) into ``stage``, next to its ``model.onnx``; returns (files, manifest field).
 
     ``precision``: the decoder's frozen ``MatMul`` weights, ``fp32`` or weight-only
-    ``int8``/``int4`` (:data:`DECODER_PRECISIONS`; the loss graph is not changed)."""
+    ``int8``/``int4`` (:data:`DECODER_PRECISIONS`; the loss graph is not changed).
+    ``fused``: None writes the fused graph (:mod:`exporters.decode_fused`) where the model's
+    family has one and traces the model otherwise; True requires the fused graph, False traces."""
     check_decoder_precision(precision)
     t = time.perf_counter()
     if quantize:
@@ -422,14 +425,27 @@ def build_decoder(
             "export an fp32 bundle for KV-cache generation; `edgezo generate` falls back to "
             "re-running the loss graph for this one",
         )
+    from .decode_fused import build_fused_decoder, fused_support
+
     generator = torch.Generator().manual_seed(seed + 1)
     names = [s.name for s in specs]
-    graph = DecoderGraph(loaded.model, names, loaded.arch.pass_position_ids).eval()
     past = past_shape(loaded.model, loaded.model_type)
-    progress("exporting the decoding graph (KV cache) to ONNX ...")
-    model = export_decoder_graph(
-        graph, values, names, stage / DECODER, loaded.vocab_size, past, generator
-    )
+    why_traced = fused_support(loaded) if fused is not False else "asked for (fused=False)"
+    positions = None
+    if why_traced is None:
+        progress("writing the fused decoding graph (KV cache, GroupQueryAttention) ...")
+        model, positions = build_fused_decoder(loaded, specs, past, precision)
+    else:
+        if fused:
+            raise EdgezoError(
+                f"no fused decoding graph for this model: {why_traced}",
+                "export without requiring it (the traced decoding graph serves every family)",
+            )
+        progress(f"exporting the decoding graph (KV cache) to ONNX (traced: {why_traced}) ...")
+        graph = DecoderGraph(loaded.model, names, loaded.arch.pass_position_ids).eval()
+        model = export_decoder_graph(
+            graph, values, names, stage / DECODER, loaded.vocab_size, past, generator
+        )
     from .export import _frozen_tied_embedding
     from .onnx_export import dedupe_tied_head
 
@@ -443,8 +459,8 @@ def build_decoder(
         progress(f"quantising the decoding graph's frozen MatMul weights ({precision}) ...")
         model, quant_info = quantize_decoder(model, precision)
         quant_info["head_untied"] = tied is not None
-    elif tied is not None:  # the head's folded transposed copy of the embedding, as in model.onnx
-        dedupe_tied_head(model, tied)
+    elif tied is not None and positions is None:  # the traced head's folded copy of the
+        dedupe_tied_head(model, tied)  # embedding, as in model.onnx (the fused graph has none)
     n_shared, shared_bytes = share_external_data(model, stage)
     files = save_decoder(model, stage, own_data=precision != "fp32")
     del model
@@ -460,12 +476,15 @@ def build_decoder(
         "graph": DECODER,
         "files": files,
         "precision": precision,
+        "kind": "traced" if positions is None else "fused",
         "num_layers": past[0],
         "num_kv_heads": past[1],
         "head_dim": past[2],
         "parity_vs_loss_graph": parity,
         "shared_weights_bytes": shared_bytes,
     }
+    if positions is not None:
+        field["max_positions"] = positions
     if quant_info is not None:
         field["quantization"] = quant_info
     chat = chat_pieces(loaded.tokenizer)
@@ -485,6 +504,13 @@ def build_decoder(
         f"{parity['max_abs_logit_diff']:.2e}{quant_note}"
     )
     return files, field
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        dst.hardlink_to(src)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, dst)
 
 
 def add_decoder(
@@ -559,8 +585,8 @@ def add_decoder(
     tmp.mkdir()
     try:
         for f in ("model.onnx", EXTERNAL_DATA):
-            if (folder / f).is_file():
-                (tmp / f).symlink_to((folder / f).absolute())
+            if (folder / f).is_file():  # a hard link: ONNX Runtime refuses external data
+                _link_or_copy(folder / f, tmp / f)  # reached through a symlink out of the dir
         files, field = build_decoder(
             loaded, specs, values, tmp, seed, tolerance, None, say, precision
         )

@@ -115,6 +115,7 @@ def export_causal_lm(
     label_words: Sequence[str] | None = None,
     decoder: bool | None = None,
     decoder_precision: str = "fp32",
+    decoder_fused: bool | None = None,
 ) -> Path:
     """Export a causal LM into a validated bundle folder ``out``; returns ``out``.
 
@@ -166,6 +167,11 @@ def export_causal_lm(
             weight-only ``int8``/``int4`` ``MatMulNBits`` (faster one-token steps; the loss
             graph stays as ``precision`` says). Recorded as the manifest's
             ``decoder.precision``.
+        decoder_fused: the decoding graph's kind: None (default) writes the fused graph
+            (``exporters/decode_fused.py``: GroupQueryAttention and fused norms, a fraction
+            of the nodes) where the model's family has one, and traces the model otherwise;
+            True requires the fused graph, False always traces. Recorded as
+            ``decoder.kind``.
 
     Raises:
         EdgezoError: bad arguments, unsupported architecture, or a failed validation; no
@@ -451,7 +457,16 @@ def export_causal_lm(
             from .decode import build_decoder
 
             dec_files, manifest.decoder = build_decoder(
-                loaded, specs, values, stage, seed, tolerance, quant_info, say, decoder_precision
+                loaded,
+                specs,
+                values,
+                stage,
+                seed,
+                tolerance,
+                quant_info,
+                say,
+                decoder_precision,
+                decoder_fused,
             )
             extra += dec_files
         if lora is not None and lora.freeze_a:  # the adapter hand-off needs A too

@@ -1,0 +1,236 @@
+"""The fused decoding graph (``exporters/decode_fused.py``): the Llama family written with ONNX
+Runtime's GroupQueryAttention and fused norms must give the traced graph's logits, the recompute
+path's greedy tokens and GenAI's, in every trainable mode, and fewer nodes."""
+
+import numpy as np
+import onnx
+import pytest
+from conftest import build_tiny_model_from, build_tiny_tokenizer
+
+from edgezo.bundle import load_bundle
+from edgezo.errors import EdgezoError
+from edgezo.generate import TextGenerator
+
+pytest.importorskip("torch")
+
+#: head size 16: GroupQueryAttention's CPU kernel needs a multiple of 16 (the shared tiny
+#: models have 8, so they keep the traced graph: test_traced_fallback_names_the_reason)
+FUSED_CONFIG = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+EXTRA = {"llama": {}, "qwen2": {"bos_token_id": 1}, "qwen3": {"bos_token_id": 1}}
+PROMPTS = ["the cat", "a", "we bake bread on sunday. the dog"]
+
+
+def _hf_dir(root, model_type, **overrides):
+    from transformers import PreTrainedTokenizerFast
+
+    folder = root / model_type
+    if not folder.exists():
+        tok = build_tiny_tokenizer()
+        hf_tok = PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+        )
+        settings = {"vocab_size": tok.get_vocab_size(), **FUSED_CONFIG, **EXTRA[model_type]}
+        model = build_tiny_model_from(model_type, {**settings, **overrides}, seed=3)
+        model.save_pretrained(folder)
+        hf_tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fused_export(tmp_path_factory):
+    """``export(model_type, mode="lora", **kw) -> bundle path``, each exported once."""
+    from exporters import export_causal_lm
+
+    root = tmp_path_factory.mktemp("fused")
+    cache = {}
+
+    def export(model_type="llama", mode="lora", **kw):
+        key = repr((model_type, mode, sorted(kw.items())))
+        if key not in cache:
+            out = root / f"b{len(cache)}"
+            cache[key] = export_causal_lm(
+                _hf_dir(root, model_type), out, mode=mode, progress=None, **kw
+            )
+        return cache[key]
+
+    return export
+
+
+def _moved(bundle, seed=0, scale=0.3):
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + scale * rng.standard_normal(v.shape)).astype(np.float32)
+        for k, v in bundle.initial_trainable().items()
+    }
+
+
+def _op_counts(path):
+    m = onnx.load(str(path), load_external_data=False)
+    counts = {}
+    for n in m.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts, len(m.graph.node)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_fused_greedy_equals_recompute(fused_export, model_type):
+    b = load_bundle(fused_export(model_type))
+    d = b.manifest.decoder
+    assert d["kind"] == "fused" and d["max_positions"] == 128
+    assert d["parity_vs_loss_graph"]["max_abs_logit_diff"] < 1e-4
+    counts, _ = _op_counts(b.path / d["graph"])
+    assert counts["GroupQueryAttention"] == 2
+    if model_type == "qwen3":  # q/k norms: per-head RMSNorm before the rotary embedding
+        assert counts["SimplifiedLayerNormalization"] >= 2 * 2 + 2
+    kv, full = TextGenerator(b), TextGenerator(b, kv_cache=False)
+    values = _moved(b)
+    for g in (kv, full):
+        g.params.load(values)
+    for prompt in PROMPTS:
+        a, c = kv.generate(prompt, 40), full.generate(prompt, 40)
+        assert a.token_ids == c.token_ids and len(a.token_ids) > 10
+        a, c = kv.generate(prompt, 30, max_length=8), full.generate(prompt, 30, max_length=8)
+        assert a.token_ids == c.token_ids
+
+
+@pytest.mark.parametrize("mode", ["norms", "full", "lora_fa"])
+def test_fused_logits_equal_traced_in_every_mode(fused_export, mode):
+    """The fused and traced graphs of one bundle, fed moved tensors, give the same logits over
+    a prompt and several cached steps; the fused one has a fraction of the nodes."""
+    import onnxruntime as ort
+
+    kw = {"lora_freeze_a": True, "lora_layers": "last:1"} if mode == "lora_fa" else {}
+    fused = load_bundle(fused_export("llama", "lora" if mode == "lora_fa" else mode, **kw))
+    traced = load_bundle(
+        fused_export("llama", "lora" if mode == "lora_fa" else mode, decoder_fused=False, **kw)
+    )
+    assert fused.manifest.decoder["kind"] == "fused"
+    assert traced.manifest.decoder["kind"] == "traced"
+    _, n_fused = _op_counts(fused.path / "decoder.onnx")
+    _, n_traced = _op_counts(traced.path / "decoder.onnx")
+    assert n_fused * 3 < n_traced
+    values = _moved(fused, seed=1, scale=0.2)
+    d = fused.manifest.decoder
+    sessions = [
+        ort.InferenceSession(str(b.path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+        for b in (fused, traced)
+    ]
+    ids = np.array([[5, 9, 13, 2, 7, 21, 30]], np.int64)
+    pasts = [
+        {
+            f"past_key_values.{i}.{kv}": np.zeros(
+                (1, d["num_kv_heads"], 0, d["head_dim"]), np.float32
+            )
+            for i in range(d["num_layers"])
+            for kv in ("key", "value")
+        }
+        for _ in sessions
+    ]
+    for start, end in [(0, 4), (4, 5), (5, 6), (6, 7)]:
+        outs = []
+        for s, past in zip(sessions, pasts, strict=True):
+            out = s.run(
+                None,
+                {
+                    "input_ids": ids[:, start:end],
+                    "attention_mask": np.ones((1, end), np.int64),
+                    **past,
+                    **values,
+                },
+            )
+            names = [o.name for o in s.get_outputs()]
+            past.clear()
+            past.update(
+                {
+                    n.replace("present", "past_key_values"): v
+                    for n, v in zip(names[1:], out[1:], strict=True)
+                }
+            )
+            outs.append(out)
+        np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-4)
+        for a, c in zip(outs[0][1:], outs[1][1:], strict=True):
+            np.testing.assert_allclose(a, c, atol=1e-4)
+
+
+def test_fused_int8_packs_frozen_projections(fused_export):
+    """A quantised fused decoder packs q/k/v and gate/up of layers without adapters into one
+    MatMulNBits each, keeps the LoRA layer's projections apart, and stays close to fp32."""
+    b = load_bundle(
+        fused_export(
+            "llama", lora_layers="last:1", lora_targets=("v_proj",), decoder_precision="int8"
+        )
+    )
+    d = b.manifest.decoder
+    assert d["kind"] == "fused" and d["precision"] == "int8"
+    m = onnx.load(str(b.path / "decoder.onnx"), load_external_data=False)
+    nbits = [n.name for n in m.graph.node if n.op_type == "MatMulNBits"]
+    # layer 0: qkv + o + gate_up + down = 4; layer 1 (LoRA on v): q, k, v, o, gate_up, down = 6;
+    # the head: 1
+    assert len(nbits) == 11, nbits
+    assert any("qkv_proj" in n for n in nbits) and any("lm_head" in n for n in nbits)
+    assert d["parity_vs_loss_graph"]["top1_agree"] >= 3
+    g = TextGenerator(b)
+    g.params.load(_moved(b))
+    assert len(g.generate("the cat", 12).token_ids) > 0
+
+
+def test_traced_fallback_names_the_reason(make_bundle, tiny_hf_dir, tmp_path):
+    """The shared tiny llama has head size 8: it keeps the traced graph; requiring the fused
+    one is refused with the reason."""
+    from exporters import export_causal_lm
+
+    b = load_bundle(make_bundle("lora"))
+    assert b.manifest.decoder["kind"] == "traced"
+    with pytest.raises(EdgezoError, match="head size 8 is not a multiple of 16"):
+        export_causal_lm(
+            tiny_hf_dir, tmp_path / "x", mode="lora", progress=None, decoder_fused=True
+        )
+
+
+def test_fused_genai_greedy_tokens(fused_export, tmp_path):
+    """GenAI runs the fused graph (with the adapter file) to the same greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from safetensors.numpy import save_file
+
+    from exporters.handoff import ADAPTER_FILE, GENAI_DIR, handoff
+
+    path = fused_export("llama", lora_freeze_a=True)
+    b = load_bundle(path)
+    values = _moved(b)
+    save_file(values, str(tmp_path / "trained.safetensors"))
+    out = handoff(
+        path,
+        tmp_path / "genai",
+        tmp_path / "trained.safetensors",
+        fmt="onnx_adapter",
+        genai_model=True,
+    )
+    model = og.Model(str(out / GENAI_DIR))
+    adapters = og.Adapters(model)
+    adapters.load(str(out / ADAPTER_FILE), "personal")
+    ours = TextGenerator(b)
+    ours.params.load(values)
+    eos = b.manifest.tokenizer.eos_token_id
+    for prompt in ("the cat", "we bake bread on sunday."):
+        ids = ours.encode(prompt)
+        want = ours.generate(prompt, 24).token_ids
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.set_active_adapter(adapters, "personal")
+        gen.append_tokens(ids)
+        theirs = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            theirs.append(int(gen.get_next_tokens()[0]))
+        theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs
+        assert theirs == want and len(want) > 5
