@@ -72,6 +72,12 @@ def test_default_bundle_is_the_real_model(default_run):
     }
     assert "model.onnx.data" in m.files and "lora_a.safetensors" in m.files
     assert m.stages and len(m.stages["cached"]) >= 2  # the 26-block prefix is cached
+    # the fused int8 decoding graph: q/k/v and gate/up packed in blocks 0-25, apart in 26-29
+    # (LoRA on v_proj), o/down everywhere, the untied head: 26*4 + 4*6 + 1 MatMulNBits
+    d = m.decoder
+    assert (d["kind"], d["precision"], d["max_positions"]) == ("fused", "int8", 8192)
+    assert d["quantization"]["quantized_matmuls"] == 26 * 4 + 4 * 6 + 1
+    assert d["parity_vs_loss_graph"]["top1_agree"] >= 3
 
 
 def test_default_finetune_reports_heldout_before_and_after(default_run):
