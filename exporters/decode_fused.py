@@ -1,4 +1,4 @@
-"""The fused decoding graph: the Llama family written directly with ONNX Runtime's fused kernels.
+"""The fused decoding graph: Llama, Qwen2, Qwen3 and SmolLM3 written with ONNX Runtime kernels.
 
 The traced decoding graph (:mod:`exporters.decode`, ``torch.onnx`` of the Hugging Face model
 with a ``DynamicCache``) computes every shape at run time: SmolLM2-135M's has 7,722 nodes, of
@@ -9,7 +9,7 @@ layer, the way ONNX Runtime's own decoder graphs are built::
     input_ids ─► Gather(embedding) ─► x
     per layer:  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual add)
                 q, k, v = MatMul (+ bias) (+ LoRA: MatMul·MatMul·scale, Add)
-                (Qwen3: per-head RMSNorm of q and k)
+                (Qwen3: per-head RMSNorm of q and k; SmolLM3: no rotary in its NoPE layers)
                 GroupQueryAttention(q, k, v, past, seqlens_k, total_length, cos, sin)
                     rotary embedding, causal mask, grouped KV heads, present = past ++ new
                 o_proj; SkipSimplifiedLayerNormalization
@@ -46,7 +46,7 @@ from .lora import LoraLinear
 from .onnx_export import OPSET
 
 #: families written by this module (``Architecture.family``)
-FUSED_FAMILIES = ("llama", "qwen2", "qwen3")
+FUSED_FAMILIES = ("llama", "qwen2", "qwen3", "smollm3")
 #: rotary table rows: positions beyond this are not reachable (the runtime caps the sequence
 #: at ``decoder.max_positions``)
 MAX_POSITIONS = 32768
@@ -259,15 +259,16 @@ def build_fused_decoder(
             q = _head_norm(g, q, f"{p}.self_attn.q_norm", attn.q_norm, heads, dim)
             k = _head_norm(g, k, f"{p}.self_attn.k_norm", attn.k_norm, kv_heads, dim)
         past_kv = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        rope = bool(getattr(attn, "use_rope", True))  # SmolLM3: no RoPE in every 4th layer
         out = g.node(
             "GroupQueryAttention",
-            [q, k, v, *past_kv, seqlens, total, cos, sin],
+            [q, k, v, *past_kv, seqlens, total, *((cos, sin) if rope else ("", ""))],
             f"{p}.self_attn/GroupQueryAttention",
             3,
             num_heads=heads,
             kv_num_heads=kv_heads,
             scale=float(attn.scaling),
-            do_rotary=1,
+            do_rotary=int(rope),
             rotary_interleaved=0,
         )
         outputs += [out[1], out[2]]

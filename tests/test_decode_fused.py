@@ -25,7 +25,12 @@ FUSED_CONFIG = {
     "max_position_embeddings": 128,
     "tie_word_embeddings": True,
 }
-EXTRA = {"llama": {}, "qwen2": {"bos_token_id": 1}, "qwen3": {"bos_token_id": 1}}
+EXTRA = {
+    "llama": {},
+    "qwen2": {"bos_token_id": 1},
+    "qwen3": {"bos_token_id": 1},
+    "smollm3": {"bos_token_id": 1, "no_rope_layers": [1, 0]},  # layer 1 without RoPE
+}
 PROMPTS = ["the cat", "a", "we bake bread on sunday. the dog"]
 
 
@@ -81,7 +86,7 @@ def _op_counts(path):
     return counts, len(m.graph.node)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "smollm3"])
 def test_fused_greedy_equals_recompute(fused_export, model_type):
     b = load_bundle(fused_export(model_type))
     d = b.manifest.decoder
@@ -91,6 +96,13 @@ def test_fused_greedy_equals_recompute(fused_export, model_type):
     assert counts["GroupQueryAttention"] == 2
     if model_type == "qwen3":  # q/k norms: per-head RMSNorm before the rotary embedding
         assert counts["SimplifiedLayerNormalization"] >= 2 * 2 + 2
+    m = onnx.load(str(b.path / d["graph"]), load_external_data=False)
+    rotary = [
+        next(a.i for a in n.attribute if a.name == "do_rotary")
+        for n in m.graph.node
+        if n.op_type == "GroupQueryAttention"
+    ]
+    assert rotary == ([1, 0] if model_type == "smollm3" else [1, 1])
     kv, full = TextGenerator(b), TextGenerator(b, kv_cache=False)
     values = _moved(b)
     for g in (kv, full):
