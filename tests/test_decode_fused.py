@@ -25,26 +25,42 @@ FUSED_CONFIG = {
     "max_position_embeddings": 128,
     "tie_word_embeddings": True,
 }
-EXTRA = {
-    "llama": {},
-    "qwen2": {"bos_token_id": 1},
-    "qwen3": {"bos_token_id": 1},
-    "smollm3": {"bos_token_id": 1, "no_rope_layers": [1, 0]},  # layer 1 without RoPE
+#: variant -> (model_type, config overrides)
+VARIANTS = {
+    "llama": ("llama", {}),
+    "llama3": (  # Llama 3.1/3.2 RoPE scaling: the rotary tables come from the model's module
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
+    "untied": ("llama", {"tie_word_embeddings": False}),  # its own lm_head weight
+    "qwen2": ("qwen2", {"bos_token_id": 1}),  # biased q/k/v
+    "qwen3": ("qwen3", {"bos_token_id": 1}),  # per-head q/k norms
+    "smollm3": ("smollm3", {"bos_token_id": 1, "no_rope_layers": [1, 0]}),  # layer 1: no RoPE
 }
 PROMPTS = ["the cat", "a", "we bake bread on sunday. the dog"]
 
 
-def _hf_dir(root, model_type, **overrides):
+def _hf_dir(root, variant):
     from transformers import PreTrainedTokenizerFast
 
-    folder = root / model_type
+    folder = root / variant
     if not folder.exists():
         tok = build_tiny_tokenizer()
         hf_tok = PreTrainedTokenizerFast(
             tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
         )
-        settings = {"vocab_size": tok.get_vocab_size(), **FUSED_CONFIG, **EXTRA[model_type]}
-        model = build_tiny_model_from(model_type, {**settings, **overrides}, seed=3)
+        model_type, extra = VARIANTS[variant]
+        settings = {"vocab_size": tok.get_vocab_size(), **FUSED_CONFIG, **extra}
+        model = build_tiny_model_from(model_type, settings, seed=3)
         model.save_pretrained(folder)
         hf_tok.save_pretrained(folder)
     return folder
@@ -52,18 +68,18 @@ def _hf_dir(root, model_type, **overrides):
 
 @pytest.fixture(scope="module")
 def fused_export(tmp_path_factory):
-    """``export(model_type, mode="lora", **kw) -> bundle path``, each exported once."""
+    """``export(variant, mode="lora", **kw) -> bundle path``, each exported once."""
     from exporters import export_causal_lm
 
     root = tmp_path_factory.mktemp("fused")
     cache = {}
 
-    def export(model_type="llama", mode="lora", **kw):
-        key = repr((model_type, mode, sorted(kw.items())))
+    def export(variant="llama", mode="lora", **kw):
+        key = repr((variant, mode, sorted(kw.items())))
         if key not in cache:
             out = root / f"b{len(cache)}"
             cache[key] = export_causal_lm(
-                _hf_dir(root, model_type), out, mode=mode, progress=None, **kw
+                _hf_dir(root, variant), out, mode=mode, progress=None, **kw
             )
         return cache[key]
 
@@ -86,15 +102,15 @@ def _op_counts(path):
     return counts, len(m.graph.node)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "smollm3"])
-def test_fused_greedy_equals_recompute(fused_export, model_type):
-    b = load_bundle(fused_export(model_type))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_greedy_equals_recompute(fused_export, variant):
+    b = load_bundle(fused_export(variant))
     d = b.manifest.decoder
     assert d["kind"] == "fused" and d["max_positions"] == 128
     assert d["parity_vs_loss_graph"]["max_abs_logit_diff"] < 1e-4
     counts, _ = _op_counts(b.path / d["graph"])
     assert counts["GroupQueryAttention"] == 2
-    if model_type == "qwen3":  # q/k norms: per-head RMSNorm before the rotary embedding
+    if variant == "qwen3":  # q/k norms: per-head RMSNorm before the rotary embedding
         assert counts["SimplifiedLayerNormalization"] >= 2 * 2 + 2
     m = onnx.load(str(b.path / d["graph"]), load_external_data=False)
     rotary = [
@@ -102,7 +118,8 @@ def test_fused_greedy_equals_recompute(fused_export, model_type):
         for n in m.graph.node
         if n.op_type == "GroupQueryAttention"
     ]
-    assert rotary == ([1, 0] if model_type == "smollm3" else [1, 1])
+    assert rotary == ([1, 0] if variant == "smollm3" else [1, 1])
+    assert ("Gemm" in counts) == (variant != "untied")  # a tied head reads the embedding
     kv, full = TextGenerator(b), TextGenerator(b, kv_cache=False)
     values = _moved(b)
     for g in (kv, full):
@@ -211,14 +228,13 @@ def test_traced_fallback_names_the_reason(make_bundle, tiny_hf_dir, tmp_path):
 def test_fused_genai_greedy_tokens(fused_export, tmp_path):
     """GenAI runs the fused graph (with the adapter file) to the same greedy tokens."""
     og = pytest.importorskip("onnxruntime_genai")
-    from safetensors.numpy import save_file
-
+    from edgezo.zo.checkpoint import save_tensors_atomic
     from exporters.handoff import ADAPTER_FILE, GENAI_DIR, handoff
 
     path = fused_export("llama", lora_freeze_a=True)
     b = load_bundle(path)
     values = _moved(b)
-    save_file(values, str(tmp_path / "trained.safetensors"))
+    save_tensors_atomic(tmp_path / "trained.safetensors", values, {"bundle": b.fingerprint})
     out = handoff(
         path,
         tmp_path / "genai",
