@@ -46,11 +46,28 @@ from .lora import LoraLinear
 from .onnx_export import OPSET
 
 #: families written by this module (``Architecture.family``)
-FUSED_FAMILIES = ("llama", "qwen2", "qwen3", "smollm3")
+FUSED_FAMILIES = ("llama", "qwen2", "qwen3", "smollm3", "gemma3")
 #: rotary table rows: positions beyond this are not reachable (the runtime caps the sequence
 #: at ``decoder.max_positions``)
 MAX_POSITIONS = 32768
 MS = "com.microsoft"
+
+
+#: ``config.hidden_act`` / ``hidden_activation`` values the graph writes
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+def _rope_types(config: Any) -> set[str]:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not rope:
+        return {"default"}
+    tables = rope.values() if all(isinstance(v, dict) for v in rope.values()) else [rope]
+    return {str(t.get("rope_type", t.get("type", "default"))) for t in tables}  # Gemma 3: per type
+
+
+def _activation(config: Any) -> str:
+    return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu"))
 
 
 def fused_support(loaded: Any) -> str | None:
@@ -60,27 +77,25 @@ def fused_support(loaded: Any) -> str | None:
     if family not in FUSED_FAMILIES:
         return f"family {family} has no fused decoding graph"
     config = loaded.model.config
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        return "sliding-window attention"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act}"
+    if _activation(config) not in ACTIVATIONS:
+        return f"activation {_activation(config)}"
     if getattr(config, "mlp_bias", False):
         return "biased MLP projections"
     types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if types != {"full_attention"}:
+    if not types <= {"full_attention", "sliding_attention"}:
         return f"attention layer types {sorted(types)}"
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    rope_type = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
-    if rope_type not in ("default", "llama3", "linear"):
-        return f"RoPE type {rope_type}"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention"
+    if getattr(config, "final_logit_softcapping", None):
+        return "soft-capped logits"
+    if not _rope_types(config) <= set(ROPE_TYPES):
+        return f"RoPE types {sorted(_rope_types(config))}"
     body = loaded.model.model
     first = body.layers[0]
     if int(first.self_attn.head_dim) % 16:  # GroupQueryAttention's CPU kernel requires it
         return f"head size {first.self_attn.head_dim} is not a multiple of 16"
     if getattr(first.self_attn.o_proj, "bias", None) is not None:
         return "a biased output projection"
-    if getattr(first.self_attn, "sliding_window", None):
-        return "sliding-window attention"
     return None
 
 
@@ -166,14 +181,26 @@ def _eps(norm: torch.nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
+def _norm_weight(g: _Graph, path: str, norm: torch.nn.Module) -> str:
+    """The norm's scale: its weight, or ``1 + weight`` for Gemma's RMSNorm (folded at export
+    when frozen, an ``Add`` on the trainable input)."""
+    name = f"{path}.weight"
+    if not type(norm).__name__.startswith("Gemma"):
+        return g.tensor(name, norm.weight)
+    if name in g.trainable:
+        one = g.const("one_f32", np.array(1.0, np.float32))
+        return g.one("Add", [name, one], f"{path}/one_plus_weight")
+    return g.const(f"{name}_plus_one", 1.0 + norm.weight.detach().float().numpy())
+
+
 def _norm(g: _Graph, x: str, path: str, norm: torch.nn.Module) -> str:
-    w = g.tensor(f"{path}.weight", norm.weight)
+    w = _norm_weight(g, path, norm)
     return g.one("SimplifiedLayerNormalization", [x, w], path, axis=-1, epsilon=_eps(norm))
 
 
 def _skip_norm(g: _Graph, x: str, residual: str, path: str, norm) -> tuple[str, str]:
     """(norm(x + residual), x + residual) in one kernel."""
-    w = g.tensor(f"{path}.weight", norm.weight)
+    w = _norm_weight(g, path, norm)
     out = g.node("SkipSimplifiedLayerNormalization", [x, residual, w], path, 4, epsilon=_eps(norm))
     return out[0], out[3]
 
@@ -187,13 +214,17 @@ def _head_norm(g: _Graph, x: str, path: str, norm: torch.nn.Module, heads: int, 
     return g.one("Reshape", [n, merged], f"{path}/Reshape_back")
 
 
-def rotary_tables(model: torch.nn.Module, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """``cos``/``sin`` ``[positions, head_dim/2]`` from the model's own rotary module."""
+def rotary_tables(
+    model: torch.nn.Module, positions: int, layer_type: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``cos``/``sin`` ``[positions, head_dim/2]`` from the model's own rotary module (of
+    ``layer_type``'s RoPE for a model with one per attention type: Gemma 3)."""
     rotary = model.model.rotary_emb
     dim = model.model.layers[0].self_attn.head_dim
     with torch.no_grad():
         probe = torch.zeros(1, positions, dim)
-        cos, sin = rotary(probe, torch.arange(positions).unsqueeze(0))
+        at = torch.arange(positions).unsqueeze(0)
+        cos, sin = rotary(probe, at) if layer_type is None else rotary(probe, at, layer_type)
     half = dim // 2
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
@@ -227,15 +258,20 @@ def build_fused_decoder(
     total = g.one("Gather", [width, g.const("index_1", np.array(1, np.int64))], "total_len", axis=0)
     total = g.one("Cast", [total], "total_sequence_length", to=TensorProto.INT32)
     positions = min(int(getattr(config, "max_position_embeddings", MAX_POSITIONS)), MAX_POSITIONS)
-    cos, sin = rotary_tables(model, positions)
-    cos, sin = g.const("rotary_cos", cos), g.const("rotary_sin", sin)
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * layers)
+    per_type = "sliding_attention" in (getattr(config, "rope_parameters", None) or {})
+    tables: dict[str, tuple[str, str]] = {}
+    for kind in dict.fromkeys(layer_types) if per_type else ["all"]:
+        cos, sin = rotary_tables(model, positions, kind if per_type else None)
+        tables[kind] = (g.const(f"rotary_cos_{kind}", cos), g.const(f"rotary_sin_{kind}", sin))
+    activation = _activation(config)
 
     embed_module = body.embed_tokens
     embed_name = "model.embed_tokens.weight"
     embed = g.tensor(embed_name, embed_module.weight)
     x = g.one("Gather", [embed, "input_ids"], "model.embed_tokens/Gather", axis=0)
     scale = getattr(embed_module, "embed_scale", None)
-    if scale is not None and float(scale) != 1.0:  # not in the supported families today
+    if scale is not None and float(scale) != 1.0:  # Gemma: sqrt(hidden)
         x = g.one("Mul", [x, g.const("embed_scale", np.array(float(scale), np.float32))], "emb_s")
 
     residual, pending = x, None
@@ -260,6 +296,9 @@ def build_fused_decoder(
             k = _head_norm(g, k, f"{p}.self_attn.k_norm", attn.k_norm, kv_heads, dim)
         past_kv = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         rope = bool(getattr(attn, "use_rope", True))  # SmolLM3: no RoPE in every 4th layer
+        cos, sin = tables[layer_types[i] if per_type else "all"]
+        window = getattr(attn, "sliding_window", None)  # this layer's, None: global
+        softcap = getattr(attn, "attn_logit_softcapping", None)
         out = g.node(
             "GroupQueryAttention",
             [q, k, v, *past_kv, seqlens, total, *((cos, sin) if rope else ("", ""))],
@@ -270,12 +309,22 @@ def build_fused_decoder(
             scale=float(attn.scaling),
             do_rotary=int(rope),
             rotary_interleaved=0,
+            # the same window as Hugging Face's sliding mask (checked against the model in
+            # tests/test_decode_fused.py: window - 1 there is wrong by one position)
+            local_window_size=int(window) if window else -1,
+            softcap=float(softcap or 0.0),
         )
         outputs += [out[1], out[2]]
         o = _linear(g, out[0], f"{p}.self_attn.o_proj", attn.o_proj)
-        h, residual = _skip_norm(
-            g, o, residual, f"{p}.post_attention_layernorm", layer.post_attention_layernorm
-        )
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: norms after attention and MLP
+            o = _norm(g, o, f"{p}.post_attention_layernorm", layer.post_attention_layernorm)
+            h, residual = _skip_norm(
+                g, o, residual, f"{p}.pre_feedforward_layernorm", layer.pre_feedforward_layernorm
+            )
+        else:
+            h, residual = _skip_norm(
+                g, o, residual, f"{p}.post_attention_layernorm", layer.post_attention_layernorm
+            )
         mlp = layer.mlp
         gu = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
         if pack and _packable(g, gu, [mlp.gate_proj, mlp.up_proj]):
@@ -284,10 +333,18 @@ def build_fused_decoder(
         else:
             gate = _linear(g, h, gu[0], mlp.gate_proj)
             up = _linear(g, h, gu[1], mlp.up_proj)
-        silu = g.one("Mul", [gate, g.one("Sigmoid", [gate], f"{p}.mlp/Sigmoid")], f"{p}.mlp/silu")
+        if activation == "silu":
+            sig = g.one("Sigmoid", [gate], f"{p}.mlp/Sigmoid")
+            act = g.one("Mul", [gate, sig], f"{p}.mlp/silu")
+        else:  # gelu_pytorch_tanh
+            act = g.one("Gelu", [gate], f"{p}.mlp/gelu", approximate="tanh")
         pending = _linear(
-            g, g.one("Mul", [silu, up], f"{p}.mlp/Mul"), f"{p}.mlp.down_proj", mlp.down_proj
+            g, g.one("Mul", [act, up], f"{p}.mlp/Mul"), f"{p}.mlp.down_proj", mlp.down_proj
         )
+        if hasattr(layer, "post_feedforward_layernorm"):
+            pending = _norm(
+                g, pending, f"{p}.post_feedforward_layernorm", layer.post_feedforward_layernorm
+            )
 
     last = g.one("Add", [pending, residual], "model.layers/residual_last") if pending else residual
     last = g.one(

@@ -45,6 +45,22 @@ VARIANTS = {
     "qwen2": ("qwen2", {"bos_token_id": 1}),  # biased q/k/v
     "qwen3": ("qwen3", {"bos_token_id": 1}),  # per-head q/k norms
     "smollm3": ("smollm3", {"bos_token_id": 1, "no_rope_layers": [1, 0]}),  # layer 1: no RoPE
+    # Gemma 3: a sliding layer (window 4 < the test sequences) and a global one, each with its
+    # own RoPE, q/k norms, (1 + w) norms before and after attention and MLP, gelu-tanh,
+    # sqrt(hidden) embedding scale
+    "gemma3": (
+        "gemma3_text",
+        {
+            "bos_token_id": 1,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+            },
+            "query_pre_attn_scalar": 16,
+        },
+    ),
 }
 PROMPTS = ["the cat", "a", "we bake bread on sunday. the dog"]
 
@@ -131,17 +147,21 @@ def test_fused_greedy_equals_recompute(fused_export, variant):
         assert a.token_ids == c.token_ids
 
 
-@pytest.mark.parametrize("mode", ["norms", "full", "lora_fa"])
-def test_fused_logits_equal_traced_in_every_mode(fused_export, mode):
+@pytest.mark.parametrize(
+    "variant,mode",
+    # gemma3 norms: trainable (1 + w) norms, q/k norms included
+    [("llama", "norms"), ("llama", "full"), ("llama", "lora_fa"), ("gemma3", "norms")],
+)
+def test_fused_logits_equal_traced_in_every_mode(fused_export, variant, mode):
     """The fused and traced graphs of one bundle, fed moved tensors, give the same logits over
-    a prompt and several cached steps; the fused one has a fraction of the nodes."""
+    a prompt and several cached steps (past the sliding window); the fused one has a fraction
+    of the nodes."""
     import onnxruntime as ort
 
     kw = {"lora_freeze_a": True, "lora_layers": "last:1"} if mode == "lora_fa" else {}
-    fused = load_bundle(fused_export("llama", "lora" if mode == "lora_fa" else mode, **kw))
-    traced = load_bundle(
-        fused_export("llama", "lora" if mode == "lora_fa" else mode, decoder_fused=False, **kw)
-    )
+    mode = "lora" if mode == "lora_fa" else mode
+    fused = load_bundle(fused_export(variant, mode, **kw))
+    traced = load_bundle(fused_export(variant, mode, decoder_fused=False, **kw))
     assert fused.manifest.decoder["kind"] == "fused"
     assert traced.manifest.decoder["kind"] == "traced"
     _, n_fused = _op_counts(fused.path / "decoder.onnx")
