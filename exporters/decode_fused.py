@@ -1,19 +1,20 @@
-"""The fused decoding graph: Llama, Qwen2, Qwen3 and SmolLM3 written with ONNX Runtime kernels.
+"""The fused decoding graph: Llama, Qwen2, Qwen3, SmolLM3 and Gemma 3 with ONNX Runtime kernels.
 
 The traced decoding graph (:mod:`exporters.decode`, ``torch.onnx`` of the Hugging Face model
 with a ``DynamicCache``) computes every shape at run time: SmolLM2-135M's has 7,722 nodes, of
 which ~3,300 run per one-token step, and on a 2-core CPU those small kernels took more time
-than the int8 weight matrices themselves. This module writes the same model as ~20 nodes a
+than the int8 weight matrices themselves. This module writes the same model as ~13 nodes a
 layer, the way ONNX Runtime's own decoder graphs are built::
 
     input_ids ─► Gather(embedding) ─► x
-    per layer:  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual add)
+    per layer:  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual add;
+                Gemma: also the norms after attention and after the MLP)
                 q, k, v = MatMul (+ bias) (+ LoRA: MatMul·MatMul·scale, Add)
                 (Qwen3: per-head RMSNorm of q and k; SmolLM3: no rotary in its NoPE layers)
                 GroupQueryAttention(q, k, v, past, seqlens_k, total_length, cos, sin)
                     rotary embedding, causal mask, grouped KV heads, present = past ++ new
                 o_proj; SkipSimplifiedLayerNormalization
-                down(silu(gate(h)) * up(h))
+                down(act(gate(h)) * up(h))    act: SiLU, or tanh-GELU (Gemma)
     last position ─► final norm ─► head (Gemm with transB on a tied, frozen embedding)
 
 The inputs and outputs are the traced graph's (``input_ids``, ``attention_mask``,
@@ -23,14 +24,16 @@ runtime, the adapters and the hand-off do not know which graph they run.
 :func:`exporters.decode.check_decoder` compares it with the loss graph like the traced one.
 
 The rotary tables (cos/sin of every position up to :data:`MAX_POSITIONS`) are computed by the
-model's own rotary module at export, so RoPE scaling (Llama 3.x, linear, dynamic at export
-length) is whatever transformers computes. ``GroupQueryAttention`` reads the positions from the
-attention mask (``seqlens_k`` = attended tokens − 1), so a batch must be unpadded (the runtime
-decodes one sequence at a time).
+model's own rotary module at export, so RoPE scaling (Llama 3.x, linear) is whatever
+transformers computes; Gemma 3 gets one table per attention type. ``GroupQueryAttention``
+reads the positions from the attention mask (``seqlens_k`` = attended tokens − 1), so a batch
+must be unpadded (the runtime decodes one sequence at a time); a sliding-window layer passes
+its window as the kernel's ``local_window_size``.
 
-Which models: :func:`fused_support` says why a model is not supported (another family, a
-sliding window, biased output projections, an activation other than SiLU, ...); those keep the
-traced graph.
+Which models: :func:`fused_support` says why a model is not supported (another family, a head
+size that is not a multiple of 16, an activation other than SiLU or tanh-GELU, biased output
+or MLP projections, soft-capped logits, a RoPE type other than :data:`ROPE_TYPES`); those keep
+the traced graph.
 """
 
 from __future__ import annotations
@@ -107,11 +110,6 @@ class _Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._names: set[str] = set()
-        self._count = 0
-
-    def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}/{self._count}"
 
     def node(self, op: str, inputs: list[str], name: str, outputs: int = 1, **attrs) -> list[str]:
         domain = MS if op in {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} else ""
