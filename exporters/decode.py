@@ -16,8 +16,8 @@ the frozen weights are the same tensors as the loss graph's (the model is rebuil
 manifest's source with the same seed, and :func:`check_decoder` compares its logits with
 ``model.onnx``'s ``next_logits``).
 
-**Two ways to write it.** For Llama, Qwen2, Qwen3, SmolLM3 and Gemma 3 (with a head size
-that is a multiple of 16) :mod:`exporters.decode_fused` writes the graph directly with
+**Two ways to write it.** For Llama, Qwen2, Qwen3, SmolLM3, Gemma 3 and Phi-3 (head size
+a multiple of 16) :mod:`exporters.decode_fused` writes the graph directly with
 ONNX Runtime's ``GroupQueryAttention`` and fused RMS norms (``decoder.kind`` ``fused``: ~13
 nodes a layer; the traced graph runs ~110 a layer per step, mostly shape arithmetic, which on
 a 2-core CPU cost more than the int8 weights). Every other model is traced through

@@ -1,4 +1,4 @@
-"""The fused decoding graph: Llama, Qwen2, Qwen3, SmolLM3 and Gemma 3 with ONNX Runtime kernels.
+"""The fused decoding graph: Llama, Qwen2/3, SmolLM3, Gemma 3 and Phi-3 with ONNX Runtime kernels.
 
 The traced decoding graph (:mod:`exporters.decode`, ``torch.onnx`` of the Hugging Face model
 with a ``DynamicCache``) computes every shape at run time: SmolLM2-135M's has 7,722 nodes, of
@@ -9,7 +9,8 @@ layer, the way ONNX Runtime's own decoder graphs are built::
     input_ids ─► Gather(embedding) ─► x
     per layer:  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual add;
                 Gemma: also the norms after attention and after the MLP)
-                q, k, v = MatMul (+ bias) (+ LoRA: MatMul·MatMul·scale, Add)
+                q, k, v = MatMul (+ bias) (+ LoRA: MatMul·MatMul·scale, Add); Phi-3's packed
+                qkv_proj and gate_up_proj as they are (LoRA targets name them)
                 (Qwen3: per-head RMSNorm of q and k; SmolLM3: no rotary in its NoPE layers)
                 GroupQueryAttention(q, k, v, past, seqlens_k, total_length, cos, sin)
                     rotary embedding, causal mask, grouped KV heads, present = past ++ new
@@ -49,7 +50,7 @@ from .lora import LoraLinear
 from .onnx_export import OPSET
 
 #: families written by this module (``Architecture.family``)
-FUSED_FAMILIES = ("llama", "qwen2", "qwen3", "smollm3", "gemma3")
+FUSED_FAMILIES = ("llama", "qwen2", "qwen3", "smollm3", "gemma3", "phi3")
 #: rotary table rows: positions beyond this are not reachable (the runtime caps the sequence
 #: at ``decoder.max_positions``)
 MAX_POSITIONS = 32768
@@ -99,6 +100,9 @@ def fused_support(loaded: Any) -> str | None:
         return f"head size {first.self_attn.head_dim} is not a multiple of 16"
     if getattr(first.self_attn.o_proj, "bias", None) is not None:
         return "a biased output projection"
+    rotary = int(int(first.self_attn.head_dim) * float(getattr(config, "partial_rotary_factor", 1)))
+    if (rotary // 2) % 8:  # the kernel's rotary tables: a multiple of 8 wide
+        return f"a rotary width of {rotary} (half of it must be a multiple of 8)"
     return None
 
 
@@ -165,6 +169,10 @@ def _packable(g: _Graph, paths: list[str], modules: list[torch.nn.Module]) -> bo
     return len({getattr(m, "bias", None) is None for m in modules}) == 1
 
 
+def _qkv(p: str, attn: torch.nn.Module) -> tuple[list[str], list[torch.nn.Module]]:
+    return [f"{p}.self_attn.{n}_proj" for n in "qkv"], [attn.q_proj, attn.k_proj, attn.v_proj]
+
+
 def _packed_linear(g: _Graph, x: str, path: str, modules: list[torch.nn.Module]) -> str:
     """One ``MatMul`` of the concatenated ``[in, sum(out)]`` weights (+ the biases)."""
     w = np.concatenate([m.weight.detach().float().numpy().T for m in modules], axis=1)
@@ -223,7 +231,7 @@ def rotary_tables(
         probe = torch.zeros(1, positions, dim)
         at = torch.arange(positions).unsqueeze(0)
         cos, sin = rotary(probe, at) if layer_type is None else rotary(probe, at, layer_type)
-    half = dim // 2
+    half = cos.shape[-1] // 2  # head_dim / 2, or fewer with partial rotary (Phi-4-mini)
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
@@ -283,12 +291,12 @@ def build_fused_decoder(
             h, residual = _skip_norm(
                 g, pending, residual, f"{p}.input_layernorm", layer.input_layernorm
             )
-        qkv = [f"{p}.self_attn.{n}_proj" for n in "qkv"]
-        mods = [attn.q_proj, attn.k_proj, attn.v_proj]
-        if pack and getattr(attn, "q_norm", None) is None and _packable(g, qkv, mods):
-            q, k, v = _packed_linear(g, h, f"{p}.self_attn.qkv_proj", mods), "", ""
+        if hasattr(attn, "qkv_proj"):  # Phi-3: one packed projection in the model itself
+            q, k, v = _linear(g, h, f"{p}.self_attn.qkv_proj", attn.qkv_proj), "", ""
+        elif pack and getattr(attn, "q_norm", None) is None and _packable(g, *_qkv(p, attn)):
+            q, k, v = _packed_linear(g, h, f"{p}.self_attn.qkv_proj", _qkv(p, attn)[1]), "", ""
         else:
-            q, k, v = (_linear(g, h, path, m) for path, m in zip(qkv, mods, strict=True))
+            q, k, v = (_linear(g, h, path, m) for path, m in zip(*_qkv(p, attn), strict=True))
         if getattr(attn, "q_norm", None) is not None:
             q = _head_norm(g, q, f"{p}.self_attn.q_norm", attn.q_norm, heads, dim)
             k = _head_norm(g, k, f"{p}.self_attn.k_norm", attn.k_norm, kv_heads, dim)
@@ -325,7 +333,10 @@ def build_fused_decoder(
             )
         mlp = layer.mlp
         gu = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
-        if pack and _packable(g, gu, [mlp.gate_proj, mlp.up_proj]):
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: [gate, up] packed in the model itself
+            both = _linear(g, h, f"{p}.mlp.gate_up_proj", mlp.gate_up_proj)
+            gate, up = g.node("Split", [both], f"{p}.mlp/Split", 2, axis=-1, num_outputs=2)
+        elif pack and _packable(g, gu, [mlp.gate_proj, mlp.up_proj]):
             both = _packed_linear(g, h, f"{p}.mlp.gate_up_proj", [mlp.gate_proj, mlp.up_proj])
             gate, up = g.node("Split", [both], f"{p}.mlp/Split", 2, axis=-1, num_outputs=2)
         else:

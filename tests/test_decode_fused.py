@@ -45,6 +45,9 @@ VARIANTS = {
     "qwen2": ("qwen2", {"bos_token_id": 1}),  # biased q/k/v
     "qwen3": ("qwen3", {"bos_token_id": 1}),  # per-head q/k norms
     "smollm3": ("smollm3", {"bos_token_id": 1, "no_rope_layers": [1, 0]}),  # layer 1: no RoPE
+    # Phi-3 / Phi-4-mini: packed qkv_proj and gate_up_proj, partial rotary (half the head; the
+    # kernel's tables must be a multiple of 8 wide, so a head of 32)
+    "phi3": ("phi3", {"bos_token_id": 1, "head_dim": 32, "partial_rotary_factor": 0.5}),
     # Gemma 3: a sliding layer (window 4 < the test sequences) and a global one, each with its
     # own RoPE, q/k norms, (1 + w) norms before and after attention and MLP, gelu-tanh,
     # sqrt(hidden) embedding scale
