@@ -35,6 +35,7 @@ from .deps import versions
 from .load import LoadedModel, load_causal_lm
 from .lora import layer_index
 from .loss import CausalLMLossGraph
+from .memory import release_memory
 from .onnx_export import OPSET, batch_input_specs, export_loss_graph, output_specs, save_model
 from .precision import (
     SCHEME,
@@ -54,6 +55,7 @@ from .validate import (
     check_quantized,
     check_reference,
     check_sensitivity,
+    fp32_loss,
     ort_session,
     parity_batch,
     validation_point,
@@ -240,7 +242,9 @@ def export_causal_lm(
 
     t0 = time.perf_counter()
     say(f"loading {model}{f' ({gguf_file})' if gguf_file else ''} ...")
-    loaded = load_causal_lm(model, gguf_file)
+    if decoder is None:
+        decoder = task == "causal_lm" and not quantize
+    loaded = load_causal_lm(model, gguf_file, precision if quantize else None, decoder)
     num_parameters = loaded.num_parameters
     prompt = (
         _prompt_info(loaded, template, list(label_words))
@@ -347,7 +351,24 @@ def export_causal_lm(
 
         quant_info = None
         trainable_values = {s.name: v for s, v in zip(specs, values, strict=True)}
+        frozen_a = (
+            {
+                n: params[n].detach().clone().contiguous()
+                for n in (s.name.replace("lora_B.", "lora_A.") for s in specs)
+            }
+            if lora is not None and lora.freeze_a  # the adapter hand-off needs A too
+            else None
+        )
         if quantize:
+            # the quantiser holds the fp32 graph and its output at once: the fp32 session (its
+            # loss is recorded) and, without a decoder to trace, the torch model's weights go
+            # first (measured: docs/benchmarks/scale.md)
+            fp32_reference = fp32_loss(session, specs, point, batch)
+            session = None
+            if not decoder:
+                loaded.model.to("meta")
+                graph = params = None
+            release_memory()
             t = time.perf_counter()
             say(f"quantising the frozen MatMul weights ({precision}) ...")
             fp32_model = onnx.load(str(fp32_dir / "model.onnx"))
@@ -394,7 +415,7 @@ def export_causal_lm(
             del qmodel
             qsession = ort_session(stage / "model.onnx")
             quant_info["parity_vs_fp32"] = check_quantized(
-                qsession, session, specs, point, batch, quant_rtol
+                qsession, fp32_reference, specs, point, batch, quant_rtol
             )
             if baked_dir is not None:
                 quant_info["fed_scales_exact"] = check_fed_scales(
@@ -445,8 +466,6 @@ def export_causal_lm(
             },
         )
         extra = []
-        if decoder is None:
-            decoder = task == "causal_lm" and not quantize
         if decoder:
             from .decode import build_decoder
 
@@ -454,13 +473,8 @@ def export_causal_lm(
                 loaded, specs, values, stage, seed, tolerance, quant_info, say, decoder_precision
             )
             extra += dec_files
-        if lora is not None and lora.freeze_a:  # the adapter hand-off needs A too
-            frozen = [s.name.replace("lora_B.", "lora_A.") for s in specs]
-            save_file(
-                {n: params[n].detach().clone().contiguous() for n in frozen},
-                str(stage / FROZEN_LORA_A),
-                metadata={"format": "pt"},
-            )
+        if frozen_a is not None:
+            save_file(frozen_a, str(stage / FROZEN_LORA_A), metadata={"format": "pt"})
             extra.append(FROZEN_LORA_A)
         write_manifest(
             stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file, *extra]

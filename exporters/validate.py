@@ -225,6 +225,19 @@ def check_sensitivity(
     return smallest
 
 
+def fp32_loss(
+    fp32_session: Any,
+    specs: Sequence[TensorSpec],
+    point: Sequence[torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> np.ndarray:
+    """The fp32 graph's ``loss`` on the parity batch at ``point`` (fed the trainables it has)."""
+    names = {i.name for i in fp32_session.get_inputs()}
+    kept = [(s, v) for s, v in zip(specs, point, strict=True) if s.name in names]
+    (f,) = fp32_session.run(["loss"], make_feeds(batch, [s for s, _ in kept], [v for _, v in kept]))
+    return f
+
+
 def check_quantized(
     qsession: Any,
     fp32_session: Any,
@@ -238,11 +251,14 @@ def check_quantized(
 
     ``specs``/``point`` are those of the quantised graph; the fp32 graph is fed the subset it
     has (``scales`` exist only in the quantised graph, at their quantiser values).
+    ``fp32_session`` may be the fp32 graph's loss recorded by :func:`fp32_loss` instead, so
+    the fp32 session need not stay alive while the quantiser holds the weights.
     """
     (q,) = qsession.run(["loss"], make_feeds(batch, specs, point))
-    names = {i.name for i in fp32_session.get_inputs()}
-    kept = [(s, v) for s, v in zip(specs, point, strict=True) if s.name in names]
-    (f,) = fp32_session.run(["loss"], make_feeds(batch, [s for s, _ in kept], [v for _, v in kept]))
+    if isinstance(fp32_session, np.ndarray):  # recorded by fp32_loss before quantising
+        f = fp32_session
+    else:
+        f = fp32_loss(fp32_session, specs, point, batch)
     if q.shape != f.shape or not np.all(np.isfinite(q)):
         raise EdgezoError(
             f"the quantised graph's loss is {q!r}, the fp32 graph gives {f!r}",
