@@ -58,6 +58,7 @@ from .validate import (
     fp32_loss,
     ort_session,
     parity_batch,
+    torch_outputs,
     validation_point,
 )
 
@@ -330,15 +331,30 @@ def export_causal_lm(
             "validating (ONNX Runtime vs PyTorch parity, loss vs the model's own loss, "
             "sensitivity of each trainable) ..."
         )
-        session = ort_session(fp32_dir / "model.onnx")
         point = validation_point(specs, values, generator)
         batch = parity_batch(loaded.vocab_size, pad, generator)
-        parity = check_parity(session, graph, specs, point, batch, tolerance)
+        # PyTorch first, then ONNX Runtime: where the torch model is not needed afterwards (no
+        # decoding graph to trace) its weights are dropped before the session holds a copy
+        reference = torch_outputs(graph, point, batch)
+        hf_reference_diff = check_reference(graph, values, loaded.vocab_size, generator, tolerance)
+        trainable_values = {s.name: v for s, v in zip(specs, values, strict=True)}
+        frozen_a = (
+            {
+                n: params[n].detach().clone().contiguous()
+                for n in (s.name.replace("lora_B.", "lora_A.") for s in specs)
+            }
+            if lora is not None and lora.freeze_a  # the adapter hand-off needs A too
+            else None
+        )
+        if not decoder:
+            loaded.model.to("meta")  # frees the weights; the config and tokenizer stay
+            graph = params = None
+            release_memory()
+        session = ort_session(fp32_dir / "model.onnx")
+        parity = check_parity(session, reference, specs, point, batch, tolerance)
         if quantize:  # the PyTorch parity is that of the fp32 graph the quantiser starts from
             parity["graph"] = "fp32 ONNX before quantisation (see quantization.parity_vs_fp32)"
-        parity["hf_reference_diff"] = check_reference(
-            graph, values, loaded.vocab_size, generator, tolerance
-        )
+        parity["hf_reference_diff"] = hf_reference_diff
         if specs:
             parity["sensitivity_min_change"] = check_sensitivity(
                 session, specs, point, loaded.vocab_size, generator
@@ -350,24 +366,11 @@ def export_causal_lm(
         )
 
         quant_info = None
-        trainable_values = {s.name: v for s, v in zip(specs, values, strict=True)}
-        frozen_a = (
-            {
-                n: params[n].detach().clone().contiguous()
-                for n in (s.name.replace("lora_B.", "lora_A.") for s in specs)
-            }
-            if lora is not None and lora.freeze_a  # the adapter hand-off needs A too
-            else None
-        )
         if quantize:
-            # the quantiser holds the fp32 graph and its output at once: the fp32 session (its
-            # loss is recorded) and, without a decoder to trace, the torch model's weights go
-            # first (measured: docs/benchmarks/scale.md)
+            # the quantiser holds the fp32 graph and its output at once: the fp32 session goes
+            # first, its loss recorded (measured: docs/benchmarks/scale.md)
             fp32_reference = fp32_loss(session, specs, point, batch)
             session = None
-            if not decoder:
-                loaded.model.to("meta")
-                graph = params = None
             release_memory()
             t = time.perf_counter()
             say(f"quantising the frozen MatMul weights ({precision}) ...")

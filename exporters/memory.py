@@ -33,26 +33,33 @@ def release_memory() -> None:
 
 
 #: peak resident memory of each export stage over the model's fp32 weight bytes (parameters
-#: x 4), measured on Qwen2.5 0.5B (docs/benchmarks/scale.md); an export's estimate is the
-#: largest stage it runs
+#: x 4), measured on Qwen2.5 0.5B with ``tools/export_memory.py`` (docs/benchmarks/scale.md);
+#: an export's estimate is the largest stage it runs
 STAGE_FACTORS: dict[str, float] = {
-    # trace with the frozen weights as inputs (exporters/weight_attach.py), then the ONNX
-    # Runtime session next to the torch model for validation
-    "loss graph and its validation": 2.6,
-    # exporters/decode.py traces the decoding graph with the weights as parameters
+    # traced with the frozen weights as inputs (exporters/weight_attach.py): the torch model
+    # and one weight at a time (1.28x tied, 1.55x with a quantised export's untied head)
+    "loss graph trace": 1.6,
+    # the ONNX Runtime session next to the torch model, kept for the decoding graph (2.55x)
+    "validation next to the torch model": 2.6,
+    # the torch model's weights dropped before the session is made (1.56x)
+    "validation": 1.6,
+    # exporters/decode.py traces the decoding graph with the weights as parameters (3.56x)
     "decoding graph (its own trace)": 3.6,
-    # exporters/precision.py quantize_int8_smooth with its calibration session
+    # exporters/precision.py quantize_int8_smooth with its calibration session (8.7x, measured
+    # while the torch model and the fp32 session were still alive: an upper bound)
     "int8 quantisation": 8.7,
-    # exporters/quantize.py MatMulNBits quantiser on the loaded fp32 graph
-    "int4 quantisation": 4.2,
+    # exporters/quantize.py MatMulNBits quantiser on the loaded fp32 graph (2.16x)
+    "int4 quantisation": 2.2,
 }
 
 
 def export_stages(precision: str | None, decoder: bool) -> list[str]:
     """The stages of :data:`STAGE_FACTORS` an export of ``precision`` runs."""
-    stages = ["loss graph and its validation"]
+    stages = ["loss graph trace"]
     if decoder:
-        stages.append("decoding graph (its own trace)")
+        stages += ["validation next to the torch model", "decoding graph (its own trace)"]
+    else:
+        stages.append("validation")
     if precision and precision.startswith("int8"):
         stages.append("int8 quantisation")
     elif precision == "int4":

@@ -125,7 +125,7 @@ def test_the_estimate_is_the_largest_stage_the_export_runs():
 
     n = 10**9
     plain, stage, _ = export_memory_estimate(n, None, False)
-    assert stage == "loss graph and its validation"
+    assert stage in ("loss graph trace", "validation")
     assert plain == int(n * 4 * STAGE_FACTORS[stage])
     with_decoder = export_memory_estimate(n, None, True)
     assert with_decoder[1].startswith("decoding graph") and with_decoder[0] > plain
@@ -142,8 +142,8 @@ def test_a_too_large_export_is_refused_with_the_model_the_estimate_and_the_fix()
     config = AutoConfig.for_model("llama", **TINY_CONFIGS["llama"], vocab_size=VOCAB)
     n = count_parameters(config)
     assert n == sum(p.numel() for p in build_tiny_model("llama", VOCAB).parameters())
-    # fits as int4 without a decoder in 6x the weights, not as fp32 with its decoder trace
-    check_export_memory(config, "/models/tiny", "int4", False, available=n * 4 * 6)
+    # fits as int4 without a decoder in 3x the weights, not as fp32 with its decoder trace
+    check_export_memory(config, "/models/tiny", "int4", False, available=n * 4 * 3)
     with pytest.raises(EdgezoError) as e:
         check_export_memory(config, "/models/tiny", None, True, available=n * 4 * 3)
     assert "/models/tiny (llama" in str(e.value) and "decoding graph" in str(e.value)
