@@ -336,7 +336,13 @@ def export_causal_lm(
         # PyTorch first, then ONNX Runtime: where the torch model is not needed afterwards (no
         # decoding graph to trace) its weights are dropped before the session holds a copy
         reference = torch_outputs(graph, point, batch)
-        hf_reference_diff = check_reference(graph, values, loaded.vocab_size, generator, tolerance)
+        try:  # raised after the parity check, which names an export bug first
+            hf_reference_diff, reference_error = (
+                check_reference(graph, values, loaded.vocab_size, generator, tolerance),
+                None,
+            )
+        except EdgezoError as e:
+            hf_reference_diff, reference_error = None, e
         trainable_values = {s.name: v for s, v in zip(specs, values, strict=True)}
         frozen_a = (
             {
@@ -352,6 +358,8 @@ def export_causal_lm(
             release_memory()
         session = ort_session(fp32_dir / "model.onnx")
         parity = check_parity(session, reference, specs, point, batch, tolerance)
+        if reference_error is not None:
+            raise reference_error
         if quantize:  # the PyTorch parity is that of the fp32 graph the quantiser starts from
             parity["graph"] = "fp32 ONNX before quantisation (see quantization.parity_vs_fp32)"
         parity["hf_reference_diff"] = hf_reference_diff
