@@ -12,7 +12,10 @@ Linear weight, Gemma's ``1 + w`` norm scale ...), which the tracer would have fo
 evaluated here with ONNX's reference implementation, one weight at a time, and each result is
 appended to the external data file as soon as it is computed. The bundle gets the same
 operators on the same values as a trace with folded parameters (tested:
-``tests/test_export_memory.py``); only the generated names of folded tensors differ.
+``tests/test_export_memory.py``); only the generated names of folded tensors differ, and the
+parameter trace's merging of initializers of equal value (each other use an ``Identity``
+node) is not repeated: random weights have many (RMSNorm ones, zero biases: 118 small tensors
+in Qwen2.5 0.5B, 0.1 MiB), a trained checkpoint hardly any.
 """
 
 from __future__ import annotations
