@@ -35,6 +35,7 @@ from .deps import versions
 from .load import LoadedModel, load_causal_lm
 from .lora import layer_index
 from .loss import CausalLMLossGraph
+from .memory import release_memory
 from .onnx_export import OPSET, batch_input_specs, export_loss_graph, output_specs, save_model
 from .precision import (
     SCHEME,
@@ -54,8 +55,10 @@ from .validate import (
     check_quantized,
     check_reference,
     check_sensitivity,
+    fp32_loss,
     ort_session,
     parity_batch,
+    torch_outputs,
     validation_point,
 )
 
@@ -246,7 +249,9 @@ def export_causal_lm(
 
     t0 = time.perf_counter()
     say(f"loading {model}{f' ({gguf_file})' if gguf_file else ''} ...")
-    loaded = load_causal_lm(model, gguf_file)
+    if decoder is None:
+        decoder = task == "causal_lm" and not quantize
+    loaded = load_causal_lm(model, gguf_file, precision if quantize else None, decoder)
     num_parameters = loaded.num_parameters
     prompt = (
         _prompt_info(loaded, template, list(label_words))
@@ -332,15 +337,38 @@ def export_causal_lm(
             "validating (ONNX Runtime vs PyTorch parity, loss vs the model's own loss, "
             "sensitivity of each trainable) ..."
         )
-        session = ort_session(fp32_dir / "model.onnx")
         point = validation_point(specs, values, generator)
         batch = parity_batch(loaded.vocab_size, pad, generator)
-        parity = check_parity(session, graph, specs, point, batch, tolerance)
+        # PyTorch first, then ONNX Runtime: where the torch model is not needed afterwards (no
+        # decoding graph to trace) its weights are dropped before the session holds a copy
+        reference = torch_outputs(graph, point, batch)
+        try:  # raised after the parity check, which names an export bug first
+            hf_reference_diff, reference_error = (
+                check_reference(graph, values, loaded.vocab_size, generator, tolerance),
+                None,
+            )
+        except EdgezoError as e:
+            hf_reference_diff, reference_error = None, e
+        trainable_values = {s.name: v for s, v in zip(specs, values, strict=True)}
+        frozen_a = (
+            {
+                n: params[n].detach().clone().contiguous()
+                for n in (s.name.replace("lora_B.", "lora_A.") for s in specs)
+            }
+            if lora is not None and lora.freeze_a  # the adapter hand-off needs A too
+            else None
+        )
+        if not decoder:
+            loaded.model.to("meta")  # frees the weights; the config and tokenizer stay
+            graph = params = None
+            release_memory()
+        session = ort_session(fp32_dir / "model.onnx")
+        parity = check_parity(session, reference, specs, point, batch, tolerance)
+        if reference_error is not None:
+            raise reference_error
         if quantize:  # the PyTorch parity is that of the fp32 graph the quantiser starts from
             parity["graph"] = "fp32 ONNX before quantisation (see quantization.parity_vs_fp32)"
-        parity["hf_reference_diff"] = check_reference(
-            graph, values, loaded.vocab_size, generator, tolerance
-        )
+        parity["hf_reference_diff"] = hf_reference_diff
         if specs:
             parity["sensitivity_min_change"] = check_sensitivity(
                 session, specs, point, loaded.vocab_size, generator
@@ -352,8 +380,12 @@ def export_causal_lm(
         )
 
         quant_info = None
-        trainable_values = {s.name: v for s, v in zip(specs, values, strict=True)}
         if quantize:
+            # the quantiser holds the fp32 graph and its output at once: the fp32 session goes
+            # first, its loss recorded (measured: docs/benchmarks/scale.md)
+            fp32_reference = fp32_loss(session, specs, point, batch)
+            session = None
+            release_memory()
             t = time.perf_counter()
             say(f"quantising the frozen MatMul weights ({precision}) ...")
             fp32_model = onnx.load(str(fp32_dir / "model.onnx"))
@@ -400,7 +432,7 @@ def export_causal_lm(
             del qmodel
             qsession = ort_session(stage / "model.onnx")
             quant_info["parity_vs_fp32"] = check_quantized(
-                qsession, session, specs, point, batch, quant_rtol
+                qsession, fp32_reference, specs, point, batch, quant_rtol
             )
             if baked_dir is not None:
                 quant_info["fed_scales_exact"] = check_fed_scales(
@@ -451,8 +483,6 @@ def export_causal_lm(
             },
         )
         extra = []
-        if decoder is None:
-            decoder = task == "causal_lm" and not quantize
         if decoder:
             from .decode import build_decoder
 
@@ -469,13 +499,8 @@ def export_causal_lm(
                 decoder_fused,
             )
             extra += dec_files
-        if lora is not None and lora.freeze_a:  # the adapter hand-off needs A too
-            frozen = [s.name.replace("lora_B.", "lora_A.") for s in specs]
-            save_file(
-                {n: params[n].detach().clone().contiguous() for n in frozen},
-                str(stage / FROZEN_LORA_A),
-                metadata={"format": "pt"},
-            )
+        if frozen_a is not None:
+            save_file(frozen_a, str(stage / FROZEN_LORA_A), metadata={"format": "pt"})
             extra.append(FROZEN_LORA_A)
         write_manifest(
             stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file, *extra]

@@ -114,11 +114,14 @@ def read_config(folder: Path, gguf_file: str | None) -> Any:
 def load_causal_lm(
     model: str | Path,
     gguf_file: str | None = None,
+    precision: str | None = None,
+    decoder: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer in fp32, eval mode, with its architecture description.
 
     The architecture is checked from the config before any weights are read, so an unsupported
-    model fails in a second.
+    model fails in a second; so is the memory the export will need (``precision`` and
+    ``decoder``: what it will build, :func:`check_export_memory`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -126,7 +129,9 @@ def load_causal_lm(
     config, model_type, arch = _config_for(folder, gguf_file, "causal_lm")
     if gguf_file:
         check_gguf_types(folder / gguf_file, model_type)
-    check_export_memory(config, str(folder / gguf_file) if gguf_file else str(folder))
+    check_export_memory(
+        config, str(folder / gguf_file) if gguf_file else str(folder), precision, decoder
+    )
     kw: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -256,13 +261,6 @@ def _config_for(folder: Path, gguf_file: str | None, task: str) -> tuple[Any, st
     return config, model_type, arch
 
 
-#: a lower bound of an export's peak RSS over the model's fp32 bytes: the check refuses only
-#: what cannot fit. Tracing holds the fp32 model, the traced graph's folded copy of its weights
-#: and the serialised graph at once: 3.2x for Qwen2.5-0.5B, the decoding graph's trace 3.6x
-#: (docs/benchmarks/scale.md; before the prefix split stopped copying the weights, 6.6x)
-EXPORT_MEMORY_FACTOR = 3.0
-
-
 def available_memory_bytes() -> int | None:
     """``MemAvailable`` of this machine (Linux), or None where it cannot be read."""
     try:
@@ -274,29 +272,56 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_export_memory(config: Any, source: str) -> None:
-    """Refuse, before any weight is read, a model whose export would not fit this machine's
-    available memory: its parameters (counted on the meta device) as fp32, times
-    :data:`EXPORT_MEMORY_FACTOR`."""
+def count_parameters(config: Any) -> int | None:
+    """Parameters of ``config``'s causal LM (tied head once), counted on the meta device (no
+    memory); None for a config transformers cannot instantiate (it fails later, with its
+    message)."""
     from transformers import AutoModelForCausalLM
 
-    available = available_memory_bytes()
-    if available is None:
-        return
     try:
         with torch.device("meta"):
             shell = AutoModelForCausalLM.from_config(config)
-    except Exception:  # a config transformers cannot instantiate fails later, with its message
+    except Exception:
+        return None
+    return sum(p.numel() for p in shell.parameters())
+
+
+def check_export_memory(
+    config: Any,
+    source: str,
+    precision: str | None = None,
+    decoder: bool = False,
+    available: int | None = None,
+) -> None:
+    """Refuse, before any weight is read, a model whose export would not fit in ``available``
+    bytes (default: this machine's available memory): its parameters as fp32 times the
+    measured factor of the largest stage the export runs
+    (:func:`exporters.memory.export_memory_estimate`)."""
+    from .memory import export_memory_estimate
+
+    if available is None:
+        available = available_memory_bytes()
+    if available is None:
         return
-    params = sum(p.numel() for p in shell.parameters())
-    need = params * 4 * EXPORT_MEMORY_FACTOR
+    params = count_parameters(config)
+    if params is None:
+        return
+    need, stage, factor = export_memory_estimate(params, precision, decoder)
     if need > available:
+        fixes = []
+        if decoder:
+            fixes.append("--no-decoder (the decoding graph's trace is the largest stage)")
+        if precision and precision.startswith("int8"):
+            fixes.append("--precision int4 (int8's smoothing quantiser is the largest stage)")
         raise EdgezoError(
             f"{source} ({config.model_type}, {params / 1e9:.2f}B parameters) needs about "
-            f"{need / 2**30:.1f} GiB to export (fp32 weights x {EXPORT_MEMORY_FACTOR:g}); this "
-            f"machine has {available / 2**30:.1f} GiB available",
-            "export on a machine with more memory (the bundle then runs here: an int4 bundle "
-            "of it needs far less), free memory, or export a smaller model",
+            f"{need / 2**30:.1f} GiB to export as {precision or 'fp32'}: its {stage} peaks at "
+            f"{factor:g}x the {params * 4 / 2**30:.1f} GiB of fp32 weights; this machine has "
+            f"{available / 2**30:.1f} GiB available",
+            "export "
+            + (f"with {' or '.join(fixes)}, or " if fixes else "")
+            + "on a machine with more memory (the bundle then runs here: an int4 bundle of it "
+            "needs far less), free memory, or export a smaller model",
         )
 
 

@@ -30,3 +30,48 @@ def release_memory() -> None:
             _libc = False
     if _libc:
         _libc.malloc_trim(0)
+
+
+#: peak resident memory of each export stage over the model's fp32 weight bytes (parameters
+#: x 4), measured on Qwen2.5 0.5B with ``tools/export_memory.py`` (docs/benchmarks/scale.md);
+#: an export's estimate is the largest stage it runs
+STAGE_FACTORS: dict[str, float] = {
+    # traced with the frozen weights as inputs (exporters/weight_attach.py): the torch model
+    # and one weight at a time (1.28x tied, 1.55x with a quantised export's untied head)
+    "loss graph trace": 1.6,
+    # the ONNX Runtime session next to the torch model, kept for the decoding graph (2.55x)
+    "validation next to the torch model": 2.6,
+    # the torch model's weights dropped before the session is made (1.56x)
+    "validation": 1.6,
+    # exporters/decode.py traces the decoding graph with the weights as parameters (3.56x)
+    "decoding graph (its own trace)": 3.6,
+    # exporters/precision.py quantize_int8_smooth with its calibration session (8.7x, measured
+    # while the torch model and the fp32 session were still alive: an upper bound)
+    "int8 quantisation": 8.7,
+    # exporters/quantize.py MatMulNBits quantiser on the loaded fp32 graph (2.16x)
+    "int4 quantisation": 2.2,
+}
+
+
+def export_stages(precision: str | None, decoder: bool) -> list[str]:
+    """The stages of :data:`STAGE_FACTORS` an export of ``precision`` runs."""
+    stages = ["loss graph trace"]
+    if decoder:
+        stages += ["validation next to the torch model", "decoding graph (its own trace)"]
+    else:
+        stages.append("validation")
+    if precision and precision.startswith("int8"):
+        stages.append("int8 quantisation")
+    elif precision == "int4":
+        stages.append("int4 quantisation")
+    return stages
+
+
+def export_memory_estimate(
+    parameters: int, precision: str | None, decoder: bool
+) -> tuple[int, str, float]:
+    """(bytes, stage, factor) of the largest stage of an export of a model of ``parameters``
+    fp32 weights: the figure an export is refused by before it reads a weight."""
+    stage = max(export_stages(precision, decoder), key=STAGE_FACTORS.__getitem__)
+    factor = STAGE_FACTORS[stage]
+    return int(parameters * 4 * factor), stage, factor

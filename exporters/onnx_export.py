@@ -71,12 +71,30 @@ def export_loss_graph(
     tied_embedding: str | None = None,
     external_data: bool | None = None,
     progress: Callable[[str], None] = lambda _line: None,
+    frozen_as_inputs: bool = True,
 ) -> list[str]:
     """Export ``graph`` to ``path`` (plus ``model.onnx.data`` when large); returns the files.
 
     ``tied_embedding``: the initializer name of an embedding the LM head shares (frozen only),
     whose transposed copy is removed. ``external_data``: ``None`` decides by size.
+    ``frozen_as_inputs``: trace with the frozen weights as graph inputs and attach them
+    afterwards one tensor at a time (:mod:`exporters.weight_attach`: the trace then holds no
+    copy of them); ``False`` traces them as parameters (the tracer folds and serialises a copy
+    of every weight), the way every bundle was exported before.
     """
+    if frozen_as_inputs and isinstance(graph, CausalLMLossGraph):
+        return _export_frozen_as_inputs(
+            graph,
+            values,
+            trainables,
+            path,
+            vocab_size,
+            pad_token_id,
+            generator,
+            tied_embedding,
+            external_data,
+            progress,
+        )
     input_names = [*BATCH_INPUTS, *(s.name for s in trainables)]
     dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in BATCH_INPUTS}
     dynamic_axes["loss"] = {0: "batch"}
@@ -107,6 +125,94 @@ def export_loss_graph(
         if saved:
             progress(f"tied LM head stored once ({saved / 2**20:.1f} MiB not duplicated)")
     files = save_model(model, path, external_data)
+    del model
+    release_memory()
+    return files
+
+
+def _export_frozen_as_inputs(
+    graph: CausalLMLossGraph,
+    values: list[torch.Tensor],
+    trainables: list[TensorSpec],
+    path: Path,
+    vocab_size: int,
+    pad_token_id: int,
+    generator: torch.Generator,
+    tied_embedding: str | None,
+    external_data: bool | None,
+    progress: Callable[[str], None],
+) -> list[str]:
+    """:func:`export_loss_graph` with every frozen parameter traced as a graph input, then
+    attached as initializers (folded where the tracer would have folded it) and streamed into
+    the external data file tensor by tensor."""
+    from .weight_attach import attach_weights, externalize_rest
+
+    trained = set(graph.names)
+    frozen = [(n, p) for n, p in graph.model.named_parameters() if n not in trained]
+    tracer = CausalLMLossGraph(
+        graph.model, [*graph.names, *(n for n, _ in frozen)], graph.pass_position_ids
+    ).eval()
+    # the graph attribute is ``model``: frozen weights keep the names a parameter trace gives
+    frozen_names = [f"model.{n}" for n, _ in frozen]
+    input_names = [*BATCH_INPUTS, *(s.name for s in trainables), *frozen_names]
+    dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in BATCH_INPUTS}
+    dynamic_axes["loss"] = {0: "batch"}
+    dynamic_axes["next_logits"] = {0: "batch"}
+    args = (
+        *dummy_batch(vocab_size, pad_token_id, generator),
+        [*values, *(p.detach() for _, p in frozen)],
+    )
+    raw_dir = path.parent / "_raw"
+    raw_dir.mkdir()
+    raw = raw_dir / path.name
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tracer,
+            args,
+            str(raw),
+            dynamo=False,
+            input_names=input_names,
+            output_names=[n for n, _ in OUTPUTS],
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
+    del tracer, args
+    release_memory()
+    model = onnx.load(str(raw))
+    shutil.rmtree(raw_dir)
+    tensors = dict(zip(frozen_names, (p for _, p in frozen), strict=True))
+    weights = {n: (lambda t=t: t.detach().numpy()) for n, t in tensors.items()}
+    frozen_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    own_bytes = sum(_init_nbytes(t) for t in model.graph.initializer)
+    if external_data is None:
+        external_data = frozen_bytes + own_bytes > EXTERNAL_DATA_THRESHOLD
+
+    def keep_tied_head(node: onnx.NodeProto) -> bool:
+        # the head reads the embedding through a Transpose that stays a node: one copy stored
+        return (
+            tied_embedding is not None
+            and node.op_type == "Transpose"
+            and list(node.input) == [tied_embedding]
+        )
+
+    data_path = path.parent / EXTERNAL_DATA if external_data else None
+    count, nbytes = attach_weights(model, weights, data_path, keep_tied_head)
+    check_signature(model, trainables)
+    if tied_embedding is not None and any(keep_tied_head(n) for n in model.graph.node):
+        emb = tensors.get(tied_embedding)
+        if emb is not None:
+            saved = emb.numel() * emb.element_size()
+            progress(f"tied LM head stored once ({saved / 2**20:.1f} MiB not duplicated)")
+    progress(f"attached {count} frozen weight tensors ({nbytes / 2**20:.1f} MiB) after the trace")
+    if external_data:
+        externalize_rest(model, data_path)
+        onnx.save_model(model, str(path))
+        files = [path.name, EXTERNAL_DATA]
+    else:
+        onnx.save_model(model, str(path))
+        files = [path.name]
     del model
     release_memory()
     return files

@@ -16,6 +16,7 @@ perturbation of ``A`` changes nothing and the LoRA path would go untested.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,20 +92,43 @@ def make_feeds(
     return feeds
 
 
+@dataclass(frozen=True)
+class TorchOutputs:
+    """A loss graph's PyTorch outputs on the parity batch: ``loss`` and its second output
+    (named ``extra_output``)."""
+
+    extra_output: str
+    loss: np.ndarray
+    second: np.ndarray
+
+
+def torch_outputs(
+    graph: CausalLMLossGraph | ClassificationLossGraph,
+    point: Sequence[torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> TorchOutputs:
+    """Run ``graph`` in PyTorch on ``batch`` at ``point``."""
+    with torch.no_grad():
+        loss, second = (t.numpy() for t in graph(*batch, list(point)))
+    return TorchOutputs(graph.extra_output, loss, second)
+
+
 def check_parity(
     session: Any,
-    graph: CausalLMLossGraph | ClassificationLossGraph,
+    graph: CausalLMLossGraph | ClassificationLossGraph | TorchOutputs,
     specs: Sequence[TensorSpec],
     point: Sequence[torch.Tensor],
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     tolerance: float,
 ) -> dict[str, Any]:
     """ORT vs PyTorch loss and second output (``next_logits`` or ``logits``); the manifest's
-    ``parity`` dict, or an :class:`EdgezoError`."""
+    ``parity`` dict, or an :class:`EdgezoError`. ``graph`` may be its outputs recorded by
+    :func:`torch_outputs` (so the torch model can go before the session is made)."""
+    if not isinstance(graph, TorchOutputs):
+        graph = torch_outputs(graph, point, batch)
     second = graph.extra_output
     onnx_loss, onnx_logits = session.run(["loss", second], make_feeds(batch, specs, point))
-    with torch.no_grad():
-        torch_loss, torch_logits = (t.numpy() for t in graph(*batch, list(point)))
+    torch_loss, torch_logits = graph.loss, graph.second
     if onnx_loss.shape != torch_loss.shape or not np.all(np.isfinite(onnx_loss)):
         raise EdgezoError(
             f"the ONNX loss is {onnx_loss!r} (shape {onnx_loss.shape}), PyTorch gives "
@@ -225,6 +249,19 @@ def check_sensitivity(
     return smallest
 
 
+def fp32_loss(
+    fp32_session: Any,
+    specs: Sequence[TensorSpec],
+    point: Sequence[torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> np.ndarray:
+    """The fp32 graph's ``loss`` on the parity batch at ``point`` (fed the trainables it has)."""
+    names = {i.name for i in fp32_session.get_inputs()}
+    kept = [(s, v) for s, v in zip(specs, point, strict=True) if s.name in names]
+    (f,) = fp32_session.run(["loss"], make_feeds(batch, [s for s, _ in kept], [v for _, v in kept]))
+    return f
+
+
 def check_quantized(
     qsession: Any,
     fp32_session: Any,
@@ -238,11 +275,14 @@ def check_quantized(
 
     ``specs``/``point`` are those of the quantised graph; the fp32 graph is fed the subset it
     has (``scales`` exist only in the quantised graph, at their quantiser values).
+    ``fp32_session`` may be the fp32 graph's loss recorded by :func:`fp32_loss` instead, so
+    the fp32 session need not stay alive while the quantiser holds the weights.
     """
     (q,) = qsession.run(["loss"], make_feeds(batch, specs, point))
-    names = {i.name for i in fp32_session.get_inputs()}
-    kept = [(s, v) for s, v in zip(specs, point, strict=True) if s.name in names]
-    (f,) = fp32_session.run(["loss"], make_feeds(batch, [s for s, _ in kept], [v for _, v in kept]))
+    if isinstance(fp32_session, np.ndarray):  # recorded by fp32_loss before quantising
+        f = fp32_session
+    else:
+        f = fp32_loss(fp32_session, specs, point, batch)
     if q.shape != f.shape or not np.all(np.isfinite(q)):
         raise EdgezoError(
             f"the quantised graph's loss is {q!r}, the fp32 graph gives {f!r}",

@@ -18,7 +18,11 @@ It prints a Markdown table (date, machine, commit, command above it), which
 ``docs/benchmarks/scale.md`` holds.
 
 python tools/scale_models.py [--models gemma-3-270m,qwen2.5-0.5b] [--precisions fp32,int8,int4]
-    [--work /tmp/edgezo-scale] [--max-export-gb 14]
+    [--work /tmp/edgezo-scale] [--max-export-gb 13] [--decoder auto|on|off]
+
+An export whose estimate (``exporters.memory.export_memory_estimate``: the fp32 weights times
+the measured factor of its largest stage) passes ``--max-export-gb`` is skipped with the
+reason, before its random weights are even built.
 """
 
 from __future__ import annotations
@@ -185,10 +189,12 @@ print(json.dumps({"export_s": time.perf_counter() - t, "export_peak_mb": peak}))
 """
 
 
-def export(folder: Path, out: Path, precision: str) -> dict:
+def export(folder: Path, out: Path, precision: str, decoder: bool) -> dict:
     kw = {"model": str(folder), "out": str(out), "mode": "lora", **RECIPE}
     if precision != "fp32":
         kw["quantize"] = precision
+    elif not decoder:
+        kw["decoder"] = False
     proc = subprocess.run(
         [sys.executable, "-c", EXPORT_CHILD, json.dumps(kw)], capture_output=True, text=True
     )
@@ -257,36 +263,51 @@ def main() -> None:
         "--max-export-gb",
         type=float,
         default=13.0,
-        help="skip an export whose fp32 weights x the exporter's memory factor (3.0, "
-        "exporters.load.EXPORT_MEMORY_FACTOR) would pass this (peak RSS)",
+        help="skip an export whose estimate (the fp32 weights x the measured factor of its "
+        "largest stage, exporters.memory.export_memory_estimate) would pass this (peak RSS)",
+    )
+    p.add_argument(
+        "--decoder",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="fp32 exports: build the decoding graph (on), or only where its trace fits "
+        "--max-export-gb (auto); the rows' runtime figures do not use it",
     )
     args = p.parse_args()
     work = Path(args.work)
     rows = []
-    from exporters.load import EXPORT_MEMORY_FACTOR
+    from exporters.memory import export_memory_estimate
 
+    cap = args.max_export_gb * 2**30
     for name in args.models.split(","):
         n = parameter_count(name)
-        need_gb = n * 4 * EXPORT_MEMORY_FACTOR / 2**30
-        if need_gb > args.max_export_gb:
-            rows.append(
-                {
-                    "model": name,
-                    "params": n,
-                    "skipped": f"export needs ~{need_gb:.0f} GB "
-                    f"(fp32 weights x {EXPORT_MEMORY_FACTOR:g}) > {args.max_export_gb:g} GB",
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        folder = build_folder(name, work / name / "hf")
+        folder = None
         for precision in args.precisions.split(","):
+            quant = None if precision == "fp32" else precision
+            decoder = precision == "fp32" and args.decoder != "off"
+            if decoder and args.decoder == "auto":
+                decoder = export_memory_estimate(n, None, True)[0] <= cap
+            need, stage, factor = export_memory_estimate(n, quant, decoder)
+            if need > cap:
+                rows.append(
+                    {
+                        "model": name,
+                        "params": n,
+                        "precision": precision,
+                        "skipped": f"{name} {precision} export needs ~{need / 2**30:.1f} GiB "
+                        f"(its {stage}: fp32 weights x {factor:g}) > {args.max_export_gb:g} GB",
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            folder = folder or build_folder(name, work / name / "hf")
             out = work / name / precision
             row = {
                 "model": name,
                 "params": n,
                 "precision": precision,
-                **export(folder, out, precision),
+                "decoder": decoder,
+                **export(folder, out, precision, decoder),
             }
             if "error" not in row:
                 row.update(runtime(out))
