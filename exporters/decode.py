@@ -75,6 +75,7 @@ from edgezo.bundle import (
 from edgezo.errors import EdgezoError
 
 from .loss import _SubstitutedGraph
+from .memory import release_memory
 from .onnx_export import EXTERNAL_DATA, OPSET
 
 DECODER = "decoder.onnx"
@@ -324,19 +325,34 @@ def check_decoder(
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    dec = ort.InferenceSession(str(folder / DECODER), so, providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, vocab_size, (1, 6), generator=generator).numpy()
+    steps = [(0, 3), (3, 4), (4, 5), (5, 6)]
+    # one session at a time (each holds the weights): the loss graph's references first
     loss = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
     loss_names = {i.name for i in loss.get_inputs()}
+    feeds_t = {k: v for k, v in trainables.items() if k in loss_names}
+    refs = [
+        loss.run(
+            ["next_logits"],
+            {
+                "input_ids": ids[:, :end],
+                "attention_mask": np.ones((1, end), np.int64),
+                "labels": np.full((1, end), -100, np.int64),
+                **feeds_t,
+            },
+        )[0]
+        for _, end in steps
+    ]
+    del loss
+    release_memory()
+    dec = ort.InferenceSession(str(folder / DECODER), so, providers=["CPUExecutionProvider"])
     dec_inputs = dec.get_inputs()
     layers = sum(1 for i in dec_inputs if i.name.startswith("past_key_values.")) // 2
     heads, dim = dec_inputs[2].shape[1], dec_inputs[2].shape[3]
-    ids = torch.randint(0, vocab_size, (1, 6), generator=generator).numpy()
-    feeds_t = {k: v for k, v in trainables.items() if k in loss_names}
     past = {n: np.zeros((1, heads, 0, dim), np.float32) for n in past_names(layers)}
     worst = scale = rms = 0.0
     top1 = 0
-    steps = [(0, 3), (3, 4), (4, 5), (5, 6)]
-    for start, end in steps:
+    for (start, end), ref in zip(steps, refs, strict=True):
         out = dec.run(
             None,
             {
@@ -346,15 +362,6 @@ def check_decoder(
                 **trainables,
             },
         )
-        ref = loss.run(
-            ["next_logits"],
-            {
-                "input_ids": ids[:, :end],
-                "attention_mask": np.ones((1, end), np.int64),
-                "labels": np.full((1, end), -100, np.int64),
-                **feeds_t,
-            },
-        )[0]
         worst = max(worst, float(np.max(np.abs(out[0] - ref))))
         scale = max(scale, float(np.max(np.abs(ref))))
         rms = max(rms, float(np.sqrt(np.mean((out[0] - ref) ** 2)) / (np.std(ref) or 1.0)))
@@ -471,6 +478,7 @@ def build_decoder(
     n_shared, shared_bytes = share_external_data(model, stage)
     files = save_decoder(model, stage, own_data=precision != "fp32")
     del model
+    release_memory()  # the graph's weight copies, before the check's session loads them
     trainables = {
         s.name: v.detach().numpy().astype(np.float32) for s, v in zip(specs, values, strict=True)
     }
