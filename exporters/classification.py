@@ -22,6 +22,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -35,6 +36,7 @@ from edgezo.errors import EdgezoError
 from .bundle_writer import check_destination, staged_bundle
 from .deps import versions
 from .load import HEAD_INITS, LoadedModel, load_classifier
+from .lora import layer_index
 from .loss import ClassificationLossGraph
 from .onnx_export import OPSET, save_model
 from .stages import add_stages
@@ -71,6 +73,8 @@ def export_classifier(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     lora_targets: Sequence[str] | None = None,
+    lora_layers: str | Sequence[int] | None = None,
+    lora_freeze_a: bool = False,
     seed: int = 0,
     overwrite: bool = False,
     tolerance: float = 1e-3,
@@ -88,6 +92,12 @@ def export_classifier(
         head_init: a new head (bare encoder) starts at ``zero`` (weights and bias; the ZO
             default) or ``random`` (N(0, 0.02²), zero bias). A model with its own classifier
             keeps it.
+        lora_layers: ``lora`` only: which encoder layers get adapters (``last:N``, ``A-B``,
+            ``0,5``; None: all). With the adapters on the last layers only, the bundle gets a
+            frozen-prefix split (the hidden states entering the first adapted layer are
+            cached per example), so a ZO step runs those layers and the head only.
+        lora_freeze_a: ``lora`` only: train ``B`` (and the head), ``A`` stays its seeded
+            random value (LoRA-FA).
         others: as for :func:`exporters.export.export_causal_lm`.
     """
     say = progress or (lambda _line: None)
@@ -116,11 +126,28 @@ def export_classifier(
         f"loaded {loaded.model_type} ({loaded.arch.family} family), {loaded.num_parameters:,} "
         f"parameters; head: {loaded.head_init}, {len(names)} labels"
     )
+    if mode != "lora" and (lora_layers or lora_freeze_a):
+        raise EdgezoError(
+            f"--lora-layers/--lora-freeze-a place LoRA adapters, and --mode is {mode!r}",
+            "pass --mode lora, or drop --lora-layers/--lora-freeze-a",
+        )
     lora = None
     if mode == "lora":
         targets = tuple(lora_targets) if lora_targets else loaded.arch.lora_targets
-        lora = LoraSettings(rank=lora_rank, alpha=float(lora_alpha), targets=targets)
+        layers = lora_layers
+        if layers is not None and not isinstance(layers, str):
+            layers = tuple(int(i) for i in layers)
+        lora = LoraSettings(
+            rank=lora_rank,
+            alpha=float(lora_alpha),
+            targets=targets,
+            layers=layers,
+            freeze_a=bool(lora_freeze_a),
+        )
     specs = select_trainables(module, loaded.arch, mode, lora, generator)
+    if lora is not None and lora.layers is not None:  # the manifest records the indices
+        adapted = {layer_index(s.name) for s in specs if s.role in ("lora_a", "lora_b")}
+        lora = replace(lora, layers=tuple(sorted(adapted)))
     params = dict(module.named_parameters())
     values = [params[s.name].detach().clone().contiguous() for s in specs]
     n_train = sum(s.size for s in specs)
@@ -197,7 +224,9 @@ def export_classifier(
             },
         )
         write_manifest(stage, manifest, [*model_files, "trainable.safetensors", tok_spec.file])
-        if mode == "head":  # all but the head is frozen: the runtime can cache it per example
+        if mode == "head" or (lora is not None and lora.layers is not None):
+            # all before the head (or the first adapted layer) is frozen: the runtime can
+            # cache it per example
             add_stages(stage, log=say)
     say(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
     return out

@@ -239,6 +239,16 @@ def test_classification_side_by_side_on_a_tiny_encoder(tiny_bert_dir, tmp_path):
     assert lora.settings["trainable_mode"] == "lora"
     assert lora.settings["trainable_values"] > head
     assert lora.points[0].loss == pytest.approx(math.log(5), abs=1e-5)
+    # full fine-tuning: the encoder and the head, every parameter that moves the loss once
+    full = quality.run_backprop(task, 0.3, [0.0, 0.3], 2e-4, 0, 1, mode="full")
+    assert full.settings["trainable_mode"] == "full"
+    params = task.bundle.manifest.architecture["num_parameters"]
+    # every parameter but BERT's key biases (they cannot move softmax(QK^T)): nearly all
+    assert 0.95 * params < full.settings["trainable_values"] <= params + 5 * 32 + 5
+    assert full.settings["trainable_values"] > lora.settings["trainable_values"]
+    assert full.points[0].loss == pytest.approx(math.log(5), abs=1e-5)
+    assert full.steps >= 1 and full.final_tensors is not None
+    assert "bert.embeddings.word_embeddings.weight" in full.final_tensors
 
 
 @pytest.mark.slow
@@ -275,6 +285,35 @@ def test_generation_metrics_on_known_continuations():
     assert not quality.collapsed(list(range(8)), "we walked to the park and")
     m = quality.generation_metrics([([1, 2, 3, 4], "a walk"), ([9] * 8, "!!!!!!!!")])
     assert m["collapsed_share"] == 0.5 and m["repetition_rate"] == pytest.approx(7 / 16)
+
+
+def test_zo_set_and_classifier_options_parse():
+    a = quality.parse_args(
+        [
+            "--task",
+            "classification",
+            "--methods",
+            "zo,backprop",
+            "--zo-set",
+            "lr=1e-2",
+            "--zo-set",
+            "q=4",
+            "--zo-set",
+            "lr_race=false",
+            "--cls-backprop-mode",
+            "full",
+            "--cls-backprop-lr",
+            "2e-4",
+            "--cls-lora-layers",
+            "last:1",
+            "--cls-lora-freeze-a",
+        ]
+    )
+    assert quality.parse_sets(a.zo_set) == {"lr": 1e-2, "q": 4, "lr_race": False}
+    assert a.cls_backprop_mode == "full" and a.cls_backprop_lr == 2e-4
+    assert a.cls_lora_layers == "last:1" and a.cls_lora_freeze_a
+    with pytest.raises(SystemExit):
+        quality.parse_sets(["lr"])
 
 
 def test_data_options_parse():

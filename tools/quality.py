@@ -352,12 +352,24 @@ def _is_reference(m) -> bool:
 TOPIC_LABELS = ["cooking", "fitness", "garden", "money", "travel"]
 
 
-def classification_bundle(path: str | None, out: Path) -> Path:
-    """The all-MiniLM-L6-v2 classification bundle (head mode, zero head), exported once into
-    ``<out>/bundles`` unless ``path`` is given."""
+def classification_bundle(
+    path: str | None,
+    out: Path,
+    lora_layers: str | None = None,
+    lora_rank: int = 8,
+    freeze_a: bool = False,
+) -> Path:
+    """The all-MiniLM-L6-v2 classification bundle, exported once into ``<out>/bundles``
+    unless ``path`` is given: the zero head alone (``head`` mode), or with ``lora_layers``
+    LoRA r=``lora_rank`` on query/value of those encoder layers + the zero head (``lora``
+    mode; ``freeze_a``: B only), with the frozen-prefix split the exporter writes for it."""
     if path:
         return Path(path)
-    dest = out / "bundles" / "minilm-topics-head"
+    name = "minilm-topics-head"
+    if lora_layers:
+        tag = lora_layers.replace(":", "").replace(",", "_")
+        name = f"minilm-topics-lora{lora_rank}-{tag}" + ("-fa" if freeze_a else "")
+    dest = out / "bundles" / name
     if (dest / "manifest.json").is_file():
         return dest
     import exporters
@@ -371,8 +383,25 @@ def classification_bundle(path: str | None, out: Path) -> Path:
             "zero-initialised head, labels cooking,fitness,garden,money,travel) or run "
             "--task lm",
         )
-    print(f"quality: exporting all-MiniLM-L6-v2 (head, zero-initialised) to {dest}", flush=True)
+    print(f"quality: exporting all-MiniLM-L6-v2 ({name}, zero head) to {dest}", flush=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if lora_layers:
+        from exporters.classification import export_classifier
+
+        export_classifier(
+            minilm_dir(),
+            dest,
+            TOPIC_LABELS,
+            mode="lora",
+            head_init="zero",
+            lora_rank=lora_rank,
+            lora_alpha=2.0 * lora_rank,
+            lora_layers=lora_layers,
+            lora_freeze_a=freeze_a,
+            overwrite=True,
+            progress=None,
+        )
+        return dest
     exporters.export_bundle(
         minilm_dir(),
         dest,
@@ -695,11 +724,15 @@ def run_task(
     echo: bool = True,
     backprop_mode: dict[str, str] | None = None,
     baseline: Task | None = None,
+    zo_set: dict[str, Any] | None = None,
+    backprop_lr: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """Every method on ``task`` under ``budget_s`` training seconds; the report dict.
 
     ``baseline`` (the same data on another bundle) is what MeZO and backprop train when
     edgezo's default trains a different adapter than the issue's baseline (the LM task).
+    ``zo_set``: the FinetuneConfig overrides of the ``zo`` method (``--zo-set``);
+    ``backprop_lr``: AdamW's lr per task (None: ``BACKPROP_LR``).
     """
     backprop_mode = backprop_mode or {}
     default_task, task = task, baseline or task
@@ -723,12 +756,16 @@ def run_task(
             results[method] = run_zo(
                 default_task, method, {}, budget_s, times, out, seed, threads, echo
             )
+        elif method == "zo":
+            results[method] = run_zo(
+                default_task, method, dict(zo_set or {}), budget_s, times, out, seed, threads, echo
+            )
         elif method == "backprop":
             results[method] = run_backprop(
                 task,
                 budget_s,
                 times,
-                BACKPROP_LR[task.name],
+                (backprop_lr or {}).get(task.name) or BACKPROP_LR[task.name],
                 seed,
                 threads,
                 backprop_mode.get(task.name),
@@ -1040,7 +1077,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         default="mezo,default,backprop",
-        help="comma-separated subset of mezo,default,backprop",
+        help="comma-separated subset of mezo,default,zo,backprop",
     )
     p.add_argument(
         "--lm-bundle",
@@ -1061,10 +1098,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cls-backprop-mode",
-        choices=("head", "lora"),
+        choices=("head", "lora", "full"),
         default="head",
-        help="what backprop trains on the classifier: head (the bundle's tensors, "
-        "the same as ZO; default) or lora (LoRA r=8 on query/value + the head)",
+        help="what backprop trains on the classifier: head (the head alone; default), "
+        "lora (LoRA r=8 on query/value of every layer + the head) or full (the encoder "
+        "and the head: every parameter)",
+    )
+    p.add_argument(
+        "--cls-backprop-lr",
+        type=float,
+        default=None,
+        help=f"AdamW's lr on the classifier (default {BACKPROP_LR['classification']:g})",
+    )
+    p.add_argument(
+        "--cls-lora-layers",
+        default=None,
+        help="export the classification bundle with LoRA on query/value of these encoder "
+        "layers (last:N, A-B, 0,5) + the zero head, and its frozen-prefix split "
+        "(default: the head alone)",
+    )
+    p.add_argument("--cls-lora-rank", type=int, default=8, help="LoRA rank (alpha 2×rank)")
+    p.add_argument(
+        "--cls-lora-freeze-a", action="store_true", help="LoRA-FA: train B (and the head) only"
+    )
+    p.add_argument(
+        "--zo-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a FinetuneConfig field of the `zo` method (repeatable, e.g. --zo-set lr=1e-2 "
+        "--zo-set q=4); `zo` is finetune with these set, `default` with none",
     )
     p.add_argument("--lm-data", type=Path, default=None, help="LM training JSONL (default: notes)")
     p.add_argument(
@@ -1088,6 +1151,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.budget_s = a.budget_s or (12.0 if a.quick else DEFAULT_BUDGET_S)
     a.points = a.points or (2 if a.quick else 8)
     return a
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["lr=1e-2", "q=4", "lr_race=false"]`` → ``{"lr": 0.01, "q": 4, "lr_race": False}``
+    (YAML scalars, so numbers and booleans read as such; FinetuneConfig validates them)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"quality: --zo-set needs KEY=VALUE, got {item!r}")
+        v = yaml.safe_load(value)
+        if isinstance(v, str):  # PyYAML reads 1e-2 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        out[key.strip()] = v
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1115,7 +1198,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 task = load_task(
                     "classification",
-                    classification_bundle(args.cls_bundle, args.out),
+                    classification_bundle(
+                        args.cls_bundle,
+                        args.out,
+                        args.cls_lora_layers,
+                        args.cls_lora_rank,
+                        args.cls_lora_freeze_a,
+                    ),
                     args.cls_data or asset("topics.jsonl"),
                     args.cls_eval_data or asset("topics_heldout.jsonl"),
                 )
@@ -1130,6 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
                 echo=not args.quiet,
                 backprop_mode={"classification": args.cls_backprop_mode},
                 baseline=baseline,
+                zo_set=parse_sets(args.zo_set),
+                backprop_lr={"classification": args.cls_backprop_lr},
             )
             report["command"] = command
             results = report.pop("_results")
