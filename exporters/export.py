@@ -534,8 +534,8 @@ def export_bundle(
     if task == "classification":
         from .classification import export_classifier
 
-        placement = ("lora_layers", "lora_freeze_a", "decoder")  # causal LM options
-        kw = {k: v for k, v in kw.items() if not (k in placement and not v)}
+        unset = ("lora_layers", "lora_freeze_a", "decoder", "decoder_fused")  # left at default
+        kw = {k: v for k, v in kw.items() if not (k in unset and not v)}
         if kw.get("decoder_precision") == "fp32":  # the default: nothing asked of the decoder
             del kw["decoder_precision"]
         bad = sorted(
@@ -544,6 +544,8 @@ def export_bundle(
                 "lora_rank",
                 "lora_alpha",
                 "lora_targets",
+                "lora_layers",
+                "lora_freeze_a",
                 "seed",
                 "overwrite",
                 "tolerance",
@@ -554,7 +556,7 @@ def export_bundle(
         if bad:
             raise EdgezoError(
                 f"option(s) {', '.join(bad)} do not apply to task classification "
-                "(LoRA placement and quantisation are causal-LM options so far)",
+                "(quantisation and the decoding graph are causal-LM options)",
                 "drop them, or export a causal LM task",
             )
         return export_classifier(

@@ -402,3 +402,21 @@ def test_the_classification_default_is_the_measured_head_recipe(tiny_bert_dir, t
     assert (cfg.optimizer, cfg.estimator, cfg.q, cfg.batch_size) == ("adam", "onesided", 8, 8)
     assert (cfg.lr, cfg.mu, cfg.steps) == (1e-2, 1e-3, 2000)
     assert auto_lr and auto_mu  # the race and the μ check pick from there
+
+
+def test_export_bundle_passes_lora_placement_to_classifiers(tiny_bert_dir, tmp_path):
+    """`edgezo export --task classification --lora-layers last:1 --lora-freeze-a` reaches the
+    classifier exporter (it was refused as a causal-LM option)."""
+    out = export_bundle(
+        tiny_bert_dir,
+        tmp_path / "fa",
+        task="classification",
+        labels=LABELS,
+        mode="lora",
+        lora_layers="last:1",
+        lora_freeze_a=True,
+        progress=None,
+    )
+    m = load_bundle(out).manifest
+    assert m.lora["layers"] == [1] and m.lora["freeze_a"] is True
+    assert all("lora_B" in t.name or "classifier" in t.name for t in m.trainable)
