@@ -314,10 +314,12 @@ def test_the_measured_layout_fits_the_model():
     assert measured_layout(model, gpt2)[0] == gpt2.lora_targets
 
 
-def test_placement_options_are_refused_for_an_encoder(tiny_bert_dir, tmp_path):
+def test_placement_options_need_lora_mode_for_an_encoder(tiny_bert_dir, tmp_path):
+    """An encoder takes --lora-layers with --mode lora (tests/test_classification.py); with its
+    default head mode there are no adapters to place, which the refusal says."""
     from exporters import export_bundle
 
-    with pytest.raises(EdgezoError, match="lora_layers"):
+    with pytest.raises(EdgezoError, match="--mode is 'head'"):
         export_bundle(
             tiny_bert_dir,
             tmp_path / "x",
