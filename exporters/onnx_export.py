@@ -96,13 +96,31 @@ def export_loss_graph(
             progress,
         )
     input_names = [*BATCH_INPUTS, *(s.name for s in trainables)]
-    dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in BATCH_INPUTS}
-    dynamic_axes["loss"] = {0: "batch"}
-    dynamic_axes["next_logits"] = {0: "batch"}
     args = (*dummy_batch(vocab_size, pad_token_id, generator), list(values))
     raw_dir = path.parent / "_raw"  # a >2 GB graph comes out with scattered external files
     raw_dir.mkdir()
     raw = raw_dir / path.name
+    _trace(graph, args, raw, input_names)
+    release_memory()  # the tracer's graph and folded constants
+    model = onnx.load(str(raw))
+    shutil.rmtree(raw_dir)
+    check_signature(model, trainables)
+    if tied_embedding is not None:
+        saved = dedupe_tied_head(model, tied_embedding)
+        if saved:
+            progress(f"tied LM head stored once ({saved / 2**20:.1f} MiB not duplicated)")
+    files = save_model(model, path, external_data)
+    del model
+    release_memory()
+    return files
+
+
+def _trace(graph: torch.nn.Module, args: tuple, raw: Path, input_names: list[str]) -> None:
+    """``torch.onnx.export`` of a loss graph to ``raw``: the batch inputs' axes dynamic, the
+    loss and ``next_logits`` per row."""
+    dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in BATCH_INPUTS}
+    dynamic_axes["loss"] = {0: "batch"}
+    dynamic_axes["next_logits"] = {0: "batch"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
         torch.onnx.export(
@@ -116,18 +134,6 @@ def export_loss_graph(
             opset_version=OPSET,
             do_constant_folding=True,
         )
-    release_memory()  # the tracer's graph and folded constants
-    model = onnx.load(str(raw))
-    shutil.rmtree(raw_dir)
-    check_signature(model, trainables)
-    if tied_embedding is not None:
-        saved = dedupe_tied_head(model, tied_embedding)
-        if saved:
-            progress(f"tied LM head stored once ({saved / 2**20:.1f} MiB not duplicated)")
-    files = save_model(model, path, external_data)
-    del model
-    release_memory()
-    return files
 
 
 def _export_frozen_as_inputs(
@@ -155,9 +161,6 @@ def _export_frozen_as_inputs(
     # the graph attribute is ``model``: frozen weights keep the names a parameter trace gives
     frozen_names = [f"model.{n}" for n, _ in frozen]
     input_names = [*BATCH_INPUTS, *(s.name for s in trainables), *frozen_names]
-    dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in BATCH_INPUTS}
-    dynamic_axes["loss"] = {0: "batch"}
-    dynamic_axes["next_logits"] = {0: "batch"}
     args = (
         *dummy_batch(vocab_size, pad_token_id, generator),
         [*values, *(p.detach() for _, p in frozen)],
@@ -165,19 +168,7 @@ def _export_frozen_as_inputs(
     raw_dir = path.parent / "_raw"
     raw_dir.mkdir()
     raw = raw_dir / path.name
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            tracer,
-            args,
-            str(raw),
-            dynamo=False,
-            input_names=input_names,
-            output_names=[n for n, _ in OUTPUTS],
-            dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
-            do_constant_folding=True,
-        )
+    _trace(tracer, args, raw, input_names)
     del tracer, args
     release_memory()
     model = onnx.load(str(raw))

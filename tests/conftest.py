@@ -441,3 +441,29 @@ def write_tiny_gemma3_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def moved_trainables(bundle, seed: int = 0, scale: float = 0.3) -> dict:
+    """A bundle's trainable tensors away from the initial point (LoRA B starts at zero)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + scale * rng.standard_normal(v.shape)).astype(np.float32)
+        for k, v in bundle.initial_trainable().items()
+    }
+
+
+def genai_greedy(og, model, adapters, ids: list[int], new_tokens: int, eos: int) -> list[int]:
+    """onnxruntime-genai's greedy tokens after ``ids`` with the adapter ``personal`` active,
+    cut before the first ``eos``."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.set_active_adapter(adapters, "personal")
+    gen.append_tokens(ids)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out[: out.index(eos)] if eos in out else out

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import moved_trainables
 
 from edgezo.bundle import MANIFEST, fingerprint_of, load_bundle
 from edgezo.errors import EdgezoError
@@ -19,15 +20,6 @@ PROMPTS = ["the cat", "a", "we bake bread on sunday. the dog"]
 @pytest.fixture(scope="module")
 def bundle_path(make_bundle):
     return make_bundle("lora")
-
-
-def _moved(bundle, seed=0, scale=0.3):
-    """Tensors away from the initial point (LoRA B starts at zero)."""
-    rng = np.random.default_rng(seed)
-    return {
-        k: (v + scale * rng.standard_normal(v.shape)).astype(np.float32)
-        for k, v in bundle.initial_trainable().items()
-    }
 
 
 def test_export_writes_decoder(bundle_path):
@@ -42,7 +34,7 @@ def test_kv_cache_greedy_equals_recompute(bundle_path):
     b = load_bundle(bundle_path)
     kv, full = TextGenerator(b), TextGenerator(b, kv_cache=False)
     assert kv.decoder is not None and full.decoder is None
-    values = _moved(b)
+    values = moved_trainables(b)
     for g in (kv, full):
         g.params.load(values)
     for prompt in PROMPTS:
@@ -81,7 +73,7 @@ def test_kv_cache_greedy_equals_hf_generate(bundle_path, tiny_hf_dir):
 def test_stream_stop_and_sampling(bundle_path):
     b = load_bundle(bundle_path)
     gen = TextGenerator(b)
-    gen.params.load(_moved(b, 1))
+    gen.params.load(moved_trainables(b, 1))
     full = gen.generate(PROMPTS[2], 30)
     pieces = list(gen.stream(PROMPTS[2], 30))
     assert "".join(pieces) == full.text and len(pieces) > 1
@@ -105,7 +97,7 @@ def test_decoder_only_keeps_fingerprint(make_bundle, tmp_path):
     assert "decoder" not in json.loads((old / MANIFEST).read_text())
     gen = TextGenerator(before)
     assert gen.decoder is None and "decoder-only" in gen.notes[0]
-    values = _moved(before, 2)
+    values = moved_trainables(before, 2)
     gen.params.load(values)
     slow = gen.generate(PROMPTS[0], 20).token_ids
     r = CliRunner().invoke(export, ["--decoder-only", "--bundle", str(old)])
@@ -229,7 +221,7 @@ def test_quantised_decoder_logits_close_to_fp32_and_trainables_count(quant_bundl
     assert qb.manifest.trainable == fb.manifest.trainable
     ids = TextGenerator(fb).encode(PROMPTS[2])[:6]
     initial = fb.initial_trainable()
-    moved = _moved(fb, 3, scale=1.0)
+    moved = moved_trainables(fb, 3, scale=1.0)
     f0, f1 = _decoder_logits(fb, initial, ids), _decoder_logits(fb, moved, ids)
     q0, q1 = _decoder_logits(qb, initial, ids), _decoder_logits(qb, moved, ids)
     bound = QUANT_LOGIT_BOUND[precision]

@@ -5,7 +5,7 @@ path's greedy tokens and GenAI's, in every trainable mode, and fewer nodes."""
 import numpy as np
 import onnx
 import pytest
-from conftest import build_tiny_model_from, build_tiny_tokenizer
+from conftest import build_tiny_model_from, build_tiny_tokenizer, genai_greedy, moved_trainables
 
 from edgezo.bundle import load_bundle
 from edgezo.errors import EdgezoError
@@ -105,14 +105,6 @@ def fused_export(tmp_path_factory):
     return export
 
 
-def _moved(bundle, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    return {
-        k: (v + scale * rng.standard_normal(v.shape)).astype(np.float32)
-        for k, v in bundle.initial_trainable().items()
-    }
-
-
 def _op_counts(path):
     m = onnx.load(str(path), load_external_data=False)
     counts = {}
@@ -140,7 +132,7 @@ def test_fused_greedy_equals_recompute(fused_export, variant):
     assert rotary == ([1, 0] if variant == "smollm3" else [1, 1])
     assert ("Gemm" in counts) == (variant != "untied")  # a tied head reads the embedding
     kv, full = TextGenerator(b), TextGenerator(b, kv_cache=False)
-    values = _moved(b)
+    values = moved_trainables(b)
     for g in (kv, full):
         g.params.load(values)
     for prompt in PROMPTS:
@@ -170,7 +162,7 @@ def test_fused_logits_equal_traced_in_every_mode(fused_export, variant, mode):
     _, n_fused = _op_counts(fused.path / "decoder.onnx")
     _, n_traced = _op_counts(traced.path / "decoder.onnx")
     assert n_fused * 3 < n_traced
-    values = _moved(fused, seed=1, scale=0.2)
+    values = moved_trainables(fused, seed=1, scale=0.2)
     d = fused.manifest.decoder
     sessions = [
         ort.InferenceSession(str(b.path / "decoder.onnx"), providers=["CPUExecutionProvider"])
@@ -231,7 +223,7 @@ def test_fused_int8_packs_frozen_projections(fused_export):
     assert any("qkv_proj" in n for n in nbits) and any("lm_head" in n for n in nbits)
     assert d["parity_vs_loss_graph"]["top1_agree"] >= 3
     g = TextGenerator(b)
-    g.params.load(_moved(b))
+    g.params.load(moved_trainables(b))
     assert len(g.generate("the cat", 12).token_ids) > 0
 
 
@@ -256,7 +248,7 @@ def test_fused_genai_greedy_tokens(fused_export, tmp_path):
 
     path = fused_export("llama", lora_freeze_a=True)
     b = load_bundle(path)
-    values = _moved(b)
+    values = moved_trainables(b)
     save_tensors_atomic(tmp_path / "trained.safetensors", values, {"bundle": b.fingerprint})
     out = handoff(
         path,
@@ -274,14 +266,5 @@ def test_fused_genai_greedy_tokens(fused_export, tmp_path):
     for prompt in ("the cat", "we bake bread on sunday."):
         ids = ours.encode(prompt)
         want = ours.generate(prompt, 24).token_ids
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 24, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.set_active_adapter(adapters, "personal")
-        gen.append_tokens(ids)
-        theirs = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            theirs.append(int(gen.get_next_tokens()[0]))
-        theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs
+        theirs = genai_greedy(og, model, adapters, ids, 24, eos)
         assert theirs == want and len(want) > 5

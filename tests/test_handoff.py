@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from conftest import genai_greedy  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from edgezo.bundle import load_bundle  # noqa: E402
@@ -190,17 +191,8 @@ def test_genai_generates_edgezo_greedy_tokens(make_bundle, tmp_path, freeze_a):
     adapters.load(str(out / ADAPTER_FILE), "personal")
     for prompt in ("the cat", "we bake bread on sunday."):
         ids, ours = _greedy(bundle, values, prompt, 24)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 24, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.set_active_adapter(adapters, "personal")
-        gen.append_tokens(ids)
-        theirs = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            theirs.append(int(gen.get_next_tokens()[0]))
         eos = load_bundle(bundle).manifest.tokenizer.eos_token_id
-        theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs
+        theirs = genai_greedy(og, model, adapters, ids, 24, eos)
         assert theirs == ours and len(ours) > 5
 
 
