@@ -74,6 +74,9 @@ DECODER_PRECISIONS = ("fp32", "int8", "int4")
 #: ``s8`` full-range signed (VNNI, AMX, Arm dot product), ``u8`` the same values offset by 128
 #: (exact on every CPU: a u8 × u8 kernel), ``s7`` signed with at most 63 in magnitude
 INT8_WEIGHTS = ("s8", "u8", "s7")
+#: how int8 quantises the activations its ``MatMul`` s read (``quantization.activations``;
+#: absent in bundles written before it existed: dynamic)
+INT8_ACTIVATIONS = ("dynamic", "static")
 DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "float16": np.float16}
 #: architecture entries the runtime reads as sizes (each optional; null allowed)
 ARCH_SIZES = (

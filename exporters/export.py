@@ -38,6 +38,7 @@ from .loss import CausalLMLossGraph
 from .memory import release_memory
 from .onnx_export import OPSET, batch_input_specs, export_loss_graph, output_specs, save_model
 from .precision import (
+    ACTIVATIONS,
     SCHEME,
     SCOPES,
     calibration_feeds,
@@ -109,6 +110,7 @@ def export_causal_lm(
     precision: str | None = None,
     precision_scope: str = "all",
     int8_weights: str = "auto",
+    int8_activations: str = "dynamic",
     block_size: int = 32,
     accuracy_level: int = 0,
     quant_rtol: float = QUANT_RTOL,
@@ -156,6 +158,11 @@ def export_causal_lm(
         int8_weights: how ``int8`` stores its weights: ``s8``, ``u8`` (exact on an x86 CPU
             without VNNI, whose u8 × s8 kernels saturate), ``s7``, or ``auto`` (``s8`` where
             the exporting CPU has int8 dot-product instructions, else ``u8``).
+        int8_activations: how ``int8`` quantises the activations its ``MatMul`` s read:
+            ``dynamic`` (a scale from each batch's range, at run time) or ``static`` (a scale
+            per tensor calibrated at export and fixed: an example's loss does not depend on
+            its batch-mates, and a small change of the trainable tensors re-rounds only the
+            values it moves across a rounding step; ``docs/guides/precision.md``).
         quantize: the older spelling of ``precision``: ``"int8"`` = ``int8-dynamic``,
             ``"int4"`` = ``int4``.
         block_size: int4 block size (32, 64 or 128).
@@ -205,6 +212,16 @@ def export_causal_lm(
             "pass --precision int8 --lora-layers last:N, or --precision-scope all",
         )
     weights_format = check_precision_supported(precision, int8_weights=int8_weights)
+    if int8_activations not in ACTIVATIONS:
+        raise EdgezoError(
+            f"unknown int8 activation quantisation {int8_activations!r}",
+            f"pass --int8-activations as one of: {', '.join(ACTIVATIONS)}",
+        )
+    if int8_activations != "dynamic" and precision != "int8":
+        raise EdgezoError(
+            f"--int8-activations {int8_activations} applies to --precision int8, not {precision}",
+            "drop --int8-activations, or pass --precision int8",
+        )
     if not quant_rtol >= 0:
         raise EdgezoError(f"quant_rtol must be >= 0, got {quant_rtol!r}", "pass 0.1")
     if task not in ("causal_lm", "prompt_classification"):
@@ -399,7 +416,11 @@ def export_causal_lm(
                     {s.name: v.numpy() for s, v in zip(specs, values, strict=True)},
                 )
                 qmodel, quant_info = quantize_int8_smooth(
-                    fp32_model, calib, keep, weights_format=weights_format
+                    fp32_model,
+                    calib,
+                    keep,
+                    weights_format=weights_format,
+                    activations=int8_activations,
                 )
                 quant_info["scope"] = precision_scope
             else:
@@ -414,8 +435,9 @@ def export_causal_lm(
             quant_info["precision"] = precision
             if precision.startswith("int8") and precision_scope == "all" and specs:
                 say(
-                    "note: the trainable tensors feed activations this int8 graph quantises at "
-                    "run time, so its loss is a step function of them: ZO fine-tuning will not "
+                    "note: the trainable tensors feed activations this int8 graph rounds to 8 "
+                    "bits (with run-time or fixed scales alike), so its loss is a step function "
+                    "of them: ZO fine-tuning will not "
                     "learn on it (docs/guides/precision.md); for fine-tuning export with "
                     "--precision-scope prefix (int8 frozen prefix, fp32 suffix)"
                 )

@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgezo.bundle import INT8_WEIGHTS, PRECISIONS
+from edgezo.bundle import INT8_ACTIVATIONS, INT8_WEIGHTS, PRECISIONS
 from edgezo.errors import EdgezoError
 from edgezo.runner import (
     INT8_FLAGS,
@@ -74,6 +74,11 @@ __all__ = [
 ]
 SCHEME = {"int8-dynamic": "int8", "int4": "int4"}
 SCOPES = ("all", "prefix")
+#: how int8 activations are quantised: ``dynamic`` (a scale per tensor from each batch's own
+#: range, at run time) or ``static`` (a scale per tensor calibrated at export, then fixed)
+ACTIVATIONS = INT8_ACTIVATIONS
+#: the calibrated static range is widened by this factor (headroom for trained adapters)
+STATIC_MARGIN = 1.0
 SMOOTH_ALPHA = 0.5
 CALIBRATION_NOTES = 8
 CALIBRATION_TOKENS = 64
@@ -219,8 +224,8 @@ def _targets(model: onnx.ModelProto, keep: Callable[[str], bool]) -> list[onnx.N
 def activation_ranges(
     model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-    """max |X_k| per last-axis channel of each tensor in ``names`` over ``feeds`` (the graph
-    run with those tensors as extra outputs)."""
+    """(min X_k, max X_k) per last-axis channel of each tensor in ``names`` over ``feeds``
+    (the graph run with those tensors as extra outputs)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -235,13 +240,16 @@ def activation_ranges(
     opts.log_severity_level = 3
     sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in sess.get_inputs()}
-    ranges: dict[str, np.ndarray] = {}
+    lows: dict[str, np.ndarray] = {}
+    highs: dict[str, np.ndarray] = {}
     for feed in feeds:
         outs = sess.run(list(names), {k: v for k, v in feed.items() if k in wanted})
         for n, x in zip(names, outs, strict=True):
-            r = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float64)
-            ranges[n] = np.maximum(ranges[n], r) if n in ranges else r
-    return ranges
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            lo, hi = x.min(axis=0), x.max(axis=0)
+            lows[n] = np.minimum(lows[n], lo) if n in lows else lo
+            highs[n] = np.maximum(highs[n], hi) if n in highs else hi
+    return {n: (lows[n], highs[n]) for n in names}
 
 
 def quantize_int8_smooth(
@@ -250,12 +258,18 @@ def quantize_int8_smooth(
     keep: Callable[[str], bool] = lambda _w: True,
     alpha: float = SMOOTH_ALPHA,
     weights_format: str = "s8",
+    activations: str = "dynamic",
 ) -> tuple[onnx.ModelProto, dict]:
     """Per-channel int8 ``DynamicQuantizeMatMul`` with smoothing on the frozen ``MatMul`` s
     whose weight name ``keep`` accepts; in place; returns (model, manifest ``quantization``).
 
     ``weights_format`` (:data:`INT8_WEIGHTS`): how the weights are stored for the CPU's int8
     kernels."""
+    if activations not in ACTIVATIONS:
+        raise EdgezoError(
+            f"unknown int8 activation quantisation {activations!r}",
+            f"pass --int8-activations as one of: {', '.join(ACTIVATIONS)}",
+        )
     if weights_format not in INT8_WEIGHTS:
         raise EdgezoError(
             f"unknown int8 weight format {weights_format!r}",
@@ -283,6 +297,7 @@ def quantize_int8_smooth(
     for n in targets:
         groups[n.input[0]].append(n)
     ranges = activation_ranges(model, list(groups), feeds)
+    static_ranges: dict[str, tuple[float, float]] = {}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     producer: dict[str, tuple[int, onnx.NodeProto]] = {}
     uses: dict[str, int] = defaultdict(int)
@@ -296,7 +311,8 @@ def quantize_int8_smooth(
     folded = inserted = 0
     new_nodes: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # after node index
     for x, nodes in groups.items():
-        amax = ranges[x]
+        lo, hi = ranges[x]
+        amax = np.maximum(np.abs(lo), np.abs(hi))
         wmax = np.max([np.abs(weights[n.input[1]]).max(axis=1) for n in nodes], axis=0)
         s = np.where(
             (amax > 0) & (wmax > 0),
@@ -327,6 +343,25 @@ def quantize_int8_smooth(
             inserted += 1
         for n in nodes:
             n.input[0] = xs
+        if activations == "static":  # the range of X / s, one scale for the whole tensor
+            lo_t = min(0.0, float(np.min(lo / s))) * STATIC_MARGIN
+            hi_t = max(0.0, float(np.max(hi / s))) * STATIC_MARGIN
+            x_scale = (hi_t - lo_t) / 255.0 if hi_t > lo_t else 1.0
+            zero = int(np.clip(np.rint(-lo_t / x_scale), 0, 255))
+            static_ranges[xs] = (lo_t, hi_t)
+            g.initializer.append(
+                numpy_helper.from_array(np.asarray(x_scale, np.float32), f"{xs}_act_scale")
+            )
+            g.initializer.append(
+                numpy_helper.from_array(np.asarray(zero, np.uint8), f"{xs}_act_zero")
+            )
+            quant = helper.make_node(
+                "QuantizeLinear",
+                [xs, f"{xs}_act_scale", f"{xs}_act_zero"],
+                [f"{xs}_u8"],
+                name=f"{xs}_quantize",
+            )
+            new_nodes[after].append(quant)
     # the quantised weights and the nodes, in graph order (a smoothing Mul right after the
     # node producing its input)
     qmax = 63 if weights_format == "s7" else 127
@@ -346,13 +381,24 @@ def quantize_int8_smooth(
             inputs_q.append(zero)
         else:
             g.initializer.append(numpy_helper.from_array(q.astype(np.int8), inputs_q[1]))
-        dq = helper.make_node(
-            "DynamicQuantizeMatMul",
-            inputs_q,
-            list(n.output),
-            name=(n.name or name) + "_int8",
-            domain="com.microsoft",
-        )
+        if activations == "static":
+            xs = n.input[0]
+            ins = [f"{xs}_u8", inputs_q[1], f"{xs}_act_scale", inputs_q[2], f"{xs}_act_zero"]
+            dq = helper.make_node(
+                "MatMulIntegerToFloat",
+                ins + inputs_q[3:],  # the weights' zero point (u8)
+                list(n.output),
+                name=(n.name or name) + "_int8",
+                domain="com.microsoft",
+            )
+        else:
+            dq = helper.make_node(
+                "DynamicQuantizeMatMul",
+                inputs_q,
+                list(n.output),
+                name=(n.name or name) + "_int8",
+                domain="com.microsoft",
+            )
         n.CopyFrom(dq)
     nodes = list(g.node)
     del g.node[:]
@@ -371,7 +417,14 @@ def quantize_int8_smooth(
     info = {
         "scheme": "int8",
         "method": "per-channel int8 weights with SmoothQuant smoothing (alpha "
-        f"{alpha}), activations quantised at run time (DynamicQuantizeMatMul)",
+        f"{alpha}), "
+        + (
+            "activations quantised with calibrated fixed scales (QuantizeLinear + "
+            "MatMulIntegerToFloat)"
+            if activations == "static"
+            else "activations quantised at run time (DynamicQuantizeMatMul)"
+        ),
+        "activations": activations,
         "bits": 7 if weights_format == "s7" else 8,
         "weights_format": weights_format,
         "block_size": None,
@@ -384,6 +437,9 @@ def quantize_int8_smooth(
         "calibration_batches": len(feeds),
         "quantized_matmuls": len(targets),
         "gemm_rewritten": gemms,
-        "op": "DynamicQuantizeMatMul",
+        "op": "MatMulIntegerToFloat" if activations == "static" else "DynamicQuantizeMatMul",
     }
+    if activations == "static":
+        info["static_margin"] = STATIC_MARGIN
+        info["static_activations"] = len(static_ranges)
     return model, info

@@ -101,6 +101,55 @@ def test_prefix_scope_keeps_suffix_fp32(make_bundle):
     assert not any(n.op_type == "DynamicQuantizeMatMul" for n in suffix.graph.node)
 
 
+def test_int8_static_activations_bundle(make_bundle):
+    """Calibrated fixed activation scales: one QuantizeLinear per quantised activation (q/k/v
+    and gate/up share theirs) feeding MatMulIntegerToFloat; no run-time range."""
+    path = make_bundle("lora", precision="int8", int8_activations="static")
+    q = load_bundle(path).manifest.quantization
+    counts = ops(path)
+    assert q["activations"] == "static" and q["op"] == "MatMulIntegerToFloat"
+    assert q["quantized_matmuls"] == counts["MatMulIntegerToFloat"] == 15
+    assert "DynamicQuantizeMatMul" not in counts and "DynamicQuantizeLinear" not in counts
+    # per block: q/k/v read one tensor, o one, gate/up one, down one; plus the head's input
+    assert counts["QuantizeLinear"] == q["static_activations"] == 2 * 4 + 1
+    assert 0 < q["parity_vs_fp32"]["max_rel_diff"] <= q["parity_vs_fp32"]["rtol"]
+    g = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.graph.initializer}
+    for n in g.graph.node:
+        if n.op_type == "QuantizeLinear":
+            scale, zero = inits[n.input[1]], inits[n.input[2]]
+            assert scale.shape == () and scale > 0 and zero.dtype == np.uint8
+
+
+def _losses(path, ids, mask):
+    import onnxruntime as ort
+
+    b = load_bundle(path)
+    s = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    labels = np.where(mask > 0, ids, -100)
+    feed = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return s.run(["loss"], {**feed, **b.initial_trainable()})[0]
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_static_activations_make_an_example_independent_of_its_batch(make_bundle, activations):
+    """With fixed scales an example's loss is the same alone and beside any batch-mate; with
+    run-time scales the batch's range (here a batch-mate of other tokens) moves it."""
+    path = make_bundle("lora", precision="int8", int8_activations=activations)
+    vocab = int(load_bundle(path).manifest.architecture["vocab_size"])
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, vocab, (2, 9))
+    ids[1] = rng.integers(0, vocab, 9)[::-1]
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # the batch-mate is padded
+    alone = _losses(path, ids[:1], mask[:1])[0]
+    beside = _losses(path, ids, mask)[0]
+    if activations == "static":
+        assert abs(alone - beside) <= 1e-5 * abs(alone)
+    else:
+        assert abs(alone - beside) > 1e-5 * abs(alone)
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
@@ -109,6 +158,8 @@ def test_prefix_scope_keeps_suffix_fp32(make_bundle):
         ({"precision": "int4", "precision_scope": "prefix"}, "needs --precision int8"),
         ({"precision": "int8", "precision_scope": "middle"}, "unknown precision scope"),
         ({"mode": "scales", "precision": "int8"}, "needs --precision int4"),
+        ({"precision": "int4", "int8_activations": "static"}, "applies to --precision int8"),
+        ({"precision": "int8", "int8_activations": "fixed"}, "unknown int8 activation"),
     ],
 )
 def test_precision_refusals(tiny_hf_dir, tmp_path, kw, match):

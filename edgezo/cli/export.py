@@ -11,7 +11,14 @@ from pathlib import Path
 
 import click
 
-from ..bundle import DECODER_PRECISIONS, INT8_WEIGHTS, PRECISIONS, TASKS, TRAINABLE_MODES
+from ..bundle import (
+    DECODER_PRECISIONS,
+    INT8_ACTIVATIONS,
+    INT8_WEIGHTS,
+    PRECISIONS,
+    TASKS,
+    TRAINABLE_MODES,
+)
 from ..data import label_names
 from ..errors import EdgezoError
 from .errors import run
@@ -234,6 +241,15 @@ def _resolve_model(model: str) -> str:
     "int8 dot-product instructions, else u8.",
 )
 @click.option(
+    "--int8-activations",
+    type=click.Choice(INT8_ACTIVATIONS),
+    default="dynamic",
+    show_default=True,
+    help="int8: how activations are quantised: a scale from each batch at run time "
+    "(dynamic), or one per tensor calibrated at export and fixed (static: the loss stays "
+    "smooth enough in the trainable tensors for ZO with --precision-scope all).",
+)
+@click.option(
     "--quantize",
     type=click.Choice(["int8", "int4"]),
     default=None,
@@ -310,6 +326,7 @@ def export(
     precision,
     precision_scope,
     int8_weights,
+    int8_activations,
     quantize,
     block_size,
     accuracy_level,
@@ -359,6 +376,7 @@ def export(
                 "precision": precision,
                 "precision_scope": precision_scope,
                 "int8_weights": int8_weights,
+                "int8_activations": int8_activations,
                 "block_size": int(block_size),
                 "accuracy_level": accuracy_level,
                 "quant_rtol": quant_rtol,
