@@ -347,6 +347,10 @@ def _check_extras(m: Manifest, p: Problems) -> None:
             isinstance(v, list) and all(_int(a) and a >= 0 for a in v) for v in axes.values()
         ):
             p.add("stages.cached_sequence_axes", "must map names to lists of axes", REEXPORT)
+        only = st.get("shape_only") or []
+        cached = {x for x in st.get("cached") or [] if isinstance(x, str)}
+        if not isinstance(only, list) or not all(isinstance(x, str) and x in cached for x in only):
+            p.add("stages.shape_only", "must be a list of cached tensor names", REEXPORT)
     if m.precision is not None and m.precision not in PRECISIONS:
         p.add("precision", f"is {show(m.precision)}, not one of {', '.join(PRECISIONS)}", REEXPORT)
     if m.decoder is not None:

@@ -187,10 +187,28 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, np.ndarray]:
     return _collate_tokens(examples, pad_id)
 
 
+def stand_in(shape: Sequence[int], dtype) -> np.ndarray:
+    """A cached row the suffix reads only the shape of (``stages.shape_only``): zeros of that
+    shape that hold one element (every stride 0)."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), tuple(shape))
+
+
+def is_stand_in(row: np.ndarray) -> bool:
+    return row.size > 1 and not any(row.strides)
+
+
+def row_nbytes(row: np.ndarray) -> int:
+    """The memory a cached row holds (a :func:`stand_in` none)."""
+    return 0 if is_stand_in(row) else row.nbytes
+
+
 def pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
     """Stack per-example rows of a cached prefix, zero-padding every axis to the longest: the
-    right padding of a batch, whose values no real position's loss reads."""
+    right padding of a batch, whose values no real position's loss reads. Stand-ins give a
+    zero array of the batch's shape whose pages nothing writes."""
     shape = np.max([r.shape for r in rows], axis=0)
+    if is_stand_in(rows[0]):
+        return np.zeros((len(rows), *shape), dtype=rows[0].dtype)
     if all(r.shape == tuple(shape) for r in rows):
         return np.stack(rows)
     out = np.zeros((len(rows), *shape), dtype=rows[0].dtype)

@@ -25,6 +25,11 @@ The file is written atomically (``edgezo.atomic``: a temporary file renamed into
 index after the rows) and is keyed by the bundle's fingerprint, the cached tensors' names and
 every example's tokens: a resumed run over the same bundle and data maps it again without one
 prefix forward call; another bundle or other data rebuilds it.
+
+Some cached tensors are read by the suffix only for their shape (``stages.shape_only``: the
+traced graph asks a hidden state for its batch and sequence length); their rows are stand-ins
+(``edgezo.data.stand_in``: zero-stride views, no memory, nothing written to the file). In the
+default bundle three of the seven cached tensors are such, more than half the rows' bytes.
 """
 
 from __future__ import annotations
@@ -39,14 +44,14 @@ import numpy as np
 
 from . import atomic
 from .bundle import Bundle
-from .data import Example, collate
+from .data import Example, collate, is_stand_in, row_nbytes, stand_in
 from .runner import LossRunner, RuntimeOptions
 from .zo.params import FlatParams
 
 TEXT_INPUTS = ["input_ids", "attention_mask"]
 #: the run folder's files of rows cached on disk
 ROWS_FILE, INDEX_FILE = "prefix_rows.bin", "prefix_rows.json"
-ROWS_FORMAT = "edgezo-prefix-rows-1"
+ROWS_FORMAT = "edgezo-prefix-rows-2"
 
 
 def available(bundle: Bundle) -> bool:
@@ -101,7 +106,7 @@ def cache_rows(
     batches = _row_batches(runner, sets, batch_size, pad_id, names, st)
     for k, new in batches:
         out[k] += new
-        done_bytes += sum(f.nbytes for e in new for f in e.features.values())
+        done_bytes += sum(row_nbytes(f) for e in new for f in e.features.values())
         done_tokens += sum(len(e.input_ids) for e in new)
         projected = done_bytes / max(done_tokens, 1) * total_tokens / 2**20
         if max_mb is not None and projected > max_mb:
@@ -148,6 +153,7 @@ def _row_batches(
 ) -> Iterator[tuple[int, list[Example]]]:
     """(set index, examples with their rows) per prefix batch, in order."""
     axes = st.get("cached_sequence_axes") or {}
+    shape_only = set(st.get("shape_only") or ())
     for k, examples in enumerate(sets):
         for a in range(0, len(examples), batch_size):
             chunk = examples[a : a + batch_size]
@@ -158,7 +164,7 @@ def _row_batches(
                     replace(
                         e,
                         features={
-                            n: _own_length(v[i], axes.get(n, ()), len(e.input_ids))
+                            n: _own_length(v[i], axes.get(n, ()), len(e.input_ids), n in shape_only)
                             for n, v in zip(names, values, strict=True)
                         },
                     )
@@ -185,8 +191,12 @@ def _write_rows(
         for e in examples:
             entry = []
             for n in names:
-                row = np.ascontiguousarray(e.features[n])
+                row = e.features[n]
                 dtypes.setdefault(n, row.dtype.str)
+                if is_stand_in(row):  # its shape only (offset -1)
+                    entry.append([-1, list(row.shape)])
+                    continue
+                row = np.ascontiguousarray(row)
                 f.write(row.tobytes())
                 entry.append([offset, list(row.shape)])
                 offset += row.nbytes
@@ -243,6 +253,9 @@ def _map_rows(folder: Path, key: str, sets: list[list[Example]]) -> list[list[Ex
             features = {}
             for n, (offset, shape) in zip(names, entry, strict=True):
                 dtype = np.dtype(index["dtypes"][n])
+                if offset < 0:
+                    features[n] = stand_in(shape, dtype)
+                    continue
                 count = int(np.prod(shape, dtype=np.int64))
                 view = data[offset : offset + count * dtype.itemsize].view(dtype)
                 features[n] = view.reshape(shape)
@@ -254,13 +267,21 @@ def _map_rows(folder: Path, key: str, sets: list[list[Example]]) -> list[list[Ex
 def rows_mb(sets: list[list[Example]]) -> float:
     """Memory held by the cached rows of ``sets``."""
     return (
-        sum(f.nbytes for examples in sets for e in examples for f in (e.features or {}).values())
+        sum(
+            row_nbytes(f)
+            for examples in sets
+            for e in examples
+            for f in (e.features or {}).values()
+        )
         / 2**20
     )
 
 
-def _own_length(row: np.ndarray, axes, length: int) -> np.ndarray:
+def _own_length(row: np.ndarray, axes, length: int, shape_only: bool = False) -> np.ndarray:
     """An example's row cut to its own length on the sequence axes (its batch was padded to
-    the longest example; collate pads again to the longest of each training batch)."""
+    the longest example; collate pads again to the longest of each training batch); for a
+    ``shape_only`` tensor a stand-in of that shape."""
     index = tuple(slice(0, length) if k + 1 in axes else slice(None) for k in range(row.ndim))
+    if shape_only:
+        return stand_in(row[index].shape, row.dtype)
     return np.ascontiguousarray(row[index])

@@ -24,6 +24,7 @@ computes each example's rows once per run and trains on the suffix.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -245,8 +246,9 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
         )
         return None
     dynamic = any(n.op_type in DYNAMIC_QUANT_OPS for n in model.graph.node)
+    shapes_only = shape_only(onnx.load(str(folder / SUFFIX), load_external_data=False), cached)
     try:
-        axes, diff = _verify(bundle, folder, cached, direct, text_inputs, dynamic)
+        axes, diff = _verify(bundle, folder, cached, direct, text_inputs, dynamic, shapes_only)
     except BundleError as e:
         (folder / PREFIX).unlink()
         (folder / SUFFIX).unlink()
@@ -264,6 +266,7 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
         "suffix_inputs": direct,
         "cached_shapes": {n: shapes.get(n) for n in cached},
         "cached_sequence_axes": axes,
+        "shape_only": shapes_only,
         "split_max_diff": diff,
     }
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -277,6 +280,27 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
     return stages
 
 
+def shape_only(suffix: onnx.ModelProto, cached: list[str]) -> list[str]:
+    """The cached tensors whose values the suffix never reads: every node that takes one is a
+    ``Shape``/``Size`` (a hidden state the traced graph asks only for its batch and sequence
+    length). The runtime keeps no rows for them, only their shape (``edgezo.prefix_cache``).
+    A name a subgraph refers to counts as read."""
+    readers: dict[str, set[str]] = defaultdict(set)
+
+    def walk(graph: onnx.GraphProto, top: bool) -> None:
+        for node in graph.node:
+            for i in node.input:
+                readers[i].add(node.op_type if top else "subgraph")
+            for a in node.attribute:
+                for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                    walk(sub, False)
+        for o in graph.output:
+            readers[o.name].add("output")
+
+    walk(suffix.graph, True)
+    return [n for n in cached if readers[n] and readers[n] <= SHAPE_OPS]
+
+
 def _verify(
     bundle,
     folder: Path,
@@ -284,10 +308,12 @@ def _verify(
     direct: list[str],
     text_inputs: list[str],
     dynamic: bool = False,
+    shapes_only: list[str] = (),
 ) -> tuple[dict[str, list[int]], float]:
     """The suffix on rows cached one example at a time (and re-padded) == the full graph on
     a padded batch (``dynamic``: within :data:`DYNAMIC_QUANT_RTOL` of it); returns the cached
-    tensors' sequence axes and the largest difference."""
+    tensors' sequence axes and the largest difference. The ``shapes_only`` tensors are fed as
+    NaN of their shape: a suffix that read them would fail the check."""
     rng = np.random.default_rng(0)
     m = bundle.manifest
     vocab = int(m.architecture.get("vocab_size") or 100)
@@ -336,6 +362,8 @@ def _verify(
     ]
     del prefix
     stacked = {n: pad_rows([r[j][0] for r in rows]) for j, n in enumerate(cached)}
+    for n in shapes_only:
+        stacked[n] = np.full_like(stacked[n], np.nan)
     got = _session(folder / SUFFIX).run(
         ["loss"], {**stacked, **{k: batch_inputs[k] for k in direct}, **point}
     )[0]

@@ -118,6 +118,45 @@ def test_suffix_on_cached_rows_equals_the_full_graph(last1, memo_data):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+def test_tensors_read_only_for_their_shape_hold_no_rows(last1, memo_data, tmp_path):
+    """The suffix asks some cached hidden states only for their shape: those rows are
+    stand-ins in memory and absent from the file on disk, and the losses do not change."""
+    from edgezo.data import is_stand_in, row_nbytes
+
+    b = load_bundle(last1)
+    st = b.manifest.stages
+    only = st["shape_only"]
+    assert only and set(only) < set(st["cached"])
+    suffix = onnx.load(str(b.path / st["suffix"]), load_external_data=False)
+    for n in only:
+        readers = {node.op_type for node in suffix.graph.node if n in node.input}
+        assert readers and readers <= {"Shape", "Size"}
+    examples = tokenize_for(b.manifest, read_jsonl(memo_data[0]), b.tokenizer(), 32)[:5]
+    pad = b.manifest.tokenizer.pad_token_id
+    opts = RuntimeOptions(threads=1)
+    (ram,), _ = prefix_cache.cache_rows(b, [examples], 3, pad, opts)
+    held = 0
+    for e in ram:
+        for n, row in e.features.items():
+            assert is_stand_in(row) == (n in only)
+            held += row_nbytes(row)
+        assert e.features[only[0]].shape[0] == len(e.input_ids)  # the example's own shape
+    assert prefix_cache.rows_mb([ram]) == held / 2**20 > 0
+    (disk,), _ = prefix_cache.cache_rows(b, [examples], 3, pad, opts, max_mb=1e-6, folder=tmp_path)
+    assert prefix_cache.on_disk([disk])
+    assert (tmp_path / prefix_cache.ROWS_FILE).stat().st_size == held
+    assert all(is_stand_in(e.features[n]) for e in disk for n in only)
+    params = FlatParams(list(b.manifest.trainable))
+    params.load({k: v + np.float32(0.05) for k, v in b.initial_trainable().items()})
+    suffix_run = LossRunner(
+        prefix_cache.suffix_path(b), params, prefix_cache.suffix_inputs(b), opts
+    )
+    full = LossRunner(b.model_path, params, ["input_ids", "attention_mask", "labels"], opts)
+    want = full.losses(collate(examples, pad))
+    for rows in (ram, disk):
+        np.testing.assert_allclose(suffix_run.losses(collate(rows, pad)), want, rtol=0, atol=1e-5)
+
+
 def test_pad_rows_zero_pads_every_axis():
     a, b = np.ones((2, 3), np.float32), np.full((4, 1), 2, np.float32)
     out = pad_rows([a, b])

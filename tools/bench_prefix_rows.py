@@ -63,7 +63,7 @@ def _status(key: str) -> float:
 def child(args: argparse.Namespace) -> dict:
     from edgezo import prefix_cache
     from edgezo.bundle import load_bundle
-    from edgezo.data import collate, read_jsonl, tokenize_for
+    from edgezo.data import collate, is_stand_in, read_jsonl, tokenize_for
     from edgezo.runner import LossRunner, RuntimeOptions
     from edgezo.zo.engine import EngineSettings, choose_inplace
 
@@ -84,7 +84,7 @@ def child(args: argparse.Namespace) -> dict:
                 e.labels,
                 e.line,
                 e.target,
-                {k: np.array(v) for k, v in e.features.items()},
+                {k: v if is_stand_in(v) else np.array(v) for k, v in e.features.items()},
             )
             for e in rows
         ]

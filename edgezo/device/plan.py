@@ -207,7 +207,8 @@ def prefix_row_widths(bundle: Bundle, threads: int = 1) -> dict[str, tuple[int, 
         RuntimeOptions(threads=threads),
     )
     ids = np.arange(3, 3 + probe, dtype=np.int64)[None, :]
-    names = list(st["cached"])
+    shape_only = set(st.get("shape_only") or ())  # no rows held (edgezo.prefix_cache)
+    names = [n for n in st["cached"] if n not in shape_only]
     values = runner.outputs({"input_ids": ids, "attention_mask": np.ones_like(ids)}, names)
     axes = st.get("cached_sequence_axes") or {}
     out = {}
