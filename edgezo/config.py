@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from .configio import Problems, from_dict, load_yaml
 from .errors import ConfigError
+from .zo import scales
 from .zo.directions import ALL_KINDS
 from .zo.estimators import ESTIMATORS, SCHEDULES
-from .zo import scales
 from .zo.optim import HIZOO_KINDS, HIZOO_POOLS, OPTIMIZERS, SCHEDULE_KINDS
 
 # the choices of the registry-backed fields, from the registries themselves

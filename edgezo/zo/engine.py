@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
+from . import scales
 from .directions import CONE, ConeDirections, Directions
 from .estimators import ESTIMATORS, LevelSchedule
 from .optim import OPTIMIZERS
-from . import scales
 from .params import FlatParams, TensorSpec
 from .perturb import Perturber
 
