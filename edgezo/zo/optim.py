@@ -322,7 +322,10 @@ class ZOHiZOO(ZOSGD):
         s_j = b_j · clip(√(h̄ / h_j), 1/M, M),   h̄ = the mean of h over all values,
 
     with b the run's fixed per-tensor scales (``mu_scale``) and M = ``hizoo_max_scale``
-    (h_j ≤ h̄/M², negative curvature included, gets M). The perturbation on value j is then
+    (h_j ≤ h̄/M², negative curvature included, gets M). h starts, after the first step, at that
+    step's mean estimate on every value (a uniform prior: the preconditioner starts at 1, as
+    HiZOO's starts at the identity), so no single noisy step can set it. The perturbation on
+    value j is then
     μ·s_j and its expected step s_j² times plain SGD's: a Newton-like H⁻¹ step relative to the
     mean curvature, so ``lr`` keeps its meaning for a value of mean curvature. While h̄ ≤ 0
     (noise in the first steps) the preconditioner is 1.
@@ -405,9 +408,15 @@ class ZOHiZOO(ZOSGD):
         if self.pool == "tensor":
             for a, b in self.params.offsets:
                 est[a:b] = np.float32(_mean(est[a:b]))
-        self.h *= np.float32(self.beta)
-        est *= np.float32(1.0 - self.beta)
-        self.h += est
+        if self.t[0] == 0:
+            # the prior: every value at the first step's mean curvature (for sphere directions
+            # without mu_scale exactly c̄/d = the trace estimate over d), so the preconditioner
+            # starts at 1 and each later step moves it by a (1 − β) share only
+            self.h[:] = np.float32(_mean(est))
+        else:
+            self.h *= np.float32(self.beta)
+            est *= np.float32(1.0 - self.beta)
+            self.h += est
         self.t[0] += 1
         self._rescale()
 
