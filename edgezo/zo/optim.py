@@ -12,7 +12,7 @@ docs/concepts/literature.md §4).
 - ``sign`` (ZO-signSGD): δ = −η sign(ĝ); with momentum, δ = −η sign(m) (Signum).
 - ``hizoo``: ``sgd`` (with its momentum) whose directions are scaled per value by a diagonal
   curvature preconditioner, learnt from the ``mirrored`` estimator's second differences
-  (:class:`ZOHiZOO`; docs/concepts/literature.md §8).
+  (:class:`ZOHiZOO`; docs/concepts/literature.md §9).
 
 The momentum buffer (Adam's m) is also the axis of ``cone`` directions
 (:class:`edgezo.zo.directions.ConeDirections`, read through ``history``), which are built
