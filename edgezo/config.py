@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 from .configio import Problems, from_dict, load_yaml
 from .errors import ConfigError
+from .zo import scales
 from .zo.directions import ALL_KINDS
 from .zo.estimators import ESTIMATORS, SCHEDULES
-from .zo.optim import OPTIMIZERS, SCHEDULE_KINDS
+from .zo.optim import HIZOO_KINDS, HIZOO_POOLS, OPTIMIZERS, SCHEDULE_KINDS
 
 # the choices of the registry-backed fields, from the registries themselves
 DIRECTIONS = ALL_KINDS
@@ -120,6 +121,7 @@ class FinetuneConfig:
     estimator: Literal[ESTIMATOR_NAMES] | None = _f(
         None,
         "gradient estimator: central two-point (2q forwards), onesided (q+1), "
+        "mirrored: central plus a shared base, whose second differences feed hizoo (2q+1), "
         "fzoo: onesided normalised by the spread of the q probe losses (q+1; §7), "
         "dap: directionally aligned (2q+1), p3/p4: unbiased multi-level "
         "(docs/concepts/literature.md §3); "
@@ -127,8 +129,30 @@ class FinetuneConfig:
     )
     optimizer: Literal[OPTIMIZER_NAMES] | None = _f(
         None,
-        "update rule: sgd (with momentum), adam (two flat buffers of θ's size), sign; "
+        "update rule: sgd (with momentum), adam (two flat buffers of θ's size), sign, "
+        "hizoo: sgd with a diagonal curvature preconditioner learnt from estimator=mirrored "
+        "(one more buffer of θ's size; docs/concepts/zo-step.md); "
         "default per mode (sgd; head: adam)",
+    )
+    hizoo_beta: float = _f(
+        0.99, "optimizer=hizoo: decay of the moving average of the curvature estimates, in [0, 1)"
+    )
+    hizoo_pool: Literal[HIZOO_POOLS] = _f(
+        "tensor",
+        "optimizer=hizoo: one curvature per trainable tensor (the mean of its values' "
+        "estimates) or one per value (needs of the order of d² probes to resolve)",
+    )
+    hizoo_max_scale: float = _f(
+        4.0,
+        "optimizer=hizoo: the preconditioner's factor on the perturbation stays in [1/M, M] "
+        "(the step's in [1/M², M²]); >= 1",
+    )
+    mu_scale: str = _f(
+        "",
+        "per-tensor perturbation factors: comma-separated key=value, key a tensor name, a "
+        "role (norm, lora_b, ...) or *, value a number > 0 or rms (the tensor's RMS at the "
+        "start; 1 for an all-zero tensor); a tensor is perturbed by mu x its factor and moves "
+        "factor² as far; e.g. norm=0.1 or rms; empty: off",
     )
     adam_beta1: float = _f(0.9, "Adam's first-moment decay β₁")
     adam_beta2: float = _f(0.999, "Adam's second-moment decay β₂")
@@ -295,6 +319,17 @@ def _rule(name: str, check, what: str, fix: str):
     return rule
 
 
+def _mu_scale_rule(cfg: FinetuneConfig, problems: Problems) -> None:
+    try:
+        scales.parse(cfg.mu_scale)
+    except ValueError as e:
+        problems.add(
+            "mu_scale",
+            f"{cfg.mu_scale!r}: {e}",
+            "write key=value pairs, e.g. mu_scale=norm=0.1,lora_b=1 or mu_scale=rms",
+        )
+
+
 _RULES = [
     *(
         _range(n, lambda v: v >= 1, ">= 1")
@@ -340,6 +375,23 @@ _RULES = [
     _range("zipf_s", lambda v: v > 1.0, "> 1 (ζ(s) diverges otherwise)"),
     _range("mu_floor", lambda v: v > 0, "> 0"),
     _range("cone_angle", lambda v: 0.0 < v < 90.0, "between 0 and 90 degrees (exclusive), e.g. 60"),
+    _range("hizoo_beta", lambda v: 0.0 <= v < 1.0, "in [0, 1), e.g. 0.99"),
+    _range("hizoo_max_scale", lambda v: v >= 1.0, ">= 1, e.g. 4"),
+    _mu_scale_rule,
+    _rule(
+        "optimizer",
+        lambda c: c.optimizer == "hizoo" and c.estimator not in (None, "mirrored"),
+        "hizoo learns its curvature from the mirrored estimator's second differences, and "
+        "estimator is {c.estimator}",
+        "set estimator=mirrored (2q+1 forwards; q=2 costs the default's 5), or use optimizer=sgd",
+    ),
+    _rule(
+        "direction",
+        lambda c: c.optimizer == "hizoo" and c.direction not in (None, *HIZOO_KINDS),
+        "hizoo reads the curvature's diagonal from the directions' squared entries, and "
+        "{c.direction} directions carry none",
+        "set direction=sphere or direction=gaussian",
+    ),
     _rule(
         "direction",
         lambda c: (

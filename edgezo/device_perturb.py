@@ -362,6 +362,8 @@ def attach(engine: ZOEngine, runner: LossRunner) -> DeviceParams:
         problems.append("estimator dap (it combines several directions)")
     if engine.params.positive_ranges:
         problems.append("tensors marked positive (their exp would not match the host's)")
+    if engine.perturber.vectors.scale is not None:
+        problems.append(f"mu_scale {s.mu_scale!r} (per-tensor factors are applied on the host)")
     if problems:
         raise ConfigError(
             "device-side perturbation does not support: " + "; ".join(problems),

@@ -1111,6 +1111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"AdamW's lr on the classifier (default {BACKPROP_LR['classification']:g})",
     )
     p.add_argument(
+        "--lm-backprop-lr",
+        type=float,
+        default=None,
+        help=f"AdamW's lr on the LM (default {BACKPROP_LR['lm']:g}); with "
+        "--lm-reference-bundle <edgezo's default bundle> it sweeps backprop on ZO's own "
+        "trainable values",
+    )
+    p.add_argument(
         "--cls-lora-layers",
         default=None,
         help="export the classification bundle with LoRA on query/value of these encoder "
@@ -1220,7 +1228,7 @@ def main(argv: list[str] | None = None) -> int:
                 backprop_mode={"classification": args.cls_backprop_mode},
                 baseline=baseline,
                 zo_set=parse_sets(args.zo_set),
-                backprop_lr={"classification": args.cls_backprop_lr},
+                backprop_lr={"classification": args.cls_backprop_lr, "lm": args.lm_backprop_lr},
             )
             report["command"] = command
             results = report.pop("_results")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
+from . import scales
 from .directions import CONE, ConeDirections, Directions
 from .estimators import ESTIMATORS, LevelSchedule
 from .optim import OPTIMIZERS
@@ -45,6 +46,10 @@ class EngineSettings:
     zipf_s: float = 2.0
     mu_floor: float = 1e-5
     cone_angle: float = 60.0  # direction "cone": degrees between each probe and the momentum
+    mu_scale: str = ""  # per-tensor perturbation factors (edgezo.zo.scales); "": none
+    hizoo_beta: float = 0.99  # optimizer "hizoo": decay of the curvature average
+    hizoo_pool: str = "tensor"  # optimizer "hizoo": one curvature per tensor or per value
+    hizoo_max_scale: float = 4.0  # optimizer "hizoo": the preconditioner stays in [1/M, M]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +98,16 @@ class ZOEngine:
         self.where = where
         self.settings = settings
         self.params = FlatParams(self.specs, inplace=settings.inplace)
-        self.params.load(dict(initial()), where=where)
+        values = dict(initial())
+        self.params.load(values, where=where)
+        try:
+            self.tensor_scales = scales.tensor_factors(self.specs, values, settings.mu_scale)
+        except ValueError as e:
+            raise ConfigError(
+                f"mu_scale {settings.mu_scale!r}: {e}",
+                "name trainable tensors or their roles (edgezo.zo.scales), or drop mu_scale",
+            ) from None
+        del values
         self.cone: ConeDirections | None = None
         if settings.direction == CONE:
             self.cone = ConeDirections(settings.seed, self.params.dim, settings.cone_angle)
@@ -101,6 +115,7 @@ class ZOEngine:
         else:
             self.dirs = Directions(settings.seed, self.params.dim, settings.direction)
         self.perturber = Perturber(self.params, self.dirs)
+        self.perturber.vectors.scale = scales.scale_vector(self.specs, self.tensor_scales)
         schedule = LevelSchedule(settings.level_schedule, settings.level_ratio, settings.zipf_s)
         self.estimator = ESTIMATORS[settings.estimator](
             q=settings.q, schedule=schedule, mu_floor=settings.mu_floor
@@ -113,6 +128,10 @@ class ZOEngine:
             eps=settings.adam_eps,
             weight_decay=settings.weight_decay,
             clip=settings.clip,
+            hizoo_beta=settings.hizoo_beta,
+            hizoo_pool=settings.hizoo_pool,
+            hizoo_max_scale=settings.hizoo_max_scale,
+            direction=settings.direction,
         )
         if self.cone is not None:
             axis = self.optimizer.history
@@ -140,7 +159,10 @@ class ZOEngine:
             est = self.estimator.estimate(step, mu, self.perturber, evaluate)
             status = "ok" if est.finite else "skipped"
             if status == "ok":
-                self.optimizer.update(est.vectors, est.g, lr, displacement=est.displacement)
+                kw = {}
+                if getattr(self.optimizer, "wants_curvature", False):
+                    kw["curvature"] = est.curvature
+                self.optimizer.update(est.vectors, est.g, lr, displacement=est.displacement, **kw)
             else:
                 self.optimizer.settle(est.displacement)  # θ back where it was, no update
         finally:

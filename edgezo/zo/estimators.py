@@ -16,6 +16,8 @@ name       projected gradient per direction                     forwards per ste
 =========  ===================================================  =====================
 central    (f(θ+μz) − f(θ−μz)) / 2μ                             2q
 onesided   (f(θ+μz) − f(θ)) / μ, one shared f(θ)                q + 1
+mirrored   central, plus one shared f(θ) for the curvature         2q + 1
+           c = (f(θ+μz) + f(θ−μz) − 2f(θ)) / μ² ≈ zᵀHz
 fzoo       (f(θ+μz) − f(θ)) / σ, σ = RMS of the q differences  q + 1
 dap        one-sided along z′ aligned with a sphere pilot       2q + 1
 p4         D(μ₁) + (D(μ_{n+1}) − D(μ_n)) / p_n, n ~ schedule    ≈ 1 + q(3 − p₁)
@@ -56,12 +58,15 @@ class Estimate:
     info: dict[str, Any] = field(default_factory=dict)  # extra ledger fields (JSON values)
     #: in place, θ is left at the last evaluated point θ ⊕ c·u: the optimiser undoes it
     displacement: Displacement | None = None
+    #: per direction, the second difference (f₊ + f₋ − 2f₀)/μ² ≈ u_iᵀHu_i (``mirrored`` only)
+    curvature: list[float] | None = None
 
     @property
     def finite(self) -> bool:
-        """All losses finite and every g_i representable in the float32 update arithmetic."""
+        """All losses finite and every g_i (and curvature) representable in the float32 update
+        arithmetic."""
         return all(math.isfinite(x) for x in self.losses) and all(
-            math.isfinite(x) and abs(x) < FLOAT32_MAX for x in self.g
+            math.isfinite(x) and abs(x) < FLOAT32_MAX for x in (*self.g, *(self.curvature or ()))
         )
 
     @property
@@ -120,6 +125,46 @@ class OneSided:
         diffs, losses, us = _one_sided_probes(self.q, step, mu, perturber, evaluate)
         g = [d / mu for d in diffs]
         return Estimate(g, losses, us, displacement=perturber.release())
+
+
+class Mirrored:
+    """Central two-point with a shared base: f(θ), then f(θ + μz_i) and f(θ − μz_i) for i < q;
+    2q + 1 forwards.
+
+    g_i = (f₊ − f₋) / 2μ as in ``central``; the base adds the second difference
+    c_i = (f₊ + f₋ − 2f₀) / μ², an estimate of the curvature z_iᵀHz_i along the probe, which
+    ``optimizer=hizoo`` turns into a diagonal preconditioner. At q = 2 it costs the default's
+    5 forwards (one-sided q = 4) with half the directions.
+    """
+
+    name = "mirrored"
+
+    def __init__(self, q: int = 1, **_: Any):
+        self.q = q
+
+    @property
+    def evals_per_step(self) -> float:
+        return 2 * self.q + 1
+
+    max_evals_per_step = evals_per_step
+
+    def estimate(
+        self, step: int, mu: float, perturber: Perturber, evaluate: Callable[[], float]
+    ) -> Estimate:
+        perturber.at_theta()
+        base = evaluate()
+        g, losses, us, curv = [], [base], [], []
+        for i in range(self.q):
+            u = plain(step, i)
+            perturber.to(u, mu)
+            plus = evaluate()
+            perturber.to(u, -mu)
+            minus = evaluate()
+            losses += [plus, minus]
+            g.append((plus - minus) / (2.0 * mu))
+            curv.append((plus + minus - 2.0 * base) / (mu * mu))
+            us.append(u)
+        return Estimate(g, losses, us, displacement=perturber.release(), curvature=curv)
 
 
 def _one_sided_probes(
@@ -415,6 +460,7 @@ class P3(_MultiLevel):
 ESTIMATORS = {
     "central": CentralTwoPoint,
     "onesided": OneSided,
+    "mirrored": Mirrored,
     "fzoo": Normalized,
     "dap": DAP,
     "p3": P3,

@@ -267,7 +267,8 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
     from .directions import ALL_KINDS
     from .engine import EngineSettings
     from .estimators import ESTIMATORS
-    from .optim import OPTIMIZERS
+    from .optim import HIZOO_POOLS, OPTIMIZERS
+    from .scales import parse as parse_mu_scale
 
     known = EngineSettings.__dataclass_fields__
     unknown = sorted(set(engine) - set(known))
@@ -281,6 +282,7 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
         "estimator": tuple(ESTIMATORS),
         "optimizer": tuple(OPTIMIZERS),
         "level_schedule": ("geometric", "zipf"),
+        "hizoo_pool": HIZOO_POOLS,
     }
     if "seed" not in engine:
         return "no seed"
@@ -294,6 +296,13 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
         elif name == "inplace":
             if not isinstance(value, bool):
                 return f"inplace is {value!r}, not true or false"
+        elif name == "mu_scale":
+            try:
+                parse_mu_scale(value if isinstance(value, str) else None)
+            except ValueError as e:
+                return f"mu_scale is {value!r}: {e}"
+            if not isinstance(value, str):
+                return f"mu_scale is {value!r}, not a string"
         elif name == "clip":
             if value is not None and not (_finite(value) and value > 0):
                 return f"clip is {value!r}, not a positive number or null"
@@ -302,6 +311,8 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
     ratio, s = engine.get("level_ratio", 0.5), engine.get("zipf_s", 2.0)
     if not 0.0 < ratio < 1.0 or not s > 1.0 or engine.get("mu_floor", 1.0) <= 0:
         return "level_ratio must be in (0, 1), zipf_s > 1 and mu_floor > 0"
+    if not 0.0 <= engine.get("hizoo_beta", 0.0) < 1.0 or engine.get("hizoo_max_scale", 1.0) < 1:
+        return "hizoo_beta must be in [0, 1) and hizoo_max_scale >= 1"
     return None
 
 

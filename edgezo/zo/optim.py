@@ -10,6 +10,9 @@ docs/concepts/literature.md §4).
 - ``adam``: m = β₁m + (1 − β₁)ĝ, v = β₂v + (1 − β₂)ĝ², δ = −η m̂ / (√v̂ + ε) with bias
   correction by the number of updates applied (two flat buffers and a counter).
 - ``sign`` (ZO-signSGD): δ = −η sign(ĝ); with momentum, δ = −η sign(m) (Signum).
+- ``hizoo``: ``sgd`` (with its momentum) whose directions are scaled per value by a diagonal
+  curvature preconditioner, learnt from the ``mirrored`` estimator's second differences
+  (:class:`ZOHiZOO`; docs/concepts/literature.md §9).
 
 The momentum buffer (Adam's m) is also the axis of ``cone`` directions
 (:class:`edgezo.zo.directions.ConeDirections`, read through ``history``), which are built
@@ -300,4 +303,160 @@ class ZOAdam(_Base):
         self.t[:] = state["optim.adam_t"]
 
 
-OPTIMIZERS = {"sgd": ZOSGD, "adam": ZOAdam, "sign": ZOSign}
+#: ``hizoo_pool``: one curvature per value, or one per trainable tensor (its values' mean)
+HIZOO_POOLS = ("tensor", "value")
+#: the direction kinds whose squared entries carry the curvature's diagonal (Rademacher's are 1)
+HIZOO_KINDS = ("gaussian", "sphere")
+
+
+class ZOHiZOO(ZOSGD):
+    """ZO-SGD (momentum β as ``sgd``) preconditioned by a diagonal curvature estimate.
+
+    Each step's ``mirrored`` probes give, per direction u_i = s ⊙ z_i, the second difference
+    c_i ≈ u_iᵀHu_i. For a Gaussian z, E[c·(z_j² − 1)/2] = (SHS)_jj; for the sphere of radius √d,
+    E[c·((d+2)(z_j² − 1)/(2d) + 1/d)] = (SHS)_jj. Divided by s_j² that is an estimate of H_jj
+    from the step's own forwards. Its float32 exponential moving average h (decay
+    ``hizoo_beta``; per value, or pooled to one value per tensor with ``hizoo_pool=tensor``)
+    is the preconditioner's state. After every update the scale of the next step's vectors is
+
+        s_j = b_j · clip(√(h̄ / h_j), 1/M, M),   h̄ = the mean of h over all values,
+
+    with b the run's fixed per-tensor scales (``mu_scale``) and M = ``hizoo_max_scale``
+    (h_j ≤ h̄/M², negative curvature included, gets M). h starts, after the first step, at that
+    step's mean estimate on every value (a uniform prior: the preconditioner starts at 1, as
+    HiZOO's starts at the identity), so no single noisy step can set it. The perturbation on
+    value j is then
+    μ·s_j and its expected step s_j² times plain SGD's: a Newton-like H⁻¹ step relative to the
+    mean curvature, so ``lr`` keeps its meaning for a value of mean curvature. While h̄ ≤ 0
+    (noise in the first steps) the preconditioner is 1.
+
+    The per-value estimate's noise grows with the whole trace of H: with d values it needs of
+    the order of d² probes to resolve one value's curvature, and pooling a tensor's values
+    divides that by the tensor's size. State: the momentum, h and the update count; all of it
+    is a function of the recorded losses, so replay and resume rebuild it exactly.
+    """
+
+    name = "hizoo"
+    wants_curvature = True  # the engine hands it the estimate's second differences
+
+    def __init__(
+        self,
+        params: FlatParams,
+        vectors: VectorSource,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        clip: float | None = None,
+        hizoo_beta: float = 0.99,
+        hizoo_pool: str = "tensor",
+        hizoo_max_scale: float = 4.0,
+        direction: str = "sphere",
+        **_: object,
+    ):
+        super().__init__(params, vectors, momentum, weight_decay, clip)
+        if direction not in HIZOO_KINDS:
+            raise ValueError(f"hizoo needs gaussian or sphere directions, got {direction!r}")
+        if hizoo_pool not in HIZOO_POOLS:
+            raise ValueError(f"hizoo_pool must be one of {HIZOO_POOLS}, got {hizoo_pool!r}")
+        self.beta = hizoo_beta
+        self.pool = hizoo_pool
+        self.max_scale = hizoo_max_scale
+        self.kind = direction
+        self.base = None if vectors.scale is None else vectors.scale.copy()
+        self.h = np.zeros(params.dim, dtype=np.float32)
+        self.t = np.zeros(1, dtype=np.int64)
+        ones = np.ones(params.dim, dtype=np.float32)
+        vectors.scale = ones if self.base is None else self.base.copy()
+        self._rescale()
+
+    def update(
+        self,
+        us: list[Vector],
+        g: list[float],
+        lr: float,
+        displacement: Displacement | None = None,
+        curvature: list[float] | None = None,
+    ) -> None:
+        if curvature is None or len(curvature) != len(g):
+            raise ValueError(
+                "optimizer hizoo needs the estimator's second differences: use estimator=mirrored"
+            )
+        super().update(us, g, lr, displacement)  # moves along this step's s ⊙ z_i
+        self._observe(us, curvature)
+
+    def _weights(self, z: np.ndarray) -> np.ndarray:
+        """w(z) with E[c·w(z_j)] = (SHS)_jj for c = zᵀ(SHS)z (float32, in place on z)."""
+        z *= z
+        z -= np.float32(1.0)
+        if self.kind == "gaussian":
+            z *= np.float32(0.5)
+        else:  # sphere of radius √d
+            d = self.params.dim
+            z *= np.float32((d + 2) / (2.0 * d))
+            z += np.float32(1.0 / d)
+        return z
+
+    def _observe(self, us: list[Vector], curvature: list[float]) -> None:
+        q = len(us)
+        est = np.zeros(self.params.dim, dtype=np.float32)
+        for c, s, e in self._chunk_ranges():
+            part = est[s:e]
+            for u, ci in zip(us, curvature, strict=True):
+                w = self._weights(self.vectors.chunk(u, c, scaled=False))
+                w *= np.float32(ci / q)
+                part += w
+            part /= self.vectors.scale[s:e] * self.vectors.scale[s:e]  # SHS -> H
+        if self.pool == "tensor":
+            for a, b in self.params.offsets:
+                est[a:b] = np.float32(_mean(est[a:b]))
+        if self.t[0] == 0:
+            # the prior: every value at the first step's mean curvature (for sphere directions
+            # without mu_scale exactly c̄/d = the trace estimate over d), so the preconditioner
+            # starts at 1 and each later step moves it by a (1 − β) share only
+            self.h[:] = np.float32(_mean(est))
+        else:
+            self.h *= np.float32(self.beta)
+            est *= np.float32(1.0 - self.beta)
+            self.h += est
+        self.t[0] += 1
+        self._rescale()
+
+    def _rescale(self) -> None:
+        """vectors.scale ← b ⊙ clip(√(h̄/h), 1/M, M) (1 while h̄ ≤ 0)."""
+        scale = self.vectors.scale
+        mean = _mean(self.h) if self.t[0] > 0 else 0.0
+        if not mean > 0.0:
+            scale[:] = 1.0
+        else:
+            m2 = np.float32(self.max_scale * self.max_scale)
+            np.maximum(self.h, np.float32(mean) / m2, out=scale)  # ≤ 0 and tiny: the bound M
+            np.divide(np.float32(mean), scale, out=scale)
+            np.sqrt(scale, out=scale)
+            np.clip(scale, np.float32(1.0 / self.max_scale), np.float32(self.max_scale), out=scale)
+        if self.base is not None:
+            scale *= self.base
+
+    @property
+    def preconditioner(self) -> np.ndarray:
+        """The current per-value factors clip(√(h̄/h), 1/M, M) (without ``mu_scale``)."""
+        s = self.vectors.scale
+        return s.copy() if self.base is None else s / self.base
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**super().state(), "optim.hizoo_h": self.h, "optim.hizoo_t": self.t}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        self.h[:] = state["optim.hizoo_h"]
+        self.t[:] = state["optim.hizoo_t"]
+        self._rescale()
+
+
+def _mean(x: np.ndarray) -> float:
+    """The mean of a float32 array, summed in float64 in fixed 1M-value blocks (deterministic)."""
+    if x.size == 0:
+        return 0.0
+    parts = [float(np.sum(x[i : i + CHUNK], dtype=np.float64)) for i in range(0, x.size, CHUNK)]
+    return math.fsum(parts) / x.size
+
+
+OPTIMIZERS = {"sgd": ZOSGD, "adam": ZOAdam, "sign": ZOSign, "hizoo": ZOHiZOO}

@@ -4,7 +4,10 @@ A :class:`Vector` names a direction without storing it: plain ``z(step, index)``
 kind, optionally plus per-tensor multiples of other regenerable directions (DAP's aligned
 direction z′ = z + a_T·v on each tensor T). :class:`VectorSource` builds any chunk of it, so
 estimators perturb along it and optimisers update along it by the same code, in training and
-in replay.
+in replay. Where the run scales its vectors per value (``VectorSource.scale``: per-tensor μ
+from ``mu_scale``, HiZOO's curvature preconditioner), every vector is s ⊙ u: the perturbation
+on a value is μ·s·u and, since the projected gradient is measured along s ⊙ u, the step there
+is s² times plain SGD's in expectation (a diagonal preconditioner S²).
 
 ``Perturber.to(u, c)`` makes ONNX Runtime's next run see θ ⊕ c·u, where ⊕ is + on ordinary
 tensors and θ·exp(c·u) on tensors marked positive (:meth:`FlatParams.move`). With a separate
@@ -60,6 +63,9 @@ class VectorSource:
         n = min(CHUNK, max(params.dim, 1))
         self._buf = np.empty(n, dtype=np.float32)
         self._tmp = np.empty(n, dtype=np.float32)
+        #: per-value factors s (float32, θ's size) or None: every vector is s ⊙ u. Set once by
+        #: the engine from ``mu_scale`` (per tensor), and after each update by ``hizoo``.
+        self.scale: np.ndarray | None = None
 
     def of(self, kind: str | None) -> Directions:
         kind = kind or self.dirs.kind
@@ -71,8 +77,11 @@ class VectorSource:
     def nchunks(self) -> int:
         return self.dirs.nchunks
 
-    def chunk(self, u: Vector, c: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Values [c·CHUNK, ...) of u (into ``out``, by default a reused buffer)."""
+    def chunk(
+        self, u: Vector, c: int, out: np.ndarray | None = None, scaled: bool = True
+    ) -> np.ndarray:
+        """Values [c·CHUNK, ...) of u (into ``out``, by default a reused buffer); times the
+        per-value ``scale`` where one is set, unless ``scaled`` is false (the raw direction)."""
         s = c * CHUNK
         e = min(self.params.dim, s + CHUNK)
         out = self._buf[: e - s] if out is None else out
@@ -84,6 +93,8 @@ class VectorSource:
                 if lo < hi and k != 0.0:
                     w[lo - s : hi - s] *= np.float32(k)
                     out[lo - s : hi - s] += w[lo - s : hi - s]
+        if scaled and self.scale is not None:
+            out *= self.scale[s:e]
         return out
 
     def chunks(self, u: Vector) -> Iterator[tuple[int, np.ndarray]]:
