@@ -77,3 +77,15 @@ def export_memory_estimate(
     stage = max(export_stages(precision, decoder), key=STAGE_FACTORS.__getitem__)
     factor = STAGE_FACTORS[stage]
     return int(parameters * 4 * factor), stage, factor
+
+
+#: peak resident memory of the streamed int4 export (``exporters/stream.py``) over the model's
+#: fp32 weight bytes: it holds one tensor at a time (the largest, a tied embedding, three times:
+#: read, transposed for the head, packed) and the int4 bundle's ONNX Runtime sessions, so the
+#: factor is well under 1 (provisional until measured: docs/benchmarks/scale.md)
+STREAMED_INT4_FACTOR = 0.5
+
+
+def streamed_memory_estimate(parameters: int) -> int:
+    """Bytes the streamed int4 export of a model of ``parameters`` is estimated to peak at."""
+    return int(parameters * 4 * STREAMED_INT4_FACTOR)
