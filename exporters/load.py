@@ -313,6 +313,13 @@ def check_export_memory(
             fixes.append("--no-decoder (the decoding graph's trace is the largest stage)")
         if precision and precision.startswith("int8"):
             fixes.append("--precision int4 (int8's smoothing quantiser is the largest stage)")
+        from .memory import streamed_memory_estimate
+
+        if streamed_memory_estimate(params) <= available and not gguf_source(source):
+            fixes.append(
+                "--precision int4 --stream (the streamed export holds one weight at a time: "
+                f"about {streamed_memory_estimate(params) / 2**30:.1f} GiB)"
+            )
         raise EdgezoError(
             f"{source} ({config.model_type}, {params / 1e9:.2f}B parameters) needs about "
             f"{need / 2**30:.1f} GiB to export as {precision or 'fp32'}: its {stage} peaks at "
@@ -323,6 +330,11 @@ def check_export_memory(
             + "on a machine with more memory (the bundle then runs here: an int4 bundle of it "
             "needs far less), free memory, or export a smaller model",
         )
+
+
+def gguf_source(source: str) -> bool:
+    """Whether an export source names a GGUF file (the streamed export reads safetensors)."""
+    return source.endswith(".gguf")
 
 
 def check_gguf_types(path: Path, model_type: str) -> None:

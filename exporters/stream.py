@@ -55,10 +55,18 @@ from edgezo.errors import EdgezoError
 
 from .bundle_writer import check_destination, staged_bundle
 from .deps import versions
-from .load import LoadedModel, _config_for, _fast_tokenizer, _first_id, resolve_source
+from .load import (
+    LoadedModel,
+    _config_for,
+    _fast_tokenizer,
+    _first_id,
+    available_memory_bytes,
+    count_parameters,
+    resolve_source,
+)
 from .lora import layer_index
 from .loss import CausalLMLossGraph
-from .memory import release_memory
+from .memory import release_memory, streamed_memory_estimate
 from .onnx_export import (
     BATCH_INPUTS,
     EXTERNAL_DATA,
@@ -159,6 +167,7 @@ def load_streamed(folder: str | Path) -> StreamedModel:
 
     folder, gguf = resolve_source(folder, None)
     config, model_type, arch = _config_for(folder, gguf, "causal_lm")
+    _check_memory(config, folder)
     reader = CheckpointReader(folder)
     tokenizer = _fast_tokenizer(folder, str(folder), {"local_files_only": True})
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are real
@@ -200,6 +209,23 @@ def load_streamed(folder: str | Path) -> StreamedModel:
         bos_token_id=_first_id(tokenizer.bos_token_id, None),
     )
     return StreamedModel(loaded, reader, names)
+
+
+def _check_memory(config, folder: Path) -> None:
+    """Refuse, before any weight is read, a model whose streamed export would not fit in this
+    machine's available memory (:func:`exporters.memory.streamed_memory_estimate`)."""
+    available = available_memory_bytes()
+    params = count_parameters(config)
+    if available is None or params is None:
+        return
+    need = streamed_memory_estimate(params)
+    if need > available:
+        raise EdgezoError(
+            f"{folder} ({config.model_type}, {params / 1e9:.2f}B parameters) needs about "
+            f"{need / 2**30:.1f} GiB for the streamed int4 export; this machine has "
+            f"{available / 2**30:.1f} GiB available",
+            "free memory, or export on a machine with more memory",
+        )
 
 
 @contextmanager
@@ -369,6 +395,8 @@ def export_causal_lm_streamed(
             nonlocal quantised
             done = matmul_nbits_one(namer(node), weight, 4, block_size, accuracy_level)
             quantised += done is not None
+            del weight
+            release_memory()  # the quantiser's one-node model and its copies of the weight
             return done
 
         count, nbytes = attach_weights(
