@@ -61,7 +61,7 @@ from .load import (
     _fast_tokenizer,
     _first_id,
     available_memory_bytes,
-    count_parameters,
+    parameter_sizes,
     resolve_source,
 )
 from .lora import layer_index
@@ -215,10 +215,11 @@ def _check_memory(config, folder: Path) -> None:
     """Refuse, before any weight is read, a model whose streamed export would not fit in this
     machine's available memory (:func:`exporters.memory.streamed_memory_estimate`)."""
     available = available_memory_bytes()
-    params = count_parameters(config)
-    if available is None or params is None:
+    sizes = parameter_sizes(config)
+    if available is None or sizes is None:
         return
-    need = streamed_memory_estimate(params)
+    params = sizes[0]
+    need = streamed_memory_estimate(*sizes)
     if need > available:
         raise EdgezoError(
             f"{folder} ({config.model_type}, {params / 1e9:.2f}B parameters) needs about "

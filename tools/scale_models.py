@@ -155,6 +155,16 @@ def parameter_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def largest_parameter(name: str) -> int:
+    """Values of ``name``'s largest parameter (the embedding, for these models)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config(name))
+    return max(p.numel() for p in model.parameters())
+
+
 def build_folder(name: str, folder: Path, seed: int = 0) -> Path:
     """A Hugging Face folder of ``name``'s configuration with random weights (fp32)."""
     import torch
@@ -347,11 +357,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work)
     rows = []
-    from exporters.memory import (
-        STREAMED_INT4_FACTOR,
-        export_memory_estimate,
-        streamed_memory_estimate,
-    )
+    from exporters.memory import export_memory_estimate, streamed_memory_estimate
 
     cap = args.max_export_gb * 2**30
     for name in args.models.split(","):
@@ -364,13 +370,10 @@ def main() -> None:
                 decoder = export_memory_estimate(n, None, True)[0] <= cap
             need, stage, factor = export_memory_estimate(n, quant, decoder)
             stream = False
-            if need > cap and quant == "int4" and streamed_memory_estimate(n) <= cap:
+            streamed = streamed_memory_estimate(n, largest_parameter(name))
+            if need > cap and quant == "int4" and streamed <= cap:
                 stream = True  # the streamed int4 export holds one weight at a time
-                need, stage, factor = (
-                    streamed_memory_estimate(n),
-                    "streamed int4 export",
-                    STREAMED_INT4_FACTOR,
-                )
+                need, stage, factor = streamed, "streamed int4 export", streamed / (4 * n)
             if need > cap:
                 rows.append(
                     {
