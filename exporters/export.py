@@ -121,6 +121,7 @@ def export_causal_lm(
     decoder: bool | None = None,
     decoder_precision: str = "fp32",
     decoder_fused: bool | None = None,
+    stream: bool = False,
 ) -> Path:
     """Export a causal LM into a validated bundle folder ``out``; returns ``out``.
 
@@ -182,6 +183,12 @@ def export_causal_lm(
             of the nodes) where the model's family has one, and traces the model otherwise;
             True requires the fused graph, False always traces. Recorded as
             ``decoder.kind``.
+        stream: the streamed int4 export (``exporters/stream.py``): the weights are read from
+            the checkpoint one tensor at a time and quantised as they are attached, so the
+            fp32 model and graph never sit in memory whole (what a model too large for the
+            ordinary export needs). It takes a Hugging Face folder with safetensors weights,
+            ``precision="int4"``, ``mode="lora"``, task ``causal_lm`` and no decoding graph;
+            validation compares the int4 graph with PyTorch run one module at a time.
 
     Raises:
         EdgezoError: bad arguments, unsupported architecture, or a failed validation; no
@@ -261,6 +268,43 @@ def export_causal_lm(
         raise EdgezoError(
             "the decoding graph (--decoder) of a quantised bundle is not exported yet",
             "drop --decoder (generate then re-runs the loss graph), or export in fp32",
+        )
+    if stream:
+        bad = [
+            what
+            for what, wrong in (
+                (f"--precision {precision} (int4 only)", precision != "int4"),
+                (f"--mode {mode} (lora only)", mode != "lora"),
+                (f"--task {task} (causal_lm only)", task != "causal_lm"),
+                ("a GGUF file (a safetensors folder only)", gguf_file is not None),
+                ("--decoder (none yet)", bool(decoder)),
+            )
+            if wrong
+        ]
+        if bad:
+            raise EdgezoError(
+                f"the streamed export (--stream) does not take {', '.join(bad)}",
+                "pass --stream with --precision int4 --mode lora and a Hugging Face folder, or "
+                "export without --stream",
+            )
+        from .stream import export_causal_lm_streamed
+
+        return export_causal_lm_streamed(
+            model,
+            out,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            lora_layers=lora_layers,
+            lora_freeze_a=lora_freeze_a,
+            lora_layout=lora_layout,
+            seed=seed,
+            overwrite=overwrite,
+            tolerance=tolerance,
+            progress=progress,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            quant_rtol=quant_rtol,
         )
     check_destination(out, overwrite)  # fail before the slow load
 

@@ -276,6 +276,13 @@ def count_parameters(config: Any) -> int | None:
     """Parameters of ``config``'s causal LM (tied head once), counted on the meta device (no
     memory); None for a config transformers cannot instantiate (it fails later, with its
     message)."""
+    sizes = parameter_sizes(config)
+    return None if sizes is None else sizes[0]
+
+
+def parameter_sizes(config: Any) -> tuple[int, int] | None:
+    """(parameters, values of the largest parameter) of ``config``'s causal LM, on the meta
+    device; None where transformers cannot instantiate it."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -283,7 +290,8 @@ def count_parameters(config: Any) -> int | None:
             shell = AutoModelForCausalLM.from_config(config)
     except Exception:
         return None
-    return sum(p.numel() for p in shell.parameters())
+    counts = [p.numel() for p in shell.parameters()]
+    return sum(counts), max(counts, default=0)
 
 
 def check_export_memory(
@@ -303,9 +311,10 @@ def check_export_memory(
         available = available_memory_bytes()
     if available is None:
         return
-    params = count_parameters(config)
-    if params is None:
+    sizes = parameter_sizes(config)
+    if sizes is None:
         return
+    params, largest = sizes
     need, stage, factor = export_memory_estimate(params, precision, decoder)
     if need > available:
         fixes = []
@@ -313,6 +322,14 @@ def check_export_memory(
             fixes.append("--no-decoder (the decoding graph's trace is the largest stage)")
         if precision and precision.startswith("int8"):
             fixes.append("--precision int4 (int8's smoothing quantiser is the largest stage)")
+        from .memory import streamed_memory_estimate
+
+        streamed = streamed_memory_estimate(params, largest)
+        if streamed <= available and not gguf_source(source):
+            fixes.append(
+                "--precision int4 --stream (the streamed export holds one weight at a time: "
+                f"about {streamed / 2**30:.1f} GiB)"
+            )
         raise EdgezoError(
             f"{source} ({config.model_type}, {params / 1e9:.2f}B parameters) needs about "
             f"{need / 2**30:.1f} GiB to export as {precision or 'fp32'}: its {stage} peaks at "
@@ -323,6 +340,11 @@ def check_export_memory(
             + "on a machine with more memory (the bundle then runs here: an int4 bundle of it "
             "needs far less), free memory, or export a smaller model",
         )
+
+
+def gguf_source(source: str) -> bool:
+    """Whether an export source names a GGUF file (the streamed export reads safetensors)."""
+    return source.endswith(".gguf")
 
 
 def check_gguf_types(path: Path, model_type: str) -> None:

@@ -77,3 +77,25 @@ def export_memory_estimate(
     stage = max(export_stages(precision, decoder), key=STAGE_FACTORS.__getitem__)
     factor = STAGE_FACTORS[stage]
     return int(parameters * 4 * factor), stage, factor
+
+
+#: the streamed int4 export (``exporters/stream.py``) holds one weight at a time; its peak is
+#: the weight with its folded transpose and the quantiser's copies, a multiple of the largest
+#: tensor (the embedding/tied head), over a base of the interpreter and libraries; after it,
+#: the int4 bundle's sessions (validation, frozen-prefix split) hold a share of the fp32
+#: weights. Measured on Llama 3.2 3B (docs/benchmarks/scale.md): 7,375 MiB at the head,
+#: 493 MiB before it, 1,503 MiB head (4.6x); 2,577 MiB in the split (0.21x the weights)
+STREAMED_BASE_BYTES = 512 * 2**20
+STREAMED_LARGEST_FACTOR = 4.7
+STREAMED_WEIGHTS_FACTOR = 0.25
+
+
+def streamed_memory_estimate(parameters: int, largest_tensor: int) -> int:
+    """Bytes the streamed int4 export of a model of ``parameters`` weights, the largest of
+    them a tensor of ``largest_tensor`` values, is estimated to peak at."""
+    return int(
+        STREAMED_BASE_BYTES
+        + max(
+            STREAMED_LARGEST_FACTOR * largest_tensor * 4, STREAMED_WEIGHTS_FACTOR * parameters * 4
+        )
+    )

@@ -222,6 +222,50 @@ def matmul_nbits(
     return q.model.model
 
 
+def matmul_nbits_one(
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    accuracy_level: int = 0,
+) -> tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]] | None:
+    """One ``MatMul`` (``node``, its constant weight ``weight`` [K, N]) quantised to
+    ``MatMulNBits`` on its own; returns (the nodes replacing ``node``, the new initializers as
+    (name, array)), or None where the quantiser leaves it a ``MatMul``.
+
+    The streamed export (``exporters/stream.py``) quantises each weight as it is attached, so
+    the fp32 graph never exists whole. This runs :func:`matmul_nbits` (ONNX Runtime's
+    ``MatMulNBitsQuantizer``, the step :func:`quantize_model` uses) on a one-node model that
+    holds only this ``MatMul`` and its weight, so the packing, names and attributes are the
+    ones the whole-graph quantiser gives the same node.
+    """
+    if weight.ndim != 2 or weight.dtype != np.float32:
+        return None
+    k, n = weight.shape
+    single = helper.make_node("MatMul", list(node.input), list(node.output), name=node.name)
+    graph = helper.make_graph(
+        [single],
+        "one_matmul",
+        [helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, ["rows", n])],
+        [numpy_helper.from_array(np.ascontiguousarray(weight), node.input[1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    with quiet_quantizer():
+        out = matmul_nbits(model, bits, block_size, accuracy_level)
+    if any(m.op_type == "MatMul" for m in out.graph.node):
+        return None
+    inits = [(t.name, numpy_helper.to_array(t).copy()) for t in out.graph.initializer]
+    # copies: a node of ``out`` would keep all of ``out`` alive (protobuf messages share their
+    # parent's memory), the fp32 weight included (measured: one weight's copy per MatMul)
+    nodes = []
+    for m in out.graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(m)
+        nodes.append(copy)
+    return nodes, inits
+
+
 def quantize_model(
     model: onnx.ModelProto,
     scheme: str,

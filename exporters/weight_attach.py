@@ -96,6 +96,11 @@ def attach_weights(
     weights: Mapping[str, Callable[[], np.ndarray]],
     data_path: Path | None,
     keep_unfolded: Callable[[onnx.NodeProto], bool] = lambda _node: False,
+    quantize_matmul: Callable[
+        [onnx.NodeProto, np.ndarray],
+        tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]] | None,
+    ]
+    | None = None,
 ) -> tuple[int, int]:
     """Turn the graph inputs named in ``weights`` into initializers; returns (tensors
     written, bytes written).
@@ -106,6 +111,11 @@ def attach_weights(
     replaced by its outputs (what the tracer's constant folding does), unless
     ``keep_unfolded(node)``. The initializers are appended to ``data_path`` (the external data
     file, created) when given, else stored inline. Graph inputs not in ``weights`` stay inputs.
+
+    ``quantize_matmul(node, weight)``: a value that only one ``MatMul`` reads, as its weight
+    (input 1), is handed to it instead of being stored; it returns the nodes that replace the
+    ``MatMul`` and their initializers (``MatMulNBits``: the streamed int4 export,
+    ``exporters/stream.py``), or None to store the weight as it is.
     """
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
@@ -138,6 +148,21 @@ def attach_weights(
     )
     outside.update(o.name for o in graph.output if o.name in derived)
     readers = Counter(i for n in foldable for i in n.input if i in derived)
+    # values read by one MatMul only, as its weight: quantised as they are emitted
+    matmul_sites: dict[str, onnx.NodeProto] = {}
+    if quantize_matmul is not None:
+        graph_outputs = {o.name for o in graph.output}
+        for n in graph.node:
+            if (
+                id(n) not in folded_ids
+                and n.op_type == "MatMul"
+                and len(n.input) == 2
+                and outside[n.input[1]] == 1
+                and n.input[1] not in graph_outputs
+                and n.input[0] != n.input[1]
+            ):
+                matmul_sites[n.input[1]] = n
+    replaced: dict[int, list[onnx.NodeProto]] = {}
 
     inits = {t.name: t for t in graph.initializer}
     const_nodes = {o: n for n in graph.node if n.op_type == "Constant" for o in n.output}
@@ -147,6 +172,19 @@ def attach_weights(
     new_inits: list[onnx.TensorProto] = []
 
     def emit(name: str, value: np.ndarray) -> None:
+        nonlocal written, nbytes
+        site = matmul_sites.get(name)
+        if site is not None:
+            done = quantize_matmul(site, value)
+            if done is not None:
+                nodes, tensors = done
+                replaced[id(site)] = nodes
+                for t_name, t_value in tensors:
+                    store(t_name, t_value)
+                return
+        store(name, value)
+
+    def store(name: str, value: np.ndarray) -> None:
         nonlocal written, nbytes
         t = data.tensor(name, value) if data else numpy_helper.from_array(value, name)
         new_inits.append(t)
@@ -192,7 +230,9 @@ def attach_weights(
             f"folding the frozen weights left {len(held)} values unread: {sorted(held)[:3]}",
             "this is an exporter bug; report it with the model you exported",
         )
-    keep_nodes = [n for n in graph.node if id(n) not in folded_ids]
+    keep_nodes = [
+        m for n in graph.node if id(n) not in folded_ids for m in replaced.get(id(n), [n])
+    ]
     del graph.node[:]
     graph.node.extend(keep_nodes)
     kept_inputs = [i for i in graph.input if i.name not in weights]

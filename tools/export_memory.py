@@ -4,7 +4,7 @@ between two of the exporter's progress lines, reset after each (``/proc/self/cle
 Run it as its own process (the peak is the process's): ::
 
     python tools/export_memory.py --model HF_DIR --out BUNDLE [--quantize int4]
-        [--trace params|inputs] [--no-decoder] [--json stages.json]
+        [--trace params|inputs] [--no-decoder] [--stream] [--json stages.json]
 
 ``--trace params`` traces the frozen weights as parameters (how every bundle was exported
 before ``exporters/weight_attach.py``), ``inputs`` (default) as graph inputs attached
@@ -39,6 +39,11 @@ def main() -> None:
     p.add_argument("--quantize", default=None)
     p.add_argument("--trace", choices=("params", "inputs"), default="inputs")
     p.add_argument("--no-decoder", action="store_true")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="the streamed int4 export (exporters/stream.py; implies --quantize int4)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -62,8 +67,11 @@ def main() -> None:
 
     _reset()
     kw = {"lora_targets": ["v_proj"], "lora_layers": "last:4", "lora_freeze_a": True}
-    if args.no_decoder:
+    if args.no_decoder or args.stream:
         kw["decoder"] = False
+    if args.stream:
+        kw["stream"] = True
+        args.quantize = "int4"
     export_causal_lm(
         args.model,
         args.out,

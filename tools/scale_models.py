@@ -22,7 +22,9 @@ python tools/scale_models.py [--models gemma-3-270m,qwen2.5-0.5b] [--precisions 
 
 An export whose estimate (``exporters.memory.export_memory_estimate``: the fp32 weights times
 the measured factor of its largest stage) passes ``--max-export-gb`` is skipped with the
-reason, before its random weights are even built.
+reason, before its random weights are even built; an int4 one is exported streamed instead
+(``exporters/stream.py``: one weight at a time) where that estimate fits. A model whose fp32
+weights pass half the cap is written shard by shard (:func:`build_folder_streamed`).
 """
 
 from __future__ import annotations
@@ -153,11 +155,20 @@ def parameter_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def largest_parameter(name: str) -> int:
+    """Values of ``name``'s largest parameter (the embedding, for these models)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config(name))
+    return max(p.numel() for p in model.parameters())
+
+
 def build_folder(name: str, folder: Path, seed: int = 0) -> Path:
     """A Hugging Face folder of ``name``'s configuration with random weights (fp32)."""
     import torch
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     if (folder / "config.json").is_file():
         return folder
@@ -165,6 +176,64 @@ def build_folder(name: str, folder: Path, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(_config(name), dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    _save_tokenizer(folder)
+    return folder
+
+
+def build_folder_streamed(name: str, folder: Path, seed: int = 0) -> Path:
+    """:func:`build_folder` for a model whose fp32 weights do not fit in memory at once: each
+    tensor is drawn from its own seed (``seed`` and a CRC of its name) and written with its
+    block's other tensors to one safetensors shard (``model.safetensors.index.json`` lists
+    them), so one block is held at a time. The values follow the Hugging Face initialisation
+    of these families: N(0, ``initializer_range``²) for matrices, ones for norm weights, zeros
+    for biases (not bitwise :func:`build_folder`'s draws)."""
+    import zlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM
+
+    config = _config(name)
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config)
+    std = float(getattr(config, "initializer_range", 0.02))
+    shards: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for pname, p in shell.named_parameters():  # a tied head once, as save_pretrained writes it
+        parts = pname.split(".")
+        key = f"layers-{int(parts[2]):03d}" if parts[1:2] == ["layers"] else "rest"
+        shards.setdefault(key, []).append((pname, tuple(p.shape)))
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, (_key, tensors) in enumerate(sorted(shards.items())):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        values = {}
+        for pname, shape in tensors:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(pname.encode()))
+            if len(shape) >= 2:
+                values[pname] = torch.randn(shape, generator=gen) * std
+            elif "norm" in pname:
+                values[pname] = torch.ones(shape)
+            else:
+                values[pname] = torch.zeros(shape)
+            weight_map[pname] = file
+            total += values[pname].numel() * 4
+        save_file(values, str(folder / file), metadata={"format": "pt"})
+        del values
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
+    config.save_pretrained(folder)
+    _save_tokenizer(folder)
+    return folder
+
+
+def _save_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     for ch in "abcdefghijklmnopqrstuvwxyz0123456789 .,!?'\n":
         vocab[ch] = len(vocab)
@@ -172,7 +241,6 @@ def build_folder(name: str, folder: Path, seed: int = 0) -> Path:
     PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     ).save_pretrained(folder)
-    return folder
 
 
 EXPORT_CHILD = r"""
@@ -189,12 +257,14 @@ print(json.dumps({"export_s": time.perf_counter() - t, "export_peak_mb": peak}))
 """
 
 
-def export(folder: Path, out: Path, precision: str, decoder: bool) -> dict:
+def export(folder: Path, out: Path, precision: str, decoder: bool, stream: bool = False) -> dict:
     kw = {"model": str(folder), "out": str(out), "mode": "lora", **RECIPE}
     if precision != "fp32":
         kw["quantize"] = precision
     elif not decoder:
         kw["decoder"] = False
+    if stream:  # the streamed int4 export (exporters/stream.py): no decoding graph
+        kw.update(stream=True, decoder=False)
     proc = subprocess.run(
         [sys.executable, "-c", EXPORT_CHILD, json.dumps(kw)], capture_output=True, text=True
     )
@@ -205,14 +275,14 @@ def export(folder: Path, out: Path, precision: str, decoder: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def runtime(bundle: Path) -> dict:
+def runtime(bundle: Path, steps: int = 6) -> dict:
     args = argparse.Namespace(
         bundle=str(bundle),
         batch=BATCH,
         seq=SEQ,
         threads=2,
-        steps=6,
-        forwards=6,
+        steps=steps,
+        forwards=steps,
         q=1,
         direction="rademacher",
         momentum=0.0,
@@ -273,10 +343,21 @@ def main() -> None:
         help="fp32 exports: build the decoding graph (on), or only where its trace fits "
         "--max-export-gb (auto); the rows' runtime figures do not use it",
     )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=6,
+        help="ZO steps and separately timed forwards per runtime measurement (medians)",
+    )
+    p.add_argument(
+        "--skip-export",
+        action="store_true",
+        help="measure the bundles already under --work (exported by an earlier run) again",
+    )
     args = p.parse_args()
     work = Path(args.work)
     rows = []
-    from exporters.memory import export_memory_estimate
+    from exporters.memory import export_memory_estimate, streamed_memory_estimate
 
     cap = args.max_export_gb * 2**30
     for name in args.models.split(","):
@@ -288,6 +369,11 @@ def main() -> None:
             if decoder and args.decoder == "auto":
                 decoder = export_memory_estimate(n, None, True)[0] <= cap
             need, stage, factor = export_memory_estimate(n, quant, decoder)
+            stream = False
+            streamed = streamed_memory_estimate(n, largest_parameter(name))
+            if need > cap and quant == "int4" and streamed <= cap:
+                stream = True  # the streamed int4 export holds one weight at a time
+                need, stage, factor = streamed, "streamed int4 export", streamed / (4 * n)
             if need > cap:
                 rows.append(
                     {
@@ -300,17 +386,23 @@ def main() -> None:
                 )
                 print(json.dumps(rows[-1]), flush=True)
                 continue
-            folder = folder or build_folder(name, work / name / "hf")
+            if folder is None:  # a model of fp32 weights past half the cap: written shard-wise
+                build = build_folder_streamed if n * 4 * 2 > cap else build_folder
+                folder = build(name, work / name / "hf")
             out = work / name / precision
             row = {
                 "model": name,
                 "params": n,
                 "precision": precision,
                 "decoder": decoder,
-                **export(folder, out, precision, decoder),
+                "streamed": stream,
             }
+            if args.skip_export and (out / "manifest.json").is_file():
+                row.update(export_s=float("nan"), export_peak_mb=float("nan"))
+            else:
+                row.update(export(folder, out, precision, decoder, stream))
             if "error" not in row:
-                row.update(runtime(out))
+                row.update(runtime(out, args.steps))
                 row.update(plans(out))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -292,6 +292,13 @@ def _resolve_model(model: str) -> str:
     "unchanged). See docs/guides/generate.md.",
 )
 @click.option(
+    "--stream",
+    is_flag=True,
+    help="The streamed int4 export for a model too large for the ordinary one: weights read "
+    "from the safetensors checkpoint one tensor at a time and quantised as they are attached "
+    "(needs --precision int4, LoRA, a Hugging Face folder; no decoding graph).",
+)
+@click.option(
     "--decoder-only",
     is_flag=True,
     help="Add the decoding graph to the existing --bundle (an older export) in place; its "
@@ -333,6 +340,7 @@ def export(
     quant_rtol,
     decoder,
     decoder_precision,
+    stream,
     decoder_only,
     bundle,
 ) -> None:
@@ -412,6 +420,7 @@ def export(
             **quant,
             **({} if decoder is None else {"decoder": decoder}),
             **({} if decoder_precision == "fp32" else {"decoder_precision": decoder_precision}),
+            **({"stream": True} if stream else {}),
         )
 
     path = run(run_export, interrupted="interrupted; no bundle was written")
