@@ -310,7 +310,7 @@ def _setup(cfg: FinetuneConfig, run: RunFolder, starting: bool, t0: float, log) 
     settings = engine_settings(cfg, bundle)
     engine = bundle.engine(settings)
     per_step = engine.estimator.evals_per_step
-    buffers = optimizer_buffers(cfg.optimizer, cfg.momentum)
+    buffers = optimizer_buffers(cfg.optimizer, cfg.momentum, scaled=bool(cfg.mu_scale))
     limits = session_limits(cfg, bundle, buffers, settings.inplace, per_step, profile)
     runner, train, held, prefix_calls = build_runner(
         cfg, bundle, engine, train, held, limits, log, folder=run.path

@@ -231,3 +231,28 @@ def test_kill_and_resume_and_replay_are_exact_with_hizoo(lora_bundle, memo_data,
     rebuilt = tmp_path / "rebuilt.safetensors"
     check = cli("replay", "--run", str(tmp_path / "ref"), "--out", str(rebuilt), "--check")
     assert check.returncode == 0 and "bit-identical" in check.stdout, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize(
+    ("kw", "momentum"),
+    [
+        ({**SGD}, 0.9),
+        ({**SGD}, 0.0),
+        ({**SGD, "optimizer": "adam"}, 0.9),
+        ({**HIZOO}, 0.9),
+        ({**HIZOO}, 0.0),
+        ({**SGD, "mu_scale": "t0=2"}, 0.9),
+    ],
+)
+def test_plan_counts_the_buffers_the_update_rule_holds(kw, momentum):
+    """edgezo plan's θ-sized buffers (edgezo.device.plan.optimizer_buffers) are those the
+    engine's update rule and vector scale really hold."""
+    from edgezo.device.plan import optimizer_buffers
+
+    eng, _ = quadratic_engine((16, 16), (1.0, 0.01), momentum=momentum, **kw)
+    held = eng.optimizer.nbytes + (
+        0 if eng.perturber.vectors.scale is None else eng.perturber.vectors.scale.nbytes
+    )
+    theta = eng.params.dim * 4
+    want = optimizer_buffers(kw["optimizer"], momentum, scaled=bool(kw.get("mu_scale")))
+    assert held // theta == want  # whole buffers; hizoo's step counter is 8 bytes more

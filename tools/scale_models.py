@@ -10,7 +10,9 @@ int4) it measures, every stage in a fresh child process:
 - runtime, at batch 4×64 through ``tools/bench_step.py``'s own children (imported, not
   copied): forward time, ZO step time and the step ratio step / (evaluations × forward), peak
   RSS of fine-tuning vs inference;
-- the frozen-prefix cache's bytes per example (``stages.cached_shapes`` × 64 tokens);
+- the frozen-prefix cache's bytes per example at 64 tokens
+  (``edgezo.device.plan.prefix_row_widths``: the cached tensors but those the suffix reads only
+  the shape of);
 - ``edgezo plan`` (analytic) for jetson-orin-nano, jetson-orin-nx, raspberry-pi-5 and
   laptop-cpu at 4×64, and the plan against the measured fine-tuning peak on this machine.
 

@@ -158,10 +158,10 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
 @click.option("--momentum", type=float, default=None, help="default: per trainable mode")
 @click.option(
     "--optimizer",
-    type=click.Choice(["sgd", "adam", "sign"]),
+    type=click.Choice(["sgd", "adam", "sign", "hizoo"]),
     default="sgd",
     show_default=True,
-    help="adam keeps two θ-sized buffers",
+    help="adam keeps two θ-sized buffers, hizoo two beside its momentum",
 )
 @click.option("--perturbation", type=click.Choice(["auto", "copy", "inplace"]), default="auto")
 @click.option(

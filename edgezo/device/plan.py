@@ -236,9 +236,16 @@ def prefix_row_bytes(widths: dict[str, tuple[int, int, int]], lengths: list[int]
     return total
 
 
-def optimizer_buffers(optimizer: str, momentum: float) -> int:
-    """θ-sized float32 buffers the update rule keeps (edgezo.zo.optim)."""
-    return 2 if optimizer == "adam" else (1 if momentum > 0 else 0)
+def optimizer_buffers(optimizer: str, momentum: float, scaled: bool = False) -> int:
+    """θ-sized float32 buffers the update rule keeps (edgezo.zo.optim): adam's two moments;
+    the momentum of sgd, sign and hizoo; hizoo's curvature average and per-value scale; the
+    per-value scale of a run with ``mu_scale`` (``scaled``)."""
+    if optimizer == "adam":
+        return 2 + int(scaled)
+    held = 1 if momentum > 0 else 0
+    if optimizer == "hizoo":
+        return held + 2
+    return held + int(scaled)
 
 
 def default_micro_batch(batch_size: int, max_batch: int) -> int:
