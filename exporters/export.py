@@ -325,33 +325,18 @@ def export_causal_lm(
     )
 
     generator = torch.Generator().manual_seed(seed)
-    lora = None
-    if mode == "lora":
-        if lora_layout == "measured":
-            lora_targets, lora_layers, lora_freeze_a = measured_layout(loaded.model, loaded.arch)
-            say(
-                f"LoRA layout: {'LoRA-FA ' if lora_freeze_a else ''}r={lora_rank} on "
-                f"{','.join(lora_targets)} of blocks {lora_layers} (the default recipe's; "
-                "--lora-layers all for every block)"
-            )
-        elif lora_layout is not None:
-            raise EdgezoError(f"unknown LoRA layout {lora_layout!r}", "pass measured or None")
-        targets = tuple(lora_targets) if lora_targets else loaded.arch.lora_targets
-        lora = LoraSettings(
-            rank=lora_rank,
-            alpha=float(lora_alpha),
-            targets=targets,
-            layers=lora_layers,
-            freeze_a=bool(lora_freeze_a),
-        )
-    specs = select_trainables(loaded.model, loaded.arch, mode, lora, generator)
-    if lora is not None and lora.layers is not None:  # the manifest records the indices
-        lora = replace(
-            lora,
-            layers=tuple(
-                sorted({layer_index(s.name) for s in specs if s.role in ("lora_a", "lora_b")})
-            ),
-        )
+    lora, specs = lora_trainables(
+        loaded,
+        mode,
+        lora_rank,
+        lora_alpha,
+        lora_targets,
+        lora_layers,
+        lora_freeze_a,
+        lora_layout,
+        generator,
+        say,
+    )
     params = dict(loaded.model.named_parameters())
     values = [params[s.name].detach().clone().contiguous() for s in specs]
     n_train = sum(s.size for s in specs)
@@ -666,6 +651,51 @@ def _prompt_info(loaded: LoadedModel, template: str, words: list[str]) -> dict:
             "choose label words that start differently (e.g. with a leading space: ' cooking')",
         )
     return {"template": template, "label_words": words, "label_token_ids": first}
+
+
+def lora_trainables(
+    loaded: LoadedModel,
+    mode: str,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_targets,
+    lora_layers,
+    lora_freeze_a: bool,
+    lora_layout: str | None,
+    generator: torch.Generator,
+    say: Callable[[str], None],
+) -> tuple[LoraSettings | None, list]:
+    """(LoRA settings, trainable specs) of an export (the ordinary and the streamed one): the
+    measured layout resolved, the adapters added to ``loaded.model`` (``mode="lora"``), and the
+    settings' ``layers`` replaced by the block indices that got adapters, as the manifest
+    records them."""
+    lora = None
+    if mode == "lora":
+        if lora_layout == "measured":
+            lora_targets, lora_layers, lora_freeze_a = measured_layout(loaded.model, loaded.arch)
+            say(
+                f"LoRA layout: {'LoRA-FA ' if lora_freeze_a else ''}r={lora_rank} on "
+                f"{','.join(lora_targets)} of blocks {lora_layers} (the default recipe's; "
+                "--lora-layers all for every block)"
+            )
+        elif lora_layout is not None:
+            raise EdgezoError(f"unknown LoRA layout {lora_layout!r}", "pass measured or None")
+        lora = LoraSettings(
+            rank=lora_rank,
+            alpha=float(lora_alpha),
+            targets=tuple(lora_targets) if lora_targets else loaded.arch.lora_targets,
+            layers=lora_layers,
+            freeze_a=bool(lora_freeze_a),
+        )
+    specs = select_trainables(loaded.model, loaded.arch, mode, lora, generator)
+    if lora is not None and lora.layers is not None:  # the manifest records the indices
+        lora = replace(
+            lora,
+            layers=tuple(
+                sorted({layer_index(s.name) for s in specs if s.role in ("lora_a", "lora_b")})
+            ),
+        )
+    return lora, specs
 
 
 def _architecture_dict(loaded: LoadedModel, num_parameters: int) -> dict:

@@ -42,7 +42,6 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +63,6 @@ from .load import (
     parameter_sizes,
     resolve_source,
 )
-from .lora import layer_index
 from .loss import CausalLMLossGraph
 from .memory import release_memory, streamed_memory_estimate
 from .onnx_export import (
@@ -79,7 +77,7 @@ from .onnx_export import (
 )
 from .quantize import _NODE, QUANT_RTOL, check_quant_args, matmul_nbits_one
 from .stages import add_stages
-from .trainables import FROZEN_LORA_A, LoraSettings, select_trainables
+from .trainables import FROZEN_LORA_A
 from .validate import (
     LORA_B_STD,
     check_quantized,
@@ -307,7 +305,7 @@ def export_causal_lm_streamed(
     ``tests/test_stream_export.py``), but its ``parity`` records the int4 graph against the
     streamed PyTorch loss.
     """
-    from .export import _architecture_dict, measured_layout
+    from .export import _architecture_dict, lora_trainables
 
     say = progress or (lambda _line: None)
     out = Path(out)
@@ -326,25 +324,18 @@ def export_causal_lm_streamed(
         f"parameters as zero pages in {time.perf_counter() - t0:.1f} s"
     )
     generator = torch.Generator().manual_seed(seed)
-    if lora_layout == "measured":
-        lora_targets, lora_layers, lora_freeze_a = measured_layout(loaded.model, loaded.arch)
-    elif lora_layout is not None:
-        raise EdgezoError(f"unknown LoRA layout {lora_layout!r}", "pass measured or None")
-    lora = LoraSettings(
-        rank=lora_rank,
-        alpha=float(lora_alpha),
-        targets=tuple(lora_targets) if lora_targets else loaded.arch.lora_targets,
-        layers=lora_layers,
-        freeze_a=bool(lora_freeze_a),
+    lora, specs = lora_trainables(
+        loaded,
+        "lora",
+        lora_rank,
+        lora_alpha,
+        lora_targets,
+        lora_layers,
+        lora_freeze_a,
+        lora_layout,
+        generator,
+        say,
     )
-    specs = select_trainables(loaded.model, loaded.arch, "lora", lora, generator)
-    if lora.layers is not None:
-        lora = replace(
-            lora,
-            layers=tuple(
-                sorted({layer_index(s.name) for s in specs if s.role in ("lora_a", "lora_b")})
-            ),
-        )
     params = dict(loaded.model.named_parameters())
     values = [params[s.name].detach().clone().contiguous() for s in specs]
     n_train = sum(s.size for s in specs)
