@@ -454,6 +454,24 @@ def moved_trainables(bundle, seed: int = 0, scale: float = 0.3) -> dict:
     }
 
 
+#: the prompts the decoding tests compare the KV-cache path with recomputation on
+DECODE_PROMPTS = ["the cat", "a", "we bake bread on sunday. the dog"]
+
+
+def assert_kv_matches_recompute(kv, full, bundle) -> None:
+    """Greedy tokens of the KV-cache generator ``kv`` equal those of the recompute path
+    ``full`` at moved trainables, for each of :data:`DECODE_PROMPTS`, including a sequence
+    that outgrows ``max_length`` (re-read from its last tokens, as recompute does)."""
+    values = moved_trainables(bundle)
+    for g in (kv, full):
+        g.params.load(values)
+    for prompt in DECODE_PROMPTS:
+        a, c = kv.generate(prompt, 40), full.generate(prompt, 40)
+        assert a.token_ids == c.token_ids and len(a.token_ids) > 10
+        a, c = kv.generate(prompt, 30, max_length=8), full.generate(prompt, 30, max_length=8)
+        assert a.token_ids == c.token_ids
+
+
 def genai_greedy(og, model, adapters, ids: list[int], new_tokens: int, eos: int) -> list[int]:
     """onnxruntime-genai's greedy tokens after ``ids`` with the adapter ``personal`` active,
     cut before the first ``eos``."""

@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import moved_trainables
+from conftest import DECODE_PROMPTS, assert_kv_matches_recompute, moved_trainables
 
 from edgezo.bundle import MANIFEST, fingerprint_of, load_bundle
 from edgezo.errors import EdgezoError
 from edgezo.generate import TextGenerator
 
-PROMPTS = ["the cat", "a", "we bake bread on sunday. the dog"]
+PROMPTS = DECODE_PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +34,7 @@ def test_kv_cache_greedy_equals_recompute(bundle_path):
     b = load_bundle(bundle_path)
     kv, full = TextGenerator(b), TextGenerator(b, kv_cache=False)
     assert kv.decoder is not None and full.decoder is None
-    values = moved_trainables(b)
-    for g in (kv, full):
-        g.params.load(values)
-    for prompt in PROMPTS:
-        a, c = kv.generate(prompt, 40), full.generate(prompt, 40)
-        assert a.token_ids == c.token_ids and len(a.token_ids) > 10
-        # a sequence outgrowing max_length is re-read from its last tokens, as recompute does
-        a, c = kv.generate(prompt, 30, max_length=8), full.generate(prompt, 30, max_length=8)
-        assert a.token_ids == c.token_ids
+    assert_kv_matches_recompute(kv, full, b)
 
 
 def test_kv_cache_greedy_equals_hf_generate(bundle_path, tiny_hf_dir):

@@ -5,7 +5,13 @@ path's greedy tokens and GenAI's, in every trainable mode, and fewer nodes."""
 import numpy as np
 import onnx
 import pytest
-from conftest import build_tiny_model_from, build_tiny_tokenizer, genai_greedy, moved_trainables
+from conftest import (
+    assert_kv_matches_recompute,
+    build_tiny_model_from,
+    build_tiny_tokenizer,
+    genai_greedy,
+    moved_trainables,
+)
 
 from edgezo.bundle import load_bundle
 from edgezo.errors import EdgezoError
@@ -65,7 +71,6 @@ VARIANTS = {
         },
     ),
 }
-PROMPTS = ["the cat", "a", "we bake bread on sunday. the dog"]
 
 
 def _hf_dir(root, variant):
@@ -131,15 +136,7 @@ def test_fused_greedy_equals_recompute(fused_export, variant):
     ]
     assert rotary == ([1, 0] if variant == "smollm3" else [1, 1])
     assert ("Gemm" in counts) == (variant != "untied")  # a tied head reads the embedding
-    kv, full = TextGenerator(b), TextGenerator(b, kv_cache=False)
-    values = moved_trainables(b)
-    for g in (kv, full):
-        g.params.load(values)
-    for prompt in PROMPTS:
-        a, c = kv.generate(prompt, 40), full.generate(prompt, 40)
-        assert a.token_ids == c.token_ids and len(a.token_ids) > 10
-        a, c = kv.generate(prompt, 30, max_length=8), full.generate(prompt, 30, max_length=8)
-        assert a.token_ids == c.token_ids
+    assert_kv_matches_recompute(TextGenerator(b), TextGenerator(b, kv_cache=False), b)
 
 
 @pytest.mark.parametrize(
