@@ -8,14 +8,9 @@ the recorded losses.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
-from test_resume import cli, ledger_records, same_tensors, start_args
+from test_resume import cli, kill_when_ledger_has, ledger_records, same_tensors, start_args
 
 from edgezo.config import FinetuneConfig
 from edgezo.errors import ConfigError
@@ -210,20 +205,8 @@ def test_kill_and_resume_and_replay_are_exact_with_hizoo(lora_bundle, memo_data,
     ref = cli(*start_args(lora_bundle, memo_data, tmp_path / "ref", *args, *HZ))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgezo.cli", *start_args(lora_bundle, memo_data, out, *args, *HZ)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ledger = out / "ledger.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if ledger.exists() and ledger.read_bytes().count(b"\n") >= 13:  # past a checkpoint
-            break
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = ledger.read_bytes().count(b"\n") - 1
+    # past a checkpoint
+    killed_at = kill_when_ledger_has(start_args(lora_bundle, memo_data, out, *args, *HZ), out, 13)
     r = cli("finetune", "--resume", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert ledger_records(tmp_path / "ref") == ledger_records(out), killed_at

@@ -63,6 +63,25 @@ def start_args(bundle, data, out, *extra: str) -> list[str]:
     ]
 
 
+def kill_when_ledger_has(args: list[str], out: Path, lines: int, timeout: float = 60) -> int:
+    """Start ``edgezo <args>``, SIGKILL it once ``out``'s ledger has ``lines`` lines (or after
+    ``timeout`` s); returns the number of step records the ledger then held."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgezo.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ledger = out / "ledger.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ledger.exists() and ledger.read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return ledger.read_bytes().count(b"\n") - 1
+
+
 def same_tensors(a: Path, b: Path) -> bool:
     ta, tb = load_file(str(a / "trained.safetensors")), load_file(str(b / "trained.safetensors"))
     return ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta)
@@ -168,20 +187,9 @@ def test_kill_at_many_moments_then_resume_is_exact(lora_bundle, memo_data, tmp_p
     killed_at = []
     for trial, lines in enumerate((1, 9, 23, 36)):  # header only, before and after checkpoints
         out = tmp_path / f"k{trial}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgezo.cli", *start_args(lora_bundle, memo_data, out, *args)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        killed_at.append(
+            kill_when_ledger_has(start_args(lora_bundle, memo_data, out, *args), out, lines)
         )
-        ledger = out / "ledger.jsonl"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if ledger.exists() and ledger.read_bytes().count(b"\n") >= lines:
-                break
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        killed_at.append(ledger.read_bytes().count(b"\n") - 1)
         r = cli("finetune", "--resume", "--out", str(out))
         assert r.returncode == 0, r.stderr
         assert ledger_records(tmp_path / "ref") == ledger_records(out), trial
