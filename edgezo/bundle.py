@@ -217,6 +217,10 @@ class Manifest:
         for key in ("prefix", "suffix"):
             if self.stages and isinstance(self.stages.get(key), str):
                 out[f"stages.{key}"] = self.stages[key]
+        vocab = (self.stages or {}).get("vocab")
+        for key in ("graph", "rows_file"):
+            if isinstance(vocab, dict) and isinstance(vocab.get(key), str):
+                out[f"stages.vocab.{key}"] = vocab[key]
         if self.decoder and isinstance(self.decoder.get("graph"), str):
             out["decoder.graph"] = self.decoder["graph"]
         return out
@@ -325,6 +329,34 @@ def _check_files(m: Manifest, p: Problems) -> None:
             p.add(key, problem, REEXPORT)
 
 
+def _check_vocab(v: Any, vocab: int | None, p: Problems) -> None:
+    """``stages.vocab``: the vocabulary-subset training graph (``exporters/vocab_subset.py``)."""
+    if not isinstance(v, dict):
+        p.add("stages.vocab", "must be a mapping", REEXPORT)
+        return
+    for key in ("graph", "input", "rows_file"):
+        if not isinstance(v.get(key), str):
+            p.add(f"stages.vocab.{key}", "must be a name", REEXPORT)
+    offset, shape = v.get("rows_offset"), v.get("rows_shape")
+    if not (_int(offset) and offset >= 0):
+        p.add("stages.vocab.rows_offset", f"is {show(offset)}, not a byte offset", REEXPORT)
+    layout = v.get("rows_layout")
+    if layout not in ("rows", "columns"):
+        p.add("stages.vocab.rows_layout", f"is {show(layout)}, not rows or columns", REEXPORT)
+    axis = 0 if layout == "rows" else 1
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(_int(d) and 0 < d < 1 << 32 for d in shape)
+        and (vocab is None or shape[axis] == vocab)
+    ):
+        p.add(
+            "stages.vocab.rows_shape",
+            f"is {show(shape)}, not the LM head's [vocabulary, hidden] ({layout})",
+            REEXPORT,
+        )
+
+
 def _check_extras(m: Manifest, p: Problems) -> None:
     for key in ARCH_SIZES:
         v = m.architecture.get(key)
@@ -351,6 +383,8 @@ def _check_extras(m: Manifest, p: Problems) -> None:
         cached = {x for x in st.get("cached") or [] if isinstance(x, str)}
         if not isinstance(only, list) or not all(isinstance(x, str) and x in cached for x in only):
             p.add("stages.shape_only", "must be a list of cached tensor names", REEXPORT)
+        if st.get("vocab") is not None:
+            _check_vocab(st["vocab"], m.vocab_size, p)
     if m.precision is not None and m.precision not in PRECISIONS:
         p.add("precision", f"is {show(m.precision)}, not one of {', '.join(PRECISIONS)}", REEXPORT)
     if m.decoder is not None:

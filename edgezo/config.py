@@ -246,6 +246,15 @@ class FinetuneConfig:
         "memory; a larger cache is written to prefix_rows.bin in the run folder and "
         "memory-mapped (read per batch)",
     )
+    vocab_subset: int = _f(
+        8192,
+        "training losses of a causal LM normalise the LM head's softmax over every token of "
+        "the training data plus the N most frequent ones (the lowest ids of a BPE "
+        "vocabulary) instead of the whole vocabulary, when the bundle has a "
+        "vocabulary-subset suffix: the head is half of a step's work, and the step's "
+        "direction stays within a few degrees; held-out losses always use the whole "
+        "vocabulary; 0: the whole vocabulary in training too",
+    )
     perturbation: Literal["auto", "copy", "inplace"] = _f(
         "auto",
         "copy: separate feed buffer; inplace: perturb θ itself (no extra memory); "
@@ -356,6 +365,7 @@ _RULES = [
             "plateau_max_decays",
             "divergence_tolerance",
             "weight_decay",
+            "vocab_subset",
         )
     ),
     _range("max_length", lambda v: v >= 2, ">= 2"),

@@ -17,9 +17,10 @@ from .errors import BundleError
 #: named after its adapter, and numbered by changes to the exported graph (2: the LM head runs
 #: only on positions that have a target; 3: with the KV-cache decoding graph, decoder.onnx; 4: the
 #: loss is one LogSoftmax over the head rows; 5: the fused int8 decoding graph; 6: the cached
-#: tensors the suffix reads only the shape of are named in ``stages.shape_only``), so that a
-#: cache of an earlier default is not reused
-DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-v-last4-fa-6"
+#: tensors the suffix reads only the shape of are named in ``stages.shape_only``; 7: the
+#: vocabulary-subset training suffix, ``stages.vocab``), so that a cache of an earlier default
+#: is not reused
+DEFAULT_BUNDLE_NAME = "smollm2-135m-instruct-lora8-v-last4-fa-7"
 
 
 def cache_dir() -> Path:

@@ -26,12 +26,16 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError, ConfigError, EdgezoWarning
 from .zo.params import FlatParams
+
+if TYPE_CHECKING:
+    from .vocab_subset import VocabSubset
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 #: CPU flags of int8 dot-product instructions (x86 VNNI / AMX, Arm dot product)
@@ -222,18 +226,7 @@ class LossRunner:
                 self.notes.append(note)
         else:
             self.provider = resolve_provider(options.provider or "cpu")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.threads
-        so.inter_op_num_threads = 1
-        so.enable_cpu_mem_arena = options.cpu_arena
-        so.log_severity_level = 3
-        providers = provider_list(self.provider, options)
-        try:
-            self.session = ort.InferenceSession(str(model_path), so, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise BundleError(
-                f"ONNX Runtime cannot load {model_path}: {e}", "re-export the bundle"
-            ) from None
+        self.session = self._open(model_path)
         if self.provider == "CPUExecutionProvider":
             note = precision_note(Path(model_path).parent)
             if note:
@@ -251,6 +244,9 @@ class LossRunner:
                 "re-export the bundle; the manifest and the graph come from different exports",
             )
         self.batch_inputs = list(batch_inputs)
+        self.model_name = Path(model_path).name
+        # (subset, its session, its binding) once use_vocab_subset is called
+        self._subset: tuple[VocabSubset, ort.InferenceSession, ort.IOBinding] | None = None
         self.evaluations = 0  # loss evaluations for training steps
         self.eval_evaluations = 0  # loss evaluations for held-out evaluation
         self.forward_calls = 0  # session runs (a micro-batched evaluation makes several)
@@ -275,8 +271,58 @@ class LossRunner:
             self._bound = bound
             self.io = self._bind(names, bound)
 
+    def _open(self, model_path: Path) -> ort.InferenceSession:
+        options = self.options
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.threads
+        so.inter_op_num_threads = 1
+        so.enable_cpu_mem_arena = options.cpu_arena
+        so.log_severity_level = 3
+        providers = provider_list(self.provider, options)
+        try:
+            return ort.InferenceSession(str(model_path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BundleError(
+                f"ONNX Runtime cannot load {model_path}: {e}", "re-export the bundle"
+            ) from None
+
+    def use_vocab_subset(self, subset: VocabSubset) -> str | None:
+        """Run training losses (``losses(heldout=False)``) on ``subset``'s graph from now on;
+        held-out losses and other outputs keep this runner's graph. Returns why not, or None.
+
+        The second session binds the same θ buffers, so both see every perturbation."""
+        if self.device is not None or self.provider != "CPUExecutionProvider":
+            return "it runs on the CPU provider with θ on the host only"
+        session = self._open(subset.graph)
+        wanted = {i.name for i in self.session.get_inputs()} | {subset.input}
+        if {i.name for i in session.get_inputs()} != wanted:
+            raise BundleError(
+                f"{subset.graph.name} does not take the inputs of {self.model_name} plus "
+                f"{subset.input}",
+                "re-export the bundle; its graphs come from different exports",
+            )
+        names = [*self.params.feed_views(), subset.input]
+        rows = ort.OrtValue.ortvalue_from_numpy(subset.rows)
+        self._subset = (subset, session, self._bind_on(session, names, [*self._bound, rows]))
+        return None
+
+    @property
+    def vocab_subset(self) -> VocabSubset | None:
+        """The subset training losses run over (:meth:`use_vocab_subset`), or None."""
+        return None if self._subset is None else self._subset[0]
+
+    def use_whole_vocabulary(self) -> None:
+        """Training losses back on this runner's own graph."""
+        self._subset = None
+
     def _bind(self, names: list[str], values: list[ort.OrtValue]) -> ort.IOBinding:
-        io = self.session.io_binding()
+        return self._bind_on(self.session, names, values)
+
+    @staticmethod
+    def _bind_on(
+        session: ort.InferenceSession, names: list[str], values: list[ort.OrtValue]
+    ) -> ort.IOBinding:
+        io = session.io_binding()
         for name, ov in zip(names, values, strict=True):
             io.bind_ortvalue_input(name, ov)
         return io
@@ -306,10 +352,14 @@ class LossRunner:
         rows than ``options.micro_batch`` runs as several forward calls on slices of its rows.
         """
         io = self._training_io()
+        session = self.session
         if heldout:
             self.eval_evaluations += 1
         else:
             self.evaluations += 1
+            if self._subset is not None:
+                subset, session, io = self._subset
+                batch = {**batch, "labels": subset.labels(batch["labels"])}
         rows = len(batch[self.batch_inputs[0]])
         micro = self.options.micro_batch or rows
         parts = []
@@ -317,7 +367,7 @@ class LossRunner:
             for name in self.batch_inputs:
                 io.bind_cpu_input(name, np.ascontiguousarray(batch[name][a : a + micro]))
             io.bind_output("loss")
-            self.session.run_with_iobinding(io)
+            session.run_with_iobinding(io)
             self.forward_calls += 1
             parts.append(io.copy_outputs_to_cpu()[0])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)

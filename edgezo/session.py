@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import atomic, prefix_cache
+from . import atomic, prefix_cache, vocab_subset
 from .autotune import PROBE_BATCHES, autotune, worst_case_evaluations
 from .bundle import Bundle, load_bundle
 from .config import FinetuneConfig, recipe_key
@@ -268,9 +268,32 @@ def build_runner(
                 f"{prefix_cache.rows_mb([c_train, c_held]):,.0f} MiB of rows {where}); every "
                 f"ZO evaluation runs {suffix.name} only"
             )
+            _use_vocab_subset(cfg, bundle, runner, train, log)
             return runner, c_train, c_held, calls
     runner = LossRunner(bundle.model_path, engine.params, BATCH_INPUTS, limits.runtime)
     return runner, train, held, calls
+
+
+def _use_vocab_subset(cfg: FinetuneConfig, bundle: Bundle, runner: LossRunner, train, log):
+    """Training losses on the bundle's vocabulary-subset suffix (``cfg.vocab_subset``)."""
+    subset = vocab_subset.subset_for(bundle, train, cfg.vocab_subset)
+    if subset is None:
+        return
+    why = runner.use_vocab_subset(subset)
+    if why is not None:
+        log(f"edgezo: training losses keep the whole vocabulary: the subset graph needs {why}")
+        return
+    log(
+        f"edgezo: training losses normalise over {len(subset.ids):,} of "
+        f"{bundle.manifest.vocab_size:,} tokens (the training data's and the "
+        f"{cfg.vocab_subset:,} most frequent; vocab_subset=0: all); held-out losses over all"
+    )
+
+
+def vocab_header(runner: LossRunner) -> dict[str, Any]:
+    """The ledger header's record of the training vocabulary (empty: the whole one)."""
+    subset = runner.vocab_subset
+    return {} if subset is None else {"vocab_subset": subset.describe()}
 
 
 # -- the session ------------------------------------------------------------------------------
@@ -348,6 +371,7 @@ def _setup(cfg: FinetuneConfig, run: RunFolder, starting: bool, t0: float, log) 
             "engine": settings.to_dict(),
             "heldout_before": before,
             **({"heldout_accuracy_before": s.accuracy_before} if extra else {}),
+            **vocab_header(s.runner),
         }
         s.ledger = Ledger.create(run.ledger, header)  # the commit point: the run has started
         s.guard = HeldoutGuard(guard_settings, before)
@@ -381,6 +405,18 @@ def _resume(s: Session, settings: EngineSettings, guard_settings: GuardSettings)
         raise CheckpointError(
             f"{run.ledger} was written with other engine settings than {run.config}",
             "do not edit a run's config.yaml; start a new run with another --out",
+        )
+    written = ledger.header.get("vocab_subset")
+    now = vocab_header(s.runner).get("vocab_subset")
+    if written is None and now is not None:  # the run trained on the whole vocabulary
+        s.runner.use_whole_vocabulary()
+        s.log("edgezo: training losses over the whole vocabulary, as this run's first session")
+    elif written != now:
+        raise CheckpointError(
+            f"{run.ledger} was trained with training losses over a vocabulary subset "
+            f"{written} and this session would use {now or 'the whole vocabulary'}: the "
+            "training data or vocab_subset changed since",
+            "resume with the run's own data and config.yaml, or start a new run with --out",
         )
     step = 0
     if run.checkpoint.is_file():

@@ -38,6 +38,7 @@ from edgezo.data import pad_rows
 from edgezo.errors import BundleError
 
 from .memory import release_memory
+from .vocab_subset import add_vocab_graph
 
 PREFIX, SUFFIX = "prefix.onnx", "suffix.onnx"
 TOLERANCE = 1e-4
@@ -277,6 +278,9 @@ def add_stages(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
     log(
         f"edgezo export: frozen prefix cached per example: {shown} (the ZO loop runs {SUFFIX} only)"
     )
+    vocab = add_vocab_graph(folder, log=log)
+    if vocab is not None:
+        stages["vocab"] = vocab
     return stages
 
 
