@@ -255,6 +255,12 @@ class FinetuneConfig:
         "direction stays within a few degrees; held-out losses always use the whole "
         "vocabulary; 0: the whole vocabulary in training too",
     )
+    vocab_sample: int = _f(
+        2048,
+        "with vocab_subset: this many of the other tokens, drawn once per run from the seed, "
+        "stand in for all of them in the training softmax (each weighted by the share it "
+        "stands for), so the normaliser keeps the rest of the vocabulary; 0: none",
+    )
     perturbation: Literal["auto", "copy", "inplace"] = _f(
         "auto",
         "copy: separate feed buffer; inplace: perturb θ itself (no extra memory); "
@@ -366,6 +372,7 @@ _RULES = [
             "divergence_tolerance",
             "weight_decay",
             "vocab_subset",
+            "vocab_sample",
         )
     ),
     _range("max_length", lambda v: v >= 2, ">= 2"),

@@ -294,16 +294,17 @@ class LossRunner:
         if self.device is not None or self.provider != "CPUExecutionProvider":
             return "it runs on the CPU provider with θ on the host only"
         session = self._open(subset.graph)
-        wanted = {i.name for i in self.session.get_inputs()} | {subset.input}
+        extra = {subset.input: subset.rows, subset.weights_input: subset.log_weights}
+        wanted = {i.name for i in self.session.get_inputs()} | set(extra)
         if {i.name for i in session.get_inputs()} != wanted:
             raise BundleError(
                 f"{subset.graph.name} does not take the inputs of {self.model_name} plus "
-                f"{subset.input}",
+                f"{', '.join(extra)}",
                 "re-export the bundle; its graphs come from different exports",
             )
-        names = [*self.params.feed_views(), subset.input]
-        rows = ort.OrtValue.ortvalue_from_numpy(subset.rows)
-        self._subset = (subset, session, self._bind_on(session, names, [*self._bound, rows]))
+        names = [*self.params.feed_views(), *extra]
+        values = [*self._bound, *(ort.OrtValue.ortvalue_from_numpy(v) for v in extra.values())]
+        self._subset = (subset, session, self._bind_on(session, names, values))
         return None
 
     @property

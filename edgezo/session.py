@@ -276,17 +276,20 @@ def build_runner(
 
 def _use_vocab_subset(cfg: FinetuneConfig, bundle: Bundle, runner: LossRunner, train, log):
     """Training losses on the bundle's vocabulary-subset suffix (``cfg.vocab_subset``)."""
-    subset = vocab_subset.subset_for(bundle, train, cfg.vocab_subset)
+    subset = vocab_subset.subset_for(bundle, train, cfg.vocab_subset, cfg.vocab_sample, cfg.seed)
     if subset is None:
         return
     why = runner.use_vocab_subset(subset)
     if why is not None:
         log(f"edgezo: training losses keep the whole vocabulary: the subset graph needs {why}")
         return
+    rest = len(subset.ids) - subset.chosen
     log(
-        f"edgezo: training losses normalise over {len(subset.ids):,} of "
+        f"edgezo: training losses normalise over {subset.chosen:,} of "
         f"{bundle.manifest.vocab_size:,} tokens (the training data's and the "
-        f"{cfg.vocab_subset:,} most frequent; vocab_subset=0: all); held-out losses over all"
+        f"{cfg.vocab_subset:,} most frequent; vocab_subset=0: all)"
+        + (f" and {rest:,} sampled stand-ins for the rest" if rest else "")
+        + "; held-out losses over all"
     )
 
 

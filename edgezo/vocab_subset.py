@@ -66,26 +66,55 @@ def read_rows(folder: Path, entry: dict[str, Any], ids: np.ndarray) -> np.ndarra
     return out
 
 
+def sample_rest(chosen: np.ndarray, vocab: int, n: int, seed: int) -> np.ndarray:
+    """``n`` sorted ids drawn without replacement from the tokens not in ``chosen`` (seeded)."""
+    rest = np.setdiff1d(np.arange(vocab, dtype=np.int64), chosen)
+    if n >= len(rest):
+        return rest
+    return np.sort(np.random.default_rng([seed, 0x766F6361]).choice(rest, n, replace=False))
+
+
 @dataclass
 class VocabSubset:
-    """The chosen ids, their head rows and the label remapping."""
+    """The chosen ids (then the sampled stand-ins), their head rows, each row's log weight
+    and the label remapping."""
 
     ids: np.ndarray
     rows: np.ndarray
     position: np.ndarray  # [vocab] -> position in ids, -1 when not chosen
     graph: Path
     input: str
+    log_weights: np.ndarray | None = None  # [rows]: 0 for a chosen id, log w for a stand-in
+    weights_input: str = "lm_head_log_weights"
+    chosen: int = 0  # ids[:chosen] are chosen, ids[chosen:] sampled
 
     @classmethod
-    def of(cls, folder: Path, entry: dict[str, Any], ids: np.ndarray, vocab: int) -> VocabSubset:
+    def of(
+        cls,
+        folder: Path,
+        entry: dict[str, Any],
+        ids: np.ndarray,
+        vocab: int,
+        sampled: np.ndarray | None = None,
+    ) -> VocabSubset:
+        """``ids`` chosen, plus ``sampled`` stand-ins for every other token: each carries
+        log((vocab − len(ids)) / len(sampled))."""
+        sampled = np.zeros(0, dtype=np.int64) if sampled is None else sampled
+        every = np.concatenate([ids, sampled])
+        weights = np.zeros(len(every), dtype=np.float32)
+        if len(sampled):
+            weights[len(ids) :] = np.log((vocab - len(ids)) / len(sampled))
         position = np.full(vocab, -1, dtype=np.int64)
         position[ids] = np.arange(len(ids))
         return cls(
-            ids=ids,
-            rows=read_rows(folder, entry, ids),
+            ids=every,
+            rows=read_rows(folder, entry, every),
             position=position,
             graph=Path(folder) / entry["graph"],
             input=entry["input"],
+            log_weights=weights,
+            weights_input=entry.get("weights_input", "lm_head_log_weights"),
+            chosen=len(ids),
         )
 
     def labels(self, labels: np.ndarray) -> np.ndarray:
@@ -102,7 +131,11 @@ class VocabSubset:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"size": int(len(self.ids)), "digest": digest(self.ids)}
+        return {
+            "size": int(self.chosen),
+            "sampled": int(len(self.ids) - self.chosen),
+            "digest": digest(self.ids),
+        }
 
 
 def entry_of(bundle) -> dict[str, Any] | None:
@@ -111,14 +144,18 @@ def entry_of(bundle) -> dict[str, Any] | None:
     return v if isinstance(v, dict) else None
 
 
-def subset_for(bundle, train: list[Example], frequent: int) -> VocabSubset | None:
-    """The run's vocabulary subset, or None when the bundle has no vocabulary graph, the
-    setting is 0, or the subset would be the whole vocabulary."""
+def subset_for(
+    bundle, train: list[Example], frequent: int, sample: int = 0, seed: int = 0
+) -> VocabSubset | None:
+    """The run's vocabulary subset (``frequent`` + the data's tokens, and ``sample`` seeded
+    stand-ins for the rest), or None when the bundle has no vocabulary graph, ``frequent``
+    is 0, or the rows would be the whole vocabulary."""
     entry = entry_of(bundle)
     vocab = bundle.manifest.vocab_size
     if entry is None or frequent <= 0 or vocab is None:
         return None
     ids = choose(train, frequent, vocab)
-    if len(ids) >= vocab:
+    sampled = sample_rest(ids, vocab, sample, seed) if sample > 0 else None
+    if len(ids) + (0 if sampled is None else len(sampled)) >= vocab:
         return None
-    return VocabSubset.of(bundle.path, entry, ids, vocab)
+    return VocabSubset.of(bundle.path, entry, ids, vocab, sampled)

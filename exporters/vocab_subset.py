@@ -10,9 +10,11 @@ estimate is far noisier than that.
 
 ``add_vocab_graph(bundle_dir)`` writes ``suffix_vocab.onnx``: ``suffix.onnx`` with the head's
 weight replaced by a graph input ``lm_head_rows`` ``[rows, hidden]`` (the chosen rows of the
-head, in the order the runtime chose; its labels are remapped to positions in that order),
-and records in the manifest where the whole head's rows are stored, so the runtime gathers its
-subset without ONNX (``edgezo.vocab_subset``)::
+head, in the order the runtime chose; its labels are remapped to positions in that order) and
+a second input ``lm_head_log_weights`` ``[rows]`` added to the logits before the softmax (a
+sampled row that stands for w tokens carries log w, so the normaliser estimates the whole
+vocabulary's; a chosen row carries 0), and records in the manifest where the whole head's
+rows are stored, so the runtime gathers its subset without ONNX (``edgezo.vocab_subset``)::
 
     stages.vocab = {"graph": "suffix_vocab.onnx", "input": "lm_head_rows",
                     "rows_file": "model.onnx.data", "rows_offset": 0, "rows_shape": [V, H],
@@ -39,6 +41,7 @@ from edgezo.data import pad_rows
 
 VOCAB_GRAPH = "suffix_vocab.onnx"
 ROWS_INPUT = "lm_head_rows"
+WEIGHTS_INPUT = "lm_head_log_weights"
 #: the head's weight when the graph holds it inline (small models): raw little-endian float32
 INLINE_ROWS_FILE = "lm_head.f32"
 TOLERANCE = 1e-4
@@ -106,6 +109,20 @@ def vocab_graph(
     g.input.append(
         helper.make_tensor_value_info(ROWS_INPUT, onnx.TensorProto.FLOAT, ["vocab_rows", hidden])
     )
+    # each row's log weight, added to its logit before the softmax: a row that stands for w
+    # tokens of the vocabulary adds w·exp(logit) to the normaliser
+    softmax = [n for n in g.node if n.op_type == "LogSoftmax"]
+    if len(softmax) != 1:
+        raise ValueError(f"the loss has {len(softmax)} LogSoftmax nodes, not one")
+    weighted = f"{WEIGHTS_INPUT}/Add_output_0"
+    position = list(g.node).index(softmax[0])
+    g.node.insert(
+        position, helper.make_node("Add", [softmax[0].input[0], WEIGHTS_INPUT], [weighted])
+    )
+    softmax[0].input[0] = weighted
+    g.input.append(
+        helper.make_tensor_value_info(WEIGHTS_INPUT, onnx.TensorProto.FLOAT, ["vocab_rows"])
+    )
     # shapes inferred for the whole vocabulary would be wrong now
     del g.value_info[:]
     return model, weight, layout
@@ -143,6 +160,7 @@ def add_vocab_graph(bundle_dir: str | Path, log=print) -> dict[str, Any] | None:
     entry = {
         "graph": VOCAB_GRAPH,
         "input": ROWS_INPUT,
+        "weights_input": WEIGHTS_INPUT,
         "rows_file": rows_file,
         "rows_offset": offset,
         "rows_shape": [int(d) for d in weight.dims],
@@ -210,7 +228,10 @@ def _verify(bundle, folder: Path, entry: dict[str, Any]) -> float:
     position[order] = np.arange(len(order))
     head = read_rows(folder, entry, order)
     feed["labels"] = np.where(labels >= 0, position[np.maximum(labels, 0)], -100)
-    got = session(entry["graph"]).run(["loss"], {**feed, **point, entry["input"]: head})[0]
+    weights = np.zeros(len(order), dtype=np.float32)
+    got = session(entry["graph"]).run(
+        ["loss"], {**feed, **point, entry["input"]: head, entry["weights_input"]: weights}
+    )[0]
     diff = float(np.max(np.abs(want - got)))
     if not diff <= TOLERANCE:
         raise ValueError(

@@ -23,7 +23,7 @@ from edgezo.bundle import load_bundle  # noqa: E402
 from edgezo.data import Example  # noqa: E402
 from edgezo.errors import BundleError, EdgezoError  # noqa: E402
 from edgezo.zo.ledger import Ledger  # noqa: E402
-from exporters.vocab_subset import ROWS_INPUT, find_head, vocab_graph  # noqa: E402
+from exporters.vocab_subset import ROWS_INPUT, WEIGHTS_INPUT, find_head, vocab_graph  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,10 @@ def test_the_export_writes_a_checked_vocabulary_graph(last1):
     assert not any(b.manifest.vocab_size in i.dims for i in graph.graph.initializer)
 
 
-def _reference_losses(tiny_hf_dir, batch, ids=None):
+def _reference_losses(tiny_hf_dir, batch, ids=None, log_weights=None):
     """Per-example mean NLL from the tiny torch model (LoRA B starts at zero, so θ0 is the
-    base model), the softmax over all tokens or over ``ids``."""
+    base model), the softmax over all tokens or over ``ids`` (each logit plus its log
+    weight)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +62,8 @@ def _reference_losses(tiny_hf_dir, batch, ids=None):
     labels = torch.tensor(batch["labels"])
     if ids is not None:
         logits = logits[..., torch.tensor(ids)]
+        if log_weights is not None:
+            logits = logits + torch.tensor(log_weights)
         position = torch.full((logits.shape[-1] * 1000,), -1, dtype=torch.long)
         position[torch.tensor(ids)] = torch.arange(len(ids))
         labels = torch.where(labels >= 0, position[labels.clamp(min=0)], -100)
@@ -103,6 +106,21 @@ def test_training_losses_are_the_softmax_over_the_subset(last1, memo_data, tiny_
     np.testing.assert_array_equal(held, whole)  # held-out keeps the whole vocabulary
     runner.use_whole_vocabulary()
     np.testing.assert_array_equal(runner.losses(cached), whole)
+
+    # sampled stand-ins for the other tokens, each weighted by the share it stands for
+    sampled = vocab_subset.subset_for(b, examples, frequent=3, sample=5, seed=0)
+    rest = m.vocab_size - sampled.chosen
+    assert len(sampled.ids) == sampled.chosen + 5 and sampled.chosen == len(subset.ids)
+    np.testing.assert_allclose(sampled.log_weights[sampled.chosen :], np.log(rest / 5), rtol=1e-6)
+    assert not np.any(sampled.log_weights[: sampled.chosen])
+    assert sampled.describe() == vocab_subset.subset_for(b, examples, 3, 5, 0).describe()
+    assert sampled.describe() != vocab_subset.subset_for(b, examples, 3, 5, 1).describe()
+    assert runner.use_vocab_subset(sampled) is None
+    np.testing.assert_allclose(
+        runner.losses(cached),
+        _reference_losses(tiny_hf_dir, batch, sampled.ids, sampled.log_weights),
+        atol=1e-4,
+    )
 
 
 def test_choose_and_remap():
@@ -156,10 +174,11 @@ def test_vocab_graph_takes_the_chosen_rows_in_either_layout(layout, tmp_path):
     assert weight.name == name
     x = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
     ids = np.array([5, 0, 3])
+    weights = np.array([0.0, np.log(3.0), 0.0], dtype=np.float32)
     got = ort.InferenceSession(graph.SerializeToString()).run(
-        None, {"x": x, ROWS_INPUT: np.ascontiguousarray(w[ids])}
+        None, {"x": x, ROWS_INPUT: np.ascontiguousarray(w[ids]), WEIGHTS_INPUT: weights}
     )[0]
-    logits = x @ w[ids].T
+    logits = x @ w[ids].T + weights
     want = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(got, want, atol=1e-5)
     # the runtime gathers the same rows from either stored layout
@@ -203,20 +222,21 @@ def test_a_malformed_vocab_entry_is_refused_at_load(last1, tmp_path):
 
 def test_a_run_trains_on_the_subset_records_it_and_resumes_exactly(last1, memo_data, tmp_path):
     said: list[str] = []
-    sub = run(last1, memo_data, tmp_path / "sub", vocab_subset=3, log=said.append)
+    sub = run(last1, memo_data, tmp_path / "sub", vocab_subset=3, vocab_sample=5, log=said.append)
     whole = run(last1, memo_data, tmp_path / "whole", vocab_subset=0)
     line = next(x for x in said if "training losses normalise over" in x)
-    assert "of 52 tokens" in line
+    assert "of 52 tokens" in line and "5 sampled stand-ins" in line
     a = Ledger.read(tmp_path / "sub" / "ledger.jsonl")
     b = Ledger.read(tmp_path / "whole" / "ledger.jsonl")
-    assert a.header["vocab_subset"]["size"] < 52 and "vocab_subset" not in b.header
+    assert a.header["vocab_subset"]["size"] + 5 < 52 and "vocab_subset" not in b.header
+    assert a.header["vocab_subset"]["sampled"] == 5
     assert sub.heldout_before == whole.heldout_before  # the same whole-vocabulary graph
     assert np.all(np.array(a.records[0]["losses"]) < np.array(b.records[0]["losses"]))
     assert sub.heldout_after < sub.heldout_before  # and it learns the full loss
 
     # killed after 6 steps and resumed: the same 12 steps as the uninterrupted run
-    run(last1, memo_data, tmp_path / "split", vocab_subset=3, steps=6)
-    run(last1, memo_data, tmp_path / "split", vocab_subset=3, steps=12, resume=True)
+    run(last1, memo_data, tmp_path / "split", vocab_subset=3, vocab_sample=5, steps=6)
+    run(last1, memo_data, tmp_path / "split", vocab_subset=3, vocab_sample=5, steps=12, resume=True)
     c = Ledger.read(tmp_path / "split" / "ledger.jsonl")
     assert [r["losses"] for r in c.records] == [r["losses"] for r in a.records]
 
@@ -231,11 +251,19 @@ def test_a_run_trains_on_the_subset_records_it_and_resumes_exactly(last1, memo_d
 def test_a_resume_with_other_training_data_is_refused(last1, memo_data, tmp_path):
     train = tmp_path / "train.jsonl"
     shutil.copy(memo_data[0], train)
-    run(last1, (train, memo_data[1]), tmp_path / "r", vocab_subset=3, steps=4)
+    run(last1, (train, memo_data[1]), tmp_path / "r", vocab_subset=3, vocab_sample=0, steps=4)
     # the file now holds tokens (digits) that the first session's subset does not
     train.write_text("".join(json.dumps({"text": f"room {n} at 9:{n}0"}) + "\n" for n in range(24)))
     with pytest.raises(EdgezoError) as e:
-        run(last1, (train, memo_data[1]), tmp_path / "r", vocab_subset=3, steps=6, resume=True)
+        run(
+            last1,
+            (train, memo_data[1]),
+            tmp_path / "r",
+            vocab_subset=3,
+            vocab_sample=0,
+            steps=6,
+            resume=True,
+        )
     assert "vocabulary subset" in e.value.what and "--out" in e.value.fix
 
 
@@ -245,7 +273,7 @@ def test_bench_vocab_subset_measures_both_side_by_side(last1, memo_data):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from bench_vocab_subset import measure
 
-    r = measure(last1, str(memo_data[0]), [0, 3], 4, 2, 2, 8, 1e-3, 1)
+    r = measure(last1, str(memo_data[0]), [0, 3], 4, 2, 2, 8, 1e-3, 1, sample=4)
     assert r["vocab"] == 52 and r["whole_ms"] > 0
     small, larger = r["subsets"]
     assert small["tokens"] < larger["tokens"] < 52

@@ -5,14 +5,15 @@ training data, in alternating rounds in one process:
 
 - **ms per batch** of a training-loss evaluation over the whole vocabulary and over the subset
   ``vocab_subset=N`` would choose (every token of the training data plus the N lowest ids),
-  for each N given, and the ratio;
+  for each N given (plus ``--sample`` seeded stand-ins for the other tokens, as
+  ``vocab_sample``), and the ratio;
 - **directional agreement**: for random unit directions z of the trainable values, the
   finite-difference slopes (f(θ+μz) − f(θ))/μ of the whole and the subset loss on one batch;
   Σ s_w s_s / √(Σ s_w² Σ s_s²) over the directions estimates the cosine between the two
   losses' gradients (the quantity a ZO step follows), forward passes only;
 - the mean gap between the two losses (the subset's is lower: a log-sum-exp over fewer tokens).
 
-python tools/bench_vocab_subset.py [--bundle DIR] [--subsets 0,4096,8192,16384]
+python tools/bench_vocab_subset.py [--bundle DIR] [--subsets 0,4096,8192,16384] [--sample 2048]
     [--batch-size 4] [--batches 6] [--rounds 5] [--directions 24] [--mu 1e-3] [--quick]
 """
 
@@ -32,7 +33,9 @@ from edgezo.runner import LossRunner, RuntimeOptions
 from edgezo.zo.params import FlatParams
 
 
-def measure(bundle_dir, data, subsets, batch_size, batches, rounds, directions, mu, threads):
+def measure(
+    bundle_dir, data, subsets, batch_size, batches, rounds, directions, mu, threads, sample=0
+):
     bundle = load_bundle(bundle_dir)
     if vocab_subset.entry_of(bundle) is None:
         raise EdgezoError(
@@ -58,9 +61,9 @@ def measure(bundle_dir, data, subsets, batch_size, batches, rounds, directions, 
         ids = vocab_subset.choose(train, n, m.vocab_size)
         if len(ids) >= m.vocab_size:
             raise EdgezoError(f"vocab_subset={n} covers the whole vocabulary", "give smaller N")
-        s = vocab_subset.VocabSubset.of(
-            bundle.path, vocab_subset.entry_of(bundle), ids, m.vocab_size
-        )
+        rest = vocab_subset.sample_rest(ids, m.vocab_size, sample, 0) if sample else None
+        entry = vocab_subset.entry_of(bundle)
+        s = vocab_subset.VocabSubset.of(bundle.path, entry, ids, m.vocab_size, rest)
         r = LossRunner(suffix, params, inputs, opts)
         r.use_vocab_subset(s)
         runners[n] = (r, len(s.ids))
@@ -124,8 +127,16 @@ def measure(bundle_dir, data, subsets, batch_size, batches, rounds, directions, 
 @click.option("--directions", default=24, show_default=True)
 @click.option("--mu", default=1e-3, show_default=True)
 @click.option("--threads", default=2, show_default=True)
+@click.option(
+    "--sample",
+    default=2048,
+    show_default=True,
+    help="stand-ins for the other tokens (vocab_sample)",
+)
 @click.option("--quick", is_flag=True, help="2 batches, 2 rounds, 6 directions (for tests)")
-def main(bundle, data, subsets, batch_size, batches, rounds, directions, mu, threads, quick):
+def main(
+    bundle, data, subsets, batch_size, batches, rounds, directions, mu, threads, sample, quick
+):
     if quick:
         batches, rounds, directions = 2, 2, 6
     ns = [int(x) for x in subsets.split(",") if x.strip()]
@@ -139,13 +150,14 @@ def main(bundle, data, subsets, batch_size, batches, rounds, directions, mu, thr
         directions,
         mu,
         threads,
+        sample,
     )
     print(
         f"whole vocabulary ({r['vocab']:,} tokens): {r['whole_ms']:.1f} ms "
         f"per batch of {batch_size}"
     )
     print(
-        "| vocab_subset N | tokens | ms per batch | speed-up | directional agreement | loss gap |"
+        "| vocab_subset N | head rows | ms per batch | speed-up | directional agreement | loss gap |"
     )
     print("|---:|---:|---:|---:|---:|---:|")
     for s in r["subsets"]:
