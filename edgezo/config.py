@@ -11,7 +11,7 @@ from .errors import ConfigError
 from .zo import scales
 from .zo.directions import ALL_KINDS
 from .zo.estimators import ESTIMATORS, SCHEDULES
-from .zo.optim import HIZOO_KINDS, HIZOO_POOLS, OPTIMIZERS, SCHEDULE_KINDS
+from .zo.optim import HIZOO_ESTIMATES, HIZOO_KINDS, HIZOO_POOLS, OPTIMIZERS, SCHEDULE_KINDS
 
 # the choices of the registry-backed fields, from the registries themselves
 DIRECTIONS = ALL_KINDS
@@ -146,6 +146,15 @@ class FinetuneConfig:
         4.0,
         "optimizer=hizoo: the preconditioner's factor on the perturbation stays in [1/M, M] "
         "(the step's in [1/M², M²]); >= 1",
+    )
+    hizoo_estimate: Literal[HIZOO_ESTIMATES] = _f(
+        "baseline",
+        "optimizer=hizoo: the curvature estimate: baseline (each second difference minus the "
+        "running mean of the past ones, averaged with bias correction: ~6x less noise on the "
+        "LM task) or moment (the first version, without the baseline)",
+    )
+    hizoo_warmup: int = _f(
+        20, "optimizer=hizoo: updates with the preconditioner at 1 while the curvature averages"
     )
     mu_scale: str = _f(
         "",
@@ -356,6 +365,7 @@ _RULES = [
             "plateau_max_decays",
             "divergence_tolerance",
             "weight_decay",
+            "hizoo_warmup",
         )
     ),
     _range("max_length", lambda v: v >= 2, ">= 2"),

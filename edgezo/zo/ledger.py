@@ -267,7 +267,7 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
     from .directions import ALL_KINDS
     from .engine import EngineSettings
     from .estimators import ESTIMATORS
-    from .optim import HIZOO_POOLS, OPTIMIZERS
+    from .optim import HIZOO_ESTIMATES, HIZOO_POOLS, OPTIMIZERS
     from .scales import parse as parse_mu_scale
 
     known = EngineSettings.__dataclass_fields__
@@ -283,6 +283,7 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
         "optimizer": tuple(OPTIMIZERS),
         "level_schedule": ("geometric", "zipf"),
         "hizoo_pool": HIZOO_POOLS,
+        "hizoo_estimate": HIZOO_ESTIMATES,
     }
     if "seed" not in engine:
         return "no seed"
@@ -290,7 +291,7 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
         if name in choices:
             if value not in choices[name]:
                 return f"{name} is {value!r}, not one of {', '.join(choices[name])}"
-        elif name in ("seed", "q"):
+        elif name in ("seed", "q", "hizoo_warmup"):
             if isinstance(value, bool) or not isinstance(value, int) or value < (name == "q"):
                 return f"{name} is {value!r}, not an integer >= {int(name == 'q')}"
         elif name == "inplace":
