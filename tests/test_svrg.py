@@ -53,9 +53,13 @@ def toy(seed=0, **kw):
     def grad(theta) -> np.ndarray:
         return a.T @ (a @ theta.astype(np.float64) - y) / N
 
-    return eng, (lambda t: lambda: loss_on(batch(t))), (lambda j: loss_on(groups[j])), (
-        lambda: loss_on(np.arange(N))
-    ), grad
+    return (
+        eng,
+        (lambda t: lambda: loss_on(batch(t))),
+        (lambda j: loss_on(groups[j])),
+        (lambda: loss_on(np.arange(N))),
+        grad,
+    )
 
 
 def train(eng, step_loss, anchor, steps, lr):
@@ -251,9 +255,7 @@ def test_kill_and_resume_and_replay_are_exact_with_svrg(lora_bundle, memo_data, 
     assert check.returncode == 0 and "bit-identical" in check.stdout, check.stdout + check.stderr
 
 
-def test_an_anchor_sample_larger_than_the_training_set_is_refused(
-    lora_bundle, memo_data, tmp_path
-):
+def test_an_anchor_sample_larger_than_the_training_set_is_refused(lora_bundle, memo_data, tmp_path):
     r = cli(
         *start_args(lora_bundle, memo_data, tmp_path / "big", "--steps", "2", *SVRG_ARGS),
         "svrg_anchor_batches=100000",
