@@ -225,7 +225,7 @@ def test_bad_svrg_settings_are_refused_with_the_field(overrides, field, what):
 # -- the real CLI: kill and resume, replay --check ---------------------------------------------
 
 SVRG_ARGS = ["estimator=svrg", "svrg_period=5", "svrg_anchor_q=2", "svrg_anchor_batches=2",
-             "direction=sphere", "momentum=0.9", "--q", "2"]  # fmt: skip
+             "direction=sphere", "momentum=0.9", "q=2"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -403,6 +403,8 @@ class ZOHiZOO(ZOSGD):
         self.t = np.zeros(1, dtype=np.int64)
         #: the baseline's running (bias-uncorrected) average of the second differences
         self.cbar = np.zeros(1, dtype=np.float64)
+        #: per tensor, the running average of its estimates' mean square (their noise)
+        self.m2 = np.zeros(len(params.offsets), dtype=np.float64)
         ones = np.ones(params.dim, dtype=np.float32)
         vectors.scale = ones if self.base is None else self.base.copy()
         self._rescale()
@@ -439,12 +441,26 @@ class ZOHiZOO(ZOSGD):
         """E[w(z_j)]: 1/d on the sphere, 0 for Gaussian directions."""
         return 0.0 if self.kind == "gaussian" else 1.0 / self.params.dim
 
-    def _baseline(self) -> float:
-        """b: the bias-corrected running mean of the past second differences (0 at first)."""
+    def _updates(self) -> int:
+        """How many estimates h holds (``baseline``: the first step only sets the baseline)."""
         t = int(self.t[0])
+        return t - 1 if self.estimate_kind == "baseline" else t
+
+    def _corrected(self, x, n: int):
+        """A bias-corrected moving average after n updates."""
+        return x / (1.0 - self.beta**n) if self.beta > 0 and n > 0 else x
+
+    def _baseline(self) -> float:
+        """b, fixed before the step's directions: the bend the current average predicts for
+        the current scale, Σ_j s_j² ĥ_j, once h holds an estimate; before that the running
+        mean of the past bends (0 at the very first step)."""
+        t, n = int(self.t[0]), self._updates()
         if self.estimate_kind != "baseline" or t == 0:
             return 0.0
-        return float(self.cbar[0]) / (1.0 - self.beta**t) if self.beta > 0 else float(self.cbar[0])
+        if n < 1:
+            return float(self._corrected(self.cbar[0], t))
+        s2 = self.vectors.scale.astype(np.float64) ** 2
+        return _fsum_blocks(s2 * self._corrected(self.h.astype(np.float64), n))
 
     def _observe(self, us: list[Vector], curvature: list[float]) -> None:
         q = len(us)
@@ -464,6 +480,9 @@ class ZOHiZOO(ZOSGD):
                 est[a:b_] = np.float32(_mean(est[a:b_]))
         if self.estimate_kind == "baseline":
             if self.t[0] > 0:  # the first step has no baseline yet: it sets b only
+                for k, (a, b_) in enumerate(self.params.offsets):
+                    sq = _mean(est[a:b_].astype(np.float64) ** 2)
+                    self.m2[k] = self.beta * self.m2[k] + (1.0 - self.beta) * sq
                 self.h *= np.float32(self.beta)
                 est *= np.float32(1.0 - self.beta)
                 self.h += est
@@ -480,10 +499,52 @@ class ZOHiZOO(ZOSGD):
         self.t[0] += 1
         self._rescale()
 
+    def _shrunk(self, n: int) -> tuple[np.ndarray, float]:
+        """(h̃, h̄): each tensor's bias-corrected curvature pulled towards the mean h̄ by its
+        noise — h̃ = |h̄ + (ĥ − h̄)·max(0, 1 − (2se)²/(ĥ − h̄)²)|, se² the variance of the
+        moving average (the estimates' spread, from their second moment, times the average's
+        variance factor (1 − β)(1 − β²ⁿ) / ((1 + β)(1 − βⁿ)²)). A difference within two
+        standard errors is dropped, a clear one kept almost whole; a curvature that comes out
+        negative counts by its size (a flat tensor is not one whose estimate is noise below
+        zero)."""
+        hh = self._corrected(self.h.astype(np.float64), n)
+        mean = _mean(hh)
+        if self.beta > 0:
+            kappa = (1 - self.beta) * (1 - self.beta ** (2 * n))
+            kappa /= (1 + self.beta) * (1 - self.beta**n) ** 2
+        else:
+            kappa = 1.0
+        out = np.empty_like(hh)
+        for k, (a, b) in enumerate(self.params.offsets):
+            part = hh[a:b]
+            var = max(0.0, float(self._corrected(self.m2[k], n)) - _mean(part * part))
+            se2 = 4.0 * var * kappa  # (2 standard errors)²
+            dev = part - mean
+            d2 = dev * dev
+            keep = np.where(d2 > se2, 1.0 - se2 / np.where(d2 > 0, d2, 1.0), 0.0)
+            out[a:b] = np.abs(mean + dev * keep)
+        return out, mean
+
     def _rescale(self) -> None:
-        """vectors.scale ← b ⊙ clip(√(h̄/h), 1/M, M) (1 while h̄ ≤ 0 or warming up)."""
+        """vectors.scale ← b ⊙ clip(√(h̄/h), 1/M, M) (1 while h̄ ≤ 0 or warming up);
+        ``baseline`` uses the shrunk h̃ (:meth:`_shrunk`)."""
         scale = self.vectors.scale
         t = int(self.t[0])
+        if self.estimate_kind == "baseline":
+            n = self._updates()
+            if n < 1 or t < self.warmup:
+                scale[:] = 1.0
+            else:
+                h, mean = self._shrunk(n)
+                if not mean > 0.0:
+                    scale[:] = 1.0
+                else:
+                    m = self.max_scale
+                    f = np.sqrt(mean / np.maximum(h, mean / (m * m)))
+                    scale[:] = np.clip(f, 1.0 / m, m).astype(np.float32)
+            if self.base is not None:
+                scale *= self.base
+            return
         mean = _mean(self.h) if t > 0 else 0.0
         if not mean > 0.0 or t < self.warmup:
             scale[:] = 1.0
@@ -499,9 +560,8 @@ class ZOHiZOO(ZOSGD):
     @property
     def curvature(self) -> np.ndarray:
         """The current curvature average per value (bias-corrected for ``baseline``)."""
-        n = int(self.t[0]) - 1  # updates of h (the first step only sets the baseline)
-        if self.estimate_kind == "baseline" and n > 0 and self.beta > 0:
-            return self.h / np.float32(1.0 - self.beta**n)
+        if self.estimate_kind == "baseline":
+            return self._corrected(self.h.astype(np.float64), self._updates())
         return self.h.copy()
 
     @property
@@ -514,6 +574,7 @@ class ZOHiZOO(ZOSGD):
         out = {**super().own_state(), "optim.hizoo_h": self.h, "optim.hizoo_t": self.t}
         if self.estimate_kind == "baseline":
             out["optim.hizoo_cbar"] = self.cbar
+            out["optim.hizoo_m2"] = self.m2
         return out
 
     def load_own_state(self, state: dict[str, np.ndarray]) -> None:
@@ -522,7 +583,13 @@ class ZOHiZOO(ZOSGD):
         self.t[:] = state["optim.hizoo_t"]
         if self.estimate_kind == "baseline":
             self.cbar[:] = state["optim.hizoo_cbar"]
+            self.m2[:] = state["optim.hizoo_m2"]
         self._rescale()
+
+
+def _fsum_blocks(x: np.ndarray) -> float:
+    """Σ x (float64), summed in fixed 1M-value blocks and added by ``math.fsum``."""
+    return math.fsum(float(np.sum(x[i : i + CHUNK])) for i in range(0, x.size, CHUNK))
 
 
 def _mean(x: np.ndarray) -> float:
