@@ -337,22 +337,23 @@ class ZOHiZOO(ZOSGD):
     estimate of H_jj from the step's own forwards, pooled to one value per tensor with
     ``hizoo_pool=tensor`` (the default).
 
-    ``hizoo_estimate=baseline`` (the default) subtracts a baseline b from c before weighting: (c
-    − b)·w_j + b·E[w_j] has the same expectation for any b chosen before the step's directions
-    (E[w_j] = 1/d on the sphere, 0 for Gaussians), and with b the running mean of the past
-    second differences (the first step only sets b) it drops the term that made the first
-    version useless: c itself is ≈ tr(SHS) ± its spread, and c·w_j carries the whole trace into
-    every value's estimate (on the LM task: a per-tensor estimate whose noise was ~100× its
-    mean, against ~17× with the baseline, c's spread being 0.16 of its mean). The average h is
-    then an exponential moving average (decay ``hizoo_beta``) with Adam's bias correction, and
-    for the first ``hizoo_warmup`` updates the preconditioner stays 1 while h accumulates. After
-    every
-    later update the scale of the next step's vectors is
+    ``hizoo_estimate=baseline`` (the default) subtracts a baseline b from c before weighting:
+    (c − b)·w_j + b·E[w_j] has the same expectation for any b fixed before the step's
+    directions (E[w_j] = 1/d on the sphere, 0 for Gaussians). b is the bend the current
+    average predicts at the current scale, Σ_j s_j² ĥ_j (before the first estimate, the running
+    mean of the past bends; the first step only sets that). This drops the term that made the
+    first version useless: c itself is ≈ tr(SHS) ± its spread, and c·w_j carries the whole
+    trace into every value's estimate (on the LM task, per probe, a per-tensor noise 88–109×
+    the mean curvature, against 16–19× with a baseline; c's spread is 0.16 of its mean). The
+    average h is an exponential moving average (decay ``hizoo_beta``) with Adam's bias
+    correction; for the first ``hizoo_warmup`` updates the preconditioner stays 1; and each
+    tensor's curvature is shrunk towards the mean by its noise before use (:meth:`_shrunk`).
+    After that the scale of the next step's vectors is
 
-        s_j = b_j · clip(√(h̄ / h_j), 1/M, M),   h̄ = the mean of h over all values,
+        s_j = m_j · clip(√(h̄ / h_j), 1/M, M),   h̄ = the mean of h over all values,
 
-    with b the run's fixed per-tensor scales (``mu_scale``) and M = ``hizoo_max_scale``
-    (h_j ≤ h̄/M², negative curvature included, gets M). h̄ is the trace estimate (Σ_j w_j = 1
+    with m the run's fixed per-tensor scales (``mu_scale``) and M = ``hizoo_max_scale``
+    (h_j ≤ h̄/M² gets M; ``baseline`` uses the shrunk |h̃|). h̄ is the trace estimate (Σ_j w_j = 1
     on the sphere: the mean of the pooled estimates is c/d), so no single step's noise can
     switch the preconditioner off. The perturbation on value j is μ·s_j and its expected step
     s_j² times plain SGD's: a Newton-like H⁻¹ step relative to the mean curvature, so ``lr``
@@ -361,7 +362,8 @@ class ZOHiZOO(ZOSGD):
     ``hizoo_estimate=moment`` is the first version (no baseline, h started at the first
     step's mean estimate, no bias correction or warm-up), kept for its ledgers.
 
-    State: the momentum, h, the update count and the baseline; all of it is a function of the
+    State: the momentum, h, the update count, the bends' running mean and, per tensor, the
+    estimates' running second moment; all of it is a function of the
     recorded losses, so replay and resume rebuild it exactly.
     """
 
