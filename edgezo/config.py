@@ -11,7 +11,7 @@ from .errors import ConfigError
 from .zo import scales
 from .zo.directions import ALL_KINDS
 from .zo.estimators import ESTIMATORS, SCHEDULES
-from .zo.optim import HIZOO_KINDS, HIZOO_POOLS, OPTIMIZERS, SCHEDULE_KINDS
+from .zo.optim import HIZOO_ESTIMATES, HIZOO_KINDS, HIZOO_POOLS, OPTIMIZERS, SCHEDULE_KINDS
 
 # the choices of the registry-backed fields, from the registries themselves
 DIRECTIONS = ALL_KINDS
@@ -146,6 +146,26 @@ class FinetuneConfig:
         4.0,
         "optimizer=hizoo: the preconditioner's factor on the perturbation stays in [1/M, M] "
         "(the step's in [1/M², M²]); >= 1",
+    )
+    hizoo_estimate: Literal[HIZOO_ESTIMATES] = _f(
+        "baseline",
+        "optimizer=hizoo: the curvature estimate: baseline (each second difference minus the "
+        "running mean of the past ones, averaged with bias correction: ~6x less noise on the "
+        "LM task) or moment (the first version, without the baseline)",
+    )
+    hizoo_warmup: int = _f(
+        20, "optimizer=hizoo: updates with the preconditioner at 1 while the curvature averages"
+    )
+    svrg_period: int = _f(
+        50,
+        "estimator=svrg: an anchor pass every N steps (its step moves along the anchor's "
+        "estimate alone; docs/concepts/zo-step.md)",
+    )
+    svrg_anchor_q: int = _f(8, "estimator=svrg: directions of each anchor pass")
+    svrg_anchor_batches: int = _f(
+        16,
+        "estimator=svrg: batches (of batch_size) in the anchor sample, a fixed seeded sample "
+        "of the training set; each anchor pass costs (svrg_anchor_q + 1) x this many forwards",
     )
     mu_scale: str = _f(
         "",
@@ -358,6 +378,9 @@ _RULES = [
             "eval_budget",
             "autotune_steps",
             "plateau_patience",
+            "svrg_period",
+            "svrg_anchor_q",
+            "svrg_anchor_batches",
         )
     ),
     *(
@@ -373,6 +396,7 @@ _RULES = [
             "weight_decay",
             "vocab_subset",
             "vocab_sample",
+            "hizoo_warmup",
         )
     ),
     _range("max_length", lambda v: v >= 2, ">= 2"),
@@ -408,6 +432,19 @@ _RULES = [
         "hizoo reads the curvature's diagonal from the directions' squared entries, and "
         "{c.direction} directions carry none",
         "set direction=sphere or direction=gaussian",
+    ),
+    _rule(
+        "estimator",
+        lambda c: c.estimator == "svrg" and (c.direction == "cone" or c.optimizer == "hizoo"),
+        "svrg regenerates its anchor's directions for many steps, which a cone (leaning on the "
+        "momentum of its own step) or hizoo (rescaling every step) would change",
+        "use direction=sphere and optimizer=sgd (or adam) with estimator=svrg",
+    ),
+    _rule(
+        "perturbation",
+        lambda c: c.estimator == "svrg" and c.perturbation == "inplace",
+        "inplace moves θ itself, and svrg evaluates its anchor θ̃ beside θ",
+        "set perturbation=copy (or auto: copy below 64 MB of trainable values)",
     ),
     _rule(
         "direction",

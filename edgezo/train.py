@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from .config import FinetuneConfig
+from .data import collate, shuffled
+from .errors import ConfigError
 from .guard import Decision
 from .run import RunSummary, SessionReport
 from .session import BATCH_INPUTS, MIN_HELDOUT, Session, setup, write_trained
@@ -34,6 +36,8 @@ __all__ = ["BATCH_INPUTS", "MIN_HELDOUT", "RunSummary", "finetune"]
 
 #: a run stops after this many steps in a row whose losses were not finite
 MAX_SKIPPED_IN_A_ROW = 10
+#: ``edgezo.data.shuffled`` purpose of svrg's anchor sample (0, 1: epoch order, held-out split)
+ANCHOR_SAMPLE = 2
 
 
 def finetune(
@@ -71,6 +75,7 @@ def train_loop(s: Session, should_stop, on_step) -> str:
     """Run steps until the config's count, a budget, a stop request or a divergence."""
     cfg, engine, ledger, budget = s.cfg, s.engine, s.ledger, s.limits.budget
     skipped = 0
+    anchor = anchor_loss(s)
     while len(ledger.records) < cfg.steps:
         step = len(ledger.records)
         # budget or stop? (a step boundary: the ledger and θ agree)
@@ -83,7 +88,9 @@ def train_loop(s: Session, should_stop, on_step) -> str:
 
         # ZO step + ledger
         batch = s.stream.batch(step)
-        record = engine.step(step, s.lr(step), cfg.mu, lambda b=batch: s.runner.mean_loss(b))
+        record = engine.step(
+            step, s.lr(step), cfg.mu, lambda b=batch: s.runner.mean_loss(b), anchor=anchor
+        )
         budget.used += len(record["losses"])
         s.train_evals += len(record["losses"])
         done = step + 1
@@ -114,6 +121,29 @@ def train_loop(s: Session, should_stop, on_step) -> str:
             )
             return "non_finite"
     return "completed"
+
+
+def anchor_loss(s: Session) -> Callable[[int], float] | None:
+    """``estimator=svrg``: anchor(j), the loss of batch j of its anchor sample at the current
+    feed — ``svrg_anchor_batches`` batches of ``batch_size`` training examples, a seeded sample
+    without repeats (the whole training set when they add up to it). None for the others."""
+    cfg = s.cfg
+    if cfg.estimator != "svrg":
+        return None
+    examples, size, n = s.stream.examples, s.stream.batch_size, cfg.svrg_anchor_batches
+    if n * size > len(examples):
+        raise ConfigError(
+            f"svrg_anchor_batches={n} batches of {size} examples need {n * size} training "
+            f"examples, and there are {len(examples)}",
+            f"set svrg_anchor_batches to at most {len(examples) // size} (the whole training "
+            "set) or lower batch_size",
+        )
+    order = shuffled(len(examples), cfg.seed, ANCHOR_SAMPLE, 0)[: n * size]
+    batches = [
+        collate([examples[int(i)] for i in order[j * size : (j + 1) * size]], s.stream.pad_id)
+        for j in range(n)
+    ]
+    return lambda j: s.runner.mean_loss(batches[j])
 
 
 def _act(s: Session, d: Decision, extra: dict[str, float]) -> bool:

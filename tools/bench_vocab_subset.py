@@ -156,9 +156,7 @@ def main(
         f"whole vocabulary ({r['vocab']:,} tokens): {r['whole_ms']:.1f} ms "
         f"per batch of {batch_size}"
     )
-    print(
-        "| vocab_subset N | head rows | ms per batch | speed-up | directional agreement | loss gap |"
-    )
+    print("| vocab_subset N | head rows | ms per batch | speed-up | agreement | loss gap |")
     print("|---:|---:|---:|---:|---:|---:|")
     for s in r["subsets"]:
         print(

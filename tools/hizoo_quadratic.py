@@ -5,9 +5,11 @@ f(θ) = ½ Σ_T λ_T ‖θ_T − t_T‖², two tensors of ``--size`` values each
 steps at each ``--lr``, median of ``--seeds`` seeds, μ = 1e-3, momentum 0.9, sphere directions.
 Every method costs 5 forwards a step: ``sgd`` (one-sided, q = 4; the default recipe),
 ``sgd+mirrored`` (central with a base, q = 2: the estimator alone), ``hizoo`` (the same
-estimator, pooled per tensor) and ``mu_scale`` (one-sided q = 4 with the stiff tensor's factor
-set to √(λ_soft/λ_stiff), the curvature ratio's square root: the factor a person who knew the
-curvatures would set). Prints final losses (inf: diverged).
+estimator, pooled per tensor; the baseline estimate with its 20-update warm-up),
+``hizoo-moment`` (the first version's estimate: ``hizoo_estimate=moment``, no warm-up) and
+``mu_scale`` (one-sided q = 4 with the stiff tensor's factor set to √(λ_soft/λ_stiff), the
+curvature ratio's square root: the factor a person who knew the curvatures would set).
+Prints final losses (inf: diverged).
 
 Usage::
 
@@ -34,6 +36,13 @@ def final_loss(method: str, size: int, lams, steps: int, lr: float, seed: int) -
         "sgd": {"estimator": "onesided", "q": 4},
         "sgd+mirrored": {"estimator": "mirrored", "q": 2},
         "hizoo": {"estimator": "mirrored", "q": 2, "optimizer": "hizoo"},
+        "hizoo-moment": {
+            "estimator": "mirrored",
+            "q": 2,
+            "optimizer": "hizoo",
+            "hizoo_estimate": "moment",
+            "hizoo_warmup": 0,
+        },
         "mu_scale": {
             "estimator": "onesided",
             "q": 4,
@@ -56,7 +65,7 @@ def final_loss(method: str, size: int, lams, steps: int, lr: float, seed: int) -
     return f if math.isfinite(f) and f < 1e30 else math.inf
 
 
-METHODS = ("sgd", "sgd+mirrored", "hizoo", "mu_scale")
+METHODS = ("sgd", "sgd+mirrored", "hizoo", "hizoo-moment", "mu_scale")
 
 
 def main() -> None:

@@ -146,6 +146,12 @@ def load_tensors(
     return tensors, meta
 
 
+#: state outside ``optim.`` that holds one value per trainable value (svrg's anchor θ̃)
+THETA_SIZED = ("svrg.anchor_theta",)
+#: ``optim.`` state with one value per trainable tensor (hizoo's per-tensor second moment)
+PER_TENSOR = ("optim.hizoo_m2",)
+
+
 def load_checkpoint(
     path: str | Path, fingerprint: str, ledger: Ledger | None = None
 ) -> tuple[dict[str, np.ndarray], int]:
@@ -167,7 +173,8 @@ def load_checkpoint(
             f"checkpoint {path} lacks its step or its float32 'master' vector", REBUILD
         )
     for k, v in tensors.items():
-        if k.startswith("optim.") and v.shape != master.shape and v.size != 1:
+        theta_sized = k.startswith("optim.") or k in THETA_SIZED
+        if theta_sized and v.shape != master.shape and v.size != 1 and k not in PER_TENSOR:
             raise CheckpointError(
                 f"checkpoint {path}: {k} has shape {v.shape}, θ has {master.shape}", REBUILD
             )

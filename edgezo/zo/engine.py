@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError
 from . import scales
 from .directions import CONE, ConeDirections, Directions
-from .estimators import ESTIMATORS, LevelSchedule
+from .estimators import ESTIMATORS, AnchorLoss, LevelSchedule
 from .optim import OPTIMIZERS
 from .params import FlatParams, TensorSpec
 from .perturb import Perturber
@@ -50,6 +50,11 @@ class EngineSettings:
     hizoo_beta: float = 0.99  # optimizer "hizoo": decay of the curvature average
     hizoo_pool: str = "tensor"  # optimizer "hizoo": one curvature per tensor or per value
     hizoo_max_scale: float = 4.0  # optimizer "hizoo": the preconditioner stays in [1/M, M]
+    hizoo_estimate: str = "baseline"  # optimizer "hizoo": baseline | moment (the first version)
+    hizoo_warmup: int = 20  # optimizer "hizoo": updates with the preconditioner at 1
+    svrg_period: int = 50  # estimator "svrg": an anchor pass every this many steps
+    svrg_anchor_q: int = 8  # estimator "svrg": directions of the anchor pass
+    svrg_anchor_batches: int = 16  # estimator "svrg": batches in the anchor sample
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +68,10 @@ class EngineSettings:
                 f"the ledger's engine settings hold fields this edgezo does not know: {unknown}",
                 "replay it with the (newer) edgezo version that wrote it",
             )
+        d = dict(d)
+        if d.get("optimizer") == "hizoo" and "hizoo_estimate" not in d:
+            # a ledger of the first hizoo (before these fields): its arithmetic
+            d.update(hizoo_estimate="moment", hizoo_warmup=0)
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -118,7 +127,13 @@ class ZOEngine:
         self.perturber.vectors.scale = scales.scale_vector(self.specs, self.tensor_scales)
         schedule = LevelSchedule(settings.level_schedule, settings.level_ratio, settings.zipf_s)
         self.estimator = ESTIMATORS[settings.estimator](
-            q=settings.q, schedule=schedule, mu_floor=settings.mu_floor
+            q=settings.q,
+            schedule=schedule,
+            mu_floor=settings.mu_floor,
+            svrg_period=settings.svrg_period,
+            svrg_anchor_q=settings.svrg_anchor_q,
+            svrg_anchor_batches=settings.svrg_anchor_batches,
+            dim=self.params.dim,
         )
         self.optimizer = OPTIMIZERS[settings.optimizer](
             self.params,
@@ -131,8 +146,19 @@ class ZOEngine:
             hizoo_beta=settings.hizoo_beta,
             hizoo_pool=settings.hizoo_pool,
             hizoo_max_scale=settings.hizoo_max_scale,
+            hizoo_estimate=settings.hizoo_estimate,
+            hizoo_warmup=settings.hizoo_warmup,
             direction=settings.direction,
         )
+        if hasattr(self.estimator, "state"):  # svrg's anchor: checkpointed with the optimiser
+            self.optimizer.companions.append(self.estimator)
+            if settings.direction == CONE or settings.optimizer == "hizoo" or settings.inplace:
+                raise ConfigError(
+                    f"estimator {settings.estimator} regenerates its anchor's directions for "
+                    "many steps and evaluates θ̃ beside θ: it works with sphere, gaussian or "
+                    "rademacher directions, a non-hizoo optimiser and a feed buffer",
+                    "use direction=sphere, optimizer=sgd and perturbation=copy",
+                )
         if self.cone is not None:
             axis = self.optimizer.history
             if axis is None:
@@ -145,18 +171,27 @@ class ZOEngine:
             self.cone.bind(axis)
 
     def step(
-        self, step: int, lr: float, mu: float, evaluate: Callable[[], float]
+        self,
+        step: int,
+        lr: float,
+        mu: float,
+        evaluate: Callable[[], float],
+        anchor: AnchorLoss | None = None,
     ) -> dict[str, Any]:
         """One ZO step; returns the ledger record. A non-finite loss skips the update.
 
         The record holds every evaluation's loss (their count is the step's actual forward
         cost), the projected gradients, and the estimator's extra fields (P3/P4's levels and
-        ``mu_floor_hits``, DAP's signs).
+        ``mu_floor_hits``, DAP's signs). ``anchor(j)``, the loss of anchor batch j at the
+        current feed, is read by ``estimator=svrg`` only (its anchor passes).
         """
         if self.cone is not None:
             self.cone.begin(step)  # this step's directions lean on the momentum as it is now
         try:
-            est = self.estimator.estimate(step, mu, self.perturber, evaluate)
+            if getattr(self.estimator, "wants_anchor", False):
+                est = self.estimator.estimate(step, mu, self.perturber, evaluate, anchor)
+            else:
+                est = self.estimator.estimate(step, mu, self.perturber, evaluate)
             status = "ok" if est.finite else "skipped"
             if status == "ok":
                 kw = {}
@@ -195,7 +230,9 @@ class ZOEngine:
                     "replay with the settings in the ledger header (was the file edited?)",
                 ) from None
 
-        redone = self.step(record["step"], record["lr"], record["mu"], recorded)
+        redone = self.step(
+            record["step"], record["lr"], record["mu"], recorded, anchor=lambda _j: recorded()
+        )
         if redone["g"] != record["g"] and redone["status"] == "ok":
             raise CheckpointError(
                 f"ledger step {record['step']}: recorded projected gradients {record['g']} "

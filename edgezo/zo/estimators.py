@@ -22,6 +22,8 @@ fzoo       (f(θ+μz) − f(θ)) / σ, σ = RMS of the q differences  q + 1
 dap        one-sided along z′ aligned with a sphere pilot       2q + 1
 p4         D(μ₁) + (D(μ_{n+1}) − D(μ_n)) / p_n, n ~ schedule    ≈ 1 + q(3 − p₁)
 p3         coin: 2·D(μ₁) or 2·(D(μ_{n+1}) − D(μ_n)) / p_n       ≈ 1 + 1.5q
+svrg       one-sided at θ minus one-sided at the anchor θ̃       2q + 2; every period:
+           (same batch and z) plus the anchor pass's estimate  (q_A + 1) × batches
 =========  ===================================================  =====================
 
 ``evals_per_step`` is the expected count (exact except for P3/P4), ``max_evals_per_step`` the
@@ -40,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
+
+import numpy as np
 
 from .directions import uniform
 from .perturb import Displacement, Perturber, Vector, plain
@@ -457,6 +461,167 @@ class P3(_MultiLevel):
         return 1 + 2 * self.q
 
 
+# -- MeZO-SVRG: a control variate from an anchor pass ------------------------------------------
+
+#: the anchor directions' index offset: v_k = z(anchor step, ANCHOR_INDEX + k), a stream apart
+#: from every step's own z(step, i) (part of the run's definition — never change it)
+ANCHOR_INDEX = 1 << 32
+
+#: an anchor batch's loss at the current feed: ``anchor(j)`` for j < svrg_anchor_batches
+AnchorLoss = Callable[[int], float]
+
+
+class SVRG:
+    """ZO-SVRG (docs/concepts/literature.md §10): one-sided probes with a control variate.
+
+    Every ``svrg_period`` steps an *anchor pass* at the anchor θ̃ = θ (that step's) estimates
+    the gradient of the loss F over a fixed anchor sample of the training set
+    (``svrg_anchor_batches`` batches, ``anchor(j)`` each) along ``svrg_anchor_q`` directions
+    v_k = z(step, ANCHOR_INDEX + k): F(θ̃), then F(θ̃ + μv_k), a_k = (F(θ̃ + μv_k) − F(θ̃)) / μ.
+    That step moves along ĝ_A = (1/q_A) Σ_k a_k v_k alone: (q_A + 1)·batches forwards.
+
+    Every other step, on its batch B and its q directions z_i, evaluates f_B at θ, θ + μz_i,
+    θ̃ and θ̃ + μz_i (2q + 2 forwards): g_i = (f_B(θ + μz_i) − f_B(θ)) / μ and g̃_i the same at
+    θ̃, and moves along
+
+        ĝ = (1/q) Σ_i (g_i − g̃_i) z_i + ĝ_A,
+
+    the step's estimate minus the same estimate at the anchor (same batch, same directions:
+    their batch noise and most of their direction noise cancel while θ is near θ̃) plus the
+    anchor's. The record's ``g`` holds the coefficients of the vectors [z_0 … z_{q−1},
+    v_0 … v_{q_A−1}], scaled by (q + q_A) so that the optimisers' mean over them is ĝ.
+
+    State (checkpointed with the optimiser's): θ̃ (one float32 buffer of θ's size), the
+    anchor's step and its a_k. Every loss, the anchor's included, is in the record in
+    evaluation order, so replay and resume rebuild it exactly. Needs a feed buffer (θ̃ ⊕ μz is
+    evaluated beside θ): refused in place.
+    """
+
+    name = "svrg"
+    wants_anchor = True
+
+    def __init__(
+        self,
+        q: int = 1,
+        svrg_period: int = 50,
+        svrg_anchor_q: int = 8,
+        svrg_anchor_batches: int = 16,
+        dim: int = 0,
+        **_: Any,
+    ):
+        self.q = q
+        self.period = svrg_period
+        self.anchor_q = svrg_anchor_q
+        self.batches = svrg_anchor_batches
+        self.theta = np.zeros(dim, dtype=np.float32)  # θ̃
+        self.anchor_step = np.full(1, -1, dtype=np.int64)  # -1: no anchor yet
+        self.anchor_g = np.zeros(svrg_anchor_q, dtype=np.float64)
+
+    @property
+    def anchor_evals(self) -> int:
+        return (self.anchor_q + 1) * self.batches
+
+    @property
+    def evals_per_step(self) -> float:
+        """The mean over a period: one anchor step and period − 1 steps of 2q + 2."""
+        return (self.anchor_evals + (self.period - 1) * (2 * self.q + 2)) / self.period
+
+    @property
+    def max_evals_per_step(self) -> int:
+        return max(self.anchor_evals, 2 * self.q + 2)
+
+    def due(self, step: int) -> bool:
+        a = int(self.anchor_step[0])
+        return a < 0 or step - a >= self.period
+
+    def anchor_vectors(self) -> list[Vector]:
+        a = int(self.anchor_step[0])
+        return [Vector(a, ANCHOR_INDEX + k) for k in range(self.anchor_q)]
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            "svrg.anchor_theta": self.theta,
+            "svrg.anchor_step": self.anchor_step,
+            "svrg.anchor_g": self.anchor_g,
+        }
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.theta[:] = state["svrg.anchor_theta"]
+        self.anchor_step[:] = state["svrg.anchor_step"]
+        self.anchor_g[:] = state["svrg.anchor_g"]
+
+    def estimate(
+        self,
+        step: int,
+        mu: float,
+        perturber: Perturber,
+        evaluate: Callable[[], float],
+        anchor: AnchorLoss | None = None,
+    ) -> Estimate:
+        if perturber.params.inplace or not hasattr(perturber, "to_from"):
+            raise ValueError(
+                "estimator svrg evaluates the anchor θ̃ beside θ and needs a feed buffer: "
+                "set perturbation=copy (and no device perturbation)"
+            )
+        if self.due(step):
+            return self._anchor_pass(step, mu, perturber, anchor)
+        perturber.at_theta()
+        base = evaluate()
+        losses, g = [base], []
+        zs = [plain(step, i) for i in range(self.q)]
+        for u in zs:
+            perturber.to(u, mu)
+            f = evaluate()
+            losses.append(f)
+            g.append((f - base) / mu)
+        perturber.to_from(self.theta, None)
+        base_a = evaluate()
+        losses.append(base_a)
+        ga = []
+        for u in zs:
+            perturber.to_from(self.theta, u, mu)
+            f = evaluate()
+            losses.append(f)
+            ga.append((f - base_a) / mu)
+        perturber.at_theta()
+        n = self.q + self.anchor_q
+        coefs = [(a - b) * n / self.q for a, b in zip(g, ga, strict=True)]
+        coefs += [float(x) * n / self.anchor_q for x in self.anchor_g]
+        info = {"svrg_anchor": int(self.anchor_step[0])}
+        return Estimate(coefs, losses, zs + self.anchor_vectors(), info=info)
+
+    def _anchor_pass(
+        self, step: int, mu: float, perturber: Perturber, anchor: AnchorLoss | None
+    ) -> Estimate:
+        if anchor is None:
+            raise ValueError(
+                "estimator svrg needs the anchor sample's losses (edgezo.train passes them); "
+                "this caller (the learning-rate race, a federated client) has none: set --lr, "
+                "or use estimator=onesided"
+            )
+        losses: list[float] = []
+
+        def mean_loss() -> float:
+            parts = [anchor(j) for j in range(self.batches)]
+            losses.extend(parts)
+            return math.fsum(parts) / self.batches
+
+        perturber.at_theta()
+        base = mean_loss()
+        vs = [Vector(step, ANCHOR_INDEX + k) for k in range(self.anchor_q)]
+        a = []
+        for v in vs:
+            perturber.to(v, mu)
+            a.append((mean_loss() - base) / mu)
+        perturber.at_theta()
+        est = Estimate(list(a), losses, vs, info={"svrg_anchor": step, "anchor_loss": base})
+        if est.finite:  # a non-finite pass keeps the old anchor (the step is skipped)
+            np.copyto(self.theta, perturber.params.master)
+            self.anchor_step[0] = step
+            self.anchor_g[:] = a
+        return est
+
+
 ESTIMATORS = {
     "central": CentralTwoPoint,
     "onesided": OneSided,
@@ -465,4 +630,5 @@ ESTIMATORS = {
     "dap": DAP,
     "p3": P3,
     "p4": P4,
+    "svrg": SVRG,
 }

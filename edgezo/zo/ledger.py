@@ -262,12 +262,23 @@ def _finite(x: Any) -> bool:
     return _number(x) and math.isfinite(x)
 
 
+#: the engine settings that are integers, with their least value
+_INTEGERS = {
+    "seed": 0,
+    "q": 1,
+    "hizoo_warmup": 0,
+    "svrg_period": 1,
+    "svrg_anchor_q": 1,
+    "svrg_anchor_batches": 1,
+}
+
+
 def engine_problem(engine: dict[str, Any]) -> str | None:
     """What is wrong with a header's engine settings (types and ranges), or None."""
     from .directions import ALL_KINDS
     from .engine import EngineSettings
     from .estimators import ESTIMATORS
-    from .optim import HIZOO_POOLS, OPTIMIZERS
+    from .optim import HIZOO_ESTIMATES, HIZOO_POOLS, OPTIMIZERS
     from .scales import parse as parse_mu_scale
 
     known = EngineSettings.__dataclass_fields__
@@ -283,6 +294,7 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
         "optimizer": tuple(OPTIMIZERS),
         "level_schedule": ("geometric", "zipf"),
         "hizoo_pool": HIZOO_POOLS,
+        "hizoo_estimate": HIZOO_ESTIMATES,
     }
     if "seed" not in engine:
         return "no seed"
@@ -290,9 +302,10 @@ def engine_problem(engine: dict[str, Any]) -> str | None:
         if name in choices:
             if value not in choices[name]:
                 return f"{name} is {value!r}, not one of {', '.join(choices[name])}"
-        elif name in ("seed", "q"):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "q"):
-                return f"{name} is {value!r}, not an integer >= {int(name == 'q')}"
+        elif name in _INTEGERS:
+            least = _INTEGERS[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                return f"{name} is {value!r}, not an integer >= {least}"
         elif name == "inplace":
             if not isinstance(value, bool):
                 return f"inplace is {value!r}, not true or false"

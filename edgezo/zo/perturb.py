@@ -172,6 +172,19 @@ class Perturber:
             self._feed_stale = True
         self._at = None
 
+    def to_from(self, base: np.ndarray, u: Vector | None, c: float = 0.0) -> None:
+        """Make the next run evaluate ``base`` ⊕ c·u (``base`` itself for u None): a point other
+        than θ, such as SVRG's anchor. Needs a feed buffer (not in place): θ is never moved."""
+        p = self.params
+        if p.inplace:
+            raise ValueError("evaluating away from θ needs a feed buffer: perturbation=copy")
+        self._restore()
+        if u is None:
+            np.copyto(p.feed, base)
+        else:
+            self.vectors.move(u, c, base, p.feed)
+        self._feed_stale = True
+
     def at_theta(self) -> None:
         """Make the next run evaluate θ itself (held-out evaluation, a shared base point)."""
         self._restore()
