@@ -90,12 +90,19 @@ STREAMED_LARGEST_FACTOR = 4.7
 STREAMED_WEIGHTS_FACTOR = 0.25
 
 
-def streamed_memory_estimate(parameters: int, largest_tensor: int) -> int:
-    """Bytes the streamed int4 export of a model of ``parameters`` weights, the largest of
-    them a tensor of ``largest_tensor`` values, is estimated to peak at."""
-    return int(
-        STREAMED_BASE_BYTES
-        + max(
-            STREAMED_LARGEST_FACTOR * largest_tensor * 4, STREAMED_WEIGHTS_FACTOR * parameters * 4
-        )
-    )
+#: the streamed int8 export (``exporters/stream_int8.py``): the largest weight read, its
+#: folded transpose, its int8 copy and float64 temporaries of ``CHUNK_VALUES`` values; after
+#: it, the int8 bundle's session holds about a quarter of the fp32 weights plus the fp32
+#: embedding (provisional until measured on a 1B model: docs/benchmarks/scale.md)
+STREAMED_INT8_LARGEST_FACTOR = 3.0
+STREAMED_INT8_WEIGHTS_FACTOR = 0.5
+
+
+def streamed_memory_estimate(parameters: int, largest_tensor: int, precision: str = "int4") -> int:
+    """Bytes the streamed export (int4, or int8) of a model of ``parameters`` weights, the
+    largest of them a tensor of ``largest_tensor`` values, is estimated to peak at."""
+    if precision == "int8":
+        largest, weights = STREAMED_INT8_LARGEST_FACTOR, STREAMED_INT8_WEIGHTS_FACTOR
+    else:
+        largest, weights = STREAMED_LARGEST_FACTOR, STREAMED_WEIGHTS_FACTOR
+    return int(STREAMED_BASE_BYTES + max(largest * largest_tensor * 4, weights * parameters * 4))
