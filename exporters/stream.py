@@ -293,7 +293,7 @@ def calibrate_linears(
             lows[name] = np.minimum(lows[name], lo) if name in lows else lo
             highs[name] = np.maximum(highs[name], hi) if name in highs else hi
             if name not in wmax:  # [out, in]: the max over each input channel's column
-                wmax[name] = module.weight.detach().abs().amax(dim=0).numpy().copy()
+                wmax[name] = _column_absmax(module.weight.detach())
 
         return hook
 
@@ -312,6 +312,16 @@ def calibrate_linears(
             for h in handles:
                 h.remove()
     return {n: LinearRanges(lows[n], highs[n], wmax[n]) for n in lows}
+
+
+def _column_absmax(weight: torch.Tensor, chunk_values: int = 2**24) -> np.ndarray:
+    """``weight.abs().amax(dim=0)`` (float32) without an ``abs`` copy of the whole weight."""
+    rows = max(1, chunk_values // max(weight.shape[-1], 1))
+    out = None
+    for i in range(0, weight.shape[0], rows):
+        part = weight[i : i + rows].abs().amax(dim=0)
+        out = part if out is None else torch.maximum(out, part)
+    return out.numpy().copy()
 
 
 def _int4_namer(model: onnx.ModelProto) -> Callable[[onnx.NodeProto], onnx.NodeProto]:
