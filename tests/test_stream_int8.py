@@ -185,9 +185,7 @@ def test_quantize_columns_is_the_whole_weight_arithmetic(monkeypatch):
 def test_stream_int8_refusals(bundles, tmp_path):
     _, _, folder = bundles
     with pytest.raises(EdgezoError, match="int4 or int8 only"):
-        export_causal_lm(
-            folder, tmp_path / "a", stream=True, **{**KW, "precision": "int8-dynamic"}
-        )
+        export_causal_lm(folder, tmp_path / "a", stream=True, **{**KW, "precision": "int8-dynamic"})
 
 
 def test_refusal_of_a_1b_int8_export_names_the_streamed_one():
