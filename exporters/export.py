@@ -273,7 +273,10 @@ def export_causal_lm(
         bad = [
             what
             for what, wrong in (
-                (f"--precision {precision} (int4 only)", precision != "int4"),
+                (
+                    f"--precision {precision} (int4 or int8 only)",
+                    precision not in ("int4", "int8"),
+                ),
                 (f"--mode {mode} (lora only)", mode != "lora"),
                 (f"--task {task} (causal_lm only)", task != "causal_lm"),
                 ("a GGUF file (a safetensors folder only)", gguf_file is not None),
@@ -284,7 +287,8 @@ def export_causal_lm(
         if bad:
             raise EdgezoError(
                 f"the streamed export (--stream) does not take {', '.join(bad)}",
-                "pass --stream with --precision int4 --mode lora and a Hugging Face folder, or "
+                "pass --stream with --precision int4 or int8, --mode lora and a Hugging Face "
+                "folder, or "
                 "export without --stream",
             )
         from .stream import export_causal_lm_streamed
@@ -305,6 +309,10 @@ def export_causal_lm(
             block_size=block_size,
             accuracy_level=accuracy_level,
             quant_rtol=quant_rtol,
+            precision=precision,
+            precision_scope=precision_scope,
+            weights_format=weights_format or "s8",
+            int8_activations=int8_activations,
         )
     check_destination(out, overwrite)  # fail before the slow load
 

@@ -320,10 +320,17 @@ def check_export_memory(
         fixes = []
         if decoder:
             fixes.append("--no-decoder (the decoding graph's trace is the largest stage)")
-        if precision and precision.startswith("int8"):
-            fixes.append("--precision int4 (int8's smoothing quantiser is the largest stage)")
         from .memory import streamed_memory_estimate
 
+        if precision == "int8":
+            streamed8 = streamed_memory_estimate(params, largest, "int8")
+            if streamed8 <= available and not gguf_source(source):
+                fixes.append(
+                    "--precision int8 --stream (the streamed int8 export holds one weight at "
+                    f"a time: about {streamed8 / 2**30:.1f} GiB)"
+                )
+        if precision and precision.startswith("int8"):
+            fixes.append("--precision int4 (int8's quantiser is the largest stage)")
         streamed = streamed_memory_estimate(params, largest)
         if streamed <= available and not gguf_source(source):
             fixes.append(

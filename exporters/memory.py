@@ -90,12 +90,22 @@ STREAMED_LARGEST_FACTOR = 4.7
 STREAMED_WEIGHTS_FACTOR = 0.25
 
 
-def streamed_memory_estimate(parameters: int, largest_tensor: int) -> int:
-    """Bytes the streamed int4 export of a model of ``parameters`` weights, the largest of
-    them a tensor of ``largest_tensor`` values, is estimated to peak at."""
-    return int(
-        STREAMED_BASE_BYTES
-        + max(
-            STREAMED_LARGEST_FACTOR * largest_tensor * 4, STREAMED_WEIGHTS_FACTOR * parameters * 4
-        )
-    )
+#: the streamed int8 export (``exporters/stream_int8.py``) holds about two copies of the
+#: largest tensor at most: the calibration forward reads the tied embedding/head and runs the
+#: head's matmul on it (its abs-max is taken in chunks); quantising a weight adds only its
+#: int8 copy and float64 chunks of ``CHUNK_VALUES`` values. After it, the int8 bundle's
+#: validation session holds about 0.4x the fp32 weights. Measured (docs/benchmarks/scale.md):
+#: Gemma 3 1B, 3,107 MiB in the calibration (1,152 MiB head over 496 MiB: 2.27x), Llama 3.2
+#: 1B 1,959 MiB in validation (0.42x its 4,714 MiB of weights)
+STREAMED_INT8_LARGEST_FACTOR = 2.3
+STREAMED_INT8_WEIGHTS_FACTOR = 0.45
+
+
+def streamed_memory_estimate(parameters: int, largest_tensor: int, precision: str = "int4") -> int:
+    """Bytes the streamed export (int4, or int8) of a model of ``parameters`` weights, the
+    largest of them a tensor of ``largest_tensor`` values, is estimated to peak at."""
+    if precision == "int8":
+        largest, weights = STREAMED_INT8_LARGEST_FACTOR, STREAMED_INT8_WEIGHTS_FACTOR
+    else:
+        largest, weights = STREAMED_LARGEST_FACTOR, STREAMED_WEIGHTS_FACTOR
+    return int(STREAMED_BASE_BYTES + max(largest * largest_tensor * 4, weights * parameters * 4))

@@ -252,6 +252,17 @@ def activation_ranges(
     return {n: (lows[n], highs[n]) for n in names}
 
 
+def smoothing_factors(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """``s_k = max|X_k|^alpha / max|W_k|^(1-alpha)`` per input channel (1 where either is 0),
+    clipped to [1e-4, 1e4]; ``amax`` float64 (calibration), ``wmax`` float32 (the weights)."""
+    s = np.where(
+        (amax > 0) & (wmax > 0),
+        np.power(np.maximum(amax, 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1 - alpha),
+        1.0,
+    )
+    return np.clip(s, 1e-4, 1e4)
+
+
 def quantize_int8_smooth(
     model: onnx.ModelProto,
     feeds: Sequence[dict[str, np.ndarray]],
@@ -314,12 +325,7 @@ def quantize_int8_smooth(
         lo, hi = ranges[x]
         amax = np.maximum(np.abs(lo), np.abs(hi))
         wmax = np.max([np.abs(weights[n.input[1]]).max(axis=1) for n in nodes], axis=0)
-        s = np.where(
-            (amax > 0) & (wmax > 0),
-            np.power(np.maximum(amax, 1e-8), alpha) / np.power(np.maximum(wmax, 1e-8), 1 - alpha),
-            1.0,
-        )
-        s = np.clip(s, 1e-4, 1e4)
+        s = smoothing_factors(amax, wmax, alpha)
         for n in nodes:
             weights[n.input[1]] = weights[n.input[1]] * s[:, None]
         after, src = producer.get(x, (-1, None))

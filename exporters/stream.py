@@ -77,6 +77,7 @@ from .onnx_export import (
 )
 from .quantize import _NODE, QUANT_RTOL, check_quant_args, matmul_nbits_one
 from .stages import add_stages
+from .stream_int8 import LinearRanges, StreamedInt8
 from .trainables import FROZEN_LORA_A
 from .validate import (
     LORA_B_STD,
@@ -88,7 +89,7 @@ from .validate import (
     torch_outputs,
     validation_point,
 )
-from .weight_attach import attach_weights, externalize_rest
+from .weight_attach import attach_weights, externalize_rest, fold_plan, matmul_sites
 
 #: tensors below this many bytes get ordinary (resident) zeros: a mapping per tiny tensor
 #: costs more than it saves
@@ -157,7 +158,7 @@ class StreamedModel:
         }  # the zero-page storage each parameter returns to
 
 
-def load_streamed(folder: str | Path) -> StreamedModel:
+def load_streamed(folder: str | Path, precision: str = "int4") -> StreamedModel:
     """The causal LM of ``folder`` with zero-page weights (:func:`zero_storage`), its tokenizer
     and a reader of its checkpoint; nothing of the weights is read."""
     from accelerate import init_empty_weights
@@ -165,7 +166,7 @@ def load_streamed(folder: str | Path) -> StreamedModel:
 
     folder, gguf = resolve_source(folder, None)
     config, model_type, arch = _config_for(folder, gguf, "causal_lm")
-    _check_memory(config, folder)
+    _check_memory(config, folder, precision)
     reader = CheckpointReader(folder)
     tokenizer = _fast_tokenizer(folder, str(folder), {"local_files_only": True})
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are real
@@ -209,7 +210,7 @@ def load_streamed(folder: str | Path) -> StreamedModel:
     return StreamedModel(loaded, reader, names)
 
 
-def _check_memory(config, folder: Path) -> None:
+def _check_memory(config, folder: Path, precision: str = "int4") -> None:
     """Refuse, before any weight is read, a model whose streamed export would not fit in this
     machine's available memory (:func:`exporters.memory.streamed_memory_estimate`)."""
     available = available_memory_bytes()
@@ -217,11 +218,11 @@ def _check_memory(config, folder: Path) -> None:
     if available is None or sizes is None:
         return
     params = sizes[0]
-    need = streamed_memory_estimate(*sizes)
+    need = streamed_memory_estimate(*sizes, precision=precision)
     if need > available:
         raise EdgezoError(
             f"{folder} ({config.model_type}, {params / 1e9:.2f}B parameters) needs about "
-            f"{need / 2**30:.1f} GiB for the streamed int4 export; this machine has "
+            f"{need / 2**30:.1f} GiB for the streamed {precision} export; this machine has "
             f"{available / 2**30:.1f} GiB available",
             "free memory, or export on a machine with more memory",
         )
@@ -260,6 +261,69 @@ def materialised(streamed: StreamedModel) -> Iterator[None]:
         release_memory()
 
 
+def calibrate_linears(
+    streamed: StreamedModel,
+    graph: CausalLMLossGraph,
+    values: list[torch.Tensor],
+    feeds: list[dict[str, np.ndarray]],
+) -> dict[str, LinearRanges]:
+    """The streamed int8 export's calibration: the loss graph run in PyTorch, one module's
+    weights resident at a time (:func:`materialised`), on ``feeds``
+    (:func:`exporters.precision.calibration_feeds`) at the trainables ``values``; for every
+    Linear (a path under the Hugging Face model): its input's per-channel min and max over all
+    batches and, read once while its weight is in memory, its weight's abs-max per input
+    channel."""
+    from .lora import LoraLinear
+
+    model = streamed.loaded.model
+    linears = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) or (isinstance(m, LoraLinear) and not m.fan_in_fan_out)
+    }
+    lows: dict[str, np.ndarray] = {}
+    highs: dict[str, np.ndarray] = {}
+    wmax: dict[str, np.ndarray] = {}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            lo, hi = x.amin(dim=0).numpy(), x.amax(dim=0).numpy()
+            lows[name] = np.minimum(lows[name], lo) if name in lows else lo
+            highs[name] = np.maximum(highs[name], hi) if name in highs else hi
+            if name not in wmax:  # [out, in]: the max over each input channel's column
+                wmax[name] = _column_absmax(module.weight.detach())
+
+        return hook
+
+    with materialised(streamed):  # its loading hooks run before these
+        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+        try:
+            with torch.no_grad():
+                for feed in feeds:
+                    graph(
+                        torch.from_numpy(feed["input_ids"]),
+                        torch.from_numpy(feed["attention_mask"]),
+                        torch.from_numpy(feed["labels"]),
+                        values,
+                    )
+        finally:
+            for h in handles:
+                h.remove()
+    return {n: LinearRanges(lows[n], highs[n], wmax[n]) for n in lows}
+
+
+def _column_absmax(weight: torch.Tensor, chunk_values: int = 2**24) -> np.ndarray:
+    """``weight.abs().amax(dim=0)`` (float32) without an ``abs`` copy of the whole weight."""
+    rows = max(1, chunk_values // max(weight.shape[-1], 1))
+    out = None
+    for i in range(0, weight.shape[0], rows):
+        part = weight[i : i + rows].abs().amax(dim=0)
+        out = part if out is None else torch.maximum(out, part)
+    return out.numpy().copy()
+
+
 def _int4_namer(model: onnx.ModelProto) -> Callable[[onnx.NodeProto], onnx.NodeProto]:
     """A ``MatMul`` with its weight renamed after its module, as
     :func:`exporters.quantize.name_matmul_weights` names them before today's quantisation."""
@@ -295,28 +359,44 @@ def export_causal_lm_streamed(
     block_size: int = 32,
     accuracy_level: int = 0,
     quant_rtol: float = QUANT_RTOL,
+    precision: str = "int4",
+    precision_scope: str = "all",
+    weights_format: str = "s8",
+    int8_activations: str = "dynamic",
 ) -> Path:
-    """Export the causal LM of the Hugging Face folder ``model`` as an int4 LoRA bundle ``out``
-    without ever holding its fp32 weights whole (module docstring); returns ``out``.
+    """Export the causal LM of the Hugging Face folder ``model`` as an int4 or int8 LoRA bundle
+    ``out`` without ever holding its fp32 weights whole (module docstring); returns ``out``.
 
     The arguments mean what they mean for :func:`exporters.export.export_causal_lm`, which
-    calls this with ``stream=True``; the bundle is the one ``export_causal_lm(...,
-    precision="int4", decoder=False)`` writes (tested on tiny models:
-    ``tests/test_stream_export.py``), but its ``parity`` records the int4 graph against the
+    calls this with ``stream=True`` (``weights_format``: the int8 weight format it resolved
+    for ``--int8-weights``); the bundle is the one ``export_causal_lm(...,
+    precision=precision, decoder=False)`` writes (tested on tiny models:
+    ``tests/test_stream_export.py``; int8: up to the calibration's float rounding,
+    ``exporters/stream_int8.py``), but its ``parity`` records the quantised graph against the
     streamed PyTorch loss.
     """
     from .export import _architecture_dict, lora_trainables
+    from .precision import calibration_feeds, prefix_only
 
     say = progress or (lambda _line: None)
     out = Path(out)
-    check_quant_args("int4", "lora", block_size, accuracy_level)
+    if precision not in ("int4", "int8"):
+        raise EdgezoError(
+            f"the streamed export writes int4 or int8 bundles, not {precision}",
+            "pass --precision int4 or int8 with --stream, or export without --stream",
+        )
+    if precision_scope != "all" and precision != "int8":
+        raise EdgezoError(
+            f"--precision-scope {precision_scope} applies to int8", "pass --precision-scope all"
+        )
+    check_quant_args("int4" if precision == "int4" else None, "lora", block_size, accuracy_level)
     if not tolerance >= 0 or not quant_rtol >= 0:
         raise EdgezoError("tolerance and quant_rtol must be >= 0", "pass 1e-3 and 0.1")
     check_destination(out, overwrite)
 
     t0 = time.perf_counter()
     say(f"loading {model} (streamed: the weights stay on disk, read one at a time) ...")
-    streamed = load_streamed(model)
+    streamed = load_streamed(model, precision)
     loaded = streamed.loaded
     num_parameters = loaded.num_parameters
     say(
@@ -371,8 +451,6 @@ def export_causal_lm_streamed(
         shutil.rmtree(raw_dir)
         say(f"traced in {time.perf_counter() - t:.1f} s")
 
-        t = time.perf_counter()
-        say(f"attaching the weights from the checkpoint, int4 (block {block_size}) ...")
         weights: dict[str, Callable[[], np.ndarray]] = {}
         for name, (_, p) in zip(frozen_names, frozen, strict=True):
             ckpt = streamed.names.get(id(p))
@@ -382,18 +460,64 @@ def export_causal_lm_streamed(
                 weights[name] = lambda q=p: q.detach().numpy()
         namer = _int4_namer(onnx_model)
         quantised = 0
+        int8 = None
+        if precision == "int8":
+            t = time.perf_counter()
+            calib = calibration_feeds(loaded.tokenizer, loaded.vocab_size, {})
+            say(
+                f"calibrating the int8 smoothing on {len(calib)} batches (PyTorch, streamed "
+                "one module at a time) ..."
+            )
+            ranges = calibrate_linears(streamed, graph, values, calib)
+            keep = (lambda _w: True) if precision_scope == "all" else prefix_only(min(lora.layers))
+            int8 = StreamedInt8(
+                onnx_model,
+                fold_plan(onnx_model, weights),
+                matmul_sites(onnx_model, weights),
+                ranges,
+                namer,
+                keep,
+                weights_format=weights_format,
+                activations=int8_activations,
+                calibration_batches=len(calib),
+            )
+            del ranges
+            release_memory()
+            say(
+                f"calibrated {len(int8.targets)} MatMuls in {len(int8.groups)} groups in "
+                f"{time.perf_counter() - t:.1f} s"
+            )
 
         def quantize(node: onnx.NodeProto, weight: np.ndarray):
             nonlocal quantised
-            done = matmul_nbits_one(namer(node), weight, 4, block_size, accuracy_level)
-            quantised += done is not None
+            if int8 is not None:
+                done = int8.quantize(node, weight)
+            else:
+                done = matmul_nbits_one(namer(node), weight, 4, block_size, accuracy_level)
+            quantised += done is not None if int8 is None else node.name in int8.quantised
             del weight
             release_memory()  # the quantiser's one-node model and its copies of the weight
             return done
 
-        count, nbytes = attach_weights(
-            onnx_model, weights, stage / EXTERNAL_DATA, quantize_matmul=quantize
+        t = time.perf_counter()
+        say(
+            "attaching the weights from the checkpoint, "
+            + (
+                f"int4 (block {block_size})"
+                if int8 is None
+                else f"int8 smoothed ({weights_format} weights)"
+            )
+            + " ..."
         )
+        count, nbytes = attach_weights(
+            onnx_model,
+            weights,
+            stage / EXTERNAL_DATA,
+            quantize_matmul=quantize,
+            transform=int8.transform if int8 is not None else None,
+        )
+        int8_info = int8.finish(onnx_model) if int8 is not None else None
+        int8 = None
         if not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
             onnx_model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         check_signature(onnx_model, specs)
@@ -403,7 +527,7 @@ def export_causal_lm_streamed(
         release_memory()
         say(
             f"attached {count} tensors ({nbytes / 2**20:.1f} MiB), {quantised} MatMuls as "
-            f"int4, in {time.perf_counter() - t:.1f} s"
+            f"{precision}, in {time.perf_counter() - t:.1f} s"
         )
         if quantised == 0:
             raise EdgezoError(
@@ -411,7 +535,7 @@ def export_causal_lm_streamed(
             )
 
         t = time.perf_counter()
-        say("validating (int4 ONNX Runtime vs PyTorch streamed one module at a time) ...")
+        say(f"validating ({precision} ONNX Runtime vs PyTorch streamed one module at a time) ...")
         point = validation_point(specs, values, generator)
         batch = parity_batch(loaded.vocab_size, pad, generator)
         with materialised(streamed):
@@ -426,8 +550,8 @@ def export_causal_lm_streamed(
         del qsession
         release_memory()
         say(
-            f"validated in {time.perf_counter() - t:.1f} s: int4 vs fp32 PyTorch loss max rel "
-            f"{parity_vs_fp32['max_rel_diff']:.3g} (rtol {quant_rtol:g}); "
+            f"validated in {time.perf_counter() - t:.1f} s: {precision} vs fp32 PyTorch loss max "
+            f"rel {parity_vs_fp32['max_rel_diff']:.3g} (rtol {quant_rtol:g}); "
             f"{streamed.reader.reads} tensor reads so far"
         )
         trainable_values = {s.name: v for s, v in zip(specs, values, strict=True)}
@@ -445,23 +569,31 @@ def export_causal_lm_streamed(
             save_file(frozen_a, str(stage / FROZEN_LORA_A), metadata={"format": "pt"})
             extra.append(FROZEN_LORA_A)
         tok_spec = loaded.save_tokenizer(stage / "tokenizer.json")
-        quant_info = {
-            "scheme": "int4",
-            "method": "onnxruntime MatMulNBitsQuantizer (weight-only, asymmetric), one MatMul "
-            "at a time as its weight is attached (streamed export)",
-            "bits": 4,
-            "block_size": block_size,
-            "accuracy_level": accuracy_level,
-            "symmetric": False,
-            "quantized_matmuls": quantised,
-            "gemm_rewritten": 0,
-            "op": "MatMulNBits",
-            "precision": "int4",
-            "streamed": True,
-            "parity_vs_fp32": parity_vs_fp32,
-        }
+        if int8_info is not None:
+            quant_info = {
+                **int8_info,
+                "scope": precision_scope,
+                "precision": "int8",
+                "parity_vs_fp32": parity_vs_fp32,
+            }
+        else:
+            quant_info = {
+                "scheme": "int4",
+                "method": "onnxruntime MatMulNBitsQuantizer (weight-only, asymmetric), one MatMul "
+                "at a time as its weight is attached (streamed export)",
+                "bits": 4,
+                "block_size": block_size,
+                "accuracy_level": accuracy_level,
+                "symmetric": False,
+                "quantized_matmuls": quantised,
+                "gemm_rewritten": 0,
+                "op": "MatMulNBits",
+                "precision": "int4",
+                "streamed": True,
+                "parity_vs_fp32": parity_vs_fp32,
+            }
         parity = {
-            "graph": "int4 ONNX vs PyTorch fp32 streamed (no fp32 ONNX graph: see "
+            "graph": f"{precision} ONNX vs PyTorch fp32 streamed (no fp32 ONNX graph: see "
             "quantization.parity_vs_fp32)",
             "tolerance": tolerance,
             "lora_b_std": LORA_B_STD,
@@ -482,7 +614,7 @@ def export_causal_lm_streamed(
             tokenizer=tok_spec,
             lora=lora.to_json(),
             quantization=quant_info,
-            precision="int4",
+            precision=precision,
             parity=parity,
             exporter={
                 "name": "edgezo.exporters",

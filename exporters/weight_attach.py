@@ -91,37 +91,39 @@ def _evaluate(
     return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
 
 
-def attach_weights(
+class FoldPlan:
+    """Which nodes of a graph traced with its weights as inputs are folded, and who reads
+    each value computed from a weight (:func:`fold_plan`)."""
+
+    def __init__(
+        self,
+        weight_inputs: list[str],
+        foldable: list[onnx.NodeProto],
+        derived: set[str],
+        outside: Counter,
+        readers: Counter,
+    ):
+        self.weight_inputs = weight_inputs
+        self.foldable = foldable  # in graph order
+        self.derived = derived  # the weights and every value computed from them only
+        self.outside = outside  # derived value -> readers outside the folding (+ graph outputs)
+        self.readers = readers  # derived value -> folded nodes reading it
+
+    def initializer(self, name: str) -> bool:
+        """Whether ``name`` becomes an initializer of the attached graph."""
+        return name in self.derived and self.outside[name] > 0
+
+
+def fold_plan(
     model: onnx.ModelProto,
-    weights: Mapping[str, Callable[[], np.ndarray]],
-    data_path: Path | None,
+    weight_names,
     keep_unfolded: Callable[[onnx.NodeProto], bool] = lambda _node: False,
-    quantize_matmul: Callable[
-        [onnx.NodeProto, np.ndarray],
-        tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]] | None,
-    ]
-    | None = None,
-) -> tuple[int, int]:
-    """Turn the graph inputs named in ``weights`` into initializers; returns (tensors
-    written, bytes written).
-
-    ``weights`` maps an input name to a function returning its value (so a weight is read
-    when it is needed, and can be dropped right after). Every node whose inputs are all
-    weights, initializers or constants, at least one of them a weight, is evaluated and
-    replaced by its outputs (what the tracer's constant folding does), unless
-    ``keep_unfolded(node)``. The initializers are appended to ``data_path`` (the external data
-    file, created) when given, else stored inline. Graph inputs not in ``weights`` stay inputs.
-
-    ``quantize_matmul(node, weight)``: a value that only one ``MatMul`` reads, as its weight
-    (input 1), is handed to it instead of being stored; it returns the nodes that replace the
-    ``MatMul`` and their initializers (``MatMulNBits``: the streamed int4 export,
-    ``exporters/stream.py``), or None to store the weight as it is.
-    """
+) -> FoldPlan:
+    """The folding :func:`attach_weights` does on ``model`` for the weights ``weight_names``
+    (nothing is evaluated): every node whose inputs are all weights, initializers or
+    constants, at least one of them a weight, unless ``keep_unfolded(node)``."""
     graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
-    weight_inputs = [i.name for i in graph.input if i.name in weights]
-    if not weight_inputs:
-        return 0, 0
+    weight_inputs = [i.name for i in graph.input if i.name in weight_names]
     constant = {t.name for t in graph.initializer}
     constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     derived = set(weight_inputs)  # values computed from at least one weight
@@ -148,20 +150,51 @@ def attach_weights(
     )
     outside.update(o.name for o in graph.output if o.name in derived)
     readers = Counter(i for n in foldable for i in n.input if i in derived)
+    return FoldPlan(weight_inputs, foldable, derived, outside, readers)
+
+
+def attach_weights(
+    model: onnx.ModelProto,
+    weights: Mapping[str, Callable[[], np.ndarray]],
+    data_path: Path | None,
+    keep_unfolded: Callable[[onnx.NodeProto], bool] = lambda _node: False,
+    quantize_matmul: Callable[
+        [onnx.NodeProto, np.ndarray],
+        tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]] | None,
+    ]
+    | None = None,
+    transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+) -> tuple[int, int]:
+    """Turn the graph inputs named in ``weights`` into initializers; returns (tensors
+    written, bytes written).
+
+    ``weights`` maps an input name to a function returning its value (so a weight is read
+    when it is needed, and can be dropped right after). Every node whose inputs are all
+    weights, initializers or constants, at least one of them a weight, is evaluated and
+    replaced by its outputs (what the tracer's constant folding does), unless
+    ``keep_unfolded(node)`` (:func:`fold_plan`). The initializers are appended to
+    ``data_path`` (the external data file, created) when given, else stored inline. Graph
+    inputs not in ``weights`` stay inputs.
+
+    ``quantize_matmul(node, weight)``: a value that only one ``MatMul`` reads, as its weight
+    (input 1), is handed to it instead of being stored; it returns the nodes that replace the
+    ``MatMul`` and their initializers (``MatMulNBits``: the streamed int4 export,
+    ``exporters/stream.py``), or None to store the weight as it is.
+
+    ``transform(name, value)``: every other value about to become an initializer is stored
+    as what it returns (the streamed int8 export divides a norm weight by its smoothing
+    factors there); the folding downstream of it still sees the original value.
+    """
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    plan = fold_plan(model, weights, keep_unfolded)
+    weight_inputs, foldable, derived = plan.weight_inputs, plan.foldable, plan.derived
+    outside, readers = plan.outside, plan.readers
+    if not weight_inputs:
+        return 0, 0
+    folded_ids = {id(n) for n in foldable}
     # values read by one MatMul only, as its weight: quantised as they are emitted
-    matmul_sites: dict[str, onnx.NodeProto] = {}
-    if quantize_matmul is not None:
-        graph_outputs = {o.name for o in graph.output}
-        for n in graph.node:
-            if (
-                id(n) not in folded_ids
-                and n.op_type == "MatMul"
-                and len(n.input) == 2
-                and outside[n.input[1]] == 1
-                and n.input[1] not in graph_outputs
-                and n.input[0] != n.input[1]
-            ):
-                matmul_sites[n.input[1]] = n
+    matmul_sites = _matmul_sites(graph, plan) if quantize_matmul is not None else {}
     replaced: dict[int, list[onnx.NodeProto]] = {}
 
     inits = {t.name: t for t in graph.initializer}
@@ -182,7 +215,7 @@ def attach_weights(
                 for t_name, t_value in tensors:
                     store(t_name, t_value)
                 return
-        store(name, value)
+        store(name, transform(name, value) if transform is not None else value)
 
     def store(name: str, value: np.ndarray) -> None:
         nonlocal written, nbytes
@@ -241,6 +274,27 @@ def attach_weights(
     graph.initializer.extend(new_inits)
     _drop_unused_constants(graph)
     return written, nbytes
+
+
+def _matmul_sites(graph: onnx.GraphProto, plan: FoldPlan) -> dict[str, onnx.NodeProto]:
+    """Derived values that one ``MatMul`` alone reads, as its weight -> that ``MatMul``."""
+    folded_ids = {id(n) for n in plan.foldable}
+    graph_outputs = {o.name for o in graph.output}
+    return {
+        n.input[1]: n
+        for n in graph.node
+        if id(n) not in folded_ids
+        and n.op_type == "MatMul"
+        and len(n.input) == 2
+        and plan.outside[n.input[1]] == 1
+        and n.input[1] not in graph_outputs
+        and n.input[0] != n.input[1]
+    }
+
+
+def matmul_sites(model: onnx.ModelProto, weight_names) -> dict[str, onnx.NodeProto]:
+    """What :func:`attach_weights` hands to ``quantize_matmul``: {weight value: its MatMul}."""
+    return _matmul_sites(model.graph, fold_plan(model, weight_names))
 
 
 def externalize_rest(model: onnx.ModelProto, data_path: Path) -> None:

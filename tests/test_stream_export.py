@@ -162,7 +162,7 @@ def test_materialised_forward_is_the_ordinary_forward(checkpoint):
 
 
 def test_stream_refuses_what_it_does_not_export(checkpoint, tmp_path):
-    with pytest.raises(EdgezoError, match="int4 only"):
+    with pytest.raises(EdgezoError, match="int4 or int8 only"):
         export_causal_lm(checkpoint, tmp_path / "a", stream=True, **{**KW, "precision": "fp32"})
     with pytest.raises(EdgezoError, match="lora only"):
         export_causal_lm(checkpoint, tmp_path / "b", stream=True, **{**KW, "mode": "norms"})

@@ -37,12 +37,13 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--quantize", default=None)
+    p.add_argument("--precision", default=None, help="fp32, int8 (smoothing), int8-dynamic or int4")
     p.add_argument("--trace", choices=("params", "inputs"), default="inputs")
     p.add_argument("--no-decoder", action="store_true")
     p.add_argument(
         "--stream",
         action="store_true",
-        help="the streamed int4 export (exporters/stream.py; implies --quantize int4)",
+        help="the streamed export (exporters/stream.py): int4 unless --precision int8",
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -71,7 +72,10 @@ def main() -> None:
         kw["decoder"] = False
     if args.stream:
         kw["stream"] = True
-        args.quantize = "int4"
+        if args.precision != "int8":
+            args.quantize, args.precision = "int4", None
+    if args.precision is not None:
+        kw["precision"] = args.precision
     export_causal_lm(
         args.model,
         args.out,

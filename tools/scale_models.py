@@ -24,7 +24,7 @@ python tools/scale_models.py [--models gemma-3-270m,qwen2.5-0.5b] [--precisions 
 
 An export whose estimate (``exporters.memory.export_memory_estimate``: the fp32 weights times
 the measured factor of its largest stage) passes ``--max-export-gb`` is skipped with the
-reason, before its random weights are even built; an int4 one is exported streamed instead
+reason, before its random weights are even built; an int4 or int8 one is exported streamed instead
 (``exporters/stream.py``: one weight at a time) where that estimate fits. A model whose fp32
 weights pass half the cap is written shard by shard (:func:`build_folder_streamed`).
 """
@@ -262,10 +262,12 @@ print(json.dumps({"export_s": time.perf_counter() - t, "export_peak_mb": peak}))
 def export(folder: Path, out: Path, precision: str, decoder: bool, stream: bool = False) -> dict:
     kw = {"model": str(folder), "out": str(out), "mode": "lora", **RECIPE}
     if precision != "fp32":
-        kw["quantize"] = precision
+        # --precision, not --quantize: the --quantize int8 alias is int8-dynamic
+        # (quantize_dynamic); int8 here is the smoothing quantiser of exporters/precision.py
+        kw["precision"] = precision
     elif not decoder:
         kw["decoder"] = False
-    if stream:  # the streamed int4 export (exporters/stream.py): no decoding graph
+    if stream:  # the streamed int4/int8 export (exporters/stream.py): no decoding graph
         kw.update(stream=True, decoder=False)
     proc = subprocess.run(
         [sys.executable, "-c", EXPORT_CHILD, json.dumps(kw)], capture_output=True, text=True
@@ -372,10 +374,12 @@ def main() -> None:
                 decoder = export_memory_estimate(n, None, True)[0] <= cap
             need, stage, factor = export_memory_estimate(n, quant, decoder)
             stream = False
-            streamed = streamed_memory_estimate(n, largest_parameter(name))
-            if need > cap and quant == "int4" and streamed <= cap:
-                stream = True  # the streamed int4 export holds one weight at a time
-                need, stage, factor = streamed, "streamed int4 export", streamed / (4 * n)
+            if quant in ("int4", "int8"):
+                streamed = streamed_memory_estimate(n, largest_parameter(name), quant)
+                if need > cap and streamed <= cap:
+                    stream = True  # the streamed export holds one weight at a time
+                    need, stage = streamed, f"streamed {quant} export"
+                    factor = round(streamed / (4 * n), 2)
             if need > cap:
                 rows.append(
                     {

@@ -294,9 +294,10 @@ def _resolve_model(model: str) -> str:
 @click.option(
     "--stream",
     is_flag=True,
-    help="The streamed int4 export for a model too large for the ordinary one: weights read "
-    "from the safetensors checkpoint one tensor at a time and quantised as they are attached "
-    "(needs --precision int4, LoRA, a Hugging Face folder; no decoding graph).",
+    help="The streamed int4 or int8 export for a model too large for the ordinary one: weights "
+    "read from the safetensors checkpoint one tensor at a time and quantised as they are "
+    "attached (needs --precision int4 or int8, LoRA, a Hugging Face folder; no decoding "
+    "graph).",
 )
 @click.option(
     "--decoder-only",

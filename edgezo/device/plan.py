@@ -69,6 +69,10 @@ HEAD_WEIGHT_SHARE = {True: 0.28, False: 0.0}
 LAYER_FACTOR = {True: 2.0, False: 1.0}
 #: Transient memory while ONNX Runtime builds a session, as a share of the weights' bytes.
 LOAD_TRANSIENT = 0.3
+#: ONNX Runtime's constant folding skips a node whose output would pass this many bytes
+#: (1.32: "Skipping constant folding for Transpose node ... exceeds the limit (1073741824
+#: bytes)"): a tied head larger than that is not folded at session start
+ORT_FOLD_LIMIT_BYTES = 1 << 30
 #: Direction scratch (one chunk of values, bits and a float copy).
 SCRATCH_BYTES = 3 * 4 * (1 << 20)
 #: Most tokens (batch × sequence) of the calibrating forward; larger shapes are scaled from it.
@@ -187,13 +191,24 @@ def tied_head_fold_bytes(bundle: Bundle) -> float:
     return head_weight_bytes(arch)
 
 
+def unfolded_tied_head_bytes(bundle: Bundle) -> float:
+    """Bytes a tied fp32 head past :data:`ORT_FOLD_LIMIT_BYTES` adds to the session: ONNX
+    Runtime does not fold its transpose, and the session then holds the embedding's mapped
+    pages and a second copy of the matrix (measured: Gemma 3 1B, a 262,144 x 1,152 head of
+    1,152 MiB: 5,058 MiB resident after the session against 100 + 3,814 of weights; RssFile
+    1,188 MiB, RssAnon 3,877; docs/benchmarks/scale.md). 0 for a head that is folded."""
+    head = tied_head_fold_bytes(bundle)
+    return head if head > ORT_FOLD_LIMIT_BYTES else 0.0
+
+
 def load_transient_bytes(bundle: Bundle) -> float:
     """Memory ONNX Runtime holds only while it builds the session: a share of the weights it
     reads at load (not the mapped embedding, which only its ``Gather`` reads, row by row:
     counting it put a Llama 3.2 3B int4 bundle's load peak, 3,106 MiB, above its measured run
     peak, 2,632: +18%, docs/benchmarks/scale.md), or a tied head's folded transpose."""
     read = weight_bytes(bundle) - mapped_embedding_bytes(bundle)
-    return max(read * LOAD_TRANSIENT, tied_head_fold_bytes(bundle))
+    fold = 0.0 if unfolded_tied_head_bytes(bundle) else tied_head_fold_bytes(bundle)
+    return max(read * LOAD_TRANSIENT, fold)
 
 
 def prefix_row_widths(bundle: Bundle, threads: int = 1) -> dict[str, tuple[int, int, int]]:
@@ -402,11 +417,14 @@ def estimate(
         load_peak = c["load_peak"] - c["params_bytes"] + buffers
         parts = {"runtime + session (measured)": runtime_session}
     else:
-        resident = weights - mapped_embedding_bytes(bundle)
+        unfolded = unfolded_tied_head_bytes(bundle)
+        resident = weights - mapped_embedding_bytes(bundle) + unfolded
         runtime_session = RUNTIME_MB * MIB + resident
         transient = load_transient_bytes(bundle)
         load_peak = RUNTIME_MB * MIB + resident + transient + buffers
-        parts = {"runtime": RUNTIME_MB * MIB, "session (weights)": resident}
+        parts = {"runtime": RUNTIME_MB * MIB, "session (weights)": resident - unfolded}
+        if unfolded:
+            parts["tied head not folded (a 2nd copy)"] = unfolded
     parts["trainable buffers"] = buffers
     parts["optimiser state"] = optim
     parts[f"activations {micro_batch}x{max_length}"] = act
