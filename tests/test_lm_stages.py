@@ -100,6 +100,9 @@ def test_suffix_on_cached_rows_equals_the_full_graph(last1, memo_data):
     assert calls == 3 and len(rows) == len(examples)
     name = next(n for n, a in b.manifest.stages["cached_sequence_axes"].items() if a == [1])
     assert all(r.features[name].shape[0] == len(r.input_ids) for r in rows)  # own length
+    # each row owns its memory: a view would keep its whole padded batch output alive
+    held = [v for r in rows for v in r.features.values() if not prefix_cache.is_stand_in(v)]
+    assert held and all(v.base is None for v in held)
     rng = np.random.default_rng(1)
     params = FlatParams(list(b.manifest.trainable))
     params.load(

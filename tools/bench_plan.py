@@ -62,7 +62,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgezo.bundle import load_bundle
-    from edgezo.device.plan import make_plan, precision_of, run_settings
+    from edgezo.data import read_jsonl, tokenize_for
+    from edgezo.device.plan import make_plan, precision_of, run_settings, vocab_rows_for
     from edgezo.device.resolve import load_profile
 
     bundles = [load_bundle(b) for b in args.bundle.split(",")]
@@ -101,7 +102,8 @@ def main() -> None:
                 eval_every=0,
                 device=str(prof_file),
             )
-            calibrated = make_plan(
+            examples = tokenize_for(bundle.manifest, read_jsonl(train), bundle.tokenizer(), seq)
+            calibrated = make_plan(  # a bundle with a prefix split: the cached run's phases
                 bundle,
                 profile,
                 batch_size=b,
@@ -109,6 +111,8 @@ def main() -> None:
                 optim_buffers=buffers,
                 inplace=inplace,
                 dry_run=True,
+                eval_batch=b,
+                vocab_rows=vocab_rows_for(bundle, 8192, 2048, examples),  # the config defaults
             )
             analytic = make_plan(
                 bundle,

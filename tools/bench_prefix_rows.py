@@ -20,8 +20,9 @@ pages are the OS page cache of the mapping: reclaimable, unlike anonymous memory
 python tools/bench_prefix_rows.py --bundle BUNDLE [--sizes 300,3000,10000 --steps 12 --batch 4]
 
 ``--plan-check N``: instead, ``edgezo plan``'s estimate (dry run, ``--data``) against the
-measured peak RSS (``ru_maxrss``) of real ``finetune`` runs over N examples (+ 60 held-out),
-rows in memory and rows on disk, on the laptop-cpu profile with 2 threads.
+measured peak RSS (``VmHWM``) of real ``finetune`` runs over N examples (+ 60 held-out),
+rows in memory and rows on disk, on the laptop-cpu profile with 2 threads, with the run's
+held-out batch and vocabulary subset (the config defaults).
 """
 
 from __future__ import annotations
@@ -159,8 +160,10 @@ import json, resource, sys
 from edgezo.config import FinetuneConfig
 from edgezo.train import finetune
 s = finetune(FinetuneConfig(**json.loads(sys.argv[1])), log=lambda *a, **k: None, progress=False)
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "prefix_calls": s.prefix_forward_calls}))
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = int(hwm[0].split()[1]) / 1024 if hwm else rss / 1024
+print(json.dumps({"peak_mb": peak, "prefix_calls": s.prefix_forward_calls}))
 """
 
 
@@ -169,7 +172,7 @@ def plan_check(args: argparse.Namespace, n: int) -> None:
 
     from edgezo.bundle import load_bundle
     from edgezo.data import read_jsonl, tokenize_for
-    from edgezo.device.plan import make_plan, run_settings
+    from edgezo.device.plan import make_plan, recipe_of, run_settings, vocab_rows_for
     from edgezo.device.resolve import load_profile
 
     work = Path(args.work)
@@ -181,12 +184,12 @@ def plan_check(args: argparse.Namespace, n: int) -> None:
     )
     prof_file = work / "profile.yaml"
     prof_file.write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False))
-    examples = [
-        e
-        for f in (train, held)
-        for e in tokenize_for(bundle.manifest, read_jsonl(f), bundle.tokenizer(), 64)
+    sets = [
+        tokenize_for(bundle.manifest, read_jsonl(f), bundle.tokenizer(), 64) for f in (train, held)
     ]
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [len(e.input_ids) for examples in sets for e in examples]
+    eval_batch = recipe_of(bundle)["eval_batch_size"]
+    vocab_rows = vocab_rows_for(bundle, 8192, 2048, sets[0])  # the config's defaults
     buffers, inplace = run_settings(bundle, None)
     print(
         f"bundle {args.bundle}: {n} + 60 examples, {sum(lengths):,} tokens; laptop-cpu, "
@@ -203,6 +206,8 @@ def plan_check(args: argparse.Namespace, n: int) -> None:
             dry_run=True,
             data_lengths=lengths,
             cache_prefix_mb=cap,
+            eval_batch=eval_batch,
+            vocab_rows=vocab_rows,
         )
         kw = dict(
             bundle=args.bundle,

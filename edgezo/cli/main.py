@@ -150,10 +150,16 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
 @main.command()
 @click.option("--bundle", default=None, help="bundle folder (default: SmolLM2-135M LoRA)")
 @click.option("--device", required=True, help="device profile: name, family or YAML path")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="default: the bundle's recipe")
 @click.option("--max-length", type=int, default=64, show_default=True)
 @click.option(
     "--micro-batch-size", type=int, default=None, help="default: the profile's max_batch_size"
+)
+@click.option(
+    "--eval-batch-size",
+    type=int,
+    default=None,
+    help="held-out (and prefix-caching) batch; default: the bundle's recipe",
 )
 @click.option("--momentum", type=float, default=None, help="default: per trainable mode")
 @click.option(
@@ -180,6 +186,17 @@ def finetune(config_path, resume, no_progress, overrides, **flags):
     default=None,
     help="the run's cache_prefix_mb (default: the config default): rows past it go to disk",
 )
+@click.option(
+    "--no-cache-prefix",
+    is_flag=True,
+    help="plan a run with cache_prefix=false (every evaluation on the full graph)",
+)
+@click.option(
+    "--vocab-subset",
+    type=int,
+    default=None,
+    help="the run's vocab_subset (default: the config default; 0: whole vocabulary)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 @friendly_errors
 def plan(
@@ -188,43 +205,54 @@ def plan(
     batch_size,
     max_length,
     micro_batch_size,
+    eval_batch_size,
     momentum,
     optimizer,
     perturbation,
     no_dry_run,
     data_files,
     cache_prefix_mb,
+    no_cache_prefix,
+    vocab_subset,
     as_json,
 ):
     """Estimate fine-tuning's peak memory on a device profile; say what to change if it does
-    not fit. Exit status 1 when it does not fit."""
+    not fit. Exit status 1 when it does not fit.
+
+    A bundle with a frozen-prefix split is planned as the run that caches it: the prefix
+    session while it computes the rows, then the suffix and vocabulary-subset sessions that
+    the ZO steps run (each measured by a dry run). Give the run's --data (training file
+    first) to count its rows and its vocabulary subset."""
     import json
 
     from ..bundle import load_bundle
+    from ..config import FinetuneConfig
     from ..defaults import ensure_default_bundle
-    from ..device.plan import make_plan, run_settings
+    from ..device.plan import make_plan, recipe_of, run_settings, vocab_rows_for
     from ..device.resolve import load_profile
 
+    defaults = {k: f.default for k, f in FinetuneConfig.__dataclass_fields__.items()}
     profile = load_profile(device)
     b = load_bundle(bundle or ensure_default_bundle(click.echo))
+    recipe = recipe_of(b)
     buffers, inplace = run_settings(b, momentum, perturbation, optimizer)
-    lengths = None
+    lengths = train = None
     if data_files:
-        from ..config import FinetuneConfig
         from ..data import read_jsonl, tokenize_for
 
-        examples = [
-            e
-            for f in data_files
-            for e in tokenize_for(b.manifest, read_jsonl(f), b.tokenizer(), max_length)
+        sets = [
+            tokenize_for(b.manifest, read_jsonl(f), b.tokenizer(), max_length) for f in data_files
         ]
-        lengths = [len(e.input_ids) for e in examples]
+        train = sets[0]
+        lengths = [len(e.input_ids) for examples in sets for e in examples]
         if cache_prefix_mb is None:
-            cache_prefix_mb = FinetuneConfig.__dataclass_fields__["cache_prefix_mb"].default
+            cache_prefix_mb = defaults["cache_prefix_mb"]
+    cache_prefix = defaults["cache_prefix"] and not no_cache_prefix
+    vocab = defaults["vocab_subset"] if vocab_subset is None else vocab_subset
     result = make_plan(
         b,
         profile,
-        batch_size=batch_size,
+        batch_size=batch_size or recipe["batch_size"],
         max_length=max_length,
         micro_batch=micro_batch_size,
         optim_buffers=buffers,
@@ -232,6 +260,9 @@ def plan(
         dry_run=not no_dry_run,
         data_lengths=lengths,
         cache_prefix_mb=cache_prefix_mb,
+        cache_prefix=cache_prefix,
+        eval_batch=eval_batch_size or recipe["eval_batch_size"],
+        vocab_rows=vocab_rows_for(b, vocab, defaults["vocab_sample"], train) if cache_prefix else 0,
     )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits or max_length > profile.max_seq_len:

@@ -99,6 +99,8 @@ class MemoryPlan:
     """Bytes of the frozen-prefix rows of the data (None: no split, or no data given)."""
     prefix_rows_where: str | None = None
     """``memory`` (counted in the peak) or ``disk`` (memory-mapped from the run folder)."""
+    staged: bool = False
+    """Planned as a run that caches its frozen prefix (its phases measured by a dry run)."""
 
     @property
     def fits(self) -> bool:
@@ -117,6 +119,8 @@ class MemoryPlan:
         for k, v in self.parts_mb.items():
             lines.append(f"  {k.ljust(width)}  {v:8,.0f} MiB")
         how = "calibrated by a dry run" if self.calibrated else "analytic, no dry run"
+        if self.staged:
+            how = "a dry run of the cached run's phases"
         lines.append(f"  {'peak'.ljust(width)}  {self.peak_mb:8,.0f} MiB  ({how})")
         lines.append(f"  {'budget'.ljust(width)}  {self.budget_mb:8,} MiB")
         if self.prefix_rows_where == "disk":
@@ -344,6 +348,113 @@ def _probe(
     }
 
 
+def _probe_stages(
+    bundle_path: str,
+    cpu_arena: bool,
+    threads: int,
+    seq: int,
+    cache_batch: int,
+    eval_batch: int,
+    micro_batch: int,
+    vocab_rows: int,
+    inplace: bool,
+) -> dict[str, Any]:
+    """Runs in the child: the phases of a run that caches its frozen prefix, as
+    ``edgezo.session`` runs them. The prefix session and two forwards at the caching batch
+    (``cache_batch``); that session released; the suffix session, and the vocabulary-subset
+    session over ``vocab_rows`` head rows where the bundle has one (0: none); two held-out
+    forwards of the whole-vocabulary suffix at ``eval_batch`` and two training forwards at
+    ``micro_batch``. Each phase's high-water mark is read on its own (``clear_refs``); the
+    bytes of the probe's own feed rows are reported so the estimate can leave them out (a
+    run's rows are counted exactly, from the data)."""
+    import gc
+
+    import numpy as np
+
+    from .. import prefix_cache
+    from .. import vocab_subset as vs
+    from ..bundle import load_bundle
+    from ..runner import LossRunner, RuntimeOptions
+    from ..zo.params import FlatParams
+
+    base, _ = _rss_bytes()
+    bundle = load_bundle(bundle_path)
+    params = FlatParams(bundle.manifest.trainable, inplace=inplace)
+    params.load(bundle.initial_trainable())
+    bundle.tokenizer()
+    opts = RuntimeOptions(threads=threads, cpu_arena=cpu_arena)
+    st = bundle.manifest.stages
+    vocab = int(bundle.manifest.architecture.get("vocab_size", 2))
+    rng = np.random.default_rng(0)
+    text = ["input_ids", "attention_mask"]
+    reset = True
+
+    def batch(b: int) -> dict[str, np.ndarray]:
+        ids = rng.integers(3, max(4, min(vocab, vocab_rows or vocab)), size=(b, seq))
+        labels = (
+            rng.integers(0, len(bundle.manifest.labels), size=b)
+            if bundle.manifest.task == "classification"
+            else ids.copy()
+        )
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+
+    prefix = LossRunner(bundle.path / st["prefix"], FlatParams([]), text, opts)
+    prefix_loaded, prefix_load_peak = _rss_bytes()
+    reset = _reset_peak() and reset
+    names = tuple(st["cached"])
+    for _ in range(2):
+        prefix.outputs({k: v for k, v in batch(cache_batch).items() if k in text}, names)
+    prefix_peak = _rss_bytes()[1]
+
+    def suffix_feeds(runner: LossRunner, b: int) -> dict[str, np.ndarray]:
+        x = batch(b)
+        rows = runner.outputs({k: x[k] for k in text}, names, heldout=False)
+        feeds = dict(zip(names, rows, strict=True))
+        feeds.update({k: x[k] for k in st["suffix_inputs"]})
+        return feeds
+
+    held, train = suffix_feeds(prefix, eval_batch), suffix_feeds(prefix, micro_batch)
+    feed_bytes = sum(v.nbytes for f in (held, train) for v in f.values())
+    del prefix
+    gc.collect()
+    released, _ = _rss_bytes()
+    suffix = LossRunner(
+        prefix_cache.suffix_path(bundle), params, prefix_cache.suffix_inputs(bundle), opts
+    )
+    suffix_loaded, _ = _rss_bytes()
+    entry = vs.entry_of(bundle)
+    vocab_session = False
+    if entry is not None and 0 < vocab_rows < vocab:
+        subset = vs.VocabSubset.of(bundle.path, entry, np.arange(vocab_rows), vocab)
+        vocab_session = suffix.use_vocab_subset(subset) is None
+    loaded, load_peak = _rss_bytes()
+    reset = _reset_peak() and reset
+    for _ in range(2):
+        suffix.losses(held, heldout=True)
+    eval_peak = _rss_bytes()[1]
+    reset = _reset_peak() and reset
+    for _ in range(2):
+        suffix.losses(train)
+    train_peak = _rss_bytes()[1]
+    return {
+        "base": base,
+        "prefix_loaded": prefix_loaded,
+        "prefix_load_peak": prefix_load_peak,
+        "prefix_peak": prefix_peak,
+        "released": released,
+        "suffix_loaded": suffix_loaded,
+        "loaded": loaded,
+        "load_peak": load_peak,
+        "eval_peak": eval_peak,
+        "train_peak": train_peak,
+        "feed_bytes": feed_bytes,
+        "vocab_session": vocab_session,
+        "shapes": {"cache": cache_batch, "eval": eval_batch, "train": micro_batch, "seq": seq},
+        "peak_reset": reset,
+        "params_bytes": params.nbytes,
+    }
+
+
 def calibration_shape(micro_batch: int, seq: int) -> tuple[int, int]:
     """The run's micro-batch shape, shrunk to at most ``CALIBRATION_TOKENS`` tokens."""
     seq = min(seq, CALIBRATION_TOKENS)
@@ -378,7 +489,102 @@ def calibrate(
     return out if out.get("peak_reset") else None
 
 
+def calibrate_stages(
+    bundle: Bundle,
+    seq: int,
+    cache_batch: int,
+    eval_batch: int,
+    micro_batch: int,
+    vocab_rows: int = 0,
+    cpu_arena: bool = True,
+    threads: int = 0,
+    inplace: bool = False,
+    timeout: float = 300,
+) -> dict[str, Any] | None:
+    """Measure the phases of a cached run (:func:`_probe_stages`) in a child process, each
+    batch shrunk to at most ``CALIBRATION_TOKENS`` tokens. None where that is not possible."""
+    shapes = [calibration_shape(b, seq) for b in (cache_batch, eval_batch, micro_batch)]
+    seq = shapes[0][1]
+    args = [str(bundle.path), cpu_arena, threads, seq, *(b for b, _ in shapes), vocab_rows]
+    code = (
+        "import json, sys; from edgezo.device.plan import _probe_stages; "
+        "print(json.dumps(_probe_stages(*json.loads(sys.argv[1]))))"
+    )
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code, json.dumps([*args, inplace])],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0 or not r.stdout.strip():
+        return None
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return out if out.get("peak_reset") else None
+
+
+def vocab_rows_for(
+    bundle: Bundle, vocab_subset: int, vocab_sample: int, train: list | None = None
+) -> int:
+    """Head rows the vocabulary-subset session of a run holds (``edgezo.vocab_subset``): the
+    ``vocab_subset`` most frequent ids and every label of ``train`` (the training examples;
+    None: the frequent ids only), plus ``vocab_sample`` stand-ins; 0 when the bundle has no
+    vocabulary graph, the subset is off or it would be the whole vocabulary."""
+    from .. import vocab_subset as vs
+
+    vocab = bundle.manifest.vocab_size
+    if vs.entry_of(bundle) is None or vocab_subset <= 0 or not vocab:
+        return 0
+    chosen = len(vs.choose(train or [], vocab_subset, vocab))
+    rows = chosen + max(0, vocab_sample)
+    return rows if rows < vocab else 0
+
+
+def recipe_of(bundle: Bundle) -> dict[str, Any]:
+    """The settings a run of ``bundle`` takes when the config names none (its mode's recipe
+    over ``RECIPE_DEFAULTS``), so a plan describes the run ``finetune`` would make."""
+    from ..config import MODE_DEFAULTS, RECIPE_DEFAULTS, recipe_key
+
+    key = recipe_key(bundle.manifest.trainable_mode, bundle.manifest.lora)
+    return {**RECIPE_DEFAULTS, **MODE_DEFAULTS.get(key, {})}
+
+
 # -- the estimate -----------------------------------------------------------------------------
+
+
+def rows_place(rows: float | None, cache_prefix_mb: float | None) -> str | None:
+    """Where a run keeps ``rows`` bytes of frozen-prefix rows: ``memory`` within
+    ``cache_prefix_mb`` (None: no cap), else ``disk``; None without rows."""
+    if rows is None:
+        return None
+    return "memory" if cache_prefix_mb is None or rows / MIB <= cache_prefix_mb else "disk"
+
+
+def _plan(
+    bundle: Bundle,
+    parts: dict[str, float],
+    peak: float,
+    rows: float | None,
+    where: str | None,
+    **kw: Any,
+) -> MemoryPlan:
+    """The :class:`MemoryPlan` of byte-valued ``parts`` and ``peak``."""
+    if rows is not None:
+        parts[f"frozen-prefix rows ({'in memory' if where == 'memory' else 'on disk: 0'})"] = (
+            rows if where == "memory" else 0.0
+        )
+    return MemoryPlan(
+        bundle=str(bundle.path),
+        mode=bundle.manifest.trainable_mode,
+        precision=precision_of(bundle),
+        parts_mb={k: v / MIB for k, v in parts.items()},
+        peak_mb=peak / MIB,
+        prefix_rows_mb=None if rows is None else rows / MIB,
+        prefix_rows_where=where,
+        **kw,
+    )
 
 
 def estimate(
@@ -429,31 +635,119 @@ def estimate(
     parts["optimiser state"] = optim
     parts[f"activations {micro_batch}x{max_length}"] = act
     rows = prefix_rows
-    where = None
-    if rows is not None:
-        where = "memory" if cache_prefix_mb is None or rows / MIB <= cache_prefix_mb else "disk"
-        parts[f"frozen-prefix rows ({'in memory' if where == 'memory' else 'on disk: 0'})"] = (
-            rows if where == "memory" else 0.0
-        )
+    where = rows_place(rows, cache_prefix_mb)
     steady = runtime_session + buffers + optim + act + (rows if where == "memory" else 0.0)
     peak = max(steady, load_peak)
     if load_peak > steady:
         parts["(load peak)"] = load_peak
-    return MemoryPlan(
-        bundle=str(bundle.path),
+    return _plan(
+        bundle,
+        parts,
+        peak,
+        rows,
+        where,
         device=device,
-        mode=bundle.manifest.trainable_mode,
-        precision=precision_of(bundle),
         batch_size=batch_size,
         micro_batch=micro_batch,
         max_length=max_length,
         budget_mb=budget_mb,
-        parts_mb={k: v / MIB for k, v in parts.items()},
-        peak_mb=peak / MIB,
         calibrated=calibration is not None,
-        prefix_rows_mb=None if rows is None else rows / MIB,
-        prefix_rows_where=where,
     )
+
+
+def estimate_staged(
+    bundle: Bundle,
+    calibration: dict[str, Any],
+    *,
+    device: str,
+    budget_mb: int,
+    batch_size: int,
+    max_length: int,
+    micro_batch: int,
+    eval_batch: int,
+    optim_buffers: int,
+    inplace: bool,
+    vocab_rows: int = 0,
+    cpu_arena: bool = True,
+    prefix_rows: float | None = None,
+    cache_prefix_mb: float | None = None,
+) -> MemoryPlan:
+    """Peak resident memory of a run that caches its frozen prefix, from a dry run of its
+    phases (:func:`calibrate_stages`), in MiB::
+
+        peak = max(prefix phase:  prefix session + its forwards at the caching batch + rows,
+                   training phase: suffix (+ vocabulary-subset) sessions + buffers
+                                   + optimiser state + max(held-out forward, training forward)
+                                   + rows)
+
+    The rows count only when they stay in memory (``cache_prefix_mb``); a measured forward's
+    extra memory is scaled to the run's shape by :func:`activation_bytes` (the training
+    forward's vocabulary: the subset's ``vocab_rows``)."""
+    c = calibration
+    arch = dict(bundle.manifest.architecture)
+    dim = bundle.manifest.trainable_size
+    buffers = 4 * dim * (1 if inplace else 2) + SCRATCH_BYTES * min(1.0, dim / (1 << 20))
+    optim = 4 * dim * optim_buffers
+    fp32_head = not bundle.manifest.quantization
+    shapes = c["shapes"]
+
+    def scaled(measured: float, batch: int, probe_batch: int, vocab: int | None = None) -> float:
+        a = dict(arch, vocab_size=vocab) if vocab else arch
+        run = activation_bytes(a, batch, max_length, cpu_arena, fp32_head)
+        probe = activation_bytes(a, probe_batch, shapes["seq"], cpu_arena, fp32_head)
+        return max(0.0, measured) * run / probe
+
+    own = c["params_bytes"]
+    rows = prefix_rows
+    where = rows_place(rows, cache_prefix_mb)
+    held_rows = rows if where == "memory" else 0.0
+    prefix_session = c["prefix_loaded"] - own
+    prefix_act = scaled(c["prefix_peak"] - c["prefix_loaded"], eval_batch, shapes["cache"])
+    prefix_phase = prefix_session + prefix_act + buffers + held_rows
+    sessions = c["loaded"] - own - c["feed_bytes"]
+    eval_act = scaled(c["eval_peak"] - c["loaded"], eval_batch, shapes["eval"])
+    train_act = scaled(
+        c["train_peak"] - c["loaded"],
+        micro_batch,
+        shapes["train"],
+        vocab_rows if c.get("vocab_session") else None,
+    )
+    train_phase = sessions + buffers + optim + max(eval_act, train_act) + held_rows
+    load_peak = max(c["prefix_load_peak"] - own, c["load_peak"] - own - c["feed_bytes"])
+    load_peak += buffers
+    parts = {
+        "prefix phase: runtime + prefix session (measured)": prefix_session,
+        f"prefix phase: activations {eval_batch}x{max_length}": prefix_act,
+        "runtime + suffix session"
+        + (" + vocabulary-subset session" if c.get("vocab_session") else "")
+        + " (measured)": sessions,
+        "trainable buffers": buffers,
+        "optimiser state": optim,
+        f"activations: held-out {eval_batch}x{max_length}": eval_act,
+        f"activations: training {micro_batch}x{max_length}"
+        + (f" over {vocab_rows:,} head rows" if c.get("vocab_session") else ""): train_act,
+    }
+    phases = {"prefix phase": prefix_phase, "training phase": train_phase}
+    peak = max(prefix_phase, train_phase, load_peak)
+    plan = _plan(
+        bundle,
+        parts,
+        peak,
+        rows,
+        where,
+        device=device,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        max_length=max_length,
+        budget_mb=budget_mb,
+        calibrated=True,
+        staged=True,
+    )
+    for name, v in phases.items():
+        plan.parts_mb[f"({name})"] = v / MIB
+    if load_peak > max(phases.values()):
+        plan.parts_mb["(load peak)"] = load_peak / MIB
+    return plan
 
 
 def largest_fitting_micro_batch(plan_at, max_batch: int) -> int | None:
@@ -513,16 +807,40 @@ def make_plan(
     dry_run: bool = True,
     data_lengths: list[int] | None = None,
     cache_prefix_mb: float | None = None,
+    cache_prefix: bool = True,
+    eval_batch: int | None = None,
+    vocab_rows: int = 0,
 ) -> MemoryPlan:
     """The plan for ``bundle`` on ``profile`` (a :class:`edgezo.device.profiles.DeviceProfile`);
     ``data_lengths``: the token count of every training and held-out example, whose
-    frozen-prefix rows are counted (``cache_prefix_mb`` as for :func:`estimate`)."""
+    frozen-prefix rows are counted (``cache_prefix_mb`` as for :func:`estimate`).
+
+    A bundle with a frozen-prefix split that the run caches (``cache_prefix``) is planned
+    phase by phase from a dry run of its prefix, suffix and vocabulary-subset sessions
+    (:func:`estimate_staged`; ``eval_batch``: the run's held-out and caching batch,
+    ``vocab_rows``: :func:`vocab_rows_for`); without a dry run, or where it fails, from the
+    full graph's, which holds every weight in one session (an upper bound: +10.5% with the
+    rows in memory, +32.5% on disk, before the phases were modelled)."""
     mb = micro_batch or default_micro_batch(batch_size, profile.max_batch_size)
+    eval_batch = eval_batch or mb
     rows = None
-    if data_lengths and bundle.manifest.stages:
+    staged = bool(cache_prefix and bundle.manifest.stages)
+    if data_lengths and staged:
         rows = prefix_row_bytes(prefix_row_widths(bundle, profile.threads or 1), data_lengths)
-    cal = None
-    if dry_run:
+    cal = stages = None
+    if dry_run and staged:
+        stages = calibrate_stages(
+            bundle,
+            max_length,
+            eval_batch,
+            eval_batch,
+            mb,
+            vocab_rows,
+            cpu_arena=profile.cpu_arena,
+            threads=profile.threads,
+            inplace=inplace,
+        )
+    if dry_run and stages is None:
         cal = calibrate(
             bundle,
             calibration_shape(mb, max_length),
@@ -532,8 +850,7 @@ def make_plan(
         )
 
     def plan_at(mb: int, seq: int = max_length) -> MemoryPlan:
-        return estimate(
-            bundle,
+        common = dict(
             device=profile.name,
             budget_mb=profile.memory_budget_mb,
             batch_size=batch_size,
@@ -542,10 +859,14 @@ def make_plan(
             optim_buffers=optim_buffers,
             inplace=inplace,
             cpu_arena=profile.cpu_arena,
-            calibration=cal,
             prefix_rows=rows,
             cache_prefix_mb=cache_prefix_mb,
         )
+        if stages is not None:
+            return estimate_staged(
+                bundle, stages, eval_batch=eval_batch, vocab_rows=vocab_rows, **common
+            )
+        return estimate(bundle, calibration=cal, **common)
 
     plan = plan_at(mb)
     plan.suggestions = suggest(bundle, plan_at, plan, profile.max_batch_size)
@@ -562,12 +883,10 @@ def run_settings(
     bundle: Bundle, momentum: float | None, perturbation: str = "auto", optimizer: str = "sgd"
 ) -> tuple[int, bool]:
     """(optimiser buffers, inplace) a run with these config values would use."""
-    from ..config import MODE_DEFAULTS
     from ..zo.engine import choose_inplace
 
-    mode = bundle.manifest.trainable_mode
     if momentum is None:
-        momentum = MODE_DEFAULTS.get(mode, {}).get("momentum", 0.0)
+        momentum = recipe_of(bundle).get("momentum", 0.0)
     return (
         optimizer_buffers(optimizer, momentum),
         choose_inplace(perturbation, bundle.manifest.trainable_size * 4),
