@@ -99,6 +99,23 @@ def check_decoder_precision(precision: str) -> None:
         )
 
 
+def quantised_decoder_precision(bundle_precision: str | None, asked: str = "fp32") -> str:
+    """The decoding graph's precision for a bundle quantised as ``bundle_precision``: the
+    same bit width (``int8``, ``int8-dynamic`` → int8; ``int4`` → int4), so generation runs at
+    the precision the bundle was trained at. ``asked``: the ``--decoder-precision`` given
+    (``fp32``, the default, means none); another width than the bundle's is refused."""
+    own = "int4" if bundle_precision == "int4" else "int8"
+    if asked not in ("fp32", own):
+        raise EdgezoError(
+            f"--decoder-precision {asked} was given for a quantised bundle "
+            f"(--precision {bundle_precision}): its decoding graph is quantised like its loss "
+            f"graph, {own}",
+            f"drop --decoder-precision (or pass {own}), or export an fp32 bundle with "
+            f"--decoder-precision {asked}",
+        )
+    return own
+
+
 def past_names(num_layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
@@ -312,6 +329,7 @@ def check_decoder(
     generator: torch.Generator,
     tolerance: float,
     precision: str = "fp32",
+    reference: str = "fp32 loss graph",
 ) -> dict[str, Any]:
     """The decoder against the bundle's loss graph (ONNX Runtime both): prefill logits and
     three cached steps equal ``model.onnx``'s ``next_logits`` of the same prefixes.
@@ -383,7 +401,7 @@ def check_decoder(
             "rms_logit_diff_over_std": rms,
             "top1_agree": top1,
             "steps_checked": len(steps),
-            "reference": "fp32 loss graph (model.onnx next_logits)",
+            "reference": f"{reference} (model.onnx next_logits)",
         }
     if not worst <= tolerance:
         raise EdgezoError(
@@ -432,13 +450,10 @@ def build_decoder(
     family has one and traces the model otherwise; True requires the fused graph, False traces."""
     check_decoder_precision(precision)
     t = time.perf_counter()
-    if quantize:
-        raise EdgezoError(
-            "the decoding graph of a quantised bundle is not exported yet (its frozen weights "
-            "would be fp32 while the loss graph's are quantised)",
-            "export an fp32 bundle for KV-cache generation; `edgezo generate` falls back to "
-            "re-running the loss graph for this one",
-        )
+    bundle_precision = None
+    if quantize:  # a quantised bundle's decoder is quantised like its loss graph
+        bundle_precision = quantize.get("precision") or f"int{quantize.get('bits', 8)}"
+        precision = quantised_decoder_precision(bundle_precision, precision)
     from .decode_fused import build_fused_decoder, fused_support
 
     generator = torch.Generator().manual_seed(seed + 1)
@@ -485,7 +500,10 @@ def build_decoder(
     rng = np.random.default_rng(seed)
     for k, v in trainables.items():  # a non-trivial point (LoRA B starts at zero)
         trainables[k] = (v + 0.02 * rng.standard_normal(v.shape)).astype(np.float32)
-    parity = check_decoder(stage, trainables, loaded.vocab_size, generator, tolerance, precision)
+    reference = f"{bundle_precision} loss graph" if quantize else "fp32 loss graph"
+    parity = check_decoder(
+        stage, trainables, loaded.vocab_size, generator, tolerance, precision, reference
+    )
     field: dict[str, Any] = {
         "version": DECODER_VERSION,
         "graph": DECODER,
@@ -558,11 +576,11 @@ def add_decoder(
             f"bundle {folder} is a classifier: it has nothing to generate",
             "add a decoding graph to a causal-LM bundle",
         )
-    if m.quantization:
+    if m.quantization and m.trainable_mode == "scales":
         raise EdgezoError(
-            f"bundle {folder} is quantised ({m.quantization.get('scheme', '?')}); its decoding "
-            "graph is not exported yet",
-            "use an fp32 bundle for KV-cache generation; generate falls back to the loss graph",
+            f"bundle {folder} trains its quantisation scales: its decoding graph would need "
+            "them as inputs, which it does not take yet",
+            "generate falls back to re-running the loss graph for this bundle",
         )
     source = model or m.architecture.get("source")
     if not source:
@@ -603,7 +621,7 @@ def add_decoder(
             if (folder / f).is_file():  # a hard link: ONNX Runtime refuses external data
                 _link_or_copy(folder / f, tmp / f)  # reached through a symlink out of the dir
         files, field = build_decoder(
-            loaded, specs, values, tmp, seed, tolerance, None, say, precision
+            loaded, specs, values, tmp, seed, tolerance, m.quantization, say, precision
         )
         for f in files:
             (tmp / f).replace(folder / f)

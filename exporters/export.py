@@ -257,17 +257,15 @@ def export_causal_lm(
             f"--decoder-precision {decoder_precision} was given with --no-decoder",
             "drop --no-decoder (or --decoder-precision)",
         )
-    if quantize and decoder_precision != "fp32":
+    if quantize:
+        from .decode import quantised_decoder_precision
+
+        quantised_decoder_precision(precision, decoder_precision)  # refuses another width
+    if decoder and quantize and mode == "scales":
         raise EdgezoError(
-            f"--decoder-precision {decoder_precision} applies to an fp32 bundle's decoding "
-            f"graph; this bundle is quantised (--precision {precision}) and has none yet",
-            "export the bundle in fp32 with --decoder-precision int8 (training sees fp32, "
-            "generation runs int8)",
-        )
-    if decoder and quantize:
-        raise EdgezoError(
-            "the decoding graph (--decoder) of a quantised bundle is not exported yet",
-            "drop --decoder (generate then re-runs the loss graph), or export in fp32",
+            "the decoding graph (--decoder) of a bundle that trains its quantisation scales is "
+            "not exported yet (it would need the scales as inputs)",
+            "drop --decoder (generate then re-runs the loss graph)",
         )
     if stream:
         bad = [
@@ -318,9 +316,15 @@ def export_causal_lm(
 
     t0 = time.perf_counter()
     say(f"loading {model}{f' ({gguf_file})' if gguf_file else ''} ...")
-    if decoder is None:
-        decoder = task == "causal_lm" and not quantize
-    loaded = load_causal_lm(model, gguf_file, precision if quantize else None, decoder)
+    auto_decoder = decoder is None
+    if auto_decoder:  # on for a causal LM where its trace fits this machine (load_causal_lm)
+        decoder = task == "causal_lm" and not (quantize and mode == "scales")
+    loaded = load_causal_lm(
+        model, gguf_file, precision if quantize else None, decoder, optional_decoder=auto_decoder
+    )
+    if decoder and loaded.decoder_left_out:
+        say(f"note: no decoding graph: {loaded.decoder_left_out}")
+        decoder = False
     num_parameters = loaded.num_parameters
     prompt = (
         _prompt_info(loaded, template, list(label_words))

@@ -33,6 +33,8 @@ class LoadedModel:
     eos_token_id: int | None
     bos_token_id: int | None
     head_init: str | None = None  # classification: "zero", "random" or "pretrained"
+    #: why an optional decoding graph is left out (its trace would not fit), else None
+    decoder_left_out: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -116,12 +118,15 @@ def load_causal_lm(
     gguf_file: str | None = None,
     precision: str | None = None,
     decoder: bool = False,
+    optional_decoder: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer in fp32, eval mode, with its architecture description.
 
     The architecture is checked from the config before any weights are read, so an unsupported
     model fails in a second; so is the memory the export will need (``precision`` and
-    ``decoder``: what it will build, :func:`check_export_memory`).
+    ``decoder``: what it will build, :func:`check_export_memory`). ``optional_decoder``: an
+    export that fits only without the decoding graph goes on without it
+    (``decoder_left_out`` says why) instead of being refused.
     """
     from transformers import AutoModelForCausalLM
 
@@ -129,9 +134,15 @@ def load_causal_lm(
     config, model_type, arch = _config_for(folder, gguf_file, "causal_lm")
     if gguf_file:
         check_gguf_types(folder / gguf_file, model_type)
-    check_export_memory(
-        config, str(folder / gguf_file) if gguf_file else str(folder), precision, decoder
-    )
+    where = str(folder / gguf_file) if gguf_file else str(folder)
+    left_out = None
+    try:
+        check_export_memory(config, where, precision, decoder)
+    except EdgezoError as e:
+        if not (decoder and optional_decoder):
+            raise
+        check_export_memory(config, where, precision, False)  # refuses what does not fit
+        left_out = f"{e} (without it the export fits; --decoder insists)"
     kw: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -165,6 +176,7 @@ def load_causal_lm(
         pad_token_id=pad,
         eos_token_id=eos,
         bos_token_id=bos,
+        decoder_left_out=left_out,
     )
 
 

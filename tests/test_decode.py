@@ -300,3 +300,56 @@ def test_manifest_refuses_unknown_decoder_precision(bundle_path, tmp_path):
     (folder / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(BundleError, match="decoder.precision"):
         load_bundle(folder, verify=False)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_quantised_bundle_gets_a_decoder_of_its_own_width(make_bundle, precision):
+    """A quantised LoRA bundle's decoding graph is quantised like its loss graph and checked
+    against it; generation then runs on the KV cache, moved by the trained tensors."""
+    b = load_bundle(make_bundle("lora", lora_freeze_a=True, precision=precision))
+    d = b.manifest.decoder
+    assert d is not None and d["precision"] == precision and b.manifest.quantization
+    assert {"decoder.onnx", "decoder.onnx.data"} <= set(b.manifest.files)
+    parity = d["parity_vs_loss_graph"]  # against the bundle's own (quantised) loss graph
+    assert 0 <= parity["max_rel_logit_diff"] <= QUANT_LOGIT_BOUND[precision]
+    assert parity["top1_agree"] >= 3  # of the check's 4 steps
+    assert parity["reference"].startswith(f"{precision} loss graph")
+    gen = TextGenerator(b)
+    assert gen.decoder is not None and gen.decoder_precision == precision
+    gen.params.load(moved_trainables(b, 2))
+    assert len(gen.generate(PROMPTS[0], 8).token_ids) == 8
+
+
+def test_quantised_decoder_refusals(make_bundle, tiny_hf_dir, tmp_path):
+    from exporters import decode, export_causal_lm
+
+    # trained quantisation scales: no decoder by default, a clear refusal when asked for
+    scales = load_bundle(make_bundle("scales", quantize="int4"))
+    assert scales.manifest.decoder is None
+    with pytest.raises(EdgezoError, match="quantisation scales"):
+        kw = dict(mode="scales", precision="int4", decoder=True, progress=None)
+        export_causal_lm(tiny_hf_dir, tmp_path / "s", **kw)
+    with pytest.raises(EdgezoError, match="quantisation scales"):
+        decode.add_decoder(scales.path, progress=None)
+    # another width than the bundle's
+    with pytest.raises(EdgezoError, match="quantised like its loss graph, int8"):
+        export_causal_lm(
+            tiny_hf_dir, tmp_path / "w", precision="int8", decoder_precision="int4", progress=None
+        )
+
+
+def test_an_optional_decoder_that_does_not_fit_is_left_out(tiny_hf_dir, tmp_path, monkeypatch):
+    from exporters import export_causal_lm, load
+
+    real = load.check_export_memory
+
+    def tight(config, source, precision=None, decoder=False, available=None):
+        if decoder:  # as if the decoding graph's trace needed more than this machine has
+            raise EdgezoError("needs about 9.9 GiB to export", "--no-decoder")
+        return real(config, source, precision, decoder, available)
+
+    monkeypatch.setattr(load, "check_export_memory", tight)
+    b = load_bundle(export_causal_lm(tiny_hf_dir, tmp_path / "a", progress=None))
+    assert b.manifest.decoder is None  # auto: left out, the export went on
+    with pytest.raises(EdgezoError, match="--no-decoder"):  # asked for: refused
+        export_causal_lm(tiny_hf_dir, tmp_path / "b", decoder=True, progress=None)

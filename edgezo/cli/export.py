@@ -279,8 +279,9 @@ def _resolve_model(model: str) -> str:
 @click.option(
     "--decoder/--no-decoder",
     default=None,
-    help="Also write the KV-cache decoding graph that `edgezo generate` uses "
-    "[default: on for an fp32 causal_lm bundle].",
+    help="Also write the KV-cache decoding graph that `edgezo generate` uses [default: on "
+    "for a causal_lm bundle, left out with a note where its trace would not fit this "
+    "machine's memory]. A quantised bundle's decoder is quantised like it (int8 or int4).",
 )
 @click.option(
     "--decoder-precision",
@@ -289,7 +290,8 @@ def _resolve_model(model: str) -> str:
     show_default=True,
     help="The decoding graph's frozen MatMul weights: fp32, or weight-only int8/int4 "
     "(MatMulNBits, faster one-token steps; the loss graph and the trainable tensors are "
-    "unchanged). See docs/guides/generate.md.",
+    "unchanged; a quantised bundle's decoder takes the bundle's width). See "
+    "docs/guides/generate.md.",
 )
 @click.option(
     "--stream",
