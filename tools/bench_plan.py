@@ -63,7 +63,12 @@ def main() -> None:
 
     from edgezo.bundle import load_bundle
     from edgezo.data import read_jsonl, tokenize_for
-    from edgezo.device.plan import make_plan, precision_of, run_settings, vocab_rows_for
+    from edgezo.device.plan import (
+        make_plan,
+        precision_of,
+        run_settings,
+        vocab_rows_for,
+    )
     from edgezo.device.resolve import load_profile
 
     bundles = [load_bundle(b) for b in args.bundle.split(",")]
@@ -112,7 +117,7 @@ def main() -> None:
                 inplace=inplace,
                 dry_run=True,
                 eval_batch=b,
-                vocab_rows=vocab_rows_for(bundle, 8192, 2048, examples),  # the config defaults
+                vocab_rows=vocab_rows_for(bundle, train=examples),
             )
             analytic = make_plan(
                 bundle,

@@ -172,7 +172,12 @@ def plan_check(args: argparse.Namespace, n: int) -> None:
 
     from edgezo.bundle import load_bundle
     from edgezo.data import read_jsonl, tokenize_for
-    from edgezo.device.plan import make_plan, recipe_of, run_settings, vocab_rows_for
+    from edgezo.device.plan import (
+        make_plan,
+        recipe_of,
+        run_settings,
+        vocab_rows_for,
+    )
     from edgezo.device.resolve import load_profile
 
     work = Path(args.work)
@@ -189,7 +194,7 @@ def plan_check(args: argparse.Namespace, n: int) -> None:
     ]
     lengths = [len(e.input_ids) for examples in sets for e in examples]
     eval_batch = recipe_of(bundle)["eval_batch_size"]
-    vocab_rows = vocab_rows_for(bundle, 8192, 2048, sets[0])  # the config's defaults
+    vocab_rows = vocab_rows_for(bundle, train=sets[0])  # the config's defaults
     buffers, inplace = run_settings(bundle, None)
     print(
         f"bundle {args.bundle}: {n} + 60 examples, {sum(lengths):,} tokens; laptop-cpu, "

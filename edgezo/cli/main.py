@@ -248,7 +248,6 @@ def plan(
         if cache_prefix_mb is None:
             cache_prefix_mb = defaults["cache_prefix_mb"]
     cache_prefix = defaults["cache_prefix"] and not no_cache_prefix
-    vocab = defaults["vocab_subset"] if vocab_subset is None else vocab_subset
     result = make_plan(
         b,
         profile,
@@ -262,7 +261,7 @@ def plan(
         cache_prefix_mb=cache_prefix_mb,
         cache_prefix=cache_prefix,
         eval_batch=eval_batch_size or recipe["eval_batch_size"],
-        vocab_rows=vocab_rows_for(b, vocab, defaults["vocab_sample"], train) if cache_prefix else 0,
+        vocab_rows=vocab_rows_for(b, vocab_subset, train=train) if cache_prefix else 0,
     )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.report())
     if not result.fits or max_length > profile.max_seq_len:

@@ -300,6 +300,32 @@ def _reset_peak() -> bool:
         return False
 
 
+def _load_for_probe(bundle_path: str, inplace: bool):
+    """(bundle, θ) loaded in the child as a run loads them (the tokenizer too)."""
+    from ..bundle import load_bundle
+    from ..zo.params import FlatParams
+
+    bundle = load_bundle(bundle_path)
+    params = FlatParams(bundle.manifest.trainable, inplace=inplace)
+    params.load(bundle.initial_trainable())
+    bundle.tokenizer()
+    return bundle, params
+
+
+def _random_batch(bundle: Bundle, rng, batch: int, seq: int, high: int) -> dict[str, Any]:
+    """A (batch, seq) batch of token ids in [3, high) with its labels (class ids for a
+    classifier, the tokens for a causal LM)."""
+    import numpy as np
+
+    ids = rng.integers(3, max(4, high), size=(batch, seq), dtype=np.int64)
+    labels = (
+        rng.integers(0, len(bundle.manifest.labels), size=batch, dtype=np.int64)
+        if bundle.manifest.task == "classification"
+        else ids.copy()
+    )
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+
+
 def _probe(
     bundle_path: str, cpu_arena: bool, threads: int, shapes: list[list[int]], inplace: bool
 ) -> dict[str, Any]:
@@ -307,15 +333,10 @@ def _probe(
     ``shapes`` (increasing), recording the high-water mark of each."""
     import numpy as np
 
-    from ..bundle import load_bundle
     from ..runner import LossRunner, RuntimeOptions
-    from ..zo.params import FlatParams
 
     base, _ = _rss_bytes()
-    bundle = load_bundle(bundle_path)
-    params = FlatParams(bundle.manifest.trainable, inplace=inplace)
-    params.load(bundle.initial_trainable())
-    bundle.tokenizer()
+    bundle, params = _load_for_probe(bundle_path, inplace)
     runner = LossRunner(
         bundle.model_path,
         params,
@@ -328,14 +349,7 @@ def _probe(
     reset, peaks = True, []
     for batch, seq in shapes:
         reset = _reset_peak() and reset
-        ids = rng.integers(3, max(4, vocab), size=(batch, seq), dtype=np.int64)
-        labels = (
-            rng.integers(0, len(bundle.manifest.labels), size=batch, dtype=np.int64)
-            if bundle.manifest.task == "classification"
-            else ids.copy()
-        )
-        b = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
-        runner.losses(b)
+        runner.losses(_random_batch(bundle, rng, batch, seq, vocab))
         peaks.append(_rss_bytes()[1])
     return {
         "base": base,
@@ -373,15 +387,11 @@ def _probe_stages(
 
     from .. import prefix_cache
     from .. import vocab_subset as vs
-    from ..bundle import load_bundle
     from ..runner import LossRunner, RuntimeOptions
     from ..zo.params import FlatParams
 
     base, _ = _rss_bytes()
-    bundle = load_bundle(bundle_path)
-    params = FlatParams(bundle.manifest.trainable, inplace=inplace)
-    params.load(bundle.initial_trainable())
-    bundle.tokenizer()
+    bundle, params = _load_for_probe(bundle_path, inplace)
     opts = RuntimeOptions(threads=threads, cpu_arena=cpu_arena)
     st = bundle.manifest.stages
     vocab = int(bundle.manifest.architecture.get("vocab_size", 2))
@@ -389,14 +399,8 @@ def _probe_stages(
     text = ["input_ids", "attention_mask"]
     reset = True
 
-    def batch(b: int) -> dict[str, np.ndarray]:
-        ids = rng.integers(3, max(4, min(vocab, vocab_rows or vocab)), size=(b, seq))
-        labels = (
-            rng.integers(0, len(bundle.manifest.labels), size=b)
-            if bundle.manifest.task == "classification"
-            else ids.copy()
-        )
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+    def batch(b: int) -> dict[str, np.ndarray]:  # tokens within the subset: its labels
+        return _random_batch(bundle, rng, b, seq, min(vocab, vocab_rows or vocab))
 
     prefix = LossRunner(bundle.path / st["prefix"], FlatParams([]), text, opts)
     prefix_loaded, prefix_load_peak = _rss_bytes()
@@ -417,11 +421,9 @@ def _probe_stages(
     feed_bytes = sum(v.nbytes for f in (held, train) for v in f.values())
     del prefix
     gc.collect()
-    released, _ = _rss_bytes()
     suffix = LossRunner(
         prefix_cache.suffix_path(bundle), params, prefix_cache.suffix_inputs(bundle), opts
     )
-    suffix_loaded, _ = _rss_bytes()
     entry = vs.entry_of(bundle)
     vocab_session = False
     if entry is not None and 0 < vocab_rows < vocab:
@@ -441,8 +443,6 @@ def _probe_stages(
         "prefix_loaded": prefix_loaded,
         "prefix_load_peak": prefix_load_peak,
         "prefix_peak": prefix_peak,
-        "released": released,
-        "suffix_loaded": suffix_loaded,
         "loaded": loaded,
         "load_peak": load_peak,
         "eval_peak": eval_peak,
@@ -472,14 +472,23 @@ def calibrate(
     """Measure the load and one forward at ``shape`` (batch, seq) in a child process.
 
     None where that is not possible (no /proc high-water-mark reset, the child failed)."""
+    args = [str(bundle.path), cpu_arena, threads, [list(shape)] * 2, inplace]
+    return _run_probe("_probe", args, timeout)
+
+
+def _run_probe(name: str, args: list, timeout: float) -> dict[str, Any] | None:
+    """``edgezo.device.plan.<name>(*args)`` in a child process: its JSON result, or None
+    where the child fails, times out or cannot reset the high-water mark."""
     code = (
-        "import json, sys; from edgezo.device.plan import _probe; "
-        "print(json.dumps(_probe(*json.loads(sys.argv[1]))))"
+        f"import json, sys; from edgezo.device.plan import {name}; "
+        f"print(json.dumps({name}(*json.loads(sys.argv[1]))))"
     )
-    args = json.dumps([str(bundle.path), cpu_arena, threads, [list(shape)] * 2, inplace])
     try:
         r = subprocess.run(
-            [sys.executable, "-c", code, args], capture_output=True, text=True, timeout=timeout
+            [sys.executable, "-c", code, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -506,33 +515,28 @@ def calibrate_stages(
     shapes = [calibration_shape(b, seq) for b in (cache_batch, eval_batch, micro_batch)]
     seq = shapes[0][1]
     args = [str(bundle.path), cpu_arena, threads, seq, *(b for b, _ in shapes), vocab_rows]
-    code = (
-        "import json, sys; from edgezo.device.plan import _probe_stages; "
-        "print(json.dumps(_probe_stages(*json.loads(sys.argv[1]))))"
-    )
-    try:
-        r = subprocess.run(
-            [sys.executable, "-c", code, json.dumps([*args, inplace])],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if r.returncode != 0 or not r.stdout.strip():
-        return None
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    return out if out.get("peak_reset") else None
+    return _run_probe("_probe_stages", [*args, inplace], timeout)
 
 
 def vocab_rows_for(
-    bundle: Bundle, vocab_subset: int, vocab_sample: int, train: list | None = None
+    bundle: Bundle,
+    vocab_subset: int | None = None,
+    vocab_sample: int | None = None,
+    train: list | None = None,
 ) -> int:
     """Head rows the vocabulary-subset session of a run holds (``edgezo.vocab_subset``): the
     ``vocab_subset`` most frequent ids and every label of ``train`` (the training examples;
-    None: the frequent ids only), plus ``vocab_sample`` stand-ins; 0 when the bundle has no
-    vocabulary graph, the subset is off or it would be the whole vocabulary."""
+    None: the frequent ids only), plus ``vocab_sample`` stand-ins (None: the config's
+    defaults); 0 when the bundle has no vocabulary graph, the subset is off or it would be
+    the whole vocabulary."""
     from .. import vocab_subset as vs
+    from ..config import FinetuneConfig
+
+    fields = FinetuneConfig.__dataclass_fields__
+    if vocab_subset is None:
+        vocab_subset = fields["vocab_subset"].default
+    if vocab_sample is None:
+        vocab_sample = fields["vocab_sample"].default
 
     vocab = bundle.manifest.vocab_size
     if vs.entry_of(bundle) is None or vocab_subset <= 0 or not vocab:
@@ -552,6 +556,13 @@ def recipe_of(bundle: Bundle) -> dict[str, Any]:
 
 
 # -- the estimate -----------------------------------------------------------------------------
+
+
+def theta_bytes(dim: int, inplace: bool, optim_buffers: int) -> tuple[float, float]:
+    """(trainable buffers, optimiser state) of ``dim`` trainable values: the float32 master θ
+    and its feed copy (one buffer in place) plus direction scratch; θ-sized optimiser buffers."""
+    buffers = 4 * dim * (1 if inplace else 2) + SCRATCH_BYTES * min(1.0, dim / (1 << 20))
+    return buffers, 4 * dim * optim_buffers
 
 
 def rows_place(rows: float | None, cache_prefix_mb: float | None) -> str | None:
@@ -609,8 +620,7 @@ def estimate(
     no cap), else they are on disk."""
     arch = bundle.manifest.architecture
     dim = bundle.manifest.trainable_size
-    buffers = 4 * dim * (1 if inplace else 2) + SCRATCH_BYTES * min(1.0, dim / (1 << 20))
-    optim = 4 * dim * optim_buffers
+    buffers, optim = theta_bytes(dim, inplace, optim_buffers)
     fp32_head = not bundle.manifest.quantization
     act = activation_bytes(arch, micro_batch, max_length, cpu_arena, fp32_head)
     weights = weight_bytes(bundle)
@@ -686,8 +696,7 @@ def estimate_staged(
     c = calibration
     arch = dict(bundle.manifest.architecture)
     dim = bundle.manifest.trainable_size
-    buffers = 4 * dim * (1 if inplace else 2) + SCRATCH_BYTES * min(1.0, dim / (1 << 20))
-    optim = 4 * dim * optim_buffers
+    buffers, optim = theta_bytes(dim, inplace, optim_buffers)
     fp32_head = not bundle.manifest.quantization
     shapes = c["shapes"]
 
